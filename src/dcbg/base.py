@@ -1,0 +1,206 @@
+"""The Background base class, with dcnum's Background API"""
+from __future__ import annotations
+
+import abc
+import logging
+import pathlib
+import time
+
+from . import ppid
+from .cpu import default_cpu_count, mp_spawn
+from .rtdc import ImageBgWriter, ImageSource, InPlaceOutput, NewOutputFile, RTDCInput
+
+
+class Background(abc.ABC):
+    """Base class for background computation
+
+    Subclasses implement :meth:`check_user_kwargs` (which defines the
+    method's keyword arguments and therefore its PPID) and
+    :meth:`process_approach` (which appends frames to :attr:`writer`).
+
+    Parameters
+    ----------
+    input_data: path-like or array-like
+        Path to an .rtdc file whose ``events/image`` (in the file or
+        through a file basin) is used, or any array-like uint8 stack whose
+        first axis enumerates events (h5py datasets included); it is read in
+        batches, never loaded whole.
+    output_path: path-like
+        Where ``events/image_bg`` goes. If it is the input file itself,
+        the background is written into it; otherwise a new file is created
+        that carries the input's metadata and a basin pointing to the input
+        (an existing file there is replaced once the new one is complete).
+    compress: bool or str
+        True for zstd level 5, False for none, or "zstd-1" … "zstd-9".
+    num_cpus: int, optional
+        Number of CPU worker processes; defaults to the CPUs available.
+    kwargs:
+        The method's keyword arguments (see :meth:`check_user_kwargs`).
+    """
+
+    def __init__(self, input_data, output_path, compress=True, num_cpus=None, **kwargs):
+        self.logger = logging.getLogger(f"dcbg.{self.__class__.__name__}")
+        self.check_user_kwargs(**kwargs)
+
+        self.kwargs = ppid.keyword_defaults(self.check_user_kwargs)
+        """keyword arguments of the method (all of them, defaults filled in)"""
+        self.kwargs.update(kwargs)
+
+        if num_cpus is None:
+            num_cpus = default_cpu_count()
+        if not isinstance(num_cpus, int) or num_cpus < 1:
+            raise ValueError(f"num_cpus must be a positive integer, got {num_cpus!r}.")
+        self.num_cpus = num_cpus
+        """number of CPU worker processes"""
+
+        self.compress = compress
+        """compression of image_bg (see :func:`dcbg.rtdc.compression_kwargs`)"""
+
+        self.output_path = pathlib.Path(output_path)
+        """path of the output file"""
+
+        self.image_proc = mp_spawn.Value("d", 0)
+        """fraction of images that have been processed (safe to poll)"""
+
+        self.hdin: RTDCInput | None = None
+        """the open input .rtdc file (None for array input)"""
+
+        self.h5in = None
+        """input h5py.File (None for array input)"""
+
+        self.h5out = None
+        """output h5py.File"""
+
+        self.paths_ref: list[pathlib.Path] = []
+        """input files the output refers to through its basin"""
+
+        self._output: NewOutputFile | InPlaceOutput | None = None
+        self.writer: ImageBgWriter | None = None
+        """writer of events/image_bg in the output"""
+
+        if isinstance(input_data, (str, pathlib.Path)):
+            input_path = pathlib.Path(input_data)
+            in_place = (self.output_path.exists()
+                        and input_path.resolve() == self.output_path.resolve())
+            self.hdin = RTDCInput(input_path, mode="a" if in_place else "r")
+            self.h5in = self.hdin.h5
+            if in_place:
+                self.h5out = self.h5in
+            else:
+                self.paths_ref.append(input_path)
+            source = self.hdin.image
+        else:
+            source = input_data
+
+        try:
+            self.source = ImageSource(source)
+            """batch-wise reader of the input frames"""
+            self.input_data = self.source.data
+            """the input image stack (h5py dataset or array-like)"""
+            self.image_shape = self.source.image_shape
+            """shape of one frame"""
+            self.image_count = len(self.source)
+            """number of frames in the input"""
+            self.validate_input()
+        except BaseException:
+            self.close()
+            raise
+
+    def validate_input(self):
+        """Check that the input suits the method before any file is created"""
+
+    def _open_output(self):
+        if self.h5out is not None:
+            self._output = InPlaceOutput(self.h5out)
+        else:
+            self._output = NewOutputFile(self.output_path)
+            self.h5out = self._output.h5
+            if self.hdin is not None:
+                from .rtdc import copy_metadata, write_file_basin
+                copy_metadata(self.hdin.h5, self.h5out)
+                write_file_basin(self.h5out, self.hdin, self.output_path)
+        self.writer = ImageBgWriter(self._output.bg_group, self.image_shape, self.compress)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+
+    def close(self):
+        """Close all files; an unfinished output is discarded"""
+        if self._output is not None:
+            self._output.abort()
+            self._output = None
+        if self.hdin is not None:
+            self.hdin.close()
+            self.hdin = None
+
+    @staticmethod
+    @abc.abstractmethod
+    def check_user_kwargs():
+        """Check the method's keyword arguments (they define the PPID)"""
+
+    def get_ppid(self) -> str:
+        """Return the background pipeline identifier, e.g. ``rollmed:k=100^b=10000``"""
+        return self.get_ppid_from_ppkw(self.kwargs)
+
+    @classmethod
+    def get_ppid_code(cls) -> str:
+        """The method's code in a PPID: the lower-case class name without "background"."""
+        if cls is Background:
+            raise ValueError("The Background base class has no PPID code; use a subclass.")
+        key = cls.__name__.lower()
+        return key[len("background"):] if key.startswith("background") else key
+
+    @classmethod
+    def get_ppid_from_ppkw(cls, kwargs: dict) -> str:
+        """Return the PPID for the given keyword arguments of this method"""
+        return f"{cls.get_ppid_code()}:{ppid.kwargs_to_ppid(cls.check_user_kwargs, kwargs)}"
+
+    @staticmethod
+    def get_ppkw_from_ppid(bg_ppid: str) -> dict:
+        """Return the keyword arguments encoded in a PPID of any method"""
+        code, rest = ppid.split_ppid(bg_ppid)
+        methods = get_available_background_methods()
+        if code not in methods:
+            raise ValueError(
+                f"Unknown background method '{code}' in PPID '{bg_ppid}'; available "
+                f"methods are {sorted(methods)}.")
+        return ppid.ppid_to_kwargs(methods[code].check_user_kwargs, rest)
+
+    def get_progress(self) -> float:
+        """Fraction of frames processed, a float in [0, 1]"""
+        return self.image_proc.value if self.image_count else 0.0
+
+    def process(self):
+        """Compute the background and store it with its PPID
+
+        A new output file appears under its final name only when complete;
+        when writing into the input file, the previous ``image_bg`` stays
+        until the new one is complete.
+        """
+        if self._output is None:
+            self._open_output()
+        t0 = time.perf_counter()
+        self.image_proc.value = 0
+        self.process_approach()
+        self.writer.set_ppid(self.get_ppid())
+        self.image_proc.value = 1
+        self._output.commit()
+        self._output = None
+        self.h5out = None
+        self.logger.info("Background of %d frames computed in %.1f s",
+                         self.image_count, time.perf_counter() - t0)
+
+    def _count_written(self, frames: int):
+        self.image_proc.value = min(1.0, self.image_proc.value + frames / self.image_count)
+
+    @abc.abstractmethod
+    def process_approach(self):
+        """Compute the background and append it to :attr:`writer`"""
+
+
+def get_available_background_methods() -> dict[str, type[Background]]:
+    """Return the background methods by PPID code, e.g. ``{"rollmed": …}``"""
+    return {cls.get_ppid_code(): cls for cls in Background.__subclasses__()}

@@ -1,0 +1,370 @@
+"""RT-DC file I/O: read ``events/image`` in batches, write ``events/image_bg``
+
+Input images come from the file itself or through its "file" basins (dclab's
+and dcnum's basin definitions), compressed with any hdf5plugin filter.
+Output goes either to a new file, written under a temporary name beside the
+target and renamed on success, or into an existing file, where the new
+background is built under a private group and only swapped in once complete.
+No other dataset of the input is ever modified.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import tempfile
+import uuid
+
+import h5py
+import hdf5plugin
+import numpy as np
+
+from .ppid import DCNUM_PPID_GENERATION
+
+logger = logging.getLogger(__name__)
+
+PARTIAL_GROUP = "dcbg_partial"
+"""Group that holds an unfinished in-place background until it is complete"""
+
+CHUNK_BYTES = 1024**2
+"""Target size of one HDF5 chunk of image_bg (dcnum's choice)"""
+
+
+class NoImageDataError(ValueError):
+    """The input has no usable ``events/image`` data"""
+
+
+def _as_text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def measurement_identifier(h5: h5py.File) -> str | None:
+    """The identifier dclab and dcnum use to verify a basin belongs to a file"""
+    identifier = h5.attrs.get("experiment:run identifier")
+    if identifier:
+        return _as_text(identifier)
+    parts = [h5.attrs.get(key) for key in
+             ("experiment:time", "experiment:date", "setup:identifier")]
+    if all(parts):
+        digest = hashlib.md5("_".join(_as_text(p) for p in parts).encode("utf-8"))
+        return str(uuid.UUID(hex=digest.hexdigest()))
+    return None
+
+
+def read_basin_definitions(h5: h5py.File) -> list[dict]:
+    """All basin definitions stored in the ``basins`` group of a file"""
+    basins = []
+    for key in sorted(h5.get("basins", {})):
+        lines = [_as_text(line) for line in h5["basins"][key][:]]
+        try:
+            basins.append(json.loads("\n".join(lines)))
+        except json.JSONDecodeError:
+            logger.warning("Ignoring unreadable basin definition '%s' in %s", key, h5.filename)
+    return basins
+
+
+def _basin_candidates(definition: dict, folder: pathlib.Path) -> list[pathlib.Path]:
+    candidates = []
+    for entry in definition.get("paths", []):
+        path = pathlib.Path(entry)
+        candidates.append(path if path.is_absolute() else folder / path)
+    return candidates
+
+
+class RTDCInput:
+    """An open .rtdc file and the dataset holding its images
+
+    Parameters
+    ----------
+    path: path-like
+        The .rtdc file.
+    mode: str
+        "r" to read only, "a" when the background is written into it.
+
+    Attributes
+    ----------
+    h5: h5py.File
+        The file itself.
+    image: h5py.Dataset
+        ``events/image``, from the file or from a basin file.
+    image_path: pathlib.Path
+        The file that holds `image`.
+    """
+
+    def __init__(self, path, mode: str = "r"):
+        self.path = pathlib.Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"Input file {self.path} does not exist; check the path.")
+        self.h5 = h5py.File(self.path, mode)
+        self._basin_files: list[h5py.File] = []
+        try:
+            self.image, self.image_path = self._find_image(self.h5, self.path, depth=0)
+        except BaseException:
+            self.close()
+            raise
+        if self.image.dtype != np.uint8 or self.image.ndim != 3:
+            raise NoImageDataError(
+                f"events/image in {self.image_path} is {self.image.dtype} with shape "
+                f"{self.image.shape}, but dcbg needs uint8 frames of shape (N, H, W).")
+
+    def _find_image(self, h5, path, depth):
+        if "events" in h5 and "image" in h5["events"]:
+            return h5["events/image"], path
+        if depth < 5:
+            for definition in read_basin_definitions(h5):
+                if (definition.get("type") != "file"
+                        or definition.get("format") != "hdf5"
+                        or "image" not in definition.get("features", ["image"])):
+                    continue
+                if definition.get("mapping") not in (None, "same"):
+                    logger.info("Skipping mapped basin '%s' of %s: dcbg needs every event",
+                                definition.get("name"), path)
+                    continue
+                for candidate in _basin_candidates(definition, path.parent):
+                    if candidate.exists():
+                        basin = h5py.File(candidate, "r")
+                        self._basin_files.append(basin)
+                        try:
+                            return self._find_image(basin, candidate, depth + 1)
+                        except NoImageDataError:
+                            break
+        raise NoImageDataError(
+            f"{path} has no events/image data, neither in the file nor in a reachable "
+            f"file basin; dcbg needs the raw frames to compute a background.")
+
+    def features(self) -> list[str]:
+        """Features of the file itself and of its internal basins"""
+        names = list(self.h5.get("events", {}))
+        names += list(self.h5.get("basin_events", {}))
+        return sorted(n for n in set(names) if not n.startswith("basinmap"))
+
+    def close(self):
+        """Close the file and every basin file opened for it"""
+        for basin in self._basin_files:
+            basin.close()
+        self._basin_files = []
+        if self.h5.id.valid:
+            self.h5.close()
+
+
+class ImageSource:
+    """Batch-wise access to an image stack, never loading it whole
+
+    Parameters
+    ----------
+    data: h5py.Dataset or array-like
+        Stack with events along the first axis.
+    """
+
+    def __init__(self, data):
+        self.data = data
+        shape = tuple(data.shape)
+        if len(shape) < 2:
+            raise ValueError(
+                f"The image stack has shape {shape}; dcbg needs at least two axes "
+                f"(events, pixels…).")
+        if np.dtype(data.dtype) != np.uint8:
+            raise ValueError(
+                f"The image stack is {np.dtype(data.dtype)}; dcbg computes uint8 backgrounds, "
+                f"so convert the frames to uint8 first.")
+        self.shape = shape
+        self.image_shape = shape[1:]
+        self.pixels = int(np.prod(self.image_shape))
+
+    def __len__(self):
+        return self.shape[0]
+
+    def read_into(self, start: int, stop: int, out: np.ndarray):
+        """Fill ``out[:stop-start]`` (flattened frames) with frames start…stop-1"""
+        count = stop - start
+        target = out[:count].reshape(count, *self.image_shape)
+        if isinstance(self.data, h5py.Dataset):
+            self.data.read_direct(target, source_sel=np.s_[start:stop])
+        else:
+            target[...] = np.asarray(self.data[start:stop])
+
+
+def compression_kwargs(compression: str | bool | None) -> dict:
+    """h5py dataset keywords for a compression setting
+
+    `compression` is True (zstd level 5), False/None/"none", or "zstd-N"
+    with N from 1 to 9 (hdf5plugin's Zstandard filter).
+    """
+    if compression is True:
+        compression = "zstd-5"
+    if compression in (False, None, "none"):
+        return {"fletcher32": True}
+    if isinstance(compression, str) and compression.startswith("zstd-"):
+        level = compression[5:]
+        if level.isdigit() and 1 <= int(level) <= 9:
+            return {**hdf5plugin.Zstd(clevel=int(level)), "fletcher32": True}
+    raise ValueError(
+        f"Unknown compression '{compression}'; use 'zstd-1' to 'zstd-9' or 'none'.")
+
+
+def chunk_events(image_shape) -> int:
+    """Events per chunk so one chunk is about 1 MiB (10 to 1000 events)"""
+    return min(1000, max(10, CHUNK_BYTES // int(np.prod(image_shape))))
+
+
+class ImageBgWriter:
+    """Appends frames to a new ``image_bg`` dataset inside an HDF5 group
+
+    Parameters
+    ----------
+    group: h5py.Group
+        Where the dataset named "image_bg" is created.
+    image_shape: tuple of int
+        Shape of one frame.
+    compression: bool or str
+        See :func:`compression_kwargs`.
+    """
+
+    def __init__(self, group: h5py.Group, image_shape, compression=True):
+        self.image_shape = tuple(image_shape)
+        if "image_bg" in group:
+            del group["image_bg"]
+        self.dataset = group.create_dataset(
+            "image_bg", shape=(0, *self.image_shape), maxshape=(None, *self.image_shape),
+            dtype=np.uint8, chunks=(chunk_events(self.image_shape), *self.image_shape),
+            **compression_kwargs(compression))
+        self.dataset.attrs.create("CLASS", np.bytes_("IMAGE"))
+        self.dataset.attrs.create("IMAGE_VERSION", np.bytes_("1.2"))
+        self.dataset.attrs.create("IMAGE_SUBCLASS", np.bytes_("IMAGE_GRAYSCALE"))
+
+    @property
+    def size(self) -> int:
+        """Number of frames written so far"""
+        return self.dataset.shape[0]
+
+    def append(self, frames: np.ndarray):
+        """Append frames of shape ``(n, *image_shape)``"""
+        frames = np.asarray(frames).reshape(-1, *self.image_shape)
+        offset = self.size
+        self.dataset.resize(offset + len(frames), axis=0)
+        self.dataset[offset:] = frames
+
+    def append_repeated(self, frame: np.ndarray, count: int):
+        """Append `count` copies of one frame, one chunk-sized block at a time"""
+        block = np.broadcast_to(np.asarray(frame).reshape(self.image_shape),
+                                (min(count, 10 * self.dataset.chunks[0]), *self.image_shape))
+        while count > 0:
+            part = block[:count]
+            self.append(part)
+            count -= len(part)
+
+    def set_ppid(self, ppid: str):
+        """Store the background PPID and dcnum's pipeline generation"""
+        self.dataset.attrs["dcnum ppid background"] = ppid
+        self.dataset.attrs["dcnum ppid generation"] = DCNUM_PPID_GENERATION
+
+
+def copy_metadata(src: h5py.File, dst: h5py.File):
+    """Copy root attributes, logs and tables from `src` to `dst`"""
+    for key, value in src.attrs.items():
+        dst.attrs[key] = value
+    for topic in ("logs", "tables"):
+        if topic in src:
+            src.copy(src[topic], dst, name=topic)
+
+
+def write_file_basin(dst: h5py.File, rtdc_in: RTDCInput, output_path: pathlib.Path):
+    """Store a "file" basin in `dst` that points to the input file
+
+    The basin lists the absolute path and the path relative to the output,
+    so the pair keeps working when a folder is moved as a whole.
+    """
+    source = rtdc_in.path.resolve()
+    paths = [str(source)]
+    try:
+        paths.append(os.path.relpath(source, output_path.resolve().parent))
+    except ValueError:  # another drive on Windows
+        pass
+    definition = {
+        "description": "Input of the dcbg background computation",
+        "name": source.name,
+        "format": "hdf5",
+        "paths": paths,
+        "type": "file",
+        "features": [f for f in rtdc_in.features() if f != "image_bg"] or ["image"],
+        "identifier": measurement_identifier(rtdc_in.h5),
+    }
+    if "image" not in definition["features"]:
+        definition["features"] = sorted(definition["features"] + ["image"])
+    text = json.dumps(definition, indent=2)
+    lines = text.split("\n")
+    key = hashlib.md5(text.encode("utf-8")).hexdigest()
+    basins = dst.require_group("basins")
+    if key not in basins:
+        basins.create_dataset(key, data=np.array(lines, dtype=f"S{max(map(len, lines))}"))
+
+
+class NewOutputFile:
+    """An output .rtdc written under a temporary name and renamed on success
+
+    Parameters
+    ----------
+    path: path-like
+        The final output path; an existing file there is replaced only when
+        the new one is complete.
+    """
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+        folder = self.path.resolve().parent
+        if not folder.is_dir():
+            raise FileNotFoundError(
+                f"Output folder {folder} does not exist; create it or choose another path.")
+        handle, name = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".dcbg-partial",
+                                        dir=folder)
+        os.close(handle)
+        self.temp_path = pathlib.Path(name)
+        self.h5 = h5py.File(self.temp_path, "w", libver="latest")
+        self.bg_group = self.h5.require_group("events")
+
+    def commit(self):
+        """Close the file and move it to its final name"""
+        self.h5.close()
+        os.replace(self.temp_path, self.path)
+
+    def abort(self):
+        """Close and delete the unfinished file"""
+        if self.h5.id.valid:
+            self.h5.close()
+        self.temp_path.unlink(missing_ok=True)
+
+
+class InPlaceOutput:
+    """Write image_bg into an existing file without touching anything else
+
+    The new background is built in a private group and swapped in (old
+    ``events/image_bg`` unlinked, new one moved) only when it is complete,
+    so an interrupted run leaves every original dataset intact.
+
+    Parameters
+    ----------
+    h5: h5py.File
+        The file, opened for writing.
+    """
+
+    def __init__(self, h5: h5py.File):
+        self.h5 = h5
+        if PARTIAL_GROUP in h5:
+            del h5[PARTIAL_GROUP]  # leftover of an interrupted run
+        self.bg_group = h5.create_group(PARTIAL_GROUP)
+
+    def commit(self):
+        """Replace events/image_bg by the finished dataset"""
+        events = self.h5.require_group("events")
+        if "image_bg" in events:
+            del events["image_bg"]
+        self.h5.move(f"{PARTIAL_GROUP}/image_bg", "events/image_bg")
+        del self.h5[PARTIAL_GROUP]
+        self.h5.flush()
+
+    def abort(self):
+        """Drop the unfinished background"""
+        if self.h5.id.valid and PARTIAL_GROUP in self.h5:
+            del self.h5[PARTIAL_GROUP]
