@@ -108,6 +108,8 @@ class Background(abc.ABC):
 
     def validate_input(self):
         """Check that the input suits the method before any file is created"""
+        if self.image_count == 0:
+            raise ValueError("The input has no events (N=0); a background needs frames.")
 
     def _open_output(self):
         if self.h5out is not None:

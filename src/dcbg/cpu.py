@@ -117,7 +117,7 @@ def job_slices(pixels: int, workers: int) -> list[slice]:
     jobs = max(workers, -(-pixels // PIXELS_PER_JOB))
     jobs = min(jobs, pixels)
     bounds = np.linspace(0, pixels, jobs + 1).round().astype(int)
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 class WorkerRollMed(mp_spawn.Process):

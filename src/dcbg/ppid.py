@@ -37,7 +37,7 @@ def unique_prefixes(names: list[str]) -> list[str]:
             if other == name:
                 continue
             common = 0
-            for a, b in zip(name, other):
+            for a, b in zip(name, other, strict=False):
                 if a != b:
                     break
                 common += 1
@@ -107,7 +107,7 @@ def kwargs_to_ppid(method: typing.Callable, kwargs: dict) -> str:
             f"{list(defaults)}.")
     names = list(defaults)
     parts = []
-    for name, abbreviation in zip(names, unique_prefixes(names)):
+    for name, abbreviation in zip(names, unique_prefixes(names), strict=True):
         parts.append(f"{abbreviation}={format_value(kwargs.get(name, defaults[name]))}")
     return "^".join(parts)
 

@@ -321,6 +321,10 @@ class NewOutputFile:
                                         dir=folder)
         os.close(handle)
         self.temp_path = pathlib.Path(name)
+        # mkstemp creates owner-only files; an output is an ordinary data file
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.temp_path, 0o666 & ~umask)
         self.h5 = h5py.File(self.temp_path, "w", libver="latest")
         self.bg_group = self.h5.require_group("events")
 

@@ -1,0 +1,263 @@
+"""The ``dcbg`` command line: compute, demo, info"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import pathlib
+import sys
+import tempfile
+import threading
+import time
+
+from . import __version__
+from .base import Background, get_available_background_methods
+from .devices import DEVICE_ENV, cuda_unavailable_reason, describe_cuda_devices, select_device
+from .rtdc import compression_kwargs
+
+DEMO_EVENTS = 5000
+
+
+class UsageError(Exception):
+    """A command-line usage error (exit code 2)"""
+
+
+def parse_key_values(items: list[str]) -> dict[str, str]:
+    """Turn ``["kernel_size=100", …]`` into a dict of strings"""
+    result = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"-kb takes KEY=VALUE, got '{item}'")
+        result[key.strip()] = value.strip()
+    return result
+
+
+def method_and_kwargs(args) -> tuple[type[Background], dict]:
+    """The background class and its keyword arguments from -b/-kb/--ppid"""
+    if args.ppid:
+        code = args.ppid.partition(":")[0]
+        kwargs = Background.get_ppkw_from_ppid(args.ppid)
+        if args.kb:
+            raise UsageError("give either --ppid or -kb, not both")
+    else:
+        code = args.method
+        methods = get_available_background_methods()
+        if code not in methods:
+            raise UsageError(f"unknown method '{code}'; available: {sorted(methods)}")
+        from .ppid import ppid_to_kwargs
+        given = parse_key_values(args.kb)
+        kwargs = ppid_to_kwargs(methods[code].check_user_kwargs,
+                                "^".join(f"{k}={v}" for k, v in given.items()))
+    cls = get_available_background_methods()[code]
+    cls.check_user_kwargs(**kwargs)
+    return cls, kwargs
+
+
+def default_output(path_in: pathlib.Path) -> pathlib.Path:
+    """``<stem>_bg.rtdc`` beside the input"""
+    return path_in.with_name(f"{path_in.stem}_bg.rtdc")
+
+
+def collect_jobs(args) -> list[tuple[pathlib.Path, pathlib.Path]]:
+    """Input/output pairs for `dcbg compute`"""
+    path_in = pathlib.Path(args.path_in)
+    if args.recursive:
+        if not path_in.is_dir():
+            raise UsageError(f"--recursive needs a folder, but {path_in} is not one")
+        if args.path_out:
+            raise UsageError("PATH_OUT cannot be combined with --recursive")
+        inputs = sorted(p for p in path_in.rglob("*.rtdc")
+                        if not p.name.endswith("_bg.rtdc") and not p.name.startswith("."))
+        if not inputs:
+            raise RuntimeError(f"no .rtdc files found below {path_in}")
+    else:
+        if path_in.is_dir():
+            raise UsageError(f"{path_in} is a folder; add -r to process every .rtdc in it")
+        inputs = [path_in]
+    jobs = []
+    for source in inputs:
+        if args.in_place:
+            if args.path_out:
+                raise UsageError("PATH_OUT cannot be combined with --in-place")
+            target = source
+        else:
+            target = pathlib.Path(args.path_out) if args.path_out else default_output(source)
+        jobs.append((source, target))
+    return jobs
+
+
+class ProgressBar:
+    """tqdm progress bar fed from a polling thread (terminal only)"""
+
+    def __init__(self, background: Background, label: str):
+        self.background = background
+        self.enabled = sys.stderr.isatty()
+        self.stop = threading.Event()
+        self.label = label
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        from tqdm import tqdm
+        total = self.background.image_count
+        with tqdm(total=total, desc=self.label, unit="ev", file=sys.stderr,
+                  leave=False) as bar:
+            while not self.stop.wait(0.2):
+                bar.n = int(self.background.get_progress() * total)
+                bar.refresh()
+
+    def __enter__(self):
+        if self.enabled:
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        if self.enabled:
+            self.thread.join()
+
+
+def summary_line(events: int, seconds: float, device, ppid: str) -> str:
+    """The final line of a run"""
+    rate = events / seconds if seconds > 0 else float("inf")
+    return (f"{events} events in {seconds:.2f} s ({rate:,.0f} events/s) "
+            f"on {device}, PPID {ppid}")
+
+
+def run_one(cls, kwargs, source, target, args) -> str:
+    """Compute one background and return the summary line"""
+    t0 = time.perf_counter()
+    with cls(source, target, compress=args.compress, num_cpus=args.num_cpus,
+             device=args.device, **kwargs) as background:
+        with ProgressBar(background, source.name):
+            background.process()
+        line = summary_line(background.image_count, time.perf_counter() - t0,
+                            background.device, background.get_ppid())
+    return f"{target}: {line}"
+
+
+def cmd_compute(args) -> int:
+    cls, kwargs = method_and_kwargs(args)
+    compression_kwargs(args.compress)  # reject bad values before any work
+    select_ppid = cls.get_ppid_from_ppkw(kwargs)
+    jobs = collect_jobs(args)
+    for _source, target in jobs:
+        if not args.in_place and target.exists() and not args.force:
+            raise RuntimeError(f"{target} exists; add --force to replace it")
+    if args.dry_run:
+        device = select_device(args.device)
+        for source, target in jobs:
+            print(f"{source} -> {target}")
+        print(f"device: {device} ({device.reason})")
+        print(select_ppid)
+        return 0
+    for source, target in jobs:
+        print(run_one(cls, kwargs, source, target, args))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .rollmed import BackgroundRollMed
+    from .synthetic import write_synthetic_rtdc
+    folder = pathlib.Path(args.folder) if args.folder else pathlib.Path(
+        tempfile.mkdtemp(prefix="dcbg-demo-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / "demo.rtdc"
+    print(f"Synthesizing {args.events} frames of 80x320 in {source} …")
+    write_synthetic_rtdc(source, args.events)
+    target = default_output(source)
+    args.compress = "zstd-5"
+    print(run_one(BackgroundRollMed, {"kernel_size": 100, "batch_size": 10000},
+                  source, target, args))
+    return 0
+
+
+def cmd_info(args) -> int:
+    print(f"dcbg {__version__}")
+    print(f"python {sys.version.split()[0]}, CPUs available: {os.cpu_count()}")
+    devices = describe_cuda_devices()
+    if not devices:
+        print("NVIDIA GPUs: none found (pynvml missing or no driver)")
+    for dev in devices:
+        print(f"GPU {dev['index']}: {dev['name']}, {dev['memory_free'] / 2**30:.1f} of "
+              f"{dev['memory_total'] / 2**30:.1f} GiB free, driver {dev['driver']}")
+    if os.environ.get(DEVICE_ENV):
+        print(f"{DEVICE_ENV}={os.environ[DEVICE_ENV]}")
+    try:
+        device = select_device("auto")
+        print(f"auto picks: {device} ({device.reason})")
+    except RuntimeError as error:
+        print(f"auto picks: nothing usable ({error})")
+    if device_reason := cuda_unavailable_reason(0):
+        print(f"CUDA backend unavailable: {device_reason}")
+    print(f"methods: {', '.join(sorted(get_available_background_methods()))}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dcbg", description="Rolling-median background images for RT-DC recordings.")
+    parser.add_argument("--version", action="version", version=f"dcbg {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p):
+        p.add_argument("--device", default="auto",
+                       help="auto (default), cpu, cuda or cuda:N")
+        p.add_argument("--num-cpus", type=int, default=None,
+                       help="CPU worker processes (default: all available)")
+        p.add_argument("--verbose", action="store_true", help="log details, show tracebacks")
+
+    compute = sub.add_parser("compute", help="compute image_bg for a file or folder")
+    compute.add_argument("path_in", metavar="PATH_IN")
+    compute.add_argument("path_out", metavar="PATH_OUT", nargs="?")
+    compute.add_argument("-b", "--background-method", dest="method", default="rollmed")
+    compute.add_argument("-kb", "--kwargs-background", dest="kb", action="append", default=[],
+                         metavar="KEY=VALUE", help="method keyword, e.g. kernel_size=100")
+    compute.add_argument("--ppid",
+                         help="method and keywords as a PPID, e.g. rollmed:k=100^b=10000")
+    compute.add_argument("-c", "--compression", dest="compress", default="zstd-5",
+                         help="zstd-1 … zstd-9 or none (default zstd-5)")
+    compute.add_argument("--in-place", action="store_true",
+                         help="write image_bg into the input file")
+    compute.add_argument("--force", action="store_true", help="replace existing outputs")
+    compute.add_argument("-r", "--recursive", action="store_true",
+                         help="process every .rtdc below the folder PATH_IN")
+    compute.add_argument("--dry-run", action="store_true",
+                         help="print what would be done and the PPID, compute nothing")
+    common(compute)
+    compute.set_defaults(func=cmd_compute)
+
+    demo = sub.add_parser("demo", help="synthesize a recording and compute its background")
+    demo.add_argument("--events", type=int, default=DEMO_EVENTS)
+    demo.add_argument("--folder", help="where to put the files (default: a new temp folder)")
+    common(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    info = sub.add_parser("info", help="version, devices and the backend auto picks")
+    common(info)
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except UsageError as error:
+        parser.error(str(error))  # exits 2
+    except KeyboardInterrupt:
+        print("error: interrupted; no output was left behind", file=sys.stderr)
+        return 1
+    except Exception as error:
+        if args.verbose:
+            raise
+        message = " ".join(str(error).split("\n")[0].split()) or type(error).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

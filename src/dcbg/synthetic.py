@@ -1,0 +1,134 @@
+"""Synthetic but realistic RT-DC recordings
+
+A frame is built like an instrument sees it: a channel with darker walls at
+the top and bottom, a fixed illumination pattern (smooth gradient plus
+per-pixel fixed-pattern noise), a frame-to-frame brightness flicker, shot
+noise, and now and then a cell (dark body, bright rim) crossing the channel.
+Frames are generated in blocks from per-block seeds, so a stack is the same
+whatever block size it is read with, and it never has to sit in memory whole.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import h5py
+import numpy as np
+
+from .rtdc import chunk_events, compression_kwargs
+
+DEFAULT_SHAPE = (80, 320)
+BLOCK = 256
+"""Frames per generated block (the unit of the per-block seeds)"""
+
+
+def background_pattern(shape=DEFAULT_SHAPE, seed: int = 42) -> np.ndarray:
+    """The static scene: channel walls and illumination, as float32"""
+    height, width = shape
+    rng = np.random.default_rng([seed, 0])
+    y = np.arange(height)[:, None]
+    x = np.arange(width)[None, :]
+    illumination = np.cos(np.pi * (x / width - 0.4)) * np.exp(-((y - height / 2) / height) ** 2)
+    scene = 110.0 + 25.0 * illumination
+    wall = max(2, height // 10)
+    scene = np.where((y < wall) | (y >= height - wall), scene * 0.45, scene)
+    scene = scene + rng.normal(0.0, 2.5, shape)  # fixed-pattern noise of the sensor
+    return scene.astype(np.float32)
+
+
+def _cells(rng, count, shape, scene):
+    height, width = shape
+    y = np.arange(height, dtype=np.float32)[:, None]
+    x = np.arange(width, dtype=np.float32)[None, :]
+    frames = np.repeat(scene[None], count, axis=0)
+    for i in np.flatnonzero(rng.random(count) < 0.6):
+        cx = rng.uniform(0, width)
+        cy = rng.uniform(0.35, 0.65) * height
+        ry = rng.uniform(0.08, 0.18) * height
+        rx = ry * rng.uniform(1.0, 1.4)
+        r = np.sqrt(((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2)
+        body = r < 1.0
+        rim = (r >= 0.85) & (r < 1.15)
+        frames[i][body] -= rng.uniform(20, 45)
+        frames[i][rim] += rng.uniform(15, 35)
+    return frames
+
+
+def synthetic_block(index: int, count: int, shape=DEFAULT_SHAPE, seed: int = 42,
+                    scene: np.ndarray | None = None) -> np.ndarray:
+    """Frames ``index*BLOCK … index*BLOCK+count-1`` of the synthetic stack"""
+    if scene is None:
+        scene = background_pattern(shape, seed)
+    rng = np.random.default_rng([seed, 1, index])
+    frames = _cells(rng, count, shape, scene)
+    frames *= rng.normal(1.0, 0.01, (count, 1, 1)).astype(np.float32)  # lamp flicker
+    frames += rng.normal(0.0, 1.0, frames.shape).astype(np.float32) * np.sqrt(
+        np.maximum(frames, 1.0)) * 0.35  # shot noise
+    return np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+
+
+def synthetic_stack(count: int, shape=DEFAULT_SHAPE, seed: int = 42) -> np.ndarray:
+    """A whole synthetic stack in memory, shape ``(count, *shape)``"""
+    scene = background_pattern(shape, seed)
+    blocks = [synthetic_block(i, min(BLOCK, count - start), shape, seed, scene)
+              for i, start in enumerate(range(0, count, BLOCK))]
+    return np.concatenate(blocks) if blocks else np.zeros((0, *shape), np.uint8)
+
+
+def write_synthetic_rtdc(path, count: int, shape=DEFAULT_SHAPE, seed: int = 42,
+                         compression="zstd-5") -> pathlib.Path:
+    """Write a synthetic recording as an instrument would, zstd-compressed
+
+    The file has ``events/image``, the scalar features ``frame``, ``time``
+    and ``index_online``, and the metadata dclab needs to open it.
+
+    Parameters
+    ----------
+    path: path-like
+        The .rtdc file to create (overwritten if present).
+    count: int
+        Number of events.
+    shape: tuple of int
+        Frame shape (height, width).
+    seed: int
+        Seed; the same seed gives the same bytes.
+    compression: str
+        See :func:`dcbg.rtdc.compression_kwargs`.
+    """
+    path = pathlib.Path(path)
+    scene = background_pattern(shape, seed)
+    frame_rate = 4000.0
+    with h5py.File(path, "w", libver="latest") as h5:
+        attrs = {
+            "experiment:date": "2026-11-22",
+            "experiment:time": "12:00:00",
+            "experiment:event count": count,
+            "experiment:run index": 1,
+            "experiment:sample": "dcbg synthetic",
+            "experiment:run identifier": f"dcbg-synthetic-{seed}-{count}-{shape[0]}x{shape[1]}",
+            "imaging:frame rate": frame_rate,
+            "imaging:pixel size": 0.34,
+            "imaging:roi size x": shape[1],
+            "imaging:roi size y": shape[0],
+            "setup:channel width": 20.0,
+            "setup:chip region": "channel",
+            "setup:flow rate": 0.06,
+            "setup:medium": "CellCarrier",
+            "setup:identifier": f"dcbg-synthetic-{seed}",
+            "setup:software version": "dcbg synthetic",
+        }
+        h5.attrs.update(attrs)
+        events = h5.create_group("events")
+        image = events.create_dataset(
+            "image", shape=(count, *shape), maxshape=(None, *shape), dtype=np.uint8,
+            chunks=(chunk_events(shape), *shape), **compression_kwargs(compression))
+        image.attrs.create("CLASS", np.bytes_("IMAGE"))
+        image.attrs.create("IMAGE_VERSION", np.bytes_("1.2"))
+        image.attrs.create("IMAGE_SUBCLASS", np.bytes_("IMAGE_GRAYSCALE"))
+        for i, start in enumerate(range(0, count, BLOCK)):
+            stop = min(start + BLOCK, count)
+            image[start:stop] = synthetic_block(i, stop - start, shape, seed, scene)
+        frames = np.arange(count, dtype=np.float64) * 3 + 1
+        events.create_dataset("frame", data=frames)
+        events.create_dataset("time", data=frames / frame_rate)
+        events.create_dataset("index_online", data=np.arange(count, dtype=np.int32))
+    return path

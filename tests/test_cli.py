@@ -1,0 +1,114 @@
+"""The dcbg command line as a user types it"""
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from dcbg.cli import main
+from dcbg.reference import rolling_median_reference
+from dcbg.synthetic import write_synthetic_rtdc
+
+
+@pytest.fixture
+def recording(tmp_path):
+    return write_synthetic_rtdc(tmp_path / "rec.rtdc", 60, shape=(10, 30), seed=5)
+
+
+def image_bg(path):
+    with h5py.File(path) as h5:
+        return h5["events/image_bg"][:], h5["events/image_bg"].attrs["dcnum ppid background"]
+
+
+def images(path):
+    with h5py.File(path) as h5:
+        return h5["events/image"][:]
+
+
+def test_compute_default_output(recording, capsys):
+    assert main(["compute", str(recording), "-kb", "kernel_size=10", "-kb", "b=25",
+                 "--device", "cpu", "--num-cpus", "1"]) == 0
+    out = recording.with_name("rec_bg.rtdc")
+    data, ppid = image_bg(out)
+    assert ppid == "rollmed:k=10^b=25"
+    assert np.array_equal(data, rolling_median_reference(images(recording), 10))
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "60 events" in line and "events/s" in line and "on cpu" in line
+    assert line.endswith("PPID rollmed:k=10^b=25")
+
+
+def test_existing_output_needs_force(recording, tmp_path, capsys):
+    target = tmp_path / "given.rtdc"
+    target.write_bytes(b"keep me")
+    assert main(["compute", str(recording), str(target), "--ppid", "rollmed:k=4^b=20"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--force" in err and len(err.splitlines()) == 1
+    assert target.read_bytes() == b"keep me"
+    assert main(["compute", str(recording), str(target), "--ppid", "rollmed:k=4^b=20",
+                 "--force", "--device", "cpu"]) == 0
+    assert image_bg(target)[1] == "rollmed:k=4^b=20"
+
+
+def test_dry_run_prints_ppid_and_writes_nothing(recording, tmp_path, capsys):
+    assert main(["compute", str(recording), "--dry-run", "-kb", "kernel_size=8"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "rollmed:k=8^b=10000"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.rtdc"]
+
+
+def test_in_place_and_recursive(recording, tmp_path):
+    sub = tmp_path / "day1"
+    sub.mkdir()
+    second = write_synthetic_rtdc(sub / "other.rtdc", 30, shape=(6, 8), seed=9)
+    assert main(["compute", str(tmp_path), "-r", "-kb", "kernel_size=6",
+                 "--device", "cpu"]) == 0
+    for source in (recording, second):
+        data, _ = image_bg(source.with_name(source.stem + "_bg.rtdc"))
+        assert np.array_equal(data, rolling_median_reference(images(source), 6))
+    assert main(["compute", str(second), "--in-place", "-kb", "kernel_size=4",
+                 "--device", "cpu"]) == 0
+    assert np.array_equal(image_bg(second)[0],
+                          rolling_median_reference(images(second), 4))
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["compute", "{rec}", "-kb", "kernel_size=3"], "positive even integer"),
+    (["compute", "{rec}", "--ppid", "rollmed:q=1"], "Unknown PPID keyword 'q'"),
+    (["compute", "{rec}", "-c", "lzma"], "Unknown compression 'lzma'"),
+    (["compute", "{missing}"], "does not exist"),
+    (["compute", "{rec}", "-kb", "kernel_size=4", "--device", "cuda:7"],
+     "CUDA device 7 cannot be used"),
+    (["compute", "{rec}", "-kb", "kernel_size=1000"], "N=60 events"),
+])
+def test_errors_are_one_line(recording, tmp_path, capsys, argv, message):
+    argv = [a.format(rec=recording, missing=tmp_path / "missing.rtdc") for a in argv]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_usage_errors_exit_2(recording, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compute"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["compute", str(recording), "-kb", "kernel_size"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["compute", str(recording.parent)])  # a folder without -r
+    assert exc.value.code == 2
+
+
+def test_demo_and_info_as_console_script(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "dcbg", "demo", "--events", "300",
+                          "--folder", str(tmp_path), "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "300 events" in run.stdout and "rollmed:k=100^b=10000" in run.stdout
+    data, _ = image_bg(tmp_path / "demo_bg.rtdc")
+    assert np.array_equal(data, rolling_median_reference(images(tmp_path / "demo.rtdc"), 100))
+    info = subprocess.run([sys.executable, "-m", "dcbg", "info"], capture_output=True,
+                          text=True, timeout=120)
+    assert info.returncode == 0 and "auto picks:" in info.stdout

@@ -1,0 +1,197 @@
+"""RT-DC files: dclab opens our outputs, basins resolve, nothing is ever lost"""
+import hashlib
+import os
+import shutil
+import signal
+
+import dclab
+import h5py
+import numpy as np
+import pytest
+
+import dcbg
+from conftest import golden_entries
+from dcbg.cpu import CPURollingMedian, WorkerFailure
+from dcbg.reference import rolling_median_reference
+from dcbg.synthetic import synthetic_stack, write_synthetic_rtdc
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rec") / "rec.rtdc"
+    return write_synthetic_rtdc(path, 120, shape=(16, 48), seed=3)
+
+
+def dataset_digests(path):
+    """Digest of every dataset and attribute in a file, by name"""
+    digests = {}
+    with h5py.File(path) as h5:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                digests[name] = hashlib.sha256(obj[()].tobytes()).hexdigest()
+            digests[name + "@attrs"] = sorted((k, str(v)) for k, v in obj.attrs.items())
+        h5.visititems(visit)
+        digests["@root"] = sorted((k, str(v)) for k, v in h5.attrs.items())
+    return digests
+
+
+def test_new_output_opens_in_dclab(recording, tmp_path):
+    out = tmp_path / "out.rtdc"
+    with dcbg.BackgroundRollMed(recording, out, kernel_size=10, batch_size=33,
+                                device="cpu") as bg:
+        bg.process()
+    with h5py.File(recording) as h5:
+        stack = h5["events/image"][:]
+    expected = rolling_median_reference(stack, 10)
+    with dclab.new_dataset(out) as ds:
+        assert len(ds) == len(stack)
+        assert np.array_equal(ds["image_bg"][:], expected)
+        assert np.array_equal(ds["image"][:], stack)  # through the basin
+        assert np.allclose(ds["frame"], np.arange(len(stack)) * 3 + 1)
+        assert ds.config["experiment"]["sample"] == "dcbg synthetic"
+    with h5py.File(out) as h5:
+        ds = h5["events/image_bg"]
+        assert ds.attrs["dcnum ppid background"] == "rollmed:k=10^b=33"
+        assert ds.attrs["dcnum ppid generation"] == "13"
+        assert ds.attrs["CLASS"] == b"IMAGE"
+        assert ds.attrs["IMAGE_SUBCLASS"] == b"IMAGE_GRAYSCALE"
+        assert ds.attrs["IMAGE_VERSION"] == b"1.2"
+        assert ds.chunks == (1000, 16, 48)
+        assert "32015" in ds._filters  # zstd via hdf5plugin
+        assert ds.fletcher32
+        assert list(h5["events"]) == ["image_bg"]
+    assert oct(out.stat().st_mode & 0o777) == oct(0o666 & ~_umask())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.rtdc"]
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("compress,filters", [(False, set()), ("zstd-1", {"32015"})])
+def test_compression_settings(recording, tmp_path, compress, filters):
+    out = tmp_path / "out.rtdc"
+    with dcbg.BackgroundRollMed(recording, out, kernel_size=4, batch_size=50,
+                                compress=compress, device="cpu") as bg:
+        bg.process()
+    with h5py.File(out) as h5:
+        assert set(h5["events/image_bg"]._filters) - {"fletcher32"} == filters
+
+
+def test_input_reached_through_basin(recording, tmp_path):
+    first = tmp_path / "first.rtdc"
+    with dcbg.BackgroundRollMed(recording, first, kernel_size=4, batch_size=50,
+                                device="cpu") as bg:
+        bg.process()
+    # `first` holds no images itself, only a basin to the recording
+    second = tmp_path / "second.rtdc"
+    with dcbg.BackgroundRollMed(first, second, kernel_size=6, batch_size=50,
+                                device="cpu") as bg:
+        bg.process()
+    with h5py.File(recording) as h5:
+        expected = rolling_median_reference(h5["events/image"][:], 6)
+    with dclab.new_dataset(second) as ds:
+        assert np.array_equal(ds["image_bg"][:], expected)
+
+
+def test_in_place_keeps_every_other_dataset(recording, tmp_path):
+    path = tmp_path / "copy.rtdc"
+    shutil.copy(recording, path)
+    before = dataset_digests(path)
+    for kernel_size in (4, 8):  # the second run replaces the first image_bg
+        with dcbg.BackgroundRollMed(path, path, kernel_size=kernel_size, batch_size=40,
+                                    device="cpu") as bg:
+            bg.process()
+    after = dataset_digests(path)
+    for name, digest in before.items():
+        assert after[name] == digest, name
+    assert set(after) - set(before) == {"events/image_bg", "events/image_bg@attrs"}
+    with dclab.new_dataset(path) as ds:
+        expected = rolling_median_reference(ds["image"][:], 8)
+        assert np.array_equal(ds["image_bg"][:], expected)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_after_first_write(bg, monkeypatch):
+    append = bg.writer.append
+    calls = []
+
+    def failing_append(frames):
+        calls.append(len(frames))
+        if len(calls) > 1:
+            raise Interrupt("simulated crash")
+        append(frames)
+    monkeypatch.setattr(bg.writer, "append", failing_append)
+
+
+def test_interrupted_in_place_run_keeps_old_background(recording, tmp_path, monkeypatch):
+    path = tmp_path / "copy.rtdc"
+    shutil.copy(recording, path)
+    with dcbg.BackgroundRollMed(path, path, kernel_size=4, batch_size=40,
+                                device="cpu") as bg:
+        bg.process()
+    before = dataset_digests(path)
+    with pytest.raises(Interrupt):
+        with dcbg.BackgroundRollMed(path, path, kernel_size=8, batch_size=20,
+                                    device="cpu") as bg:
+            bg._open_output()
+            interrupt_after_first_write(bg, monkeypatch)
+            bg.process()
+    assert dataset_digests(path) == before
+
+
+def test_interrupted_new_output_leaves_nothing(recording, tmp_path, monkeypatch):
+    out = tmp_path / "out.rtdc"
+    out.write_bytes(b"previous result")
+    with pytest.raises(Interrupt):
+        with dcbg.BackgroundRollMed(recording, out, kernel_size=4, batch_size=20,
+                                    device="cpu") as bg:
+            bg._open_output()
+            interrupt_after_first_write(bg, monkeypatch)
+            bg.process()
+    assert out.read_bytes() == b"previous result"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.rtdc"]
+
+
+def test_dead_worker_fails_fast():
+    stack = synthetic_stack(600, shape=(40, 60), seed=1).reshape(600, -1)
+    with CPURollingMedian((40, 60), 100, 500, 2) as engine:
+        for worker in engine.workers:
+            os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(WorkerFailure, match="died with exit code"):
+            engine.compute(stack[:599], 500)
+
+
+def test_clear_errors_for_unusable_files(shared_data, tmp_path):
+    empty = shared_data / "rtdc" / "M001_data.rtdc"
+    with pytest.raises(ValueError, match="N=0 events"):
+        dcbg.BackgroundRollMed(empty, tmp_path / "o.rtdc", device="cpu")
+    no_image = shared_data / "rtdc" / "fmt-hdf5_cytoshot_extended-moments-features.rtdc"
+    with pytest.raises(ValueError, match="fmt-hdf5_cytoshot.*has no events/image"):
+        dcbg.BackgroundRollMed(no_image, tmp_path / "o.rtdc", device="cpu")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        dcbg.BackgroundRollMed(tmp_path / "missing.rtdc", tmp_path / "o.rtdc", device="cpu")
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("entry", golden_entries(), ids=lambda e: e["image_bg"])
+def test_golden_outputs_of_dcnum(shared_data, tmp_path, entry):
+    expected = np.load(shared_data / entry["image_bg"])["image_bg"]
+    out = tmp_path / "out.rtdc"
+    with dcbg.BackgroundRollMed(shared_data / entry["input"], out,
+                                kernel_size=entry["kernel_size"],
+                                batch_size=entry["batch_size"], device="cpu") as bg:
+        assert bg.get_ppid() == entry["ppid"]
+        bg.process()
+    with dclab.new_dataset(out) as ds:
+        assert np.array_equal(ds["image_bg"][:], expected)
+        assert ds["image"].shape == tuple(entry["shape"])
+
+
+def test_golden_needs_shared(shared_data):
+    assert golden_entries(), "index.json lists the golden outputs"
