@@ -87,16 +87,16 @@ class BackgroundRollMed(Background):
         k, count = self.kernel_size, self.image_count
         computed = computed_frame_count(count, k)
         batch_size = min(self.batch_size, computed)
-        batches = plan_batches(count, k, batch_size)
-        self.logger.info("Rolling median of %d frames %s, k=%d, on %s (%s)",
-                         count, self.image_shape, k, self.device, self.device.reason)
         if self.device.kind == "cuda":
             from .cuda import CUDARollingMedian
             engine = CUDARollingMedian(self.image_shape, k, batch_size, self.device.index)
+        else:
+            engine = CPURollingMedian(self.image_shape, k, batch_size, self.num_cpus)
+        batches = plan_batches(count, k, engine.batch_size)
+        self.logger.info("Rolling median of %d frames %s, k=%d, %d batch(es) on %s (%s)",
+                         count, self.image_shape, k, len(batches), self.device,
+                         self.device.reason)
+        with engine:
             last = engine.run(self.source.read_into, batches, self.writer.append,
                               self._count_written)
-        else:
-            with CPURollingMedian(self.image_shape, k, batch_size, self.num_cpus) as engine:
-                last = engine.run(self.source.read_into, batches, self.writer.append,
-                                  self._count_written)
         self.writer.append_repeated(last, count - computed)
