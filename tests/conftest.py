@@ -36,3 +36,13 @@ def stack_cases():
         "single_pixel": rng.integers(0, 256, (33, 1, 1), dtype=np.uint8),
     }
     return cases
+
+
+@pytest.fixture(scope="session")
+def host_kernel(tmp_path_factory):
+    """rollmed.cu compiled for the CPU with the host shim"""
+    import host_kernel as hk
+    lib = hk.build(tmp_path_factory.mktemp("kernel"))
+    if lib is None:
+        pytest.skip("no C++ compiler to build the kernel's host shim")
+    return lib

@@ -1,0 +1,97 @@
+"""The CUDA backend's pipeline on the CPU, through a fake CuPy (see fake_cupy.py)"""
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+import dcbg
+from conftest import stack_cases
+from dcbg import cuda, devices
+from dcbg.reference import rolling_median_reference
+from dcbg.synthetic import write_synthetic_rtdc
+from fake_cupy import make_fake_cupy
+
+
+@pytest.fixture
+def fake_gpu(host_kernel, monkeypatch):
+    def install(**kwargs):
+        cupy, cupyx, state = make_fake_cupy(host_kernel, **kwargs)
+        monkeypatch.setitem(sys.modules, "cupy", cupy)
+        monkeypatch.setitem(sys.modules, "cupyx", cupyx)
+        cuda.load_kernels.cache_clear()
+        return state
+    yield install
+    cuda.load_kernels.cache_clear()
+
+
+def run(stack, tmp_path, **kwargs):
+    out = tmp_path / "bg.rtdc"
+    with dcbg.BackgroundRollMed(stack, out, **kwargs) as bg:
+        device = str(bg.device)
+        bg.process()
+    with h5py.File(out) as h5:
+        return h5["events/image_bg"][:], device
+
+
+@pytest.mark.parametrize("name", ["random", "two_level", "realistic", "alternating_0_255"])
+@pytest.mark.parametrize("kernel_size,batch_size", [(2, 3), (10, 17), (30, 1000)])
+def test_cuda_backend_matches_definition(fake_gpu, tmp_path, name, kernel_size, batch_size):
+    state = fake_gpu()
+    stack = stack_cases()[name]
+    got, device = run(stack, tmp_path, kernel_size=kernel_size, batch_size=batch_size,
+                      device="cuda")
+    assert device == "cuda:0"
+    assert np.array_equal(got, rolling_median_reference(stack, kernel_size))
+    windows = max(len(stack) - kernel_size, 1)
+    assert sum(launch[3] for launch in state.launches) == windows
+    assert state.compiled == 1
+
+
+def test_auto_picks_cuda_and_env_overrides(fake_gpu, tmp_path, monkeypatch):
+    fake_gpu()
+    stack = stack_cases()["random"]
+    monkeypatch.delenv(devices.DEVICE_ENV, raising=False)
+    assert str(devices.select_device("auto")) == "cuda:0"
+    monkeypatch.setenv(devices.DEVICE_ENV, "cpu")
+    got, device = run(stack, tmp_path, kernel_size=4, batch_size=10, num_cpus=1)
+    assert device == "cpu"
+    assert np.array_equal(got, rolling_median_reference(stack, 4))
+    with pytest.raises(RuntimeError, match="CUDA device 3 cannot be used.*does not exist"):
+        devices.select_device("cuda:3")
+
+
+def test_small_gpu_splits_batches_without_changing_the_result(fake_gpu, tmp_path):
+    # room for device batches of only a few frames
+    pixels = 12 * 40
+    state = fake_gpu(free_bytes=int((4 * 8 + 2 * 10) * pixels / cuda.MEMORY_FRACTION) + 1)
+    stack = stack_cases()["realistic"]
+    got, _ = run(stack, tmp_path, kernel_size=10, batch_size=10000, device="cuda")
+    assert np.array_equal(got, rolling_median_reference(stack, 10))
+    assert max(launch[3] for launch in state.launches) == 8
+    assert len(state.launches) == -(-(len(stack) - 10) // 8)
+    with h5py.File(tmp_path / "bg.rtdc") as h5:  # the PPID keeps the user's batch size
+        assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=10^b=10000"
+
+
+def test_cuda_backend_file_to_file(fake_gpu, tmp_path):
+    state = fake_gpu()
+    source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 700, shape=(20, 64), seed=4)
+    with dcbg.BackgroundRollMed(source, tmp_path / "out.rtdc", kernel_size=20,
+                                batch_size=150, device="auto") as bg:
+        assert bg.device.kind == "cuda"
+        bg.process()
+    with h5py.File(source) as h5:
+        expected = rolling_median_reference(h5["events/image"][:], 20)
+    with h5py.File(tmp_path / "out.rtdc") as h5:
+        assert np.array_equal(h5["events/image_bg"][:], expected)
+    assert len(state.launches) == -(-(700 - 20) // 150)
+
+
+def test_no_cupy_means_cpu(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", None)  # import fails
+    monkeypatch.delenv(devices.DEVICE_ENV, raising=False)
+    choice = devices.select_device("auto")
+    assert choice.kind == "cpu" and "cupy is not installed" in choice.reason
+    with pytest.raises(RuntimeError, match="cupy is not installed"):
+        devices.select_device("cuda")

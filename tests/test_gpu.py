@@ -1,0 +1,49 @@
+"""Tests on a real CUDA device (marker `gpu`); skipped where there is none"""
+import h5py
+import numpy as np
+import pytest
+
+import dcbg
+from conftest import stack_cases
+from dcbg.devices import cuda_unavailable_reason
+from dcbg.reference import rolling_median_reference
+
+REASON = cuda_unavailable_reason(0)
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(REASON is not None, reason=f"no CUDA: {REASON}")]
+
+
+def background(stack, tmp_path, device, **kwargs):
+    out = tmp_path / f"{device.replace(':', '')}.rtdc"
+    with dcbg.BackgroundRollMed(stack, out, device=device, **kwargs) as bg:
+        bg.process()
+    with h5py.File(out) as h5:
+        return h5["events/image_bg"][:]
+
+
+@pytest.mark.parametrize("name", sorted(stack_cases()))
+@pytest.mark.parametrize("kernel_size", [2, 10, 30])
+def test_gpu_matches_cpu_and_definition(tmp_path, name, kernel_size):
+    stack = stack_cases()[name]
+    gpu = background(stack, tmp_path, "cuda", kernel_size=kernel_size, batch_size=37)
+    cpu = background(stack, tmp_path, "cpu", kernel_size=kernel_size, batch_size=37,
+                     num_cpus=2)
+    assert np.array_equal(gpu, cpu)
+    assert np.array_equal(gpu, rolling_median_reference(stack, kernel_size))
+
+
+@pytest.mark.parametrize("kernel_size,count", [(256, 300), (1000, 1001), (1000, 2500)])
+def test_gpu_large_kernels(tmp_path, kernel_size, count):
+    rng = np.random.default_rng(kernel_size + count)
+    stack = rng.integers(0, 256, (count, 6, 10), dtype=np.uint8)
+    gpu = background(stack, tmp_path, "cuda", kernel_size=kernel_size,
+                     batch_size=kernel_size + 333)
+    assert np.array_equal(gpu, rolling_median_reference(stack, kernel_size))
+
+
+def test_gpu_instrument_sized_batches(tmp_path):
+    from dcbg.synthetic import synthetic_stack
+    stack = synthetic_stack(3000, shape=(80, 320), seed=8)
+    gpu = background(stack, tmp_path, "cuda", kernel_size=100, batch_size=1234)
+    cpu = background(stack, tmp_path, "cpu", kernel_size=100, batch_size=10000, num_cpus=2)
+    assert np.array_equal(gpu, cpu)

@@ -1,0 +1,140 @@
+"""The CUDA kernel without a GPU: it compiles, and its per-thread logic is exact
+
+SPEC section 8: the same rollmed.cu is compiled with nvcc (or NVRTC through
+CuPy) for real GPUs, and with g++ plus a shim of the CUDA built-ins for the
+CPU, where it is compared byte for byte with the definition.
+"""
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+import host_kernel as hk
+from conftest import stack_cases
+from dcbg import cuda
+from dcbg.cpu import compute_median_for_slice
+from dcbg.reference import rolling_median_reference
+
+CASES = stack_cases()
+H100_RESIDENT = 132 * 2048
+
+
+def assert_kernel_exact(lib, stack, kernel_size, plan=None):
+    count = max(len(stack) - kernel_size, 1)
+    frames = np.ascontiguousarray(stack.reshape(len(stack), -1)[:count + kernel_size - 1])
+    pixels = frames.shape[1]
+    if plan is None:
+        plan = cuda.plan_launch(pixels, count, kernel_size, H100_RESIDENT)
+    guard = 5
+    medians = np.full((count + 2 * guard, pixels), 0xAB, np.uint8)
+    hk.launch(lib, plan, frames, medians[guard:guard + count], pixels, count, kernel_size)
+    assert (medians[:guard] == 0xAB).all() and (medians[guard + count:] == 0xAB).all()
+    expected = rolling_median_reference(stack, kernel_size)[:count].reshape(count, -1)
+    assert np.array_equal(medians[guard:guard + count], expected)
+    # and the CPU backend agrees on the same frames
+    cpu = np.zeros_like(expected)
+    compute_median_for_slice(frames, cpu, kernel_size, count, slice(0, pixels))
+    assert np.array_equal(cpu, expected)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("kernel_size", [2, 4, 10, 30])
+def test_kernel_matches_definition(host_kernel, name, kernel_size):
+    assert_kernel_exact(host_kernel, CASES[name], kernel_size)
+
+
+@pytest.mark.parametrize("kernel_size", [254, 256, 300, 1000])
+@pytest.mark.parametrize("extra", [0, 1, 37])
+def test_kernel_large_kernels(host_kernel, kernel_size, extra):
+    rng = np.random.default_rng(kernel_size * 3 + extra)
+    stack = rng.integers(0, 256, (kernel_size + extra, 2, 3), dtype=np.uint8)
+    stack[:, 0, 0] = 255  # one bin holds the whole window
+    stack[:, 1, 2] = np.where(np.arange(len(stack)) % 2, 0, 255)
+    assert_kernel_exact(host_kernel, stack, kernel_size)
+
+
+@pytest.mark.parametrize("kernel_size", [2, 254])
+def test_every_count_width_and_segmentation(host_kernel, kernel_size):
+    """Count widths 8/16/32 bits and time segments all give the same bytes"""
+    stack = np.concatenate([CASES["realistic"]] * 4)[:kernel_size + 90]
+    count = len(stack) - kernel_size
+    pixels = stack[0].size
+    for name in ("dcbg_rollmed_count8", "dcbg_rollmed_count16", "dcbg_rollmed_count32"):
+        for block in (32, 64, 96):
+            for segment_length in (1, 7, count, count + 5):
+                plan = cuda.LaunchPlan(name, block, (-(-pixels // block),
+                                                     -(-count // segment_length)),
+                                       segment_length, 0)
+                assert_kernel_exact(host_kernel, stack, kernel_size, plan)
+
+
+def test_instrument_frame_with_planned_segments(host_kernel):
+    from dcbg.synthetic import synthetic_stack
+    stack = synthetic_stack(330, shape=(80, 320), seed=11)
+    plan = cuda.plan_launch(80 * 320, 330 - 10, 10, H100_RESIDENT)
+    assert plan.grid[1] > 1, "an 80x320 frame must be split in time on an H100"
+    assert_kernel_exact(host_kernel, stack, 10, plan)
+
+
+def test_plan_fills_the_gpu_and_keeps_warm_up_small():
+    plan = cuda.plan_launch(80 * 320, 10000, 100, H100_RESIDENT)
+    threads = plan.grid[0] * plan.block * plan.grid[1]
+    assert threads >= 2 * H100_RESIDENT
+    assert plan.segment_length >= cuda.MIN_SEGMENT_WINDOWS * 100
+    assert plan.grid[1] * plan.segment_length >= 10000
+    assert plan.shared_mem == plan.block * 256 and plan.shared_mem <= 48 * 1024
+    big = cuda.plan_launch(2048 * 2048, 500, 1000, H100_RESIDENT)
+    assert big.kernel == "dcbg_rollmed_count16" and big.grid[1] == 1
+    assert cuda.kernel_name(255) == "dcbg_rollmed_count8"
+    assert cuda.kernel_name(256) == "dcbg_rollmed_count16"
+    assert cuda.kernel_name(70000) == "dcbg_rollmed_count32"
+
+
+def test_batch_fits_free_memory():
+    pixels = 80 * 320
+    assert cuda.fit_batch_size(10000, 100, pixels, 80 * 2**30) == 10000
+    small = cuda.fit_batch_size(10000, 100, pixels, 512 * 2**20)
+    assert 1 <= small < 10000
+    assert (4 * small + 2 * 100) * pixels <= 512 * 2**20 * cuda.MEMORY_FRACTION
+    with pytest.raises(MemoryError, match="MiB free"):
+        cuda.fit_batch_size(10000, 100, pixels, 2**20)
+
+
+def nvcc_compile(tmp_path, arch):
+    source = tmp_path / "rollmed.cu"
+    source.write_text(cuda.kernel_source())
+    return subprocess.run(
+        ["nvcc", "-std=c++14", f"-arch={arch}", "-cubin", "--resource-usage",
+         "-Werror", "all-warnings", str(source), "-o", str(tmp_path / f"{arch}.cubin")],
+        capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_kernel_compiles_with_nvcc(tmp_path, arch):
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc is not installed")
+    run = nvcc_compile(tmp_path, arch)
+    assert run.returncode == 0, run.stderr
+    usage = run.stdout + run.stderr
+    for name in ("dcbg_rollmed_count8", "dcbg_rollmed_count16", "dcbg_rollmed_count32"):
+        assert name in usage
+    # histograms belong in shared memory: no per-thread local arrays, no spills
+    assert "bytes stack frame" in usage
+    for line in usage.splitlines():
+        if "stack frame" in line:
+            assert line.strip().startswith("0 bytes stack frame"), line
+            assert "0 bytes spill stores" in line, line
+
+
+def test_kernel_compiles_with_nvrtc():
+    cupy = pytest.importorskip("cupy")
+    try:
+        from cupy.cuda import compiler
+        compiler.compile_using_nvrtc(cuda.kernel_source(), options=("--std=c++14",),
+                                     arch="sm_90")
+    except (ImportError, RuntimeError, OSError) as error:
+        if "nvrtc" in str(error).lower() and "compile" not in str(error).lower():
+            pytest.skip(f"NVRTC library unavailable: {error}")
+        raise
+    assert cupy.__version__
