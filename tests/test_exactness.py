@@ -60,6 +60,7 @@ def run_background(stack, tmp_path, **kwargs):
     ((9, 4), 50, 8, 1000, 1),         # batch larger than N
     ((80, 400), 23, 4, 7, 2),         # instrument frame size
     ((3, 5), 300, 256, 257, 2),       # k > 255
+    ((4, 5), 2600, 10, 10000, 2),     # engine batches shorter than batch_size
 ])
 def test_pipeline_matches_definition(tmp_path, shape, count, kernel_size, batch_size, num_cpus):
     rng = np.random.default_rng(count * kernel_size)

@@ -104,6 +104,7 @@ def test_in_place_keeps_every_other_dataset(recording, tmp_path):
         with dcbg.BackgroundRollMed(path, path, kernel_size=kernel_size, batch_size=40,
                                     device="cpu") as bg:
             bg.process()
+            bg.process()  # processing twice still writes into the input
     after = dataset_digests(path)
     for name, digest in before.items():
         assert after[name] == digest, name
@@ -117,16 +118,21 @@ class Interrupt(Exception):
     pass
 
 
-def interrupt_after_first_write(bg, monkeypatch):
-    append = bg.writer.append
-    calls = []
+def run_interrupted(source, target, monkeypatch, **kwargs):
+    """Run a background whose writer fails after its first batch"""
+    with pytest.raises(Interrupt):
+        with dcbg.BackgroundRollMed(source, target, device="cpu", **kwargs) as bg:
+            bg._open_output()
+            append = bg.writer.append
+            calls = []
 
-    def failing_append(frames):
-        calls.append(len(frames))
-        if len(calls) > 1:
-            raise Interrupt("simulated crash")
-        append(frames)
-    monkeypatch.setattr(bg.writer, "append", failing_append)
+            def failing_append(frames):
+                calls.append(len(frames))
+                if len(calls) > 1:
+                    raise Interrupt("simulated crash")
+                append(frames)
+            monkeypatch.setattr(bg.writer, "append", failing_append)
+            bg.process()
 
 
 def test_interrupted_in_place_run_keeps_old_background(recording, tmp_path, monkeypatch):
@@ -136,24 +142,14 @@ def test_interrupted_in_place_run_keeps_old_background(recording, tmp_path, monk
                                 device="cpu") as bg:
         bg.process()
     before = dataset_digests(path)
-    with pytest.raises(Interrupt):
-        with dcbg.BackgroundRollMed(path, path, kernel_size=8, batch_size=20,
-                                    device="cpu") as bg:
-            bg._open_output()
-            interrupt_after_first_write(bg, monkeypatch)
-            bg.process()
+    run_interrupted(path, path, monkeypatch, kernel_size=8, batch_size=20)
     assert dataset_digests(path) == before
 
 
 def test_interrupted_new_output_leaves_nothing(recording, tmp_path, monkeypatch):
     out = tmp_path / "out.rtdc"
     out.write_bytes(b"previous result")
-    with pytest.raises(Interrupt):
-        with dcbg.BackgroundRollMed(recording, out, kernel_size=4, batch_size=20,
-                                    device="cpu") as bg:
-            bg._open_output()
-            interrupt_after_first_write(bg, monkeypatch)
-            bg.process()
+    run_interrupted(recording, out, monkeypatch, kernel_size=4, batch_size=20)
     assert out.read_bytes() == b"previous result"
     assert [p.name for p in tmp_path.iterdir()] == ["out.rtdc"]
 

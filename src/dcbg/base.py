@@ -8,7 +8,15 @@ import time
 
 from . import ppid
 from .cpu import default_cpu_count, mp_spawn
-from .rtdc import ImageBgWriter, ImageSource, InPlaceOutput, NewOutputFile, RTDCInput
+from .rtdc import (
+    ImageBgWriter,
+    ImageSource,
+    InPlaceOutput,
+    NewOutputFile,
+    RTDCInput,
+    copy_metadata,
+    write_file_basin,
+)
 
 
 class Background(abc.ABC):
@@ -74,17 +82,20 @@ class Background(abc.ABC):
         self.paths_ref: list[pathlib.Path] = []
         """input files the output refers to through its basin"""
 
+        self.in_place = False
+        """whether image_bg is written into the input file itself"""
+
         self._output: NewOutputFile | InPlaceOutput | None = None
         self.writer: ImageBgWriter | None = None
         """writer of events/image_bg in the output"""
 
         if isinstance(input_data, (str, pathlib.Path)):
             input_path = pathlib.Path(input_data)
-            in_place = (self.output_path.exists()
-                        and input_path.resolve() == self.output_path.resolve())
-            self.hdin = RTDCInput(input_path, mode="a" if in_place else "r")
+            self.in_place = (self.output_path.exists()
+                             and input_path.resolve() == self.output_path.resolve())
+            self.hdin = RTDCInput(input_path, mode="a" if self.in_place else "r")
             self.h5in = self.hdin.h5
-            if in_place:
+            if self.in_place:
                 self.h5out = self.h5in
             else:
                 self.paths_ref.append(input_path)
@@ -112,13 +123,13 @@ class Background(abc.ABC):
             raise ValueError("The input has no events (N=0); a background needs frames.")
 
     def _open_output(self):
-        if self.h5out is not None:
+        if self.in_place:
+            self.h5out = self.h5in
             self._output = InPlaceOutput(self.h5out)
         else:
             self._output = NewOutputFile(self.output_path)
             self.h5out = self._output.h5
             if self.hdin is not None:
-                from .rtdc import copy_metadata, write_file_basin
                 copy_metadata(self.hdin.h5, self.h5out)
                 write_file_basin(self.h5out, self.hdin, self.output_path)
         self.writer = ImageBgWriter(self._output.bg_group, self.image_shape, self.compress)

@@ -32,6 +32,10 @@ mp_spawn = mp.get_context("spawn")
 PIXELS_PER_JOB = 2048
 """Pixels per job: a uint16 histogram of 2048 pixels (1 MiB) stays in cache"""
 
+PIPELINE_BATCH = 2048
+"""Windows per CPU batch (at least 4 kernel sizes): short batches let the
+reader, the workers and the writer overlap; the result never depends on it"""
+
 WORKER_POLL_SECONDS = 0.005
 """How often the main process checks the counter and the workers' health"""
 
@@ -178,7 +182,8 @@ class CPURollingMedian:
     kernel_size: int
         Number of events in each window.
     batch_size: int
-        Largest number of windows computed at once.
+        Largest number of windows computed at once; :attr:`batch_size` may
+        be smaller (see :data:`PIPELINE_BATCH`).
     num_cpus: int
         Number of worker processes.
     """
@@ -187,7 +192,9 @@ class CPURollingMedian:
         self.image_shape = tuple(image_shape)
         self.pixels = int(np.prod(self.image_shape))
         self.kernel_size = kernel_size
+        batch_size = min(batch_size, max(PIPELINE_BATCH, 4 * kernel_size))
         self.batch_size = batch_size
+        """windows per batch in this engine"""
         self.num_cpus = num_cpus
 
         self.shared_input_raw = mp_spawn.RawArray(

@@ -86,26 +86,15 @@ __device__ void dcbg_rolling_median(const unsigned char* __restrict__ frames,
 
 // Entry points, one per count width. Dynamic shared memory per block:
 // blockDim.x * 256 * sizeof(count) bytes.
-extern "C" __global__ void dcbg_rollmed_count8(const unsigned char* __restrict__ frames,
-                                               unsigned char* __restrict__ medians,
-                                               long long pixels, int output_size,
-                                               int kernel_size, int segment_length) {
-    dcbg_rolling_median<unsigned char>(frames, medians, pixels, output_size, kernel_size,
-                                       segment_length);
-}
+#define DCBG_ROLLMED_ENTRY(NAME, COUNT)                                              \
+    extern "C" __global__ void NAME(const unsigned char* __restrict__ frames,        \
+                                    unsigned char* __restrict__ medians,              \
+                                    long long pixels, int output_size,               \
+                                    int kernel_size, int segment_length) {           \
+        dcbg_rolling_median<COUNT>(frames, medians, pixels, output_size, kernel_size, \
+                                   segment_length);                                   \
+    }
 
-extern "C" __global__ void dcbg_rollmed_count16(const unsigned char* __restrict__ frames,
-                                                unsigned char* __restrict__ medians,
-                                                long long pixels, int output_size,
-                                                int kernel_size, int segment_length) {
-    dcbg_rolling_median<unsigned short>(frames, medians, pixels, output_size, kernel_size,
-                                        segment_length);
-}
-
-extern "C" __global__ void dcbg_rollmed_count32(const unsigned char* __restrict__ frames,
-                                                unsigned char* __restrict__ medians,
-                                                long long pixels, int output_size,
-                                                int kernel_size, int segment_length) {
-    dcbg_rolling_median<unsigned int>(frames, medians, pixels, output_size, kernel_size,
-                                      segment_length);
-}
+DCBG_ROLLMED_ENTRY(dcbg_rollmed_count8, unsigned char)
+DCBG_ROLLMED_ENTRY(dcbg_rollmed_count16, unsigned short)
+DCBG_ROLLMED_ENTRY(dcbg_rollmed_count32, unsigned int)
