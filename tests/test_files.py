@@ -91,9 +91,13 @@ def test_input_reached_through_basin(recording, tmp_path):
                                 device="cpu") as bg:
         bg.process()
     with h5py.File(recording) as h5:
-        expected = rolling_median_reference(h5["events/image"][:], 6)
+        images = h5["events/image"][:]
+        frames = h5["events/frame"][:]
     with dclab.new_dataset(second) as ds:
-        assert np.array_equal(ds["image_bg"][:], expected)
+        assert np.array_equal(ds["image_bg"][:], rolling_median_reference(images, 6))
+        # every feature of the recording, two basins away
+        assert np.array_equal(ds["image"][:], images)
+        assert np.array_equal(ds["frame"][:], frames)
 
 
 def test_in_place_keeps_every_other_dataset(recording, tmp_path):

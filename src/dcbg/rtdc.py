@@ -288,11 +288,8 @@ def write_file_basin(dst: h5py.File, rtdc_in: RTDCInput, output_path: pathlib.Pa
         "format": "hdf5",
         "paths": paths,
         "type": "file",
-        "features": [f for f in rtdc_in.features() if f != "image_bg"] or ["image"],
         "identifier": measurement_identifier(rtdc_in.h5),
     }
-    if "image" not in definition["features"]:
-        definition["features"] = sorted(definition["features"] + ["image"])
     text = json.dumps(definition, indent=2)
     lines = text.split("\n")
     key = hashlib.md5(text.encode("utf-8")).hexdigest()
