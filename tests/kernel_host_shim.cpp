@@ -2,14 +2,12 @@
 // plain globals and a launch becomes loops over blocks and threads. The
 // kernel has no __syncthreads and each thread touches only its own shared
 // words, so running the threads one after another is a faithful schedule.
-#include <algorithm>
 #include <cstring>
 
 struct dcbg_dim3 {
     unsigned int x = 1, y = 1, z = 1;
 };
 static dcbg_dim3 threadIdx, blockIdx, blockDim, gridDim;
-using std::min;
 
 #define __global__
 #define __device__

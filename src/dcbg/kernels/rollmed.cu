@@ -41,7 +41,9 @@ __device__ void dcbg_rolling_median(const unsigned char* __restrict__ frames,
     if (pixel >= pixels || first >= output_size) {
         return;
     }
-    const int last = min(first + segment_length, output_size);  // one past
+    // One past the last window of this segment.
+    const int stop = first + segment_length;
+    const int last = stop < output_size ? stop : output_size;
     const int per_word = 4 / (int)sizeof(Count);
 
     unsigned int* words = dcbg_shared_words + threadIdx.x;
