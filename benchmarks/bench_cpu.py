@@ -131,9 +131,11 @@ def main():
                                           "num_cpus": cpus})
             side["ratio"] = side["events_per_s"] / peer["events_per_s"]
             peer["ratio"] = 1.0
-    for k in (10, 100, 1000):
-        measure("dcbg k sweep", {"kind": "dcbg", "events": args.sweep_events, "k": k,
-                                  "num_cpus": cpus})
+    for compress in (False, True):
+        for k in (10, 100, 1000):
+            measure("dcbg k sweep, " + ("zstd-5" if compress else "no compression"),
+                    {"kind": "dcbg", "events": args.sweep_events, "k": k, "num_cpus": cpus,
+                     "compress": compress})
     for count in (int(c) for c in args.scaling.split(",")):
         measure("dcbg N scaling", {"kind": "dcbg", "events": count, "k": 100,
                                    "num_cpus": cpus})
