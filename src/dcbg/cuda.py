@@ -183,6 +183,12 @@ class CUDARollingMedian:
         self.kernel_size = kernel_size
         self.device_index = device_index
         self.kernels = load_kernels(device_index)
+        from .devices import describe_cuda_devices
+        for info in describe_cuda_devices():  # pynvml: name, memory, driver for the log
+            if info["index"] == device_index:
+                logger.info("CUDA device %d: %s, %.1f of %.1f GiB free, driver %s",
+                            device_index, info["name"], info["memory_free"] / 2**30,
+                            info["memory_total"] / 2**30, info["driver"])
         with cupy.cuda.Device(device_index):
             free, total = cupy.cuda.runtime.memGetInfo()
         self.batch_size = fit_batch_size(batch_size, kernel_size, self.pixels, free)
