@@ -134,12 +134,6 @@ class RTDCInput:
             f"{path} has no events/image data, neither in the file nor in a reachable "
             f"file basin; dcbg needs the raw frames to compute a background.")
 
-    def features(self) -> list[str]:
-        """Features of the file itself and of its internal basins"""
-        names = list(self.h5.get("events", {}))
-        names += list(self.h5.get("basin_events", {}))
-        return sorted(n for n in set(names) if not n.startswith("basinmap"))
-
     def close(self):
         """Close the file and every basin file opened for it"""
         for basin in self._basin_files:
