@@ -164,7 +164,8 @@ def test_dead_worker_fails_fast():
         for worker in engine.workers:
             os.kill(worker.pid, signal.SIGKILL)
         with pytest.raises(WorkerFailure, match="died with exit code"):
-            engine.compute(stack[:599], 500)
+            engine.load(stack[:599])
+            engine.compute(500)
 
 
 def test_clear_errors_for_unusable_files(shared_data, tmp_path):

@@ -263,15 +263,18 @@ class CPURollingMedian:
                     f"while computing the median (often: out of memory); retry with a "
                     f"smaller batch_size or fewer --num-cpus.")
 
-    def compute(self, frames: np.ndarray, output_size: int) -> np.ndarray:
-        """Rolling medians of one batch
+    def load(self, frames: np.ndarray):
+        """Copy one batch of ``(rows, pixels)`` uint8 frames into the shared input"""
+        self.shared_input[:len(frames)] = frames
+
+    def compute(self, output_size: int) -> np.ndarray:
+        """Rolling medians of the batch in the shared input
 
         Parameters
         ----------
-        frames: np.ndarray
-            ``(output_size + kernel_size - 1, pixels)`` uint8 frames.
         output_size: int
-            Number of windows.
+            Number of windows; :meth:`load` must have copied at least
+            ``output_size + kernel_size - 1`` frames.
 
         Returns
         -------
@@ -279,7 +282,6 @@ class CPURollingMedian:
             View of shape ``(output_size, pixels)`` into the shared output,
             valid until the next call.
         """
-        self.shared_input[:len(frames)] = frames
         self.worker_counter.value = 0
         for job in self.jobs:
             self.queue.put((output_size, job))
@@ -300,8 +302,9 @@ class CPURollingMedian:
                               on_written)
         try:
             for batch, frames in prefetcher:
-                medians = self.compute(frames, batch.output_size)
-                prefetcher.release()
+                self.load(frames)
+                prefetcher.release()  # the reader fills it again while the workers run
+                medians = self.compute(batch.output_size)
                 buffer = writer.acquire()
                 buffer.reshape(len(buffer), -1)[:batch.output_size] = medians
                 writer.submit(buffer, batch.output_size)
