@@ -62,6 +62,17 @@ def kernel_name(kernel_size: int) -> str:
     return f"dcbg_rollmed_count{8 * count_bytes(kernel_size)}"
 
 
+def block_shape(kernel_size: int) -> tuple[int, int]:
+    """Threads per block and its dynamic shared memory in bytes
+
+    Each thread holds a 256-bin histogram, so the count width fixes how
+    many threads fit into :data:`SHARED_BYTES_PER_BLOCK`.
+    """
+    per_thread = 256 * count_bytes(kernel_size)
+    block = SHARED_BYTES_PER_BLOCK // per_thread
+    return block, block * per_thread
+
+
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
     """Grid, block and time segments of one kernel launch"""
@@ -98,15 +109,14 @@ def plan_launch(pixels: int, output_size: int, kernel_size: int,
     resident_threads: int
         Threads the device keeps resident with this shared-memory use.
     """
-    width = count_bytes(kernel_size)
-    block = SHARED_BYTES_PER_BLOCK // (256 * width)
+    block, shared_mem = block_shape(kernel_size)
     blocks = -(-pixels // block)
     wanted_segments = max(1, -(-2 * resident_threads // (blocks * block)))
     shortest = max(1, min(output_size, MIN_SEGMENT_WINDOWS * kernel_size))
     segment_length = max(-(-output_size // wanted_segments), shortest)
     segments = -(-output_size // segment_length)
     return LaunchPlan(kernel_name(kernel_size), block, (blocks, segments), segment_length,
-                      block * 256 * width)
+                      shared_mem)
 
 
 def fit_batch_size(batch_size: int, kernel_size: int, pixels: int, free_bytes: int) -> int:
@@ -196,8 +206,7 @@ class CUDARollingMedian:
         if self.batch_size < batch_size:
             logger.info("Device batch of %d frames (of %d asked for) fits %.0f MiB free",
                         self.batch_size, batch_size, free / 2**20)
-        probe = plan_launch(self.pixels, self.batch_size, kernel_size, 1)
-        self.resident_threads = resident_threads(device_index, probe.block, probe.shared_mem)
+        self.resident_threads = resident_threads(device_index, *block_shape(kernel_size))
         """threads the device keeps resident with this kernel's shared memory"""
 
     def __enter__(self):
