@@ -57,6 +57,18 @@ class FakeStream:
         pass
 
 
+class OutOfMemoryError(MemoryError):
+    """Like cupy.cuda.memory.OutOfMemoryError"""
+
+
+class CUDARuntimeError(RuntimeError):
+    """Like cupy.cuda.runtime.CUDARuntimeError"""
+
+
+class CUDADriverError(RuntimeError):
+    """Like cupy.cuda.driver.CUDADriverError"""
+
+
 class FakeKernel:
     def __init__(self, state, name):
         self.state = state
@@ -64,6 +76,10 @@ class FakeKernel:
 
     def __call__(self, grid, block, args, shared_mem=0):
         frames, medians, pixels, output_size, kernel_size, segment_length = args
+        fault = self.state.faults.pop(len(self.state.launches), None)
+        if fault is not None:  # injected at this launch number
+            self.state.launches.append(("fault", grid, block, 0))
+            raise fault
         assert len(self.state.current_stream) == 1, "launch inside `with stream:`"
         assert shared_mem <= 48 * 1024
         plan = types.SimpleNamespace(kernel=self.name, grid=grid, block=block[0],
@@ -104,10 +120,13 @@ def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1):
     """Return (cupy, cupyx) stand-in modules and their shared state"""
     state = types.SimpleNamespace(lib=lib, launches=[], compiled=0, current_stream=[],
                                   device_count=device_count, free_bytes=free_bytes,
-                                  allocated=0)
+                                  allocated=0, largest_allocation=None, faults={})
 
     def empty(shape, dtype):
-        state.allocated += int(np.prod(shape)) * np.dtype(dtype).itemsize
+        size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        if state.largest_allocation is not None and size > state.largest_allocation:
+            raise OutOfMemoryError(f"Out of memory allocating {size:,} bytes")
+        state.allocated += size
         return FakeArray(np.full(shape, 0xCD, dtype))
 
     runtime = types.SimpleNamespace(
@@ -118,8 +137,11 @@ def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1):
                                            "maxThreadsPerMultiProcessor": 2048,
                                            "name": b"Fake H100"},
     )
+    runtime.CUDARuntimeError = CUDARuntimeError
     cuda_ns = types.SimpleNamespace(
         runtime=runtime,
+        memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
+        driver=types.SimpleNamespace(CUDADriverError=CUDADriverError),
         Device=lambda index=0: FakeDevice(state, index),
         Stream=lambda non_blocking=False: FakeStream(state, non_blocking),
         get_current_stream=lambda: FakeStream(state),

@@ -95,3 +95,46 @@ def test_no_cupy_means_cpu(monkeypatch):
     assert choice.kind == "cpu" and "cupy is not installed" in choice.reason
     with pytest.raises(RuntimeError, match="cupy is not installed"):
         devices.select_device("cuda")
+
+
+def test_out_of_memory_at_start_halves_the_batch(fake_gpu, tmp_path, caplog):
+    state = fake_gpu()
+    stack = stack_cases()["realistic"]  # 80 frames of 12x40
+    pixels = 12 * 40
+    state.largest_allocation = 30 * pixels  # reported free memory is a lie
+    got, _ = run(stack, tmp_path, kernel_size=10, batch_size=1000, device="cuda")
+    assert np.array_equal(got, rolling_median_reference(stack, 10))
+    assert "ran out of memory with batches of 70 frames" in caplog.text
+    assert max(launch[3] for launch in state.launches) == 17  # 70 → 35 → 17
+
+
+def test_out_of_memory_mid_run_goes_on_from_the_first_unwritten_frame(fake_gpu, tmp_path,
+                                                                      caplog):
+    state = fake_gpu()
+    stack = stack_cases()["random"]  # 63 frames
+    state.faults[3] = sys.modules["cupy"].cuda.memory.OutOfMemoryError("Out of memory")
+    got, _ = run(stack, tmp_path, kernel_size=6, batch_size=8, device="cuda")
+    assert np.array_equal(got, rolling_median_reference(stack, 6))
+    assert "going on from frame 16 with batches of 4" in caplog.text
+    done = [launch for launch in state.launches if launch[0] != "fault"]
+    assert sum(launch[3] for launch in done) == 57 + 8  # batch 2 computed twice
+
+
+def test_kernel_fault_is_a_clear_error_and_leaves_nothing(fake_gpu, tmp_path, capsys):
+    state = fake_gpu()
+    source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 300, shape=(8, 16), seed=4)
+    state.faults[2] = sys.modules["cupy"].cuda.runtime.CUDARuntimeError(
+        "cudaErrorIllegalAddress: an illegal memory access was encountered")
+    with pytest.raises(dcbg.errors.DeviceError, match="CUDA device 0 failed.*illegal memory"):
+        with dcbg.BackgroundRollMed(source, tmp_path / "out.rtdc", kernel_size=10,
+                                    batch_size=50, device="cuda") as bg:
+            bg.process()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.rtdc"]
+    from dcbg.cli import main
+    state.faults[len(state.launches) + 1] = sys.modules["cupy"].cuda.runtime.CUDARuntimeError(
+        "cudaErrorLaunchFailure: unspecified launch failure")
+    assert main(["compute", str(source), "-kb", "kernel_size=10", "-kb", "batch_size=50",
+                 "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: CUDA device 0 failed") and len(err.splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.rtdc"]

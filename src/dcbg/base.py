@@ -8,12 +8,15 @@ import time
 
 from . import ppid
 from .cpu import default_cpu_count, mp_spawn
+from .errors import InputDataError, sigterm_raises
 from .rtdc import (
     ImageBgWriter,
     ImageSource,
     InPlaceOutput,
     NewOutputFile,
     RTDCInput,
+    check_output_folder,
+    compression_kwargs,
     copy_metadata,
     write_file_basin,
 )
@@ -61,6 +64,7 @@ class Background(abc.ABC):
         self.num_cpus = num_cpus
         """number of CPU worker processes"""
 
+        compression_kwargs(compress)  # reject a bad setting before any work
         self.compress = compress
         """compression of image_bg (see :func:`dcbg.rtdc.compression_kwargs`)"""
 
@@ -104,6 +108,8 @@ class Background(abc.ABC):
             source = input_data
 
         try:
+            if not self.in_place:
+                check_output_folder(self.output_path)
             self.source = ImageSource(source)
             """batch-wise reader of the input frames"""
             self.input_data = self.source.data
@@ -120,7 +126,8 @@ class Background(abc.ABC):
     def validate_input(self):
         """Check that the input suits the method before any file is created"""
         if self.image_count == 0:
-            raise ValueError("The input has no events (N=0); a background needs frames.")
+            raise InputDataError(
+                "The input has no events (N=0); a background needs frames.")
 
     def _open_output(self):
         if self.in_place:
@@ -132,7 +139,8 @@ class Background(abc.ABC):
             if self.hdin is not None:
                 copy_metadata(self.hdin.h5, self.h5out)
                 write_file_basin(self.h5out, self.hdin, self.output_path)
-        self.writer = ImageBgWriter(self._output.bg_group, self.image_shape, self.compress)
+        self.writer = ImageBgWriter(self._output.bg_group, self.image_shape, self.compress,
+                                    target=self.output_path)
 
     def __enter__(self):
         return self
@@ -191,18 +199,26 @@ class Background(abc.ABC):
 
         A new output file appears under its final name only when complete;
         when writing into the input file, the previous ``image_bg`` stays
-        until the new one is complete.
+        until the new one is complete. Any error, Ctrl-C or SIGTERM (in the
+        main thread) discards the unfinished output and stops the workers.
         """
-        if self._output is None:
-            self._open_output()
-        t0 = time.perf_counter()
-        self.image_proc.value = 0
-        self.process_approach()
-        self.writer.set_ppid(self.get_ppid())
-        self.image_proc.value = 1
-        self._output.commit()
-        self._output = None
-        self.h5out = None
+        with sigterm_raises():
+            try:
+                if self._output is None:
+                    self._open_output()
+                t0 = time.perf_counter()
+                self.image_proc.value = 0
+                self.process_approach()
+                self.writer.set_ppid(self.get_ppid())
+                self.image_proc.value = 1
+                self._output.commit()
+            except BaseException:
+                if self._output is not None:
+                    self._output.abort()
+                raise
+            finally:
+                self._output = None
+                self.h5out = None
         self.logger.info("Background of %d frames computed in %.1f s",
                          self.image_count, time.perf_counter() - t0)
 

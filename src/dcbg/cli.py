@@ -13,6 +13,7 @@ import time
 from . import __version__
 from .base import Background, get_available_background_methods
 from .devices import DEVICE_ENV, cuda_unavailable_reason, describe_cuda_devices, select_device
+from .errors import OutputExistsError, first_line, sigterm_raises
 from .rtdc import compression_kwargs
 
 DEMO_EVENTS = 5000
@@ -83,6 +84,9 @@ def collect_jobs(args) -> list[tuple[pathlib.Path, pathlib.Path]]:
             target = source
         else:
             target = pathlib.Path(args.path_out) if args.path_out else default_output(source)
+            if target.exists() and source.exists() and target.samefile(source):
+                raise UsageError(f"PATH_OUT {target} is the input file; add --in-place to "
+                                 f"write image_bg into it, or choose another output")
         jobs.append((source, target))
     return jobs
 
@@ -143,7 +147,7 @@ def cmd_compute(args) -> int:
     jobs = collect_jobs(args)
     for _source, target in jobs:
         if not args.in_place and target.exists() and not args.force:
-            raise RuntimeError(f"{target} exists; add --force to replace it")
+            raise OutputExistsError(f"{target} exists; add --force to replace it")
     if args.dry_run:
         device = select_device(args.device)
         for source, target in jobs:
@@ -245,17 +249,19 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        with sigterm_raises():
+            return args.func(args)
     except UsageError as error:
         parser.error(str(error))  # exits 2
-    except KeyboardInterrupt:
-        print("error: interrupted; no output was left behind", file=sys.stderr)
+    except KeyboardInterrupt as error:
+        cause = str(error) or "interrupted"
+        print(f"error: {cause}; the unfinished output was removed and the input is unchanged",
+              file=sys.stderr)
         return 1
     except Exception as error:
         if args.verbose:
             raise
-        message = " ".join(str(error).split("\n")[0].split()) or type(error).__name__
-        print(f"error: {message}", file=sys.stderr)
+        print(f"error: {first_line(error)}", file=sys.stderr)
         return 1
 
 

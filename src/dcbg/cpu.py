@@ -16,12 +16,14 @@ import logging
 import multiprocessing as mp
 import os
 import queue
+import signal
 import time
 import traceback
 
 import numba
 import numpy as np
 
+from .errors import WorkerFailure
 from .pipeline import Batch, Prefetcher, WriterThread
 
 logger = logging.getLogger(__name__)
@@ -129,8 +131,11 @@ class WorkerRollMed(mp_spawn.Process):
 
     The worker maps the shared RawArrays, takes ``(output_size, job_slice)``
     jobs from `job_queue`, and increments `counter` after each. It stops when
-    `counter` is negative. An exception is reported on `error_queue` before
-    the worker exits, so the main process can fail with the real cause.
+    `counter` is negative, or when the main process is gone (so a killed
+    main process leaves no orphans). An exception is reported on
+    `error_queue` before the worker exits, so the main process can fail with
+    the real cause. Ctrl-C is left to the main process, which stops the
+    workers in order.
     """
 
     def __init__(self, job_queue, counter, shared_input, shared_output, batch_size,
@@ -143,9 +148,11 @@ class WorkerRollMed(mp_spawn.Process):
         self.batch_size = batch_size
         self.kernel_size = kernel_size
         self.error_queue = error_queue
+        self.parent_pid = os.getpid()
 
     def run(self):
-        """Main loop (ends when the counter turns negative)"""
+        """Main loop (ends when the counter turns negative or the parent is gone)"""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             # Map the RawArrays here: mapping them in __init__ would copy them.
             shared_input = np.ctypeslib.as_array(self.shared_input_raw).reshape(
@@ -156,20 +163,16 @@ class WorkerRollMed(mp_spawn.Process):
                 try:
                     output_size, job_slice = self.queue.get(timeout=0.1)
                 except queue.Empty:
+                    if os.getppid() != self.parent_pid:
+                        return
                     continue
                 compute_median_for_slice(shared_input, shared_output, self.kernel_size,
                                          output_size, job_slice)
                 with self.counter.get_lock():
                     self.counter.value += 1
-        except KeyboardInterrupt:
-            return
         except BaseException:
             self.error_queue.put(traceback.format_exc())
             raise SystemExit(1) from None
-
-
-class WorkerFailure(RuntimeError):
-    """A CPU worker process died or raised while computing medians"""
 
 
 class CPURollingMedian:

@@ -26,7 +26,8 @@ import logging
 
 import numpy as np
 
-from .pipeline import Batch, Prefetcher, WriterThread
+from .errors import DeviceError, first_line
+from .pipeline import Batch, Prefetcher, WriterThread, plan_windows
 
 logger = logging.getLogger(__name__)
 
@@ -213,9 +214,15 @@ class CUDARollingMedian:
         return self
 
     def __exit__(self, *exc):
-        # Device buffers live only inside run(); give their memory back now.
-        self.cupy.get_default_memory_pool().free_all_blocks()
-        self.cupy.get_default_pinned_memory_pool().free_all_blocks()
+        self.free_memory()
+
+    def free_memory(self):
+        """Give cached device and pinned memory back (buffers live only in a run)"""
+        try:
+            self.cupy.get_default_memory_pool().free_all_blocks()
+            self.cupy.get_default_pinned_memory_pool().free_all_blocks()
+        except self.cupy.cuda.runtime.CUDARuntimeError:
+            pass  # the context is broken after a kernel fault; the error is raised elsewhere
 
     def launch(self, frames, medians, output_size: int, stream=None):
         """Run the kernel on device arrays (asynchronously on `stream`)
@@ -239,8 +246,55 @@ class CUDARollingMedian:
     def run(self, read_into, batches: list[Batch], write, on_written=None) -> np.ndarray:
         """Compute all batches with reading, copies, kernel and writing overlapped
 
+        If the device runs out of memory (at the start or in the middle, for
+        example because another process took memory), the batch size is
+        halved and the run goes on from the first window not yet written;
+        the result stays the same.
+
         Returns the last computed background frame (flattened).
+
+        Raises
+        ------
+        DeviceError
+            If the device or the kernel fails.
+        MemoryError
+            If not even a batch of one window fits on the device.
         """
+        cupy = self.cupy
+        written = 0
+
+        def counted_write(frames):
+            nonlocal written
+            write(frames)
+            written += len(frames)
+
+        first = batches[0].start
+        stop = batches[-1].start + batches[-1].output_size
+        while True:
+            try:
+                return self._run_batches(read_into, batches, counted_write, on_written)
+            except cupy.cuda.memory.OutOfMemoryError as error:
+                smaller = self.batch_size // 2
+                if smaller < 1:
+                    raise MemoryError(
+                        f"CUDA device {self.device_index} is out of memory even for one "
+                        f"frame ({first_line(error)}); free GPU memory or use --device "
+                        f"cpu.") from error
+                self.free_memory()
+                logger.warning("CUDA device %d ran out of memory with batches of %d frames "
+                               "(%s); going on from frame %d with batches of %d",
+                               self.device_index, self.batch_size, first_line(error),
+                               first + written, smaller)
+                self.batch_size = smaller
+                batches = plan_windows(first + written, stop, self.kernel_size, smaller)
+            except (cupy.cuda.runtime.CUDARuntimeError,
+                    cupy.cuda.driver.CUDADriverError) as error:
+                raise DeviceError(
+                    f"CUDA device {self.device_index} failed while computing the median "
+                    f"({first_line(error)}); no output was kept; check the GPU with "
+                    f"nvidia-smi, or run with --device cpu.") from error
+
+    def _run_batches(self, read_into, batches, write, on_written) -> np.ndarray:
         cupy = self.cupy
         import cupyx
 

@@ -48,9 +48,14 @@ def plan_batches(image_count: int, kernel_size: int, batch_size: int) -> list[Ba
     :func:`dcbg.reference.computed_frame_count`); the remaining frames
     repeat the last window's background and are not part of any batch.
     """
-    count = computed_frame_count(image_count, kernel_size)
-    return [Batch(index, start, min(batch_size, count - start), kernel_size)
-            for index, start in enumerate(range(0, count, batch_size))]
+    return plan_windows(0, computed_frame_count(image_count, kernel_size), kernel_size,
+                        batch_size)
+
+
+def plan_windows(first: int, stop: int, kernel_size: int, batch_size: int) -> list[Batch]:
+    """Batches of at most `batch_size` for the windows ``first … stop-1``"""
+    return [Batch(index, start, min(batch_size, stop - start), kernel_size)
+            for index, start in enumerate(range(first, stop, batch_size))]
 
 
 class _ThreadFailure:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import inspect
 import typing
 
+from .errors import UnknownKeywordError
+
 DCNUM_PPID_GENERATION = "13"
 """dcnum's pipeline generation, stored next to every background PPID"""
 
@@ -142,7 +144,7 @@ def ppid_to_kwargs(method: typing.Callable, ppid_kwargs: str) -> dict:
                 used.add(name)
                 break
         else:
-            raise ValueError(
+            raise UnknownKeywordError(
                 f"Unknown PPID keyword '{key}'; valid keywords are {list(defaults)}.")
     return kwargs
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from .errors import InputDataError
+
 
 def check_stack_length(image_count: int, kernel_size: int) -> None:
-    """Raise ValueError when a stack is too short for the kernel"""
+    """Raise InputDataError (a ValueError) when a stack is too short for the kernel"""
     if image_count < kernel_size or image_count == 0:
-        raise ValueError(
+        raise InputDataError(
             f"The input has N={image_count} events, but the rolling median needs "
             f"at least kernel_size={kernel_size}; use a smaller kernel_size or "
             f"a longer recording.")

@@ -4,6 +4,7 @@ from __future__ import annotations
 from .base import Background
 from .cpu import CPURollingMedian
 from .devices import select_device
+from .errors import UnknownKeywordError
 from .pipeline import plan_batches
 from .reference import check_stack_length, computed_frame_count
 
@@ -37,7 +38,11 @@ class BackgroundRollMed(Background):
     """
 
     def __init__(self, input_data, output_path, kernel_size=100, batch_size=10000,
-                 compress=True, num_cpus=None, device="auto"):
+                 compress=True, num_cpus=None, device="auto", **unknown):
+        if unknown:
+            raise UnknownKeywordError(
+                f"BackgroundRollMed has no keyword {sorted(unknown)[0]!r}; its keywords are "
+                f"kernel_size, batch_size, compress, num_cpus and device.")
         super().__init__(input_data=input_data, output_path=output_path, compress=compress,
                          num_cpus=num_cpus, kernel_size=kernel_size, batch_size=batch_size)
         self.kernel_size = kernel_size

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import pathlib
+import socket
 import tempfile
 import uuid
 
@@ -21,6 +22,15 @@ import h5py
 import hdf5plugin
 import numpy as np
 
+from .errors import (
+    InputDataError,
+    InputFileError,
+    NoImageDataError,
+    OutputBusyError,
+    OutputWriteError,
+    first_line,
+    is_disk_full,
+)
 from .ppid import DCNUM_PPID_GENERATION
 
 logger = logging.getLogger(__name__)
@@ -28,12 +38,14 @@ logger = logging.getLogger(__name__)
 PARTIAL_GROUP = "dcbg_partial"
 """Group that holds an unfinished in-place background until it is complete"""
 
+PARTIAL_SUFFIX = ".dcbg-partial"
+"""Suffix of a new output file while it is written (hidden name ``.<output>.…``)"""
+
 CHUNK_BYTES = 1024**2
 """Target size of one HDF5 chunk of image_bg (dcnum's choice)"""
 
-
-class NoImageDataError(ValueError):
-    """The input has no usable ``events/image`` data"""
+READ_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError, UnicodeDecodeError)
+"""What h5py raises for files whose structure or data are damaged"""
 
 
 def _as_text(value) -> str:
@@ -97,17 +109,29 @@ class RTDCInput:
         self.path = pathlib.Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"Input file {self.path} does not exist; check the path.")
-        self.h5 = h5py.File(self.path, mode)
+        if self.path.is_dir():
+            raise IsADirectoryError(
+                f"Input {self.path} is a folder; give an .rtdc file (or use -r for folders).")
+        self.h5 = open_hdf5(self.path, mode)
         self._basin_files: list[h5py.File] = []
+        self._missing_basins: list[str] = []
         try:
             self.image, self.image_path = self._find_image(self.h5, self.path, depth=0)
+            shape, dtype = self.image.shape, self.image.dtype
+        except NoImageDataError:
+            self.close()
+            raise
+        except READ_ERRORS as error:
+            self.close()
+            raise damaged_file_error(self.path, error) from error
         except BaseException:
             self.close()
             raise
-        if self.image.dtype != np.uint8 or self.image.ndim != 3:
+        if dtype != np.uint8 or len(shape) != 3:
+            self.close()
             raise NoImageDataError(
-                f"events/image in {self.image_path} is {self.image.dtype} with shape "
-                f"{self.image.shape}, but dcbg needs uint8 frames of shape (N, H, W).")
+                f"events/image in {self.image_path} is {dtype} with shape {shape}, but "
+                f"dcbg needs uint8 frames of shape (N, H, W); convert the images first.")
 
     def _find_image(self, h5, path, depth):
         if "events" in h5 and "image" in h5["events"]:
@@ -122,17 +146,31 @@ class RTDCInput:
                     logger.info("Skipping mapped basin '%s' of %s: dcbg needs every event",
                                 definition.get("name"), path)
                     continue
-                for candidate in _basin_candidates(definition, path.parent):
+                candidates = _basin_candidates(definition, path.parent)
+                for candidate in candidates:
                     if candidate.exists():
-                        basin = h5py.File(candidate, "r")
+                        basin = open_hdf5(candidate, "r")
                         self._basin_files.append(basin)
                         try:
                             return self._find_image(basin, candidate, depth + 1)
                         except NoImageDataError:
                             break
+                else:
+                    self._missing_basins.extend(str(c) for c in candidates[:1])
+        if self._missing_basins and depth == 0:
+            raise NoImageDataError(
+                f"{path} has no events/image of its own and its basin file "
+                f"{self._missing_basins[0]} does not exist; put the basin file back at that "
+                f"path (or beside {path.name}) and run again.")
         raise NoImageDataError(
             f"{path} has no events/image data, neither in the file nor in a reachable "
             f"file basin; dcbg needs the raw frames to compute a background.")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def close(self):
         """Close the file and every basin file opened for it"""
@@ -141,6 +179,35 @@ class RTDCInput:
         self._basin_files = []
         if self.h5.id.valid:
             self.h5.close()
+
+
+def open_hdf5(path: pathlib.Path, mode: str) -> h5py.File:
+    """Open an HDF5 file, turning h5py's errors into a sentence for the user"""
+    try:
+        return h5py.File(path, mode)
+    except OSError as error:
+        text = str(error)
+        if "unable to lock file" in text.lower():
+            raise OutputBusyError(
+                f"{path} is open for writing in another program (HDF5 file lock); close "
+                f"that program or wait until it has finished, then run again.") from error
+        if "already open for write" in text:
+            raise OutputBusyError(
+                f"{path} is marked as open for writing by another program (or by one that "
+                f"crashed); if none is running, clear the mark with 'h5clear -s {path}' "
+                f"and run again.") from error
+        if "signature" in text:
+            raise InputFileError(
+                f"{path} is not an HDF5 file, so it is no .rtdc recording; check the "
+                f"path.") from error
+        raise damaged_file_error(path, error) from error
+
+
+def damaged_file_error(path, error: BaseException, where: str = "") -> InputFileError:
+    """The error for an HDF5 file h5py cannot read (truncated or corrupted)"""
+    return InputFileError(
+        f"{path} cannot be read{where} ({first_line(error)}); the file is truncated or "
+        f"damaged, so copy it again from the instrument or a backup.")
 
 
 class ImageSource:
@@ -156,11 +223,11 @@ class ImageSource:
         self.data = data
         shape = tuple(data.shape)
         if len(shape) < 2:
-            raise ValueError(
+            raise InputDataError(
                 f"The image stack has shape {shape}; dcbg needs at least two axes "
                 f"(events, pixels…).")
         if np.dtype(data.dtype) != np.uint8:
-            raise ValueError(
+            raise InputDataError(
                 f"The image stack is {np.dtype(data.dtype)}; dcbg computes uint8 backgrounds, "
                 f"so convert the frames to uint8 first.")
         self.shape = shape
@@ -175,7 +242,11 @@ class ImageSource:
         count = stop - start
         target = out[:count].reshape(count, *self.image_shape)
         if isinstance(self.data, h5py.Dataset):
-            self.data.read_direct(target, source_sel=np.s_[start:stop])
+            try:
+                self.data.read_direct(target, source_sel=np.s_[start:stop])
+            except READ_ERRORS as error:
+                raise damaged_file_error(self.data.file.filename, error,
+                                         f" at frames {start} to {stop - 1}") from error
         else:
             target[...] = np.asarray(self.data[start:stop])
 
@@ -214,10 +285,14 @@ class ImageBgWriter:
         Shape of one frame.
     compression: bool or str
         See :func:`compression_kwargs`.
+    target: path-like, optional
+        The output file as the user named it, for error messages (the group
+        may live in a temporary file).
     """
 
-    def __init__(self, group: h5py.Group, image_shape, compression=True):
+    def __init__(self, group: h5py.Group, image_shape, compression=True, target=None):
         self.image_shape = tuple(image_shape)
+        self.target = target if target is not None else group.file.filename
         if "image_bg" in group:
             del group["image_bg"]
         self.dataset = group.create_dataset(
@@ -237,8 +312,18 @@ class ImageBgWriter:
         """Append frames of shape ``(n, *image_shape)``"""
         frames = np.asarray(frames).reshape(-1, *self.image_shape)
         offset = self.size
-        self.dataset.resize(offset + len(frames), axis=0)
-        self.dataset[offset:] = frames
+        try:
+            self.dataset.resize(offset + len(frames), axis=0)
+            self.dataset[offset:] = frames
+        except OSError as error:
+            if is_disk_full(error):
+                raise OutputWriteError(
+                    f"The disk is full while writing {self.target}; free space there or "
+                    f"choose an output on another disk (the unfinished background is "
+                    f"discarded).") from error
+            raise OutputWriteError(
+                f"Writing {self.target} failed ({first_line(error)}); check the disk and "
+                f"run again (the unfinished background is discarded).") from error
 
     def append_repeated(self, frame: np.ndarray, count: int):
         """Append `count` copies of one frame, one chunk-sized block at a time"""
@@ -256,12 +341,21 @@ class ImageBgWriter:
 
 
 def copy_metadata(src: h5py.File, dst: h5py.File):
-    """Copy root attributes, logs and tables from `src` to `dst`"""
-    for key, value in src.attrs.items():
-        dst.attrs[key] = value
-    for topic in ("logs", "tables"):
-        if topic in src:
-            src.copy(src[topic], dst, name=topic)
+    """Copy root attributes, logs and tables from `src` to `dst`
+
+    Raises
+    ------
+    InputFileError
+        If the metadata of `src` are damaged.
+    """
+    try:
+        for key, value in src.attrs.items():
+            dst.attrs[key] = value
+        for topic in ("logs", "tables"):
+            if topic in src:
+                src.copy(src[topic], dst, name=topic)
+    except READ_ERRORS as error:
+        raise damaged_file_error(src.filename, error, " (its metadata)") from error
 
 
 def write_file_basin(dst: h5py.File, rtdc_in: RTDCInput, output_path: pathlib.Path):
@@ -292,6 +386,86 @@ def write_file_basin(dst: h5py.File, rtdc_in: RTDCInput, output_path: pathlib.Pa
         basins.create_dataset(key, data=np.array(lines, dtype=f"S{max(map(len, lines))}"))
 
 
+def check_output_folder(path: pathlib.Path):
+    """Raise FileNotFoundError unless the folder of an output path exists"""
+    folder = pathlib.Path(path).resolve().parent
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"Output folder {folder} does not exist; create it or choose another path.")
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+class OutputLock:
+    """A lock file that lets one run at a time write an output path
+
+    The lock is a file ``.<name>.dcbg-lock`` beside the output, created
+    atomically and holding the owner's process id and host name. A lock left
+    by a process that no longer runs on this host is taken over.
+
+    Parameters
+    ----------
+    path: path-like
+        The output path to protect.
+    """
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+        self.lock_path = self.path.with_name(f".{self.path.name}.dcbg-lock")
+        owner = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(2):
+            try:
+                handle = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                if not self._remove_if_stale():
+                    raise OutputBusyError(
+                        f"Another dcbg run ({self._owner()}) is writing {self.path}; wait "
+                        f"for it to finish or choose another output path.") from None
+                continue
+            with os.fdopen(handle, "w") as lock:
+                lock.write(owner)
+            return
+        raise OutputBusyError(
+            f"Could not lock {self.path} for writing; remove {self.lock_path} if no dcbg "
+            f"run is using it.")
+
+    def _owner(self) -> str:
+        try:
+            pid, _, host = self.lock_path.read_text().partition(" ")
+            return f"process {int(pid)} on {host or 'unknown host'}"
+        except (OSError, ValueError):
+            return "unknown process"
+
+    def _remove_if_stale(self) -> bool:
+        try:
+            pid, _, host = self.lock_path.read_text().partition(" ")
+            pid = int(pid)
+        except FileNotFoundError:
+            return True  # released meanwhile
+        except (OSError, ValueError):
+            return False  # being written right now, or not ours to judge
+        if host != socket.gethostname() or _process_alive(pid):
+            return False
+        logger.warning("Removing the stale lock %s of process %d, which no longer runs, "
+                       "and its unfinished output", self.lock_path, pid)
+        for partial in self.path.parent.glob(f".{self.path.name}.*{PARTIAL_SUFFIX}"):
+            partial.unlink(missing_ok=True)
+        self.lock_path.unlink(missing_ok=True)
+        return True
+
+    def release(self):
+        """Remove the lock file"""
+        self.lock_path.unlink(missing_ok=True)
+
+
 class NewOutputFile:
     """An output .rtdc written under a temporary name and renamed on success
 
@@ -299,36 +473,59 @@ class NewOutputFile:
     ----------
     path: path-like
         The final output path; an existing file there is replaced only when
-        the new one is complete.
+        the new one is complete. While the file is written, an
+        :class:`OutputLock` keeps other runs from writing the same path.
     """
 
     def __init__(self, path):
         self.path = pathlib.Path(path)
-        folder = self.path.resolve().parent
-        if not folder.is_dir():
-            raise FileNotFoundError(
-                f"Output folder {folder} does not exist; create it or choose another path.")
-        handle, name = tempfile.mkstemp(prefix=f".{self.path.stem}.", suffix=".dcbg-partial",
-                                        dir=folder)
+        check_output_folder(self.path)
+        self.lock = OutputLock(self.path)
+        try:
+            handle, name = tempfile.mkstemp(prefix=f".{self.path.name}.",
+                                            suffix=PARTIAL_SUFFIX, dir=self.path.parent)
+        except OSError as error:
+            self.lock.release()
+            raise OutputWriteError(
+                f"Cannot create a file in {self.path.parent} ({first_line(error)}); check "
+                f"the folder's permissions and free space.") from error
         os.close(handle)
         self.temp_path = pathlib.Path(name)
-        # mkstemp creates owner-only files; an output is an ordinary data file
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.temp_path, 0o666 & ~umask)
-        self.h5 = h5py.File(self.temp_path, "w", libver="latest")
-        self.bg_group = self.h5.require_group("events")
+        try:
+            # mkstemp creates owner-only files; an output is an ordinary data file
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.temp_path, 0o666 & ~umask)
+            self.h5 = h5py.File(self.temp_path, "w", libver="latest")
+            self.bg_group = self.h5.require_group("events")
+        except BaseException:
+            self.temp_path.unlink(missing_ok=True)
+            self.lock.release()
+            raise
 
     def commit(self):
         """Close the file and move it to its final name"""
-        self.h5.close()
+        try:
+            self.h5.close()  # HDF5 writes its last metadata here
+        except OSError as error:
+            self.abort()
+            reason = "the disk is full" if is_disk_full(error) else first_line(error)
+            raise OutputWriteError(
+                f"Finishing {self.path} failed ({reason}); free space or choose another "
+                f"output path (the unfinished file was removed).") from error
         os.replace(self.temp_path, self.path)
+        self.lock.release()
 
     def abort(self):
         """Close and delete the unfinished file"""
-        if self.h5.id.valid:
-            self.h5.close()
-        self.temp_path.unlink(missing_ok=True)
+        try:
+            if self.h5.id.valid:
+                self.h5.close()
+        except OSError:
+            pass  # the file is deleted next; its last metadata do not matter
+        finally:
+            self.temp_path.unlink(missing_ok=True)
+            self.lock.release()
 
 
 class InPlaceOutput:

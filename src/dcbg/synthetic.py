@@ -75,7 +75,8 @@ def synthetic_stack(count: int, shape=DEFAULT_SHAPE, seed: int = 42) -> np.ndarr
 
 
 def write_synthetic_rtdc(path, count: int, shape=DEFAULT_SHAPE, seed: int = 42,
-                         compression="zstd-5") -> pathlib.Path:
+                         compression="zstd-5", events_per_chunk: int | None = None
+                         ) -> pathlib.Path:
     """Write a synthetic recording as an instrument would, zstd-compressed
 
     The file has ``events/image``, the scalar features ``frame``, ``time``
@@ -93,6 +94,8 @@ def write_synthetic_rtdc(path, count: int, shape=DEFAULT_SHAPE, seed: int = 42,
         Seed; the same seed gives the same bytes.
     compression: str
         See :func:`dcbg.rtdc.compression_kwargs`.
+    events_per_chunk: int, optional
+        HDF5 chunk length of ``events/image`` (default: about 1 MiB).
     """
     path = pathlib.Path(path)
     scene = background_pattern(shape, seed)
@@ -120,7 +123,8 @@ def write_synthetic_rtdc(path, count: int, shape=DEFAULT_SHAPE, seed: int = 42,
         events = h5.create_group("events")
         image = events.create_dataset(
             "image", shape=(count, *shape), maxshape=(None, *shape), dtype=np.uint8,
-            chunks=(chunk_events(shape), *shape), **compression_kwargs(compression))
+            chunks=(events_per_chunk or chunk_events(shape), *shape),
+            **compression_kwargs(compression))
         image.attrs.create("CLASS", np.bytes_("IMAGE"))
         image.attrs.create("IMAGE_VERSION", np.bytes_("1.2"))
         image.attrs.create("IMAGE_SUBCLASS", np.bytes_("IMAGE_GRAYSCALE"))

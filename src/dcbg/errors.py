@@ -1,0 +1,99 @@
+"""The errors dcbg raises, each a subclass of the built-in a caller expects
+
+Every message is one sentence that names the file (or argument), says what
+is wrong and what to do about it; the command line prints it as its
+``error:`` line. Catch the built-in bases (ValueError, OSError,
+RuntimeError) or these classes for finer handling.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import signal
+import threading
+
+
+class InputDataError(ValueError):
+    """The input is readable but unsuitable: wrong dtype or shape, too few events"""
+
+
+class NoImageDataError(InputDataError):
+    """The input has no usable ``events/image`` data"""
+
+
+class InputFileError(OSError):
+    """The input file cannot be read: not HDF5, truncated or corrupted"""
+
+
+class UnknownKeywordError(ValueError, TypeError):
+    """A keyword argument the background method does not have
+
+    It is also a TypeError, which Python raises for unexpected keywords.
+    """
+
+
+class OutputError(OSError):
+    """The output cannot be written where it was asked for"""
+
+
+class OutputExistsError(OutputError, FileExistsError):
+    """The output file exists and replacing it was not allowed"""
+
+
+class OutputBusyError(OutputError):
+    """Another run or program is writing the same output file"""
+
+
+class OutputWriteError(OutputError):
+    """Writing the output failed (disk full, quota, I/O error)"""
+
+
+class WorkerFailure(RuntimeError):
+    """A CPU worker process died or raised while computing medians"""
+
+
+class DeviceError(RuntimeError):
+    """The CUDA device failed while computing (driver or kernel error)"""
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM; raised so that cleanup runs as for Ctrl-C"""
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether an OSError (also h5py's, which carry errno only in the text) means ENOSPC"""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "Disk quota exceeded" in text
+
+
+def raise_terminated(signum, frame):
+    """Signal handler turning SIGTERM into :class:`Terminated`"""
+    raise Terminated(f"terminated by {signal.Signals(signum).name}")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message, whitespace collapsed"""
+    text = str(error).split("\n")[0]
+    return " ".join(text.split()) or type(error).__name__
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Within the block, SIGTERM raises :class:`Terminated` in the main thread
+
+    Without this, SIGTERM ends Python at once and a temporary output would
+    stay behind. Only a default handler is replaced (a host application's
+    own handler is respected), and only in the main thread, where Python
+    delivers signals.
+    """
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,165 @@
+"""Fuzz dcbg's .rtdc reader with mutated small files
+
+``python fuzz_reader.py FOLDER --count N --seed S`` writes two small valid
+recordings (images in the file; images reached through a file basin),
+then N mutated copies: random bit flips, a zeroed 512-byte block, or a
+truncation. Each copy is opened as dcbg opens an input, its metadata is
+copied and every frame is read. A copy that reads is "readable"; one that
+fails must fail with one of dcbg's input errors whose message names the
+file. Anything else is "unclean". Each input is read in a child process;
+one that takes longer than ``--timeout`` counts as a "hang", one that kills
+the child as a "crash" (both are upstream HDF5 failure modes, see
+HDFGroup/hdf5#1707); such inputs are kept in FOLDER/fuzz_findings. The
+last stdout line is a JSON report.
+"""
+import argparse
+import json
+import multiprocessing as mp
+import pathlib
+import sys
+
+import h5py
+import numpy as np
+
+import dcbg
+from dcbg import errors
+from dcbg.rtdc import RTDCInput, copy_metadata, write_file_basin
+from dcbg.synthetic import write_synthetic_rtdc
+
+CLEAN = (errors.InputDataError, errors.InputFileError, FileNotFoundError)
+
+
+def base_files(folder: pathlib.Path) -> list[pathlib.Path]:
+    direct = write_synthetic_rtdc(folder / "direct.rtdc", 90, shape=(8, 12), seed=1,
+                                  events_per_chunk=16)
+    raw = write_synthetic_rtdc(folder / "raw.rtdc", 60, shape=(6, 10), seed=2)
+    basin_only = folder / "basin_only.rtdc"
+    with RTDCInput(raw) as source, h5py.File(basin_only, "w") as h5:
+        copy_metadata(source.h5, h5)
+        write_file_basin(h5, source, basin_only)
+    return [direct, basin_only]
+
+
+def mutate(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
+    kind = rng.choice(["flip", "zero", "truncate"], p=[0.6, 0.2, 0.2])
+    buffer = bytearray(data)
+    if kind == "flip":
+        for _ in range(int(rng.integers(1, 20))):
+            buffer[int(rng.integers(len(buffer)))] ^= 1 << int(rng.integers(8))
+    elif kind == "zero":
+        start = int(rng.integers(len(buffer)))
+        buffer[start:start + 512] = bytes(len(buffer[start:start + 512]))
+    else:
+        buffer = buffer[:int(rng.integers(len(buffer)))]
+    return bytes(buffer), str(kind)
+
+
+def read_like_dcbg(path: pathlib.Path, out: pathlib.Path):
+    """Open an input as BackgroundRollMed does, copy its metadata, read every frame"""
+    with dcbg.BackgroundRollMed(path, out, kernel_size=4, batch_size=16, num_cpus=1,
+                                device="cpu") as bg:
+        with h5py.File("metadata", "w", driver="core", backing_store=False) as scratch:
+            copy_metadata(bg.h5in, scratch)
+        frames = np.empty((16, bg.source.pixels), np.uint8)
+        for start in range(0, bg.image_count, 16):
+            stop = min(start + 16, bg.image_count)
+            bg.source.read_into(start, stop, frames)
+
+
+def classify(path: pathlib.Path) -> list:
+    """Read one mutant; return ["readable"], ["clean", …] or ["unclean", type, message]"""
+    try:
+        read_like_dcbg(path, path.with_name("unused_output.rtdc"))
+        return ["readable"]
+    except CLEAN as error:
+        if path.name in str(error) or "N=" in str(error):
+            return ["clean", type(error).__name__]
+        return ["unclean", type(error).__name__, str(error)[:300]]
+    except Exception as error:  # noqa: BLE001 - this is what the fuzzer looks for
+        return ["unclean", type(error).__name__, str(error)[:300]]
+
+
+def reader_loop(conn):
+    """Child process: classify the mutants whose paths arrive on `conn`"""
+    import logging
+    logging.disable(logging.WARNING)  # damaged basin definitions are logged, expected here
+    while True:
+        path = conn.recv()
+        if path is None:
+            return
+        conn.send(classify(pathlib.Path(path)))
+
+
+class Reader:
+    """The reader in a child process, so a hang or crash inside HDF5 is observed"""
+
+    def __init__(self):
+        self.conn, child = mp.Pipe()
+        self.process = mp.get_context("spawn").Process(target=reader_loop, args=(child,),
+                                                        daemon=True)
+        self.process.start()
+
+    def classify(self, path: pathlib.Path, timeout: float) -> list:
+        self.conn.send(str(path))
+        if self.conn.poll(timeout):
+            try:
+                return self.conn.recv()
+            except EOFError:
+                pass
+        else:
+            self.process.kill()
+            self.process.join()
+            return ["hang"]
+        self.process.join()
+        return ["crash", self.process.exitcode]
+
+    def close(self):
+        if self.process.is_alive():
+            self.conn.send(None)
+            self.process.join(5)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("folder", type=pathlib.Path)
+    parser.add_argument("--count", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timeout", type=float, default=20.0,
+                        help="seconds after which one input counts as a hang")
+    args = parser.parse_args()
+    folder = args.folder / "fuzz"
+    kept = args.folder / "fuzz_findings"
+    folder.mkdir(parents=True, exist_ok=True)
+    bases = base_files(folder)
+    originals = [p.read_bytes() for p in bases]
+    rng = np.random.default_rng(args.seed)
+    report = {"tried": 0, "readable": 0, "clean_errors": 0, "kinds": {}, "unclean": [],
+              "hangs": [], "crashes": []}
+    reader = Reader()
+    for i in range(args.count):
+        which = int(rng.integers(len(bases)))
+        data, kind = mutate(originals[which], rng)
+        path = folder / f"mutant_{i}_{bases[which].name}"
+        path.write_bytes(data)
+        report["tried"] += 1
+        report["kinds"][kind] = report["kinds"].get(kind, 0) + 1
+        outcome = reader.classify(path, args.timeout)
+        if outcome[0] == "readable":
+            report["readable"] += 1
+        elif outcome[0] == "clean":
+            report["clean_errors"] += 1
+        else:
+            report[{"unclean": "unclean", "hang": "hangs", "crash": "crashes"}[outcome[0]]
+                   ].append([i, kind, *outcome[1:]])
+            kept.mkdir(exist_ok=True)
+            path.replace(kept / path.name)  # kept to reproduce
+            if outcome[0] != "unclean":
+                reader = Reader()
+        path.unlink(missing_ok=True)
+    reader.close()
+    print(json.dumps(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Property-based tests: random stacks and sizes against the definition, random PPIDs"""
+import h5py
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import dcbg
+from dcbg import ppid
+from dcbg.cpu import compute_median_for_slice
+from dcbg.pipeline import plan_batches
+from dcbg.reference import computed_frame_count, rolling_median_reference
+
+
+@st.composite
+def stacks_and_sizes(draw, max_events=70, max_side=5):
+    """A uint8 stack (random, few-level or extreme values) with a valid k and b"""
+    count = draw(st.integers(2, max_events))
+    shape = (count, draw(st.integers(1, max_side)), draw(st.integers(1, max_side)))
+    values = draw(st.sampled_from(["any", "levels", "extremes"]))
+    if values == "any":
+        elements = st.integers(0, 255)
+    elif values == "levels":
+        elements = st.sampled_from(draw(st.lists(st.integers(0, 255), min_size=1,
+                                                 max_size=3)))
+    else:
+        elements = st.sampled_from([0, 255])
+    stack = draw(arrays(np.uint8, shape, elements=elements))
+    kernel_size = 2 * draw(st.integers(1, count // 2))
+    batch_size = draw(st.integers(kernel_size + 1, kernel_size + 2 * count))
+    return stack, kernel_size, batch_size
+
+
+@settings(max_examples=300, deadline=None)
+@given(stacks_and_sizes())
+def test_batched_slice_kernel_equals_definition(case):
+    """The CPU backend's per-slice median over its batch plan, on random everything"""
+    stack, kernel_size, batch_size = case
+    flat = stack.reshape(len(stack), -1)
+    pixels = flat.shape[1]
+    got = []
+    for batch in plan_batches(len(stack), kernel_size, batch_size):
+        frames = np.ascontiguousarray(flat[batch.start:batch.input_stop])
+        out = np.zeros((batch.output_size, pixels), np.uint8)
+        compute_median_for_slice(frames, out, kernel_size, batch.output_size,
+                                 slice(0, pixels))
+        got.append(out)
+    windows = np.concatenate(got)
+    assert len(windows) == computed_frame_count(len(stack), kernel_size)
+    expected = rolling_median_reference(stack, kernel_size).reshape(len(stack), -1)
+    assert np.array_equal(windows, expected[:len(windows)])
+
+
+@settings(max_examples=12, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(stacks_and_sizes(max_events=120, max_side=9), st.integers(1, 2))
+def test_cpu_backend_equals_definition(tmp_path, case, num_cpus):
+    """The whole CPU backend (worker processes, pipeline, file) on random input"""
+    stack, kernel_size, batch_size = case
+    out = tmp_path / "bg.rtdc"
+    with dcbg.BackgroundRollMed(stack, out, kernel_size=kernel_size, batch_size=batch_size,
+                                num_cpus=num_cpus, device="cpu") as bg:
+        bg.process()
+    with h5py.File(out) as h5:
+        assert np.array_equal(h5["events/image_bg"][:],
+                              rolling_median_reference(stack, kernel_size))
+
+
+PPID_ALPHABET = st.sampled_from(list("rollmedkb:^=.-+_ 0123456789eEx\\/\0é"))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(st.text(), st.text(PPID_ALPHABET),
+                 st.builds(lambda a, b: f"rollmed:{a}^{b}", st.text(PPID_ALPHABET),
+                           st.text(PPID_ALPHABET))))
+def test_random_ppids_raise_only_value_error(text):
+    try:
+        kwargs = dcbg.Background.get_ppkw_from_ppid(text)
+    except ValueError:
+        return
+    # What parses must be a valid rollmed PPID that round-trips
+    assert set(kwargs) == {"kernel_size", "batch_size"}
+    assert all(isinstance(v, int) for v in kwargs.values())
+    assert dcbg.Background.get_ppkw_from_ppid(
+        dcbg.BackgroundRollMed.get_ppid_from_ppkw(kwargs)) == kwargs
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(-10**6, 10**6), st.integers(-10**6, 10**6))
+def test_ppid_round_trip_of_any_integers(kernel_size, batch_size):
+    kwargs = {"kernel_size": kernel_size, "batch_size": batch_size}
+    text = dcbg.BackgroundRollMed.get_ppid_from_ppkw(kwargs)
+    assert text == f"rollmed:k={kernel_size}^b={batch_size}"
+    assert dcbg.Background.get_ppkw_from_ppid(text) == kwargs
+    valid = kernel_size > 0 and kernel_size % 2 == 0 and batch_size > kernel_size
+    if not valid:
+        with pytest.raises(ValueError):
+            dcbg.BackgroundRollMed.check_user_kwargs(**kwargs)
+
+
+def test_unique_prefixes_are_unique():
+    names = ["kernel_size", "batch_size", "bias", "kappa", "k"]
+    prefixes = ppid.unique_prefixes(names)
+    assert len(set(prefixes)) == len(names)
+    for name, prefix in zip(names, prefixes, strict=True):
+        assert name.startswith(prefix)
