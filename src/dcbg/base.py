@@ -6,7 +6,7 @@ import logging
 import pathlib
 import time
 
-from . import ppid
+from . import ppid, runlog
 from .cpu import default_cpu_count, mp_spawn
 from .errors import InputDataError, sigterm_raises
 from .rtdc import (
@@ -88,6 +88,9 @@ class Background(abc.ABC):
 
         self.in_place = False
         """whether image_bg is written into the input file itself"""
+
+        self.stage_seconds: dict[str, float] = {}
+        """seconds spent per stage in the last run (read, median, write, total)"""
 
         self._output: NewOutputFile | InPlaceOutput | None = None
         self.writer: ImageBgWriter | None = None
@@ -202,16 +205,28 @@ class Background(abc.ABC):
         until the new one is complete. Any error, Ctrl-C or SIGTERM (in the
         main thread) discards the unfinished output and stops the workers.
         """
-        with sigterm_raises():
+        with sigterm_raises(), runlog.WarningCollector() as warnings:
             try:
                 if self._output is None:
                     self._open_output()
+                start = runlog.utc_now()
                 t0 = time.perf_counter()
                 self.image_proc.value = 0
+                self.stage_seconds = {}
                 self.process_approach()
                 self.writer.set_ppid(self.get_ppid())
+                self.stage_seconds["total"] = time.perf_counter() - t0
+                record = runlog.run_record(self.get_ppid(), self.log_device(), self.num_cpus,
+                                           start, self.image_count, self.stage_seconds,
+                                           warnings.messages)
+                if self.in_place:  # the log describes a background that is in the file
+                    self._output.commit()
+                    runlog.write_run_log(self.h5in, record)
+                    self.h5in.flush()
+                else:
+                    runlog.write_run_log(self.h5out, record)
+                    self._output.commit()
                 self.image_proc.value = 1
-                self._output.commit()
             except BaseException:
                 if self._output is not None:
                     self._output.abort()
@@ -221,6 +236,11 @@ class Background(abc.ABC):
                 self.h5out = None
         self.logger.info("Background of %d frames computed in %.1f s",
                          self.image_count, time.perf_counter() - t0)
+
+    def log_device(self):
+        """The device the run log names (subclasses with a device override this)"""
+        from .devices import DeviceChoice
+        return DeviceChoice("cpu", None, "CPU workers")
 
     def _count_written(self, frames: int):
         self.image_proc.value = min(1.0, self.image_proc.value + frames / self.image_count)

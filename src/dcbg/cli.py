@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 
-from . import __version__
+from ._version import __version__
 from .base import Background, get_available_background_methods
 from .devices import DEVICE_ENV, cuda_unavailable_reason, describe_cuda_devices, select_device
 from .errors import OutputExistsError, first_line, sigterm_raises
@@ -176,7 +176,53 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_preview(args) -> int:
+    from .preview import write_preview
+    output = write_preview(args.path, args.output, args.events, args.row)
+    print(f"{output}")
+    return 0
+
+
+def describe_file(path: pathlib.Path):
+    """Print what an .rtdc file carries: images, background, PPID, run logs, basins"""
+    from .rtdc import RTDCInput, read_basin_definitions
+    from .runlog import read_run_logs
+    with RTDCInput(path) as rtdc_in:
+        image = rtdc_in.image
+        where = "" if rtdc_in.image_path == path else f" (through basin {rtdc_in.image_path})"
+        print(f"{path}: {image.shape[0]} events of {image.shape[1]}x{image.shape[2]} "
+              f"pixels{where}")
+        h5 = rtdc_in.h5
+        if "events" in h5 and "image_bg" in h5["events"]:
+            attrs = h5["events/image_bg"].attrs
+            ppid = attrs.get("dcnum ppid background", "none recorded")
+            generation = attrs.get("dcnum ppid generation", "?")
+            print(f"image_bg: PPID {ppid} (generation {generation})")
+        else:
+            print("image_bg: none in this file")
+        for definition in read_basin_definitions(h5):
+            paths = definition.get("paths", [])
+            exists = any((path.parent / p).exists() for p in paths)
+            print(f"basin {definition.get('name')!r}: {definition.get('type')}/"
+                  f"{definition.get('format')}, {paths[0] if paths else 'no path'}"
+                  f"{'' if exists else ' (missing)'}")
+        logs = read_run_logs(h5)
+        for name, record in logs:
+            seconds = record.get("seconds", {})
+            device = " ".join(str(record[k]) for k in ("device", "name") if record.get(k))
+            print(f"log {name}: {record.get('software')}, {record.get('ppid')}, "
+                  f"{record.get('events')} events on {device} "
+                  f"in {seconds.get('total', '?')} s, host "
+                  f"{record.get('host')}, warnings: {len(record.get('warnings', []))}")
+        others = sorted(set(h5.get("logs", {})) - {name for name, _ in logs})
+        if others:
+            print(f"other logs: {', '.join(others)}")
+
+
 def cmd_info(args) -> int:
+    if args.path:
+        describe_file(pathlib.Path(args.path))
+        return 0
     print(f"dcbg {__version__}")
     print(f"python {sys.version.split()[0]}, CPUs available: {os.cpu_count()}")
     devices = describe_cuda_devices()
@@ -237,7 +283,20 @@ def build_parser() -> argparse.ArgumentParser:
     common(demo)
     demo.set_defaults(func=cmd_demo)
 
-    info = sub.add_parser("info", help="version, devices and the backend auto picks")
+    preview = sub.add_parser(
+        "preview", help="PNG of raw frames, backgrounds and corrected frames of a file")
+    preview.add_argument("path", metavar="FILE", help=".rtdc file with image and image_bg")
+    preview.add_argument("-e", "--event", dest="events", type=int, action="append",
+                         metavar="EVENT", help="event to show (repeat; default: three)")
+    preview.add_argument("-o", "--output", help="PNG path (default: <stem>_preview.png)")
+    preview.add_argument("--row", type=int, help="pixel row of the time strip (default: "
+                         "the middle row)")
+    preview.add_argument("--verbose", action="store_true", help="show tracebacks")
+    preview.set_defaults(func=cmd_preview)
+
+    info = sub.add_parser("info", help="version, devices and the backend auto picks; with "
+                          "FILE: what the file carries (PPID, run logs, basins)")
+    info.add_argument("path", metavar="FILE", nargs="?", help=".rtdc file to describe")
     common(info)
     info.set_defaults(func=cmd_info)
     return parser

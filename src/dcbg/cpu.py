@@ -223,6 +223,8 @@ class CPURollingMedian:
         """pixel slices, one job each per batch"""
         self.workers: list[WorkerRollMed] = []
         """the worker processes"""
+        self.stage_seconds: dict[str, float] = {}
+        """seconds spent reading, computing and writing in the last run"""
 
     def start(self):
         """Spawn the worker processes"""
@@ -303,11 +305,14 @@ class CPURollingMedian:
                                 [np.empty((rows, self.pixels), np.uint8)])
         writer = WriterThread(write, [np.empty((self.batch_size, *self.image_shape), np.uint8)],
                               on_written)
+        median_seconds = 0.0
         try:
             for batch, frames in prefetcher:
+                t0 = time.perf_counter()
                 self.load(frames)
                 prefetcher.release()  # the reader fills it again while the workers run
                 medians = self.compute(batch.output_size)
+                median_seconds += time.perf_counter() - t0
                 buffer = writer.acquire()
                 buffer.reshape(len(buffer), -1)[:batch.output_size] = medians
                 writer.submit(buffer, batch.output_size)
@@ -315,4 +320,6 @@ class CPURollingMedian:
         finally:
             prefetcher.close()
             writer.close()
+            self.stage_seconds = {"read": prefetcher.seconds, "median": median_seconds,
+                                  "write": writer.seconds}
         return last

@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import importlib.resources
 import logging
+import time
 
 import numpy as np
 
@@ -209,6 +210,8 @@ class CUDARollingMedian:
                         self.batch_size, batch_size, free / 2**20)
         self.resident_threads = resident_threads(device_index, *block_shape(kernel_size))
         """threads the device keeps resident with this kernel's shared memory"""
+        self.stage_seconds: dict[str, float] = {}
+        """seconds the main thread spent per stage (summed over out-of-memory retries)"""
 
     def __enter__(self):
         return self
@@ -312,8 +315,10 @@ class CUDARollingMedian:
             writer = WriterThread(write, pinned_out, on_written)
             pending = None
             last = None
+            device_seconds = 0.0
             try:
                 for batch, frames in prefetcher:
+                    t0 = time.perf_counter()
                     slot = batch.index % 2
                     device_in[slot][:batch.input_size].set(frames, stream=copy_stream)
                     uploaded = copy_stream.record()
@@ -326,11 +331,19 @@ class CUDARollingMedian:
                     if pending is not None:  # download n-1 while n computes
                         last = self._download(*pending, copy_stream, writer)
                     pending = (batch, device_out[slot], computed)
+                    device_seconds += time.perf_counter() - t0
                 if pending is not None:
+                    t0 = time.perf_counter()
                     last = self._download(*pending, copy_stream, writer)
+                    device_seconds += time.perf_counter() - t0
             finally:
                 prefetcher.close()
                 writer.close()
+                seconds = self.stage_seconds
+                seconds["read"] = seconds.get("read", 0.0) + prefetcher.seconds
+                seconds["median (GPU copies and kernel)"] = seconds.get(
+                    "median (GPU copies and kernel)", 0.0) + device_seconds
+                seconds["write"] = seconds.get("write", 0.0) + writer.seconds
         return last
 
     @staticmethod

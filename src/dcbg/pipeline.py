@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+import time
 import typing
 
 import numpy as np
@@ -92,6 +93,8 @@ class Prefetcher:
         self._ready: queue.Queue = queue.Queue()
         self._stop = threading.Event()
         self._in_use: list[np.ndarray] = []
+        self.seconds = 0.0
+        """time spent reading (and decompressing) so far"""
         for buffer in buffers:
             self._free.put(buffer)
         self._thread = threading.Thread(target=self._run, name="dcbg-reader", daemon=True)
@@ -104,7 +107,9 @@ class Prefetcher:
                 if self._stop.is_set():
                     return
                 frames = buffer[:batch.input_size]
+                t0 = time.perf_counter()
                 self._read_into(batch.start, batch.input_stop, frames)
+                self.seconds += time.perf_counter() - t0
                 self._ready.put((batch, buffer, frames))
         except BaseException as error:  # handed to the consumer, never lost
             self._ready.put(_ThreadFailure(error))
@@ -150,6 +155,8 @@ class WriterThread:
         self._free: queue.Queue = queue.Queue()
         self._jobs: queue.Queue = queue.Queue()
         self._error: BaseException | None = None
+        self.seconds = 0.0
+        """time spent writing (and compressing) so far"""
         for buffer in buffers:
             self._free.put(buffer)
         self._thread = threading.Thread(target=self._run, name="dcbg-writer", daemon=True)
@@ -163,7 +170,9 @@ class WriterThread:
             buffer, count = job
             try:
                 if self._error is None:
+                    t0 = time.perf_counter()
                     self._write(buffer[:count])
+                    self.seconds += time.perf_counter() - t0
                     if self._on_written is not None:
                         self._on_written(count)
             except BaseException as error:  # handed to the consumer, never lost

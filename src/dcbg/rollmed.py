@@ -102,6 +102,12 @@ class BackgroundRollMed(Background):
                          count, self.image_shape, k, len(batches), self.device,
                          self.device.reason)
         with engine:
-            last = engine.run(self.source.read_into, batches, self.writer.append,
-                              self._count_written)
+            try:
+                last = engine.run(self.source.read_into, batches, self.writer.append,
+                                  self._count_written)
+            finally:
+                self.stage_seconds.update(engine.stage_seconds)
         self.writer.append_repeated(last, count - computed)
+
+    def log_device(self):
+        return self.device

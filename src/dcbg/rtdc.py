@@ -116,7 +116,7 @@ class RTDCInput:
         self._basin_files: list[h5py.File] = []
         self._missing_basins: list[str] = []
         try:
-            self.image, self.image_path = self._find_image(self.h5, self.path, depth=0)
+            self.image, self.image_path = self.find_feature("image")
             shape, dtype = self.image.shape, self.image.dtype
         except NoImageDataError:
             self.close()
@@ -133,14 +133,25 @@ class RTDCInput:
                 f"events/image in {self.image_path} is {dtype} with shape {shape}, but "
                 f"dcbg needs uint8 frames of shape (N, H, W); convert the images first.")
 
-    def _find_image(self, h5, path, depth):
-        if "events" in h5 and "image" in h5["events"]:
-            return h5["events/image"], path
+    def find_feature(self, feature: str) -> tuple[h5py.Dataset, pathlib.Path]:
+        """``events/<feature>`` of the file or of a basin, and the file holding it
+
+        Raises
+        ------
+        NoImageDataError
+            If neither the file nor a reachable "file" basin has it.
+        """
+        self._missing_basins = []
+        return self._find(self.h5, self.path, 0, feature)
+
+    def _find(self, h5, path, depth, feature):
+        if "events" in h5 and feature in h5["events"]:
+            return h5["events"][feature], path
         if depth < 5:
             for definition in read_basin_definitions(h5):
                 if (definition.get("type") != "file"
                         or definition.get("format") != "hdf5"
-                        or "image" not in definition.get("features", ["image"])):
+                        or feature not in definition.get("features", [feature])):
                     continue
                 if definition.get("mapping") not in (None, "same"):
                     logger.info("Skipping mapped basin '%s' of %s: dcbg needs every event",
@@ -152,19 +163,21 @@ class RTDCInput:
                         basin = open_hdf5(candidate, "r")
                         self._basin_files.append(basin)
                         try:
-                            return self._find_image(basin, candidate, depth + 1)
+                            return self._find(basin, candidate, depth + 1, feature)
                         except NoImageDataError:
                             break
                 else:
                     self._missing_basins.extend(str(c) for c in candidates[:1])
         if self._missing_basins and depth == 0:
             raise NoImageDataError(
-                f"{path} has no events/image of its own and its basin file "
+                f"{path} has no events/{feature} of its own and its basin file "
                 f"{self._missing_basins[0]} does not exist; put the basin file back at that "
                 f"path (or beside {path.name}) and run again.")
+        needed = ("dcbg needs the raw frames to compute a background" if feature == "image"
+                  else f"compute it first with 'dcbg compute {path.name}'")
         raise NoImageDataError(
-            f"{path} has no events/image data, neither in the file nor in a reachable "
-            f"file basin; dcbg needs the raw frames to compute a background.")
+            f"{path} has no events/{feature} data, neither in the file nor in a reachable "
+            f"file basin; {needed}.")
 
     def __enter__(self):
         return self

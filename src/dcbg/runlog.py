@@ -1,0 +1,113 @@
+"""A record of every run, stored in the output's ``logs`` group as dcnum does
+
+Each run adds one dataset ``logs/dcbg-background_<UTC start>``: JSON text,
+one line per dataset element (the form dclab shows in ``ds.logs``). It holds
+the dcbg version, the PPID, the device with its driver and library
+versions, the host, start and end time, the number of events, seconds per
+stage and the warnings logged during the run.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import platform
+import socket
+
+import h5py
+import numpy as np
+
+from ._version import __version__
+
+LOG_PREFIX = "dcbg-background"
+"""Name prefix of the run logs in the ``logs`` group"""
+
+
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 with seconds"""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+class WarningCollector(logging.Handler):
+    """Collects the warnings dcbg logs while it is attached"""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger("dcbg").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("dcbg").removeHandler(self)
+
+
+def device_details(device, num_cpus: int) -> dict:
+    """What a log should say about the device: name, driver, CUDA and CuPy versions"""
+    if device.kind != "cuda":
+        return {"device": "cpu", "workers": num_cpus,
+                "processor": platform.processor() or platform.machine()}
+    details = {"device": str(device)}
+    from .devices import describe_cuda_devices
+    for info in describe_cuda_devices():
+        if info["index"] == device.index:
+            details.update(name=info["name"], driver=info["driver"],
+                           memory_total_bytes=info["memory_total"])
+    try:
+        import cupy
+        details["cupy"] = cupy.__version__
+        version = cupy.cuda.runtime.runtimeGetVersion()
+        details["cuda_runtime"] = f"{version // 1000}.{version % 1000 // 10}"
+    except Exception as error:  # noqa: BLE001 - a log must not fail a finished run
+        details["cupy"] = f"unknown ({error})"
+    return details
+
+
+def run_record(ppid: str, device, num_cpus: int, start: str, events: int,
+               stage_seconds: dict, warnings: list[str]) -> dict:
+    """The log of one run as a dict"""
+    return {
+        "software": f"dcbg {__version__}",
+        "ppid": ppid,
+        **device_details(device, num_cpus),
+        "host": socket.gethostname(),
+        "python": platform.python_version(),
+        "start": start,
+        "end": utc_now(),
+        "events": events,
+        "seconds": {stage: round(value, 3) for stage, value in stage_seconds.items()},
+        "warnings": warnings,
+    }
+
+
+def write_run_log(h5: h5py.File, record: dict) -> str:
+    """Add a run log to ``logs`` of a file; returns its dataset name"""
+    logs = h5.require_group("logs")
+    stamp = record["start"].replace(":", "").replace("+0000", "Z")
+    name = f"{LOG_PREFIX}_{stamp}"
+    suffix = 1
+    while name in logs:  # two runs in one second
+        suffix += 1
+        name = f"{LOG_PREFIX}_{stamp}_{suffix}"
+    lines = json.dumps(record, indent=2).split("\n")
+    logs.create_dataset(name, data=np.array([line.encode("utf-8") for line in lines],
+                                            dtype=h5py.string_dtype("utf-8")))
+    return name
+
+
+def read_run_logs(h5: h5py.File) -> list[tuple[str, dict]]:
+    """All dcbg run logs of a file, oldest first"""
+    found = []
+    for name in sorted(h5.get("logs", {})):
+        if name.startswith(LOG_PREFIX):
+            lines = [line.decode("utf-8") if isinstance(line, bytes) else str(line)
+                     for line in h5["logs"][name][:]]
+            try:
+                found.append((name, json.loads("\n".join(lines))))
+            except json.JSONDecodeError:
+                continue
+    return found

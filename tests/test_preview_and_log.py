@@ -1,0 +1,117 @@
+"""What users see: the preview PNG, the run log in the output, dcbg info FILE"""
+import json
+
+import dclab
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+import dcbg
+from dcbg.cli import main
+from dcbg.preview import render_preview
+from dcbg.runlog import read_run_logs
+from dcbg.synthetic import write_synthetic_rtdc
+
+
+@pytest.fixture(scope="module")
+def computed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("preview")
+    source = write_synthetic_rtdc(folder / "rec.rtdc", 400, shape=(40, 120), seed=11)
+    with dcbg.BackgroundRollMed(source, folder / "rec_bg.rtdc", kernel_size=20,
+                                batch_size=100, num_cpus=1, device="cpu") as bg:
+        bg.process()
+    return source, folder / "rec_bg.rtdc"
+
+
+def crop(image, box):
+    return np.asarray(image.crop(box), dtype=np.int16)
+
+
+def test_preview_png_shows_what_it_should(computed, capsys):
+    _, output = computed
+    assert main(["preview", str(output), "-e", "5", "-e", "250", "-o",
+                 str(output.with_name("p.png"))]) == 0
+    png = output.with_name("p.png")
+    assert capsys.readouterr().out.strip() == str(png)
+    image = Image.open(png)
+    preview = render_preview(output, [5, 250])
+    assert image.mode == "L" and image.size == preview.image.size
+    assert np.array_equal(np.asarray(image), np.asarray(preview.image))
+    # 40-pixel frames are shown 3x: three panels side by side, one row per event
+    assert image.size == (3 * 120 * 3 + 4 * 8, 18 + 2 * (18 + 120 + 8) + 18 + 120 + 16)
+    for boxes in preview.panels:
+        raw, background, corrected = (crop(image, boxes[k])
+                                      for k in ("raw", "background", "corrected"))
+        assert raw.shape == background.shape == corrected.shape == (120, 360)
+        assert np.abs(raw - background).mean() > 0.5  # noise and cells are gone
+        assert abs(np.median(corrected) - 128) <= 2  # corrected is flat gray…
+        assert np.abs(corrected - 128).max() > 60  # …apart from what is not background
+        assert np.std(background) > 10  # walls and illumination remain
+    strip = crop(image, preview.strip)
+    assert strip.shape == (120, image.size[0] - 16) and strip.std() > 5
+
+
+def test_preview_picks_events_and_works_on_a_file_with_image_bg(computed, tmp_path):
+    source, output = computed
+    inplace = tmp_path / "inplace.rtdc"
+    inplace.write_bytes(source.read_bytes())
+    with dcbg.BackgroundRollMed(inplace, inplace, kernel_size=8, num_cpus=1,
+                                device="cpu") as bg:
+        bg.process()
+    assert main(["preview", str(inplace)]) == 0
+    png = tmp_path / "inplace_preview.png"
+    assert Image.open(png).size[0] == 3 * 360 + 32
+    assert len(render_preview(inplace).events) == 3
+
+
+def test_preview_errors(computed, capsys):
+    source, output = computed
+    assert main(["preview", str(output), "-e", "400"]) == 1
+    assert "Event 400 does not exist" in capsys.readouterr().err
+    assert main(["preview", str(source)]) == 1
+    err = capsys.readouterr().err
+    assert "has no events/image_bg" in err and "dcbg compute rec.rtdc" in err
+
+
+def test_run_log_in_the_output(computed):
+    source, output = computed
+    with h5py.File(output) as h5:
+        logs = read_run_logs(h5)
+    assert len(logs) == 1
+    name, record = logs[0]
+    assert name.startswith("dcbg-background_")
+    assert record["software"] == f"dcbg {dcbg.__version__}"
+    assert record["ppid"] == "rollmed:k=20^b=100"
+    assert record["device"] == "cpu" and record["workers"] == 1
+    assert record["events"] == 400 and record["warnings"] == []
+    assert set(record["seconds"]) == {"read", "median", "write", "total"}
+    assert 0 < record["seconds"]["median"] <= record["seconds"]["total"]
+    assert record["start"] <= record["end"]
+    with dclab.new_dataset(output) as ds:  # dclab shows it among the logs
+        assert json.loads("\n".join(ds.logs[name]))["ppid"] == "rollmed:k=20^b=100"
+
+
+def test_in_place_runs_add_one_log_each(computed, tmp_path):
+    source, _ = computed
+    path = tmp_path / "copy.rtdc"
+    path.write_bytes(source.read_bytes())
+    for kernel_size in (4, 6):
+        with dcbg.BackgroundRollMed(path, path, kernel_size=kernel_size, num_cpus=1,
+                                    device="cpu") as bg:
+            bg.process()
+    with h5py.File(path) as h5:
+        assert [r["ppid"] for _, r in read_run_logs(h5)] == ["rollmed:k=4^b=10000",
+                                                              "rollmed:k=6^b=10000"]
+
+
+def test_info_describes_a_file(computed, capsys):
+    source, output = computed
+    assert main(["info", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert f"400 events of 40x120 pixels (through basin {source})" in out
+    assert "image_bg: PPID rollmed:k=20^b=100 (generation 13)" in out
+    assert "basin 'rec.rtdc': file/hdf5" in out and "(missing)" not in out
+    assert "log dcbg-background_" in out and "400 events on cpu" in out
+    assert main(["info", str(source)]) == 0
+    assert "image_bg: none in this file" in capsys.readouterr().out
