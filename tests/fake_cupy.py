@@ -7,6 +7,7 @@ Python pipeline (device selection, memory fitting, double buffering,
 batch plan) end to end without a GPU. It records what it was asked to do so
 tests can check the launches and copies.
 """
+import threading
 import types
 
 import numpy as np
@@ -41,11 +42,11 @@ class FakeStream:
         self.state = state
 
     def __enter__(self):
-        self.state.current_stream.append(self)
+        current_streams(self.state).append(self)
         return self
 
     def __exit__(self, *exc):
-        self.state.current_stream.pop()
+        current_streams(self.state).pop()
 
     def record(self):
         return FakeEvent()
@@ -55,6 +56,13 @@ class FakeStream:
 
     def synchronize(self):
         pass
+
+
+def current_streams(state) -> list:
+    """The stack of `with stream:` blocks of the calling thread"""
+    if not hasattr(state.local, "streams"):
+        state.local.streams = []
+    return state.local.streams
 
 
 class OutOfMemoryError(MemoryError):
@@ -76,17 +84,20 @@ class FakeKernel:
 
     def __call__(self, grid, block, args, shared_mem=0):
         frames, medians, pixels, output_size, kernel_size, segment_length = args
-        fault = self.state.faults.pop(len(self.state.launches), None)
-        if fault is not None:  # injected at this launch number
-            self.state.launches.append(("fault", grid, block, 0))
-            raise fault
-        assert len(self.state.current_stream) == 1, "launch inside `with stream:`"
+        assert len(current_streams(self.state)) == 1, "launch inside `with stream:`"
         assert shared_mem <= 48 * 1024
         plan = types.SimpleNamespace(kernel=self.name, grid=grid, block=block[0],
                                      segment_length=int(segment_length))
-        self.state.launches.append((self.name, grid, block, int(output_size)))
-        hk.launch(self.state.lib, plan, frames.array, medians.array, int(pixels),
-                  int(output_size), int(kernel_size))
+        # The host shim keeps the CUDA built-ins in globals: one launch at a time.
+        with self.state.lock:
+            fault = self.state.faults.pop(len(self.state.launches), None)
+            if fault is not None:  # injected at this launch number
+                self.state.launches.append(("fault", grid, block, 0))
+                raise fault
+            self.state.launches.append((self.name, grid, block, int(output_size)))
+            self.state.launch_devices.append(getattr(self.state.local, "device", 0))
+            hk.launch(self.state.lib, plan, frames.array, medians.array, int(pixels),
+                      int(output_size), int(kernel_size))
 
 
 class FakeModule:
@@ -103,12 +114,16 @@ class FakeDevice:
     def __init__(self, state, index=0):
         if index >= state.device_count:
             raise RuntimeError(f"invalid device ordinal {index}")
+        self.state = state
+        self.index = index
 
     def __enter__(self):
+        self.previous = getattr(self.state.local, "device", 0)
+        self.state.local.device = self.index
         return self
 
     def __exit__(self, *exc):
-        pass
+        self.state.local.device = self.previous
 
 
 class FakePool:
@@ -118,9 +133,10 @@ class FakePool:
 
 def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1):
     """Return (cupy, cupyx) stand-in modules and their shared state"""
-    state = types.SimpleNamespace(lib=lib, launches=[], compiled=0, current_stream=[],
+    state = types.SimpleNamespace(lib=lib, launches=[], compiled=0, local=threading.local(),
                                   device_count=device_count, free_bytes=free_bytes,
-                                  allocated=0, largest_allocation=None, faults={})
+                                  allocated=0, largest_allocation=None, faults={},
+                                  lock=threading.Lock(), launch_devices=[])
 
     def empty(shape, dtype):
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize

@@ -138,3 +138,40 @@ def test_kernel_fault_is_a_clear_error_and_leaves_nothing(fake_gpu, tmp_path, ca
     err = capsys.readouterr().err
     assert err.startswith("error: CUDA device 0 failed") and len(err.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.rtdc"]
+
+
+@pytest.mark.parametrize("device_count", [1, 2, 3])
+def test_cuda_all_splits_one_recording_across_devices(fake_gpu, tmp_path, device_count):
+    state = fake_gpu(device_count=device_count)
+    source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 500, shape=(12, 32), seed=13)
+    out = tmp_path / "split.rtdc"
+    with dcbg.BackgroundRollMed(source, out, kernel_size=16, batch_size=60,
+                                device="cuda:all") as bg:
+        assert str(bg.device) == "cuda:all"
+        bg.process()
+        assert bg.get_progress() == pytest.approx(1.0)
+    with h5py.File(source) as h5:
+        expected = rolling_median_reference(h5["events/image"][:], 16)
+    with h5py.File(out) as h5:
+        assert np.array_equal(h5["events/image_bg"][:], expected)
+        assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=16^b=60"
+    # every device took part; one device still ran two ranges
+    assert sorted(set(state.launch_devices)) == list(range(device_count))
+    ranges = max(2, device_count)
+    per_range = [-(-w // 60) for w in np.diff(np.linspace(0, 484, ranges + 1).round())]
+    assert len(state.launches) == sum(per_range)
+
+
+def test_split_ranges_and_a_failing_range(fake_gpu, tmp_path, monkeypatch):
+    assert cuda.split_windows(10, 3) == [(0, 3), (3, 7), (7, 10)]
+    assert cuda.split_windows(1, 2) == [(0, 1)]
+    state = fake_gpu(device_count=2)
+    stack = stack_cases()["realistic"]
+    state.faults[1] = sys.modules["cupy"].cuda.runtime.CUDARuntimeError(
+        "cudaErrorECCUncorrectable")
+    with pytest.raises(dcbg.errors.DeviceError, match="ECCUncorrectable"):
+        run(stack, tmp_path, kernel_size=10, batch_size=20, device="cuda:all")
+    assert not (tmp_path / "bg.rtdc").exists()
+    monkeypatch.setattr(sys.modules["cupy"].cuda.runtime, "getDeviceCount", lambda: 0)
+    with pytest.raises(RuntimeError, match="CUDA devices cannot be used: no CUDA device"):
+        devices.select_device("cuda:all")

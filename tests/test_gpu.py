@@ -47,3 +47,13 @@ def test_gpu_instrument_sized_batches(tmp_path):
     gpu = background(stack, tmp_path, "cuda", kernel_size=100, batch_size=1234)
     cpu = background(stack, tmp_path, "cpu", kernel_size=100, batch_size=10000, num_cpus=2)
     assert np.array_equal(gpu, cpu)
+
+
+def test_gpu_split_across_all_devices_matches_one_device(tmp_path):
+    """cuda:all: with one GPU, two ranges share it; with several, one range each"""
+    from dcbg.synthetic import synthetic_stack
+    stack = synthetic_stack(2500, shape=(80, 320), seed=9)
+    split = background(stack, tmp_path, "cuda:all", kernel_size=100, batch_size=700)
+    single = background(stack, tmp_path, "cuda:0", kernel_size=100, batch_size=700)
+    assert np.array_equal(split, single)
+    assert np.array_equal(split[:200], rolling_median_reference(stack[:299], 100)[:200])

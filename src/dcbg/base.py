@@ -243,7 +243,9 @@ class Background(abc.ABC):
         return DeviceChoice("cpu", None, "CPU workers")
 
     def _count_written(self, frames: int):
-        self.image_proc.value = min(1.0, self.image_proc.value + frames / self.image_count)
+        with self.image_proc.get_lock():  # writers of several devices report at once
+            self.image_proc.value = min(1.0,
+                                        self.image_proc.value + frames / self.image_count)
 
     @abc.abstractmethod
     def process_approach(self):

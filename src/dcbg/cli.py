@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p):
         p.add_argument("--device", default="auto",
-                       help="auto (default), cpu, cuda or cuda:N")
+                       help="auto (default), cpu, cuda, cuda:N or cuda:all")
         p.add_argument("--num-cpus", type=int, default=None,
                        help="CPU worker processes (default: all available)")
         p.add_argument("--verbose", action="store_true", help="log details, show tracebacks")

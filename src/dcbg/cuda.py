@@ -355,3 +355,111 @@ class CUDARollingMedian:
         copy_stream.synchronize()
         writer.submit(buffer, batch.output_size)
         return target[-1].copy()
+
+
+def split_windows(windows: int, parts: int) -> list[tuple[int, int]]:
+    """Contiguous window ranges ``(first, stop)``, as equal as possible"""
+    parts = max(1, min(parts, windows))
+    bounds = np.linspace(0, windows, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+class _Cancelled(Exception):
+    """Another range failed; this one stops"""
+
+
+class SplitRollingMedian:
+    """One recording split into contiguous event ranges, one per CUDA device
+
+    Range ``i`` computes windows ``first_i … stop_i-1`` on device
+    ``indices[i % len(indices)]``; it reads frames ``first_i …
+    stop_i+kernel_size-2``, so neighbouring ranges overlap by
+    ``kernel_size-1`` frames and every window sees exactly the frames it
+    would see on one device. Each range writes its windows at their own
+    position in the output, so the file is in event order and byte-identical
+    to a single-device run. With one device, two ranges share it (the same
+    code path, checkable on any machine).
+
+    Parameters
+    ----------
+    image_shape: tuple of int
+        Shape of one frame.
+    kernel_size, batch_size: int
+        As for :class:`CUDARollingMedian` (per device).
+    indices: sequence of int
+        CUDA device ordinals.
+    """
+
+    def __init__(self, image_shape, kernel_size, batch_size, indices):
+        self.indices = list(indices)
+        self.ranges = max(2, len(self.indices))
+        self.engines = [CUDARollingMedian(image_shape, kernel_size, batch_size,
+                                          self.indices[i % len(self.indices)])
+                        for i in range(self.ranges)]
+        self.kernel_size = kernel_size
+        self.stage_seconds: dict[str, float] = {}
+        """seconds per stage, summed over the ranges (they run at the same time)"""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for engine in self.engines:
+            engine.free_memory()
+
+    def run(self, read_into, windows: int, write_at, on_written=None) -> np.ndarray:
+        """Compute windows ``0 … windows-1``, all ranges at once
+
+        Parameters
+        ----------
+        read_into: callable
+            As for :meth:`CUDARollingMedian.run` (called from several threads).
+        windows: int
+            Number of windows of the recording.
+        write_at: callable
+            ``write_at(offset, frames)`` stores frames at window `offset`.
+        on_written: callable, optional
+            Progress callback with a frame count (called from several threads).
+
+        Returns the last window's background (flattened).
+        """
+        import threading
+
+        failed = threading.Event()
+        results: dict[int, np.ndarray] = {}
+        errors: list[BaseException] = []
+        spans = split_windows(windows, self.ranges)
+
+        def work(part, engine, first, stop):
+            position = first
+
+            def write(frames):
+                nonlocal position
+                if failed.is_set():
+                    raise _Cancelled()
+                write_at(position, frames)
+                position += len(frames)
+            try:
+                batches = plan_windows(first, stop, self.kernel_size, engine.batch_size)
+                results[part] = engine.run(read_into, batches, write, on_written)
+            except BaseException as error:  # handed to the caller below
+                failed.set()
+                errors.append(error)
+
+        threads = [threading.Thread(target=work, args=(part, engine, first, stop),
+                                    name=f"dcbg-range-{part}", daemon=True)
+                   for part, (engine, (first, stop)) in enumerate(
+                       zip(self.engines, spans, strict=False))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for engine in self.engines:
+            for stage, seconds in engine.stage_seconds.items():
+                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+        real = [error for error in errors if not isinstance(error, _Cancelled)]
+        if real or errors:
+            raise (real or errors)[0]
+        logger.info("Split %d windows into ranges %s on CUDA devices %s", windows, spans,
+                    [engine.device_index for engine in self.engines])
+        return results[len(spans) - 1]

@@ -26,13 +26,26 @@ class DeviceChoice:
     """CUDA device ordinal (None for the CPU)"""
     reason: str
     """why this device was chosen"""
+    indices: tuple[int, ...] = ()
+    """for "cuda:all": every CUDA device the recording is split across"""
+
+    @property
+    def split(self) -> bool:
+        """Whether one recording is split into event ranges across devices"""
+        return bool(self.indices)
 
     def __str__(self):
-        return "cpu" if self.kind == "cpu" else f"cuda:{self.index}"
+        if self.kind == "cpu":
+            return "cpu"
+        return "cuda:all" if self.split else f"cuda:{self.index}"
 
 
-def parse_device(device: str) -> tuple[str, int | None]:
-    """Split "cpu", "cuda", "cuda:N" or "auto" into kind and index"""
+ALL_DEVICES = "all"
+"""The index part of the device string that splits a recording across all GPUs"""
+
+
+def parse_device(device: str) -> tuple[str, int | str | None]:
+    """Split "cpu", "cuda", "cuda:N", "cuda:all" or "auto" into kind and index"""
     text = str(device).strip().lower()
     if text in ("auto", "cpu"):
         return text, None
@@ -40,8 +53,19 @@ def parse_device(device: str) -> tuple[str, int | None]:
         return "cuda", 0
     if text.startswith("cuda:") and text[5:].isdigit():
         return "cuda", int(text[5:])
+    if text == f"cuda:{ALL_DEVICES}":
+        return "cuda", ALL_DEVICES
     raise ValueError(
-        f"Unknown device '{device}'; use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
+        f"Unknown device '{device}'; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'cuda:all'.")
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices CuPy sees (0 without cupy or driver)"""
+    try:
+        import cupy
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # noqa: BLE001 - any failure means no usable device
+        return 0
 
 
 def cuda_unavailable_reason(index: int = 0) -> str | None:
@@ -75,7 +99,8 @@ def select_device(device: str = "auto") -> DeviceChoice:
     Parameters
     ----------
     device: str
-        "auto", "cpu", "cuda" or "cuda:N". With "auto", the environment
+        "auto", "cpu", "cuda", "cuda:N" or "cuda:all" (one recording split
+        into event ranges across every device). With "auto", the environment
         variable ``DCBG_DEVICE`` (same values) takes precedence.
 
     Raises
@@ -90,6 +115,15 @@ def select_device(device: str = "auto") -> DeviceChoice:
             logger.info("%s=%s selects the device", DEVICE_ENV, os.environ[DEVICE_ENV])
     if kind == "cpu":
         return DeviceChoice("cpu", None, "requested")
+    if index == ALL_DEVICES:
+        count = cuda_device_count()
+        reasons = [cuda_unavailable_reason(i) for i in range(max(count, 1))]
+        if count == 0 or any(reasons):
+            reason = next(r for r in reasons if r)
+            raise RuntimeError(
+                f"CUDA devices cannot be used: {reason}; use --device cpu or auto.")
+        return DeviceChoice("cuda", 0, f"requested, split across {count} device(s)",
+                            tuple(range(count)))
     if kind == "cuda":
         reason = cuda_unavailable_reason(index)
         if reason is not None:

@@ -34,7 +34,7 @@ class BackgroundRollMed(Background):
     num_cpus: int, optional
         Number of CPU worker processes; defaults to the CPUs available.
     device: str
-        "auto", "cpu", "cuda" or "cuda:N" (see :mod:`dcbg.devices`).
+        "auto", "cpu", "cuda", "cuda:N" or "cuda:all" (see :mod:`dcbg.devices`).
     """
 
     def __init__(self, input_data, output_path, kernel_size=100, batch_size=10000,
@@ -92,6 +92,18 @@ class BackgroundRollMed(Background):
         k, count = self.kernel_size, self.image_count
         computed = computed_frame_count(count, k)
         batch_size = min(self.batch_size, computed)
+        if self.device.split:
+            from .cuda import SplitRollingMedian
+            self.writer.preallocate(computed)
+            with SplitRollingMedian(self.image_shape, k, batch_size,
+                                    self.device.indices) as engine:
+                try:
+                    last = engine.run(self.source.read_into, computed, self.writer.write_at,
+                                      self._count_written)
+                finally:
+                    self.stage_seconds.update(engine.stage_seconds)
+            self.writer.append_repeated(last, count - computed)
+            return
         if self.device.kind == "cuda":
             from .cuda import CUDARollingMedian
             engine = CUDARollingMedian(self.image_shape, k, batch_size, self.device.index)

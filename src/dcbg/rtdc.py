@@ -325,9 +325,13 @@ class ImageBgWriter:
         """Append frames of shape ``(n, *image_shape)``"""
         frames = np.asarray(frames).reshape(-1, *self.image_shape)
         offset = self.size
+        self._guard(self.dataset.resize, offset + len(frames), axis=0)
+        self._guard(self.dataset.__setitem__, slice(offset, None), frames)
+
+    def _guard(self, function, *args, **kwargs):
+        """Call an h5py writing function, translating write errors for the user"""
         try:
-            self.dataset.resize(offset + len(frames), axis=0)
-            self.dataset[offset:] = frames
+            function(*args, **kwargs)
         except OSError as error:
             if is_disk_full(error):
                 raise OutputWriteError(
@@ -337,6 +341,15 @@ class ImageBgWriter:
             raise OutputWriteError(
                 f"Writing {self.target} failed ({first_line(error)}); check the disk and "
                 f"run again (the unfinished background is discarded).") from error
+
+    def preallocate(self, count: int):
+        """Grow the dataset to `count` frames, to be filled with :meth:`write_at`"""
+        self._guard(self.dataset.resize, count, axis=0)
+
+    def write_at(self, offset: int, frames: np.ndarray):
+        """Write frames at frame `offset` of the preallocated dataset"""
+        frames = np.asarray(frames).reshape(-1, *self.image_shape)
+        self._guard(self.dataset.__setitem__, slice(offset, offset + len(frames)), frames)
 
     def append_repeated(self, frame: np.ndarray, count: int):
         """Append `count` copies of one frame, one chunk-sized block at a time"""

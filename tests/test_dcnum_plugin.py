@@ -1,0 +1,53 @@
+"""dcbg as dcnum's "rollmed" backend: a whole DCNumJobRunner job, byte for byte"""
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+
+import dcbg
+from dcbg.synthetic import write_synthetic_rtdc
+
+dcnum = pytest.importorskip("dcnum", reason="dcnum is not installed (extra 'dcnum')")
+from dcnum.feat.feat_background import get_available_background_methods  # noqa: E402
+from dcnum.logic import DCNumJobRunner, DCNumPipelineJob  # noqa: E402
+
+
+def run_job(source, target):
+    job = DCNumPipelineJob(path_in=source, path_out=target, background_code="rollmed",
+                           background_kwargs={"kernel_size": 20, "batch_size": 150},
+                           num_procs=1, debug=True)
+    with DCNumJobRunner(job=job) as runner:
+        runner.run()
+        assert runner.error_tb is None, runner.error_tb
+    with h5py.File(target) as h5:
+        return (h5["events/image_bg"][:], dict(h5["events/image_bg"].attrs),
+                {k: v for k, v in h5.attrs.items() if k.startswith("pipeline:")})
+
+
+def test_dcnum_job_runs_through_dcbg_with_identical_bytes_and_ppids(tmp_path, monkeypatch):
+    monkeypatch.setenv("DCBG_DEVICE", "cpu")
+    source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 600, shape=(80, 320), seed=21)
+    # dcnum's own rollmed first, then the same job with dcbg registered
+    assert get_available_background_methods()["rollmed"].__module__.startswith("dcnum.")
+    plain = run_job(source, tmp_path / "plain.rtdc")
+
+    calls = []
+    process = dcbg.BackgroundRollMed.process
+    monkeypatch.setattr(dcbg.BackgroundRollMed, "process",
+                        lambda self: (calls.append(self.image_count), process(self))[1])
+    adapter = dcbg.register_with_dcnum()
+    assert dcbg.dcnum_plugin.register() is adapter  # safe to call twice
+    assert get_available_background_methods()["rollmed"] is adapter
+    shutil.copy(source, tmp_path / "rec2.rtdc")
+    through_dcbg = run_job(tmp_path / "rec2.rtdc", tmp_path / "dcbg.rtdc")
+
+    assert calls == [600], "the job's background ran through dcbg"
+    assert np.array_equal(through_dcbg[0], plain[0])
+    assert through_dcbg[2]["pipeline:dcnum background"] == "rollmed:k=20^b=150"
+    assert through_dcbg[1] == plain[1]
+    assert through_dcbg[2] == plain[2]  # every pipeline PPID, the hash and the yield
+    assert adapter.get_ppid_from_ppkw({"kernel_size": 20, "batch_size": 150}) == \
+        "rollmed:k=20^b=150"
+    assert adapter.get_ppkw_from_ppid("rollmed:k=20^b=150") == {"kernel_size": 20,
+                                                                "batch_size": 150}
