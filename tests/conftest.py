@@ -1,6 +1,8 @@
+import hashlib
 import json
 import pathlib
 
+import h5py
 import numpy as np
 import pytest
 
@@ -13,6 +15,22 @@ def shared_data() -> pathlib.Path:
     if not (SHARED_DATA / "golden" / "index.json").exists():
         pytest.skip("../shared/data is not present (a user's clone has none)")
     return SHARED_DATA
+
+
+def dataset_digests(path) -> dict:
+    """Digest of every dataset and attribute in a file, by name"""
+    digests = {}
+    with h5py.File(path) as h5:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Dataset):
+                data = obj[()]
+                raw = (repr(data.tolist()).encode() if data.dtype == object
+                       else np.ascontiguousarray(data).tobytes())
+                digests[name] = hashlib.sha256(raw).hexdigest()
+            digests[name + "@attrs"] = sorted((k, str(v)) for k, v in obj.attrs.items())
+        h5.visititems(visit)
+        digests["@root"] = sorted((k, str(v)) for k, v in h5.attrs.items())
+    return digests
 
 
 def golden_entries():

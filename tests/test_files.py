@@ -1,5 +1,4 @@
 """RT-DC files: dclab opens our outputs, basins resolve, nothing is ever lost"""
-import hashlib
 import os
 import shutil
 import signal
@@ -10,9 +9,10 @@ import numpy as np
 import pytest
 
 import dcbg
-from conftest import golden_entries
+from conftest import dataset_digests, golden_entries
 from dcbg.cpu import CPURollingMedian, WorkerFailure
 from dcbg.reference import rolling_median_reference
+from dcbg.runlog import read_run_logs
 from dcbg.synthetic import synthetic_stack, write_synthetic_rtdc
 
 
@@ -20,19 +20,6 @@ from dcbg.synthetic import synthetic_stack, write_synthetic_rtdc
 def recording(tmp_path_factory):
     path = tmp_path_factory.mktemp("rec") / "rec.rtdc"
     return write_synthetic_rtdc(path, 120, shape=(16, 48), seed=3)
-
-
-def dataset_digests(path):
-    """Digest of every dataset and attribute in a file, by name"""
-    digests = {}
-    with h5py.File(path) as h5:
-        def visit(name, obj):
-            if isinstance(obj, h5py.Dataset):
-                digests[name] = hashlib.sha256(obj[()].tobytes()).hexdigest()
-            digests[name + "@attrs"] = sorted((k, str(v)) for k, v in obj.attrs.items())
-        h5.visititems(visit)
-        digests["@root"] = sorted((k, str(v)) for k, v in h5.attrs.items())
-    return digests
 
 
 def test_new_output_opens_in_dclab(recording, tmp_path):
@@ -112,7 +99,13 @@ def test_in_place_keeps_every_other_dataset(recording, tmp_path):
     after = dataset_digests(path)
     for name, digest in before.items():
         assert after[name] == digest, name
-    assert set(after) - set(before) == {"events/image_bg", "events/image_bg@attrs"}
+    added = set(after) - set(before)
+    assert {a for a in added if not a.startswith("logs")} == {"events/image_bg",
+                                                              "events/image_bg@attrs"}
+    with h5py.File(path) as h5:  # one run log per process() is the only other addition
+        assert len(read_run_logs(h5)) == 4
+        assert {a for a in added if a.startswith("logs/")} == {
+            f"logs/{name}{suffix}" for name, _ in read_run_logs(h5) for suffix in ("", "@attrs")}
     with dclab.new_dataset(path) as ds:
         expected = rolling_median_reference(ds["image"][:], 8)
         assert np.array_equal(ds["image_bg"][:], expected)

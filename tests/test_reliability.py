@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 import dcbg
+from conftest import dataset_digests
 from dcbg import errors
 from dcbg.cli import main
 from dcbg.reference import rolling_median_reference
@@ -33,15 +34,6 @@ def folder_state(folder: pathlib.Path) -> dict:
     """Name and content digest of every file below a folder"""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def dataset_digests(path) -> dict:
-    with h5py.File(path) as h5:
-        digests = {}
-        h5.visititems(lambda name, obj: digests.__setitem__(
-            name, hashlib.sha256(obj[()].tobytes()).hexdigest())
-            if isinstance(obj, h5py.Dataset) else None)
-    return digests
 
 
 def write_images(path, images, **attrs):

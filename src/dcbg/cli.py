@@ -8,12 +8,12 @@ import pathlib
 import sys
 import tempfile
 import threading
-import time
 
 from ._version import __version__
 from .base import Background, get_available_background_methods
 from .devices import DEVICE_ENV, cuda_unavailable_reason, describe_cuda_devices, select_device
 from .errors import OutputExistsError, first_line, sigterm_raises
+from .jobs import FileResult, JobSettings, compute_file, run_on_dask, run_sequential, summary_table
 from .rtdc import compression_kwargs
 
 DEMO_EVENTS = 5000
@@ -128,16 +128,18 @@ def summary_line(events: int, seconds: float, device, ppid: str) -> str:
             f"on {device}, PPID {ppid}")
 
 
-def run_one(cls, kwargs, source, target, args) -> str:
-    """Compute one background and return the summary line"""
-    t0 = time.perf_counter()
-    with cls(source, target, compress=args.compress, num_cpus=args.num_cpus,
-             device=args.device, **kwargs) as background:
-        with ProgressBar(background, source.name):
-            background.process()
-        line = summary_line(background.image_count, time.perf_counter() - t0,
-                            background.device, background.get_ppid())
-    return f"{target}: {line}"
+def progress_bar(background: Background) -> ProgressBar:
+    """A progress bar for one file, labelled with the input's name"""
+    label = background.hdin.path.name if background.hdin is not None else "stack"
+    return ProgressBar(background, label)
+
+
+def result_line(result: FileResult) -> str:
+    """The line printed when one file is done"""
+    if not result.ok:
+        return f"{result.source}: FAILED: {result.message}"
+    line = summary_line(result.events, result.seconds, result.device, result.ppid)
+    return f"{result.target}: {line}"
 
 
 def cmd_compute(args) -> int:
@@ -149,14 +151,38 @@ def cmd_compute(args) -> int:
         if not args.in_place and target.exists() and not args.force:
             raise OutputExistsError(f"{target} exists; add --force to replace it")
     if args.dry_run:
-        device = select_device(args.device)
+        if args.dask:
+            print(f"dask: {args.dask} (one task per file, {args.retries} retries)")
+        else:
+            device = select_device(args.device)
+            print(f"device: {device} ({device.reason})")
         for source, target in jobs:
             print(f"{source} -> {target}")
-        print(f"device: {device} ({device.reason})")
         print(select_ppid)
         return 0
-    for source, target in jobs:
-        print(run_one(cls, kwargs, source, target, args))
+    settings = JobSettings(cls.get_ppid_code(), kwargs, args.compress, args.device,
+                           args.num_cpus)
+
+    def report(result):
+        print(result_line(result), flush=True)
+
+    if args.dask:
+        results = run_on_dask(jobs, settings, args.dask, args.retries, on_result=report)
+    elif args.recursive:
+        results = run_sequential(jobs, settings, progress_bar, on_result=report)
+    else:
+        (source, target), = jobs
+        result = compute_file(source, target, settings, progress_bar)
+        if not result.ok:
+            raise RuntimeError(result.message)
+        report(result)
+        return 0
+    print(summary_table(results))
+    failed = sum(not result.ok for result in results)
+    if failed:
+        print(f"error: {failed} of {len(results)} files failed; see the table above",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -169,10 +195,13 @@ def cmd_demo(args) -> int:
     source = folder / "demo.rtdc"
     print(f"Synthesizing {args.events} frames of 80x320 in {source} …")
     write_synthetic_rtdc(source, args.events)
-    target = default_output(source)
-    args.compress = "zstd-5"
-    print(run_one(BackgroundRollMed, {"kernel_size": 100, "batch_size": 10000},
-                  source, target, args))
+    settings = JobSettings(BackgroundRollMed.get_ppid_code(),
+                           {"kernel_size": 100, "batch_size": 10000}, "zstd-5", args.device,
+                           args.num_cpus)
+    result = compute_file(source, default_output(source), settings, progress_bar)
+    if not result.ok:
+        raise RuntimeError(result.message)
+    print(result_line(result))
     return 0
 
 
@@ -272,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     compute.add_argument("--force", action="store_true", help="replace existing outputs")
     compute.add_argument("-r", "--recursive", action="store_true",
                          help="process every .rtdc below the folder PATH_IN")
+    compute.add_argument("--dask", metavar="ADDRESS",
+                         help="send one task per file to a Dask scheduler (tcp://host:8786), "
+                         "or to a cluster started here: local or local:N")
+    compute.add_argument("--retries", type=int, default=2,
+                         help="with --dask: how often a failed task is retried (default 2)")
     compute.add_argument("--dry-run", action="store_true",
                          help="print what would be done and the PPID, compute nothing")
     common(compute)

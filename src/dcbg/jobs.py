@@ -1,0 +1,224 @@
+"""Many recordings: one file per task, one after another or on a Dask cluster
+
+:func:`compute_file` is the unit of work. :func:`run_sequential` runs the
+tasks here; :func:`run_on_dask` sends them to a Dask distributed scheduler
+(``--dask ADDRESS``) or to a cluster it starts on this machine
+(``--dask local[:N]``, with dask-cuda's one-GPU-per-worker cluster when
+dask-cuda is installed and a GPU is asked for). A file that fails never
+stops the others; every file gets a :class:`FileResult`, and
+:func:`summary_table` prints them.
+
+Errors that depend on the file (bad input, invalid arguments, an existing
+output) are final and reported at once; others (a dead worker process, a
+GPU fault, out of memory, a lost Dask worker) are retried.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import socket
+import time
+import typing
+
+from .errors import InputDataError, InputFileError, OutputError, first_line
+
+logger = logging.getLogger(__name__)
+
+FINAL_ERRORS = (InputDataError, InputFileError, OutputError, FileNotFoundError, ValueError)
+"""Errors a retry cannot fix: they are reported, not raised"""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSettings:
+    """How every file of a batch is computed (picklable, sent to Dask workers)"""
+
+    method: str
+    """PPID code of the background method, e.g. "rollmed\""""
+    kwargs: dict
+    """keyword arguments of the method"""
+    compress: str | bool = "zstd-5"
+    device: str = "auto"
+    num_cpus: int | None = None
+
+
+@dataclasses.dataclass
+class FileResult:
+    """What happened to one file"""
+
+    source: str
+    target: str
+    ok: bool
+    events: int = 0
+    seconds: float = 0.0
+    device: str = ""
+    ppid: str = ""
+    host: str = ""
+    attempts: int = 1
+    message: str = ""
+    """the error of a failed file, in one line"""
+
+
+def compute_file(source, target, settings: JobSettings, progress=None) -> FileResult:
+    """Compute one file's background; final errors come back as a failed result
+
+    Parameters
+    ----------
+    source, target: path-like
+        Input .rtdc and output path (the same path writes in place).
+    settings: JobSettings
+        Method, keywords, compression, device and CPU workers.
+    progress: callable, optional
+        Context manager factory called with the Background instance while it
+        runs (the command line's progress bar).
+
+    Raises
+    ------
+    Exception
+        Errors that a retry may fix (see the module docstring).
+    """
+    from .base import get_available_background_methods
+    cls = get_available_background_methods()[settings.method]
+    t0 = time.perf_counter()
+    try:
+        with cls(source, target, compress=settings.compress, num_cpus=settings.num_cpus,
+                 device=settings.device, **settings.kwargs) as background:
+            if progress is None:
+                background.process()
+            else:
+                with progress(background):
+                    background.process()
+            return FileResult(str(source), str(target), True, background.image_count,
+                              time.perf_counter() - t0, str(background.device),
+                              background.get_ppid(), socket.gethostname())
+    except FINAL_ERRORS as error:
+        return FileResult(str(source), str(target), False, seconds=time.perf_counter() - t0,
+                          host=socket.gethostname(), message=first_line(error))
+
+
+def run_sequential(jobs, settings: JobSettings, progress=None,
+                   on_result: typing.Callable | None = None) -> list[FileResult]:
+    """Compute the files one after another on this machine
+
+    Errors that a retry might fix are not retried here (the cause is local);
+    they fail their file and the next file goes on. Ctrl-C stops everything.
+    """
+    results = []
+    for source, target in jobs:
+        try:
+            result = compute_file(source, target, settings, progress)
+        except Exception as error:  # noqa: BLE001 - one file's failure stops no other
+            result = FileResult(str(source), str(target), False, host=socket.gethostname(),
+                                message=first_line(error))
+        results.append(result)
+        if on_result is not None:
+            on_result(result)
+    return results
+
+
+def start_local_cluster(spec: str, device: str):
+    """A Dask cluster on this machine for ``local`` or ``local:N``
+
+    With a GPU device requested and dask-cuda installed, one worker per GPU
+    (pinned through CUDA_VISIBLE_DEVICES); otherwise N single-threaded
+    worker processes. Workers are not daemonic, so that the CPU backend may
+    start its own worker processes.
+    """
+    import dask
+    from distributed import LocalCluster
+
+    _, _, count = spec.partition(":")
+    if count and not count.isdigit():
+        raise ValueError(f"--dask {spec}: use 'local' or 'local:N' with N a number of workers.")
+    workers = int(count) if count else None
+    dask.config.set({"distributed.worker.daemon": False})
+    if device != "cpu":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            LocalCUDACluster = None
+        from .devices import cuda_device_count
+        if LocalCUDACluster is not None and cuda_device_count() > 0:
+            visible = list(range(cuda_device_count()))[:workers or None]
+            return LocalCUDACluster(CUDA_VISIBLE_DEVICES=visible, threads_per_worker=1)
+    return LocalCluster(n_workers=workers or 1, threads_per_worker=1, processes=True,
+                        dashboard_address=None)
+
+
+def run_on_dask(jobs, settings: JobSettings, address: str, retries: int = 2,
+                on_result: typing.Callable | None = None) -> list[FileResult]:
+    """Send one task per file to a Dask cluster and collect every file's result
+
+    Parameters
+    ----------
+    jobs: list of (source, target)
+        The files; paths must be valid on the workers (a shared file system).
+    settings: JobSettings
+        How to compute them.
+    address: str
+        A scheduler address (``tcp://host:8786``), or ``local``/``local:N``
+        for a cluster on this machine.
+    retries: int
+        How often a task that raised (not a final error) or whose worker died
+        is run again.
+    on_result: callable, optional
+        Called with each FileResult as it arrives.
+
+    Returns
+    -------
+    results: list of FileResult
+        In the order of `jobs`.
+    """
+    from distributed import Client, as_completed
+
+    cluster = None
+    if address == "local" or address.startswith("local:"):
+        cluster = start_local_cluster(address, settings.device)
+        client = Client(cluster)
+    else:
+        client = Client(address, timeout="30s")
+    try:
+        futures = {}
+        for index, (source, target) in enumerate(jobs):
+            future = client.submit(compute_file, os.fspath(source), os.fspath(target),
+                                   settings, retries=retries, pure=False,
+                                   key=f"dcbg-{index}-{pathlib.Path(source).name}")
+            futures[future] = index
+        results: list[FileResult | None] = [None] * len(jobs)
+        for future in as_completed(futures):
+            index = futures[future]
+            source, target = jobs[index]
+            if future.status == "finished":
+                result = future.result()
+            else:
+                error = future.exception()
+                result = FileResult(str(source), str(target), False,
+                                    attempts=retries + 1, message=first_line(error))
+            results[index] = result
+            if on_result is not None:
+                on_result(result)
+        return results
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def summary_table(results: list[FileResult]) -> str:
+    """A plain-text table of every file's outcome, with a total line"""
+    rows = [("file", "status", "events", "seconds", "events/s", "device", "host", "error")]
+    for result in results:
+        rate = f"{result.events / result.seconds:,.0f}" if result.ok and result.seconds else ""
+        rows.append((pathlib.Path(result.source).name, "ok" if result.ok else "FAILED",
+                     str(result.events) if result.ok else "",
+                     f"{result.seconds:.2f}" if result.ok else "", rate, result.device,
+                     result.host, result.message))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    lines = ["  ".join([cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
+                       + [row[-1]]).rstrip() for row in rows]
+    failed = sum(not r.ok for r in results)
+    events = sum(r.events for r in results if r.ok)
+    lines.append(f"{len(results) - failed} of {len(results)} files done, {events} events, "
+                 f"{failed} failed")
+    return "\n".join(lines)

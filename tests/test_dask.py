@@ -1,0 +1,84 @@
+"""Many recordings on a Dask LocalCluster (loopback), one task per file"""
+import h5py
+import numpy as np
+import pytest
+
+from dcbg.cli import main
+from dcbg.jobs import FileResult, JobSettings, run_on_dask, summary_table
+from dcbg.reference import rolling_median_reference
+from dcbg.synthetic import write_synthetic_rtdc
+
+pytest.importorskip("distributed", reason="dask.distributed is not installed")
+
+
+@pytest.fixture
+def archive(tmp_path):
+    """Three good recordings in two folders and one damaged file"""
+    (tmp_path / "day2").mkdir()
+    good = [write_synthetic_rtdc(tmp_path / "a.rtdc", 80, shape=(8, 16), seed=1),
+            write_synthetic_rtdc(tmp_path / "b.rtdc", 120, shape=(10, 12), seed=2),
+            write_synthetic_rtdc(tmp_path / "day2" / "c.rtdc", 60, shape=(6, 20), seed=3)]
+    bad = tmp_path / "day2" / "broken.rtdc"
+    bad.write_bytes(good[0].read_bytes()[:3000])
+    return tmp_path, good, bad
+
+
+def check_outputs(good, kernel_size):
+    for source in good:
+        with h5py.File(source) as h5:
+            expected = rolling_median_reference(h5["events/image"][:], kernel_size)
+        with h5py.File(source.with_name(f"{source.stem}_bg.rtdc")) as h5:
+            assert np.array_equal(h5["events/image_bg"][:], expected)
+
+
+def test_cli_on_a_local_dask_cluster(archive, capsys):
+    folder, good, bad = archive
+    code = main(["compute", str(folder), "-r", "--dask", "local:2", "-kb", "kernel_size=10",
+                 "--device", "cpu", "--num-cpus", "1"])
+    out, err = capsys.readouterr()
+    assert code == 1, "one file failed"
+    assert err.strip() == "error: 1 of 4 files failed; see the table above"
+    check_outputs(good, 10)
+    assert not bad.with_name("broken_bg.rtdc").exists()
+    lines = out.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("file  ")):]
+    assert table[0].split()[:3] == ["file", "status", "events"]
+    rows = {line.split()[0]: line for line in table[1:-1]}
+    assert set(rows) == {"a.rtdc", "b.rtdc", "c.rtdc", "broken.rtdc"}
+    assert "FAILED" in rows["broken.rtdc"] and "truncated or damaged" in rows["broken.rtdc"]
+    assert rows["b.rtdc"].split()[1:3] == ["ok", "120"]
+    assert table[-1] == "3 of 4 files done, 260 events, 1 failed"
+
+
+def test_failures_that_a_retry_may_fix_are_retried(archive):
+    folder, good, _ = archive
+    # Asking for a GPU that does not exist raises RuntimeError: not final, so retried.
+    settings = JobSettings("rollmed", {"kernel_size": 10, "batch_size": 100}, "zstd-1",
+                           "cuda:7", 1)
+    jobs = [(good[0], folder / "out.rtdc")]
+    seen = []
+    results = run_on_dask(jobs, settings, "local:1", retries=1, on_result=seen.append)
+    assert seen == results and len(results) == 1
+    assert not results[0].ok and results[0].attempts == 2
+    assert "CUDA device 7 cannot be used" in results[0].message
+    assert not (folder / "out.rtdc").exists()
+
+
+def test_sequential_recursive_run_goes_on_after_a_failure(archive, capsys):
+    folder, good, bad = archive
+    assert main(["compute", str(folder), "-r", "-kb", "kernel_size=6", "--device", "cpu",
+                 "--num-cpus", "1"]) == 1
+    out, err = capsys.readouterr()
+    check_outputs(good, 6)
+    assert f"{bad}: FAILED: {bad} cannot be read" in out
+    assert out.strip().splitlines()[-1] == "3 of 4 files done, 260 events, 1 failed"
+    assert err.startswith("error: 1 of 4 files failed")
+
+
+def test_summary_table_layout():
+    results = [FileResult("/x/a.rtdc", "/x/a_bg.rtdc", True, 1000, 2.0, "cpu", "ppid", "h1"),
+               FileResult("/x/b.rtdc", "/x/b_bg.rtdc", False, host="h2", message="bad file")]
+    lines = summary_table(results).splitlines()
+    assert lines[1].split() == ["a.rtdc", "ok", "1000", "2.00", "500", "cpu", "h1"]
+    assert lines[2].split() == ["b.rtdc", "FAILED", "h2", "bad", "file"]
+    assert lines[-1] == "1 of 2 files done, 1000 events, 1 failed"
