@@ -213,16 +213,21 @@ def disk_full_after(monkeypatch, successful_writes: int):
     monkeypatch.setattr(h5py.Dataset, "__setitem__", write)
 
 
+def run_on_a_full_disk(source, target, monkeypatch, successful_writes):
+    disk_full_after(monkeypatch, successful_writes)
+    with pytest.raises(errors.OutputWriteError, match=f"disk is full while writing .*"
+                                                      f"{target.name}"):
+        with dcbg.BackgroundRollMed(source, target, kernel_size=10, batch_size=20,
+                                    num_cpus=1, device="cpu") as bg:
+            bg.process()
+
+
 def test_disk_full_new_output(tmp_path, monkeypatch, capsys):
     rec = write_synthetic_rtdc(tmp_path / "rec.rtdc", 200, shape=(8, 12))
     out = tmp_path / "rec_bg.rtdc"
     out.write_bytes(b"yesterday's result")
     before = folder_state(tmp_path)
-    disk_full_after(monkeypatch, 2)
-    with pytest.raises(errors.OutputWriteError, match="disk is full while writing .*rec_bg"):
-        with dcbg.BackgroundRollMed(rec, out, kernel_size=10, batch_size=20, num_cpus=1,
-                                    device="cpu") as bg:
-            bg.process()
+    run_on_a_full_disk(rec, out, monkeypatch, 2)
     assert folder_state(tmp_path) == before
     assert main(["compute", str(rec), "--force", "-kb", "kernel_size=10", "-kb",
                  "batch_size=20", "--num-cpus", "1", "--device", "cpu"]) == 1
@@ -237,11 +242,7 @@ def test_disk_full_in_place_keeps_everything(tmp_path, monkeypatch):
                                 device="cpu") as bg:
         bg.process()
     before = dataset_digests(rec)
-    disk_full_after(monkeypatch, 1)
-    with pytest.raises(errors.OutputWriteError, match="disk is full"):
-        with dcbg.BackgroundRollMed(rec, rec, kernel_size=10, batch_size=20, num_cpus=1,
-                                    device="cpu") as bg:
-            bg.process()
+    run_on_a_full_disk(rec, rec, monkeypatch, 1)
     monkeypatch.undo()
     assert dataset_digests(rec) == before
 

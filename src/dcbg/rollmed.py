@@ -92,31 +92,23 @@ class BackgroundRollMed(Background):
         k, count = self.kernel_size, self.image_count
         computed = computed_frame_count(count, k)
         batch_size = min(self.batch_size, computed)
-        if self.device.split:
+        if self.device.split:  # ranges of windows, each written at its own offset
             from .cuda import SplitRollingMedian
+            engine = SplitRollingMedian(self.image_shape, k, batch_size, self.device.indices)
             self.writer.preallocate(computed)
-            with SplitRollingMedian(self.image_shape, k, batch_size,
-                                    self.device.indices) as engine:
-                try:
-                    last = engine.run(self.source.read_into, computed, self.writer.write_at,
-                                      self._count_written)
-                finally:
-                    self.stage_seconds.update(engine.stage_seconds)
-            self.writer.append_repeated(last, count - computed)
-            return
-        if self.device.kind == "cuda":
-            from .cuda import CUDARollingMedian
-            engine = CUDARollingMedian(self.image_shape, k, batch_size, self.device.index)
+            work, write = computed, self.writer.write_at
         else:
-            engine = CPURollingMedian(self.image_shape, k, batch_size, self.num_cpus)
-        batches = plan_batches(count, k, engine.batch_size)
-        self.logger.info("Rolling median of %d frames %s, k=%d, %d batch(es) on %s (%s)",
-                         count, self.image_shape, k, len(batches), self.device,
-                         self.device.reason)
+            if self.device.kind == "cuda":
+                from .cuda import CUDARollingMedian
+                engine = CUDARollingMedian(self.image_shape, k, batch_size, self.device.index)
+            else:
+                engine = CPURollingMedian(self.image_shape, k, batch_size, self.num_cpus)
+            work, write = plan_batches(count, k, engine.batch_size), self.writer.append
+        self.logger.info("Rolling median of %d frames %s, k=%d on %s (%s)", count,
+                         self.image_shape, k, self.device, self.device.reason)
         with engine:
             try:
-                last = engine.run(self.source.read_into, batches, self.writer.append,
-                                  self._count_written)
+                last = engine.run(self.source.read_into, work, write, self._count_written)
             finally:
                 self.stage_seconds.update(engine.stage_seconds)
         self.writer.append_repeated(last, count - computed)
