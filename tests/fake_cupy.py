@@ -147,6 +147,7 @@ def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1):
 
     runtime = types.SimpleNamespace(
         getDeviceCount=lambda: state.device_count,
+        runtimeGetVersion=lambda: 13000,
         memGetInfo=lambda: (state.free_bytes, 2 * state.free_bytes),
         getDeviceProperties=lambda index: {"multiProcessorCount": 132,
                                            "sharedMemPerMultiprocessor": 228 * 1024,

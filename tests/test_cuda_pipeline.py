@@ -9,6 +9,7 @@ import dcbg
 from conftest import stack_cases
 from dcbg import cuda, devices
 from dcbg.reference import rolling_median_reference
+from dcbg.runlog import read_run_logs
 from dcbg.synthetic import write_synthetic_rtdc
 from fake_cupy import make_fake_cupy
 
@@ -106,6 +107,11 @@ def test_out_of_memory_at_start_halves_the_batch(fake_gpu, tmp_path, caplog):
     assert np.array_equal(got, rolling_median_reference(stack, 10))
     assert "ran out of memory with batches of 70 frames" in caplog.text
     assert max(launch[3] for launch in state.launches) == 17  # 70 → 35 → 17
+    with h5py.File(tmp_path / "bg.rtdc") as h5:  # the warnings are in the run log too
+        (_, record), = read_run_logs(h5)
+    assert len(record["warnings"]) == 2 and "going on from frame 0" in record["warnings"][0]
+    assert record["device"] == "cuda:0" and record["cupy"] == "fake"
+    assert record["cuda_runtime"] == "13.0"
 
 
 def test_out_of_memory_mid_run_goes_on_from_the_first_unwritten_frame(fake_gpu, tmp_path,

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from ._version import __version__
+from .errors import first_line
 
 LOG_PREFIX = "dcbg-background"
 """Name prefix of the run logs in the ``logs`` group"""
@@ -57,13 +58,13 @@ def device_details(device, num_cpus: int) -> dict:
         if info["index"] == device.index:
             details.update(name=info["name"], driver=info["driver"],
                            memory_total_bytes=info["memory_total"])
+    import cupy  # the CUDA backend ran, so it imports
+    details["cupy"] = cupy.__version__
     try:
-        import cupy
-        details["cupy"] = cupy.__version__
         version = cupy.cuda.runtime.runtimeGetVersion()
         details["cuda_runtime"] = f"{version // 1000}.{version % 1000 // 10}"
     except Exception as error:  # noqa: BLE001 - a log must not fail a finished run
-        details["cupy"] = f"unknown ({error})"
+        details["cuda_runtime"] = f"unknown ({first_line(error)})"
     return details
 
 
