@@ -172,6 +172,11 @@ def run_on_dask(jobs, settings: JobSettings, address: str, retries: int = 2,
     """
     from distributed import Client, as_completed
 
+    if not logging.getLogger("dcbg").isEnabledFor(logging.INFO):
+        # Dask logs every worker's start and stop at INFO; dcbg reports per file.
+        import dask
+        dask.config.set({"logging.distributed": "warning"})
+        logging.getLogger("distributed").setLevel(logging.WARNING)
     cluster = None
     if address == "local" or address.startswith("local:"):
         cluster = start_local_cluster(address, settings.device)
@@ -181,7 +186,8 @@ def run_on_dask(jobs, settings: JobSettings, address: str, retries: int = 2,
     try:
         futures = {}
         for index, (source, target) in enumerate(jobs):
-            future = client.submit(compute_file, os.fspath(source), os.fspath(target),
+            # absolute paths: a worker's working folder is not ours
+            future = client.submit(compute_file, os.path.abspath(source), os.path.abspath(target),
                                    settings, retries=retries, pure=False,
                                    key=f"dcbg-{index}-{pathlib.Path(source).name}")
             futures[future] = index
