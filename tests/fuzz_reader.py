@@ -23,7 +23,7 @@ import numpy as np
 
 import dcbg
 from dcbg import errors
-from dcbg.rtdc import RTDCInput, copy_metadata, write_file_basin
+from dcbg.rtdc import RTDCInput, copy_metadata, probe_metadata, write_file_basin
 from dcbg.synthetic import write_synthetic_rtdc
 
 CLEAN = (errors.InputDataError, errors.InputFileError, FileNotFoundError)
@@ -54,8 +54,9 @@ def mutate(data: bytes, rng: np.random.Generator) -> tuple[bytes, str]:
     return bytes(buffer), str(kind)
 
 
-def read_like_dcbg(path: pathlib.Path, out: pathlib.Path):
-    """Open an input as BackgroundRollMed does, copy its metadata, read every frame"""
+def read_like_dcbg(path: pathlib.Path, out: pathlib.Path, probe_seconds: float):
+    """Open an input as ``dcbg compute`` does, copy its metadata, read every frame"""
+    probe_metadata(path, probe_seconds)
     with dcbg.BackgroundRollMed(path, out, kernel_size=4, batch_size=16, num_cpus=1,
                                 device="cpu") as bg:
         with h5py.File("metadata", "w", driver="core", backing_store=False) as scratch:
@@ -66,10 +67,10 @@ def read_like_dcbg(path: pathlib.Path, out: pathlib.Path):
             bg.source.read_into(start, stop, frames)
 
 
-def classify(path: pathlib.Path) -> list:
+def classify(path: pathlib.Path, probe_seconds: float) -> list:
     """Read one mutant; return ["readable"], ["clean", …] or ["unclean", type, message]"""
     try:
-        read_like_dcbg(path, path.with_name("unused_output.rtdc"))
+        read_like_dcbg(path, path.with_name("unused_output.rtdc"), probe_seconds)
         return ["readable"]
     except CLEAN as error:
         if path.name in str(error) or "N=" in str(error):
@@ -79,7 +80,7 @@ def classify(path: pathlib.Path) -> list:
         return ["unclean", type(error).__name__, str(error)[:300]]
 
 
-def reader_loop(conn):
+def reader_loop(conn, probe_seconds):
     """Child process: classify the mutants whose paths arrive on `conn`"""
     import logging
     logging.disable(logging.WARNING)  # damaged basin definitions are logged, expected here
@@ -87,15 +88,16 @@ def reader_loop(conn):
         path = conn.recv()
         if path is None:
             return
-        conn.send(classify(pathlib.Path(path)))
+        conn.send(classify(pathlib.Path(path), probe_seconds))
 
 
 class Reader:
     """The reader in a child process, so a hang or crash inside HDF5 is observed"""
 
-    def __init__(self):
+    def __init__(self, probe_seconds):
         self.conn, child = mp.Pipe()
-        self.process = mp.get_context("spawn").Process(target=reader_loop, args=(child,),
+        self.process = mp.get_context("spawn").Process(target=reader_loop,
+                                                        args=(child, probe_seconds),
                                                         daemon=True)
         self.process.start()
 
@@ -125,7 +127,8 @@ def main():
     parser.add_argument("--count", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=20.0,
-                        help="seconds after which one input counts as a hang")
+                        help="seconds after which one input counts as a hang (the metadata "
+                        "probe gets half of it)")
     args = parser.parse_args()
     folder = args.folder / "fuzz"
     kept = args.folder / "fuzz_findings"
@@ -135,7 +138,7 @@ def main():
     rng = np.random.default_rng(args.seed)
     report = {"tried": 0, "readable": 0, "clean_errors": 0, "kinds": {}, "unclean": [],
               "hangs": [], "crashes": []}
-    reader = Reader()
+    reader = Reader(args.timeout / 2)
     for i in range(args.count):
         which = int(rng.integers(len(bases)))
         data, kind = mutate(originals[which], rng)
@@ -154,7 +157,7 @@ def main():
             kept.mkdir(exist_ok=True)
             path.replace(kept / path.name)  # kept to reproduce
             if outcome[0] != "unclean":
-                reader = Reader()
+                reader = Reader(args.timeout / 2)
         path.unlink(missing_ok=True)
     reader.close()
     print(json.dumps(report))

@@ -73,15 +73,22 @@ def compute_file(source, target, settings: JobSettings, progress=None) -> FileRe
         Context manager factory called with the Background instance while it
         runs (the command line's progress bar).
 
+    The file's metadata are first read in a child process
+    (:func:`dcbg.rtdc.probe_metadata`), so a file on which libhdf5 hangs or
+    crashes fails cleanly instead of stopping the batch.
+
     Raises
     ------
     Exception
         Errors that a retry may fix (see the module docstring).
     """
     from .base import get_available_background_methods
+    from .rtdc import probe_metadata
     cls = get_available_background_methods()[settings.method]
     t0 = time.perf_counter()
     try:
+        if pathlib.Path(source).is_file():
+            probe_metadata(source)
         with cls(source, target, compress=settings.compress, num_cpus=settings.num_cpus,
                  device=settings.device, **settings.kwargs) as background:
             if progress is None:

@@ -223,6 +223,56 @@ def damaged_file_error(path, error: BaseException, where: str = "") -> InputFile
         f"damaged, so copy it again from the instrument or a backup.")
 
 
+PROBE_SECONDS = 60.0
+"""How long reading a file's metadata in the probe may take before it counts as hung"""
+
+_PROBE_CODE = """
+import sys, h5py
+with h5py.File(sys.argv[1], "r") as h5:
+    [h5.attrs[key] for key in h5.attrs]
+    for group in ("basins", "logs", "tables"):
+        if group in h5:
+            h5[group].visititems(lambda name, obj: obj[()] if hasattr(obj, "shape") else None)
+    if "events" in h5:
+        [(obj.shape, obj.dtype) for obj in h5["events"].values()]
+"""
+
+
+def probe_metadata(path, timeout: float | None = None):
+    """Read a file's metadata in a child process before this process touches it
+
+    On some damaged files libhdf5 loops forever or crashes while decoding
+    variable-length string attributes (HDFGroup/hdf5#1707, found here by
+    fuzzing); no code in the process that calls it can recover. Reading the
+    root attributes, basins, logs and tables in a child first turns both into
+    a clean error, so a batch job goes on with the next file. A file the
+    child cannot read for another reason is left to the normal checks, which
+    explain the problem.
+
+    Raises
+    ------
+    InputFileError
+        If reading the metadata hangs for `timeout` seconds (default
+        :data:`PROBE_SECONDS`) or crashes.
+    """
+    import subprocess
+    import sys
+    timeout = PROBE_SECONDS if timeout is None else timeout
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE_CODE, os.fspath(path)],
+                              capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise InputFileError(
+            f"{path} cannot be read (HDF5 hung for {timeout:.0f} s decoding its metadata); "
+            f"the file is truncated or damaged, so copy it again from the instrument or a "
+            f"backup.") from None
+    if done.returncode < 0:
+        raise InputFileError(
+            f"{path} cannot be read (HDF5 crashed decoding its metadata, signal "
+            f"{-done.returncode}); the file is truncated or damaged, so copy it again from "
+            f"the instrument or a backup.")
+
+
 class ImageSource:
     """Batch-wise access to an image stack, never loading it whole
 
