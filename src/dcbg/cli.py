@@ -172,10 +172,8 @@ def cmd_compute(args) -> int:
         results = run_sequential(jobs, settings, progress_bar, on_result=report)
     else:
         (source, target), = jobs
-        result = compute_file(source, target, settings, progress_bar)
-        if not result.ok:
-            raise RuntimeError(result.message)
-        report(result)
+        report(compute_file(source, target, settings, progress_bar,
+                            report_final_errors=False))
         return 0
     print(summary_table(results))
     failed = sum(not result.ok for result in results)
@@ -198,10 +196,8 @@ def cmd_demo(args) -> int:
     settings = JobSettings(BackgroundRollMed.get_ppid_code(),
                            {"kernel_size": 100, "batch_size": 10000}, "zstd-5", args.device,
                            args.num_cpus)
-    result = compute_file(source, default_output(source), settings, progress_bar)
-    if not result.ok:
-        raise RuntimeError(result.message)
-    print(result_line(result))
+    print(result_line(compute_file(source, default_output(source), settings, progress_bar,
+                                   report_final_errors=False)))
     return 0
 
 

@@ -60,7 +60,8 @@ class FileResult:
     """the error of a failed file, in one line"""
 
 
-def compute_file(source, target, settings: JobSettings, progress=None) -> FileResult:
+def compute_file(source, target, settings: JobSettings, progress=None,
+                 report_final_errors: bool = True) -> FileResult:
     """Compute one file's background; final errors come back as a failed result
 
     Parameters
@@ -72,6 +73,9 @@ def compute_file(source, target, settings: JobSettings, progress=None) -> FileRe
     progress: callable, optional
         Context manager factory called with the Background instance while it
         runs (the command line's progress bar).
+    report_final_errors: bool
+        False raises final errors too (one file on the command line, where
+        ``--verbose`` shows their traceback).
 
     The file's metadata are first read in a child process
     (:func:`dcbg.rtdc.probe_metadata`), so a file on which libhdf5 hangs or
@@ -100,6 +104,8 @@ def compute_file(source, target, settings: JobSettings, progress=None) -> FileRe
                               time.perf_counter() - t0, str(background.device),
                               background.get_ppid(), socket.gethostname())
     except FINAL_ERRORS as error:
+        if not report_final_errors:
+            raise
         return FileResult(str(source), str(target), False, seconds=time.perf_counter() - t0,
                           host=socket.gethostname(), message=first_line(error))
 
