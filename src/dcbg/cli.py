@@ -210,7 +210,7 @@ def cmd_preview(args) -> int:
 
 def describe_file(path: pathlib.Path):
     """Print what an .rtdc file carries: images, background, PPID, run logs, basins"""
-    from .rtdc import RTDCInput, read_basin_definitions
+    from .rtdc import RTDCInput, basin_candidates, read_basin_definitions
     from .runlog import read_run_logs
     with RTDCInput(path) as rtdc_in:
         image = rtdc_in.image
@@ -227,7 +227,7 @@ def describe_file(path: pathlib.Path):
             print("image_bg: none in this file")
         for definition in read_basin_definitions(h5):
             paths = definition.get("paths", [])
-            exists = any((path.parent / p).exists() for p in paths)
+            exists = any(p.exists() for p in basin_candidates(definition, path.parent))
             print(f"basin {definition.get('name')!r}: {definition.get('type')}/"
                   f"{definition.get('format')}, {paths[0] if paths else 'no path'}"
                   f"{'' if exists else ' (missing)'}")

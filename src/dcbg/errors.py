@@ -73,8 +73,8 @@ def raise_terminated(signum, frame):
     raise Terminated(f"terminated by {signal.Signals(signum).name}")
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of an exception's message, whitespace collapsed"""
+def first_line(error: BaseException | str) -> str:
+    """The first line of an exception's message (or a text), whitespace collapsed"""
     text = str(error).split("\n")[0]
     return " ".join(text.split()) or type(error).__name__
 

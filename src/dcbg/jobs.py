@@ -152,8 +152,9 @@ def start_local_cluster(spec: str, device: str):
         except ImportError:
             LocalCUDACluster = None
         from .devices import cuda_device_count
-        if LocalCUDACluster is not None and cuda_device_count() > 0:
-            visible = list(range(cuda_device_count()))[:workers or None]
+        gpus = cuda_device_count()
+        if LocalCUDACluster is not None and gpus > 0:
+            visible = list(range(gpus))[:workers or None]
             return LocalCUDACluster(CUDA_VISIBLE_DEVICES=visible, threads_per_worker=1)
     return LocalCluster(n_workers=workers or 1, threads_per_worker=1, processes=True,
                         dashboard_address=None)

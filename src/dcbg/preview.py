@@ -15,7 +15,7 @@ import pathlib
 import numpy as np
 
 from .errors import InputDataError
-from .rtdc import RTDCInput
+from .rtdc import RTDCInput, check_output_folder
 
 MARGIN = 8
 LABEL_HEIGHT = 18
@@ -167,10 +167,7 @@ def write_preview(path, output=None, events=None, row: int | None = None) -> pat
     """
     path = pathlib.Path(path)
     output = pathlib.Path(output) if output else path.with_name(f"{path.stem}_preview.png")
-    if not output.resolve().parent.is_dir():
-        raise FileNotFoundError(
-            f"Output folder {output.resolve().parent} does not exist; create it or choose "
-            f"another path.")
+    check_output_folder(output)
     preview = render_preview(path, events, row)
     partial = output.with_name(f".{output.name}.partial")
     preview.image.save(partial, format="PNG")

@@ -77,7 +77,8 @@ def read_basin_definitions(h5: h5py.File) -> list[dict]:
     return basins
 
 
-def _basin_candidates(definition: dict, folder: pathlib.Path) -> list[pathlib.Path]:
+def basin_candidates(definition: dict, folder: pathlib.Path) -> list[pathlib.Path]:
+    """The paths a basin may be at: absolute ones as they are, relative ones in `folder`"""
     candidates = []
     for entry in definition.get("paths", []):
         path = pathlib.Path(entry)
@@ -157,7 +158,7 @@ class RTDCInput:
                     logger.info("Skipping mapped basin '%s' of %s: dcbg needs every event",
                                 definition.get("name"), path)
                     continue
-                candidates = _basin_candidates(definition, path.parent)
+                candidates = basin_candidates(definition, path.parent)
                 for candidate in candidates:
                     if candidate.exists():
                         basin = open_hdf5(candidate, "r")
@@ -216,10 +217,10 @@ def open_hdf5(path: pathlib.Path, mode: str) -> h5py.File:
         raise damaged_file_error(path, error) from error
 
 
-def damaged_file_error(path, error: BaseException, where: str = "") -> InputFileError:
+def damaged_file_error(path, cause: BaseException | str, where: str = "") -> InputFileError:
     """The error for an HDF5 file h5py cannot read (truncated or corrupted)"""
     return InputFileError(
-        f"{path} cannot be read{where} ({first_line(error)}); the file is truncated or "
+        f"{path} cannot be read{where} ({first_line(cause)}); the file is truncated or "
         f"damaged, so copy it again from the instrument or a backup.")
 
 
@@ -262,15 +263,11 @@ def probe_metadata(path, timeout: float | None = None):
         done = subprocess.run([sys.executable, "-c", _PROBE_CODE, os.fspath(path)],
                               capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise InputFileError(
-            f"{path} cannot be read (HDF5 hung for {timeout:.0f} s decoding its metadata); "
-            f"the file is truncated or damaged, so copy it again from the instrument or a "
-            f"backup.") from None
+        raise damaged_file_error(
+            path, f"HDF5 hung for {timeout:.0f} s decoding its metadata") from None
     if done.returncode < 0:
-        raise InputFileError(
-            f"{path} cannot be read (HDF5 crashed decoding its metadata, signal "
-            f"{-done.returncode}); the file is truncated or damaged, so copy it again from "
-            f"the instrument or a backup.")
+        raise damaged_file_error(
+            path, f"HDF5 crashed decoding its metadata, signal {-done.returncode}")
 
 
 class ImageSource:
@@ -513,17 +510,21 @@ class OutputLock:
             f"Could not lock {self.path} for writing; remove {self.lock_path} if no dcbg "
             f"run is using it.")
 
+    def _read_owner(self) -> tuple[int, str]:
+        """Process id and host name written in the lock file"""
+        pid, _, host = self.lock_path.read_text().partition(" ")
+        return int(pid), host
+
     def _owner(self) -> str:
         try:
-            pid, _, host = self.lock_path.read_text().partition(" ")
-            return f"process {int(pid)} on {host or 'unknown host'}"
+            pid, host = self._read_owner()
+            return f"process {pid} on {host or 'unknown host'}"
         except (OSError, ValueError):
             return "unknown process"
 
     def _remove_if_stale(self) -> bool:
         try:
-            pid, _, host = self.lock_path.read_text().partition(" ")
-            pid = int(pid)
+            pid, host = self._read_owner()
         except FileNotFoundError:
             return True  # released meanwhile
         except (OSError, ValueError):
