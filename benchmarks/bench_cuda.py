@@ -46,7 +46,6 @@ def time_device(function, repeats: int = 10, warmup: int = 2) -> float:
 
 def kernel_rows(events: int, k: int) -> list[dict]:
     import cupy
-
     from dcbg.cpu import compute_median_for_slice
     from dcbg.cuda import CUDARollingMedian
 

@@ -9,6 +9,7 @@ import pytest
 from dcbg.cli import main
 from dcbg.reference import rolling_median_reference
 from dcbg.synthetic import write_synthetic_rtdc
+from helpers.files import folder_state
 
 
 @pytest.fixture
@@ -112,3 +113,35 @@ def test_demo_and_info_as_console_script(tmp_path):
     info = subprocess.run([sys.executable, "-m", "dcbg", "info"], capture_output=True,
                           text=True, timeout=120)
     assert info.returncode == 0 and "auto picks:" in info.stdout
+
+
+@pytest.mark.parametrize("argv,code,message", [
+    (["-kb", "kernel_size=3"], 1, "positive even integer"),
+    (["-kb", "kernel_size=0"], 1, "positive even integer"),
+    (["-kb", "kernel_size=-2"], 1, "positive even integer"),
+    (["-kb", "kernel_size=2.5"], 1, "not a valid int"),
+    (["-kb", "kernel_size=ten"], 1, "not a valid int"),
+    (["-kb", "kernel_size=10", "-kb", "batch_size=10"], 1, "larger than kernel_size"),
+    (["-kb", "window=10"], 1, "Unknown PPID keyword 'window'"),
+    (["--ppid", "rollmed:k100"], 1, "not of the form key=value"),
+    (["--ppid", "k=100"], 1, "has no method code"),
+    (["--ppid", "sparsemed:k=100"], 1, "Unknown background method 'sparsemed'"),
+    (["-b", "sparsemed"], 2, "unknown method 'sparsemed'"),
+    (["-c", "gzip"], 1, "Unknown compression 'gzip'"),
+    (["{missing_folder}/out.rtdc"], 1, "Output folder .* does not exist"),
+    (["{rec}"], 2, "is the input file; add --in-place"),
+])
+def test_bad_arguments_through_the_cli(tmp_path, capsys, argv, code, message):
+    rec = write_synthetic_rtdc(tmp_path / "rec.rtdc", 60, shape=(6, 8))
+    before = folder_state(tmp_path)
+    argv = [a.format(rec=rec, missing_folder=tmp_path / "nope") for a in argv]
+    full = ["compute", str(rec), *argv, "--device", "cpu", "--num-cpus", "1"]
+    if code == 2:
+        with pytest.raises(SystemExit) as exc:
+            main(full)
+        assert exc.value.code == 2
+    else:
+        assert main(full) == 1
+    err = capsys.readouterr().err
+    assert message.split(".*")[0] in err and "Traceback" not in err, err
+    assert folder_state(tmp_path) == before

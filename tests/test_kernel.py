@@ -4,20 +4,31 @@ SPEC section 8: the same rollmed.cu is compiled with nvcc (or NVRTC through
 CuPy) for real GPUs, and with g++ plus a shim of the CUDA built-ins for the
 CPU, where it is compared byte for byte with the definition.
 """
+import pathlib
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
 
-import host_kernel as hk
-from conftest import stack_cases
-from dcbg import cuda
-from dcbg.cpu import compute_median_for_slice
+from dcbg.engines import cuda
+from dcbg.engines.cpu import compute_median_for_slice
 from dcbg.reference import rolling_median_reference
+from helpers import host_kernel as hk
+from helpers.data import stack_cases
 
 CASES = stack_cases()
-H100_RESIDENT = 132 * 2048
+H100_SMS = 132
+
+
+def sm90_blocks_per_sm(kernel, block, shared_mem):
+    """Resident blocks per SM of an sm_90 device: 228 KiB, 1 KiB reserved per block"""
+    return min(228 * 1024 // (shared_mem + 1024), 2048 // block, 32)
+
+
+def planned(pixels, output_size, kernel_size):
+    return cuda.plan_launch(pixels, output_size, kernel_size, sm90_blocks_per_sm, H100_SMS)
 
 
 def assert_kernel_exact(lib, stack, kernel_size, plan=None):
@@ -25,7 +36,7 @@ def assert_kernel_exact(lib, stack, kernel_size, plan=None):
     frames = np.ascontiguousarray(stack.reshape(len(stack), -1)[:count + kernel_size - 1])
     pixels = frames.shape[1]
     if plan is None:
-        plan = cuda.plan_launch(pixels, count, kernel_size, H100_RESIDENT)
+        plan = planned(pixels, count, kernel_size)
     guard = 5
     medians = np.full((count + 2 * guard, pixels), 0xAB, np.uint8)
     hk.launch(lib, plan, frames, medians[guard:guard + count], pixels, count, kernel_size)
@@ -69,26 +80,73 @@ def test_every_count_width_and_segmentation(host_kernel, kernel_size):
                 assert_kernel_exact(host_kernel, stack, kernel_size, plan)
 
 
+def check_reads_stay_inside(library):
+    """Short segments at both edges of buffers with unreadable neighbours
+
+    The input holds exactly output_size + kernel_size - 1 rows, as the last
+    batch of a run may, and the kernel loads rows ahead of use: a load or
+    store outside the buffers kills this process. Runs in a child process.
+    """
+    lib = hk.load(library)
+    rng = np.random.default_rng(5)
+    pixels = 37  # two blocks of 32 with idle threads; rows far shorter than a page
+    for kernel_size in (2, 3, 7, 256):
+        for output_size in (1, 2, 3, 5, 9, 13):
+            stack = rng.integers(0, 256, (output_size + kernel_size, pixels), np.uint8)
+            expected = rolling_median_reference(stack, kernel_size)[:output_size]
+            for segment_length in sorted({1, 2, 3, 5, output_size}):
+                for block in (32, 64):
+                    plan = cuda.LaunchPlan(cuda.kernel_name(kernel_size), block,
+                                           (-(-pixels // block),
+                                            -(-output_size // segment_length)),
+                                           segment_length, 0)
+                    for edge in ("end", "start"):
+                        print(kernel_size, output_size, segment_length, block, edge,
+                              flush=True)
+                        frames = hk.guarded_copy(stack[:output_size + kernel_size - 1], edge)
+                        medians = hk.guarded_copy(np.zeros_like(expected), edge)
+                        hk.launch(lib, plan, frames, medians, pixels, output_size,
+                                  kernel_size)
+                        assert np.array_equal(medians, expected)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs mmap and mprotect")
+def test_kernel_reads_stay_inside_the_input(host_kernel):
+    here = pathlib.Path(__file__).parent
+    run = subprocess.run(
+        [sys.executable, "-c",
+         f"import test_kernel; test_kernel.check_reads_stay_inside({host_kernel._name!r})"],
+        cwd=here, capture_output=True, text=True, timeout=300)
+    # -11 (SIGSEGV) is an access outside the buffers
+    last_case = (run.stdout.splitlines() or [""])[-1]
+    assert run.returncode == 0, (
+        f"exit {run.returncode} in the case (kernel_size output_size segment_length block "
+        f"edge) = ({last_case})\n{run.stderr[-3000:]}")
+
+
+
 def test_instrument_frame_with_planned_segments(host_kernel):
     from dcbg.synthetic import synthetic_stack
     stack = synthetic_stack(330, shape=(80, 320), seed=11)
-    plan = cuda.plan_launch(80 * 320, 330 - 10, 10, H100_RESIDENT)
-    assert plan.grid[1] > 1, "an 80x320 frame must be split in time on an H100"
-    assert_kernel_exact(host_kernel, stack, 10, plan)
+    launch = planned(80 * 320, 330 - 10, 10)
+    assert launch.grid[1] > 1, "an 80x320 frame must be split in time on an H100"
+    assert_kernel_exact(host_kernel, stack, 10, launch)
 
 
 def test_plan_fills_the_gpu_and_keeps_warm_up_small():
-    plan = cuda.plan_launch(80 * 320, 10000, 100, H100_RESIDENT)
-    threads = plan.grid[0] * plan.block * plan.grid[1]
-    assert threads >= 2 * H100_RESIDENT
-    assert plan.segment_length >= cuda.MIN_SEGMENT_WINDOWS * 100
-    assert plan.grid[1] * plan.segment_length >= 10000
-    assert plan.shared_mem == plan.block * 256 and plan.shared_mem <= 48 * 1024
-    big = cuda.plan_launch(2048 * 2048, 500, 1000, H100_RESIDENT)
+    launch = planned(80 * 320, 10000, 100)
+    resident = sm90_blocks_per_sm(launch.kernel, launch.block, launch.shared_mem) * H100_SMS
+    assert launch.grid[0] * launch.grid[1] >= 0.9 * launch.waves * resident
+    assert launch.segment_length >= cuda.MIN_SEGMENT_WINDOWS * 100
+    assert launch.grid[1] * launch.segment_length >= 10000
+    assert launch.shared_mem == launch.block * 256 and launch.shared_mem <= 48 * 1024
+    big = planned(2048 * 2048, 500, 1000)
     assert big.kernel == "dcbg_rollmed_count16" and big.grid[1] == 1
+    assert big.shared_mem == big.block * 512 <= 48 * 1024
     assert cuda.kernel_name(255) == "dcbg_rollmed_count8"
     assert cuda.kernel_name(256) == "dcbg_rollmed_count16"
     assert cuda.kernel_name(70000) == "dcbg_rollmed_count32"
+    assert planned(4 * 5, 2000, 70000).block == 32  # 1 KiB of counts per thread
 
 
 def test_batch_fits_free_memory():
@@ -162,3 +220,30 @@ def test_kernel_compiles_with_nvrtc():
     nvrtc.nvrtcGetProgramLog(program, log)
     nvrtc.nvrtcDestroyProgram(ctypes.byref(program))
     assert result == 0, log.value.decode(errors="replace")
+
+
+def cupy_python() -> str | None:
+    """A Python with CuPy for the compile check: DCBG_CUDA_PYTHON, else this one if it has it"""
+    import importlib.util
+    import os
+    if os.environ.get("DCBG_CUDA_PYTHON"):
+        return os.environ["DCBG_CUDA_PYTHON"]
+    return sys.executable if importlib.util.find_spec("cupy") else None
+
+
+def test_kernels_compile_through_cupys_own_nvrtc_path():
+    """As RawModule compiles them (CuPy's options and headers), for sm_80 and sm_90
+
+    CI runs it in an environment installed from the cuda12 extra
+    (DCBG_CUDA_PYTHON), where there is no GPU, so a broken GPU install is
+    caught before a user meets it.
+    """
+    python = cupy_python()
+    if python is None:
+        pytest.skip("no CuPy here; CI sets DCBG_CUDA_PYTHON to a venv from dcbg[cuda12]")
+    script = pathlib.Path(__file__).with_name("helpers") / "cupy_compile.py"
+    run = subprocess.run([python, str(script), "--arch", "sm_80", "--arch", "sm_90"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    for arch in ("sm_80", "sm_90"):
+        assert f"{arch}: OK cubin" in run.stdout, run.stdout

@@ -8,8 +8,8 @@ from hypothesis.extra.numpy import arrays
 
 import dcbg
 from dcbg import ppid
-from dcbg.cpu import compute_median_for_slice
-from dcbg.pipeline import plan_batches
+from dcbg.engines.cpu import compute_median_for_slice
+from dcbg.pipeline import plan_windows
 from dcbg.reference import computed_frame_count, rolling_median_reference
 
 
@@ -40,23 +40,24 @@ def test_batched_slice_kernel_equals_definition(case):
     flat = stack.reshape(len(stack), -1)
     pixels = flat.shape[1]
     got = []
-    for batch in plan_batches(len(stack), kernel_size, batch_size):
+    windows = computed_frame_count(len(stack), kernel_size)
+    for batch in plan_windows(0, windows, kernel_size, batch_size):
         frames = np.ascontiguousarray(flat[batch.start:batch.input_stop])
         out = np.zeros((batch.output_size, pixels), np.uint8)
         compute_median_for_slice(frames, out, kernel_size, batch.output_size,
                                  slice(0, pixels))
         got.append(out)
-    windows = np.concatenate(got)
-    assert len(windows) == computed_frame_count(len(stack), kernel_size)
+    medians = np.concatenate(got)
+    assert len(medians) == windows
     expected = rolling_median_reference(stack, kernel_size).reshape(len(stack), -1)
-    assert np.array_equal(windows, expected[:len(windows)])
+    assert np.array_equal(medians, expected[:windows])
 
 
 @settings(max_examples=12, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stacks_and_sizes(max_events=120, max_side=9), st.integers(1, 2))
 def test_cpu_backend_equals_definition(tmp_path, case, num_cpus):
-    """The whole CPU backend (worker processes, pipeline, file) on random input"""
+    """The whole CPU backend (workers, pipeline, chunked file) on random input"""
     stack, kernel_size, batch_size = case
     out = tmp_path / "bg.rtdc"
     with dcbg.BackgroundRollMed(stack, out, kernel_size=kernel_size, batch_size=batch_size,

@@ -21,7 +21,7 @@ from importlib import metadata
 import h5py
 import pytest
 
-from dcbg.devices import cuda_unavailable_reason
+from dcbg.engines.cuda import cuda_unavailable_reason
 from dcbg.synthetic import write_synthetic_rtdc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -140,8 +140,11 @@ def test_bash_block(workspace, heading, code):
 def test_python_block(workspace, heading, code):
     env = environment()
     env["DCBG_DEVICE"] = "cpu" if NO_GPU else "auto"
-    run = subprocess.run([sys.executable, "-c", code], cwd=workspace, capture_output=True,
-                         text=True, env=env, timeout=600)
+    # A block that hangs prints every thread's stack and exits, instead of
+    # leaving the test waiting until its timeout with nothing to show.
+    watchdog = "import faulthandler; faulthandler.dump_traceback_later(300, exit=True)\n"
+    run = subprocess.run([sys.executable, "-c", watchdog + code], cwd=workspace,
+                         capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     if heading == "Python":
         out = run.stdout.splitlines()
@@ -156,7 +159,7 @@ def test_python_block(workspace, heading, code):
 def test_troubleshooting_quotes_real_messages():
     """Every message quoted under Troubleshooting is one the source can print"""
     section = README.read_text().split("## Troubleshooting")[1].split("\n## ")[0]
-    source = "\n".join(p.read_text() for p in (ROOT / "src" / "dcbg").glob("*.py"))
+    source = "\n".join(p.read_text() for p in sorted((ROOT / "src" / "dcbg").rglob("*.py")))
     source = re.sub(r'"\s*\n\s*(?:rf|fr|f|r)?"', "", source)  # join implicit concatenation
     flat = " ".join(source.split())
     checked = 0

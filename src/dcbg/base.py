@@ -2,24 +2,40 @@
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import logging
+import os
 import pathlib
 import time
 
 from . import ppid, runlog
-from .cpu import default_cpu_count, mp_spawn
+from .devices import DeviceChoice, select_device
 from .errors import InputDataError, sigterm_raises
-from .rtdc import (
-    ImageBgWriter,
-    ImageSource,
-    InPlaceOutput,
-    NewOutputFile,
-    RTDCInput,
-    check_output_folder,
-    compression_kwargs,
-    copy_metadata,
-    write_file_basin,
-)
+from .rtdc.basins import write_file_basin
+from .rtdc.output import InPlaceOutput, NewOutputFile, check_output_path
+from .rtdc.reader import ImageSource, RTDCInput
+from .rtdc.writer import ImageBgWriter, compression_kwargs, copy_metadata
+from .system import available_cpus, mp_spawn
+
+IO_THREADS_ENV = "DCBG_IO_THREADS"
+"""Environment variable giving the default number of chunk codec threads"""
+
+
+def positive_int(name: str, value) -> int:
+    """`value` if it is a positive int, else a ValueError naming `name`"""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    return value
+
+
+def default_io_threads() -> int:
+    """Codec threads when none are asked for: ``DCBG_IO_THREADS``, else every CPU"""
+    text = os.environ.get(IO_THREADS_ENV, "").strip()
+    if not text:
+        return available_cpus()
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{IO_THREADS_ENV} must be a positive integer, got {text!r}.")
+    return int(text)
 
 
 class Background(abc.ABC):
@@ -27,7 +43,9 @@ class Background(abc.ABC):
 
     Subclasses implement :meth:`check_user_kwargs` (which defines the
     method's keyword arguments and therefore its PPID) and
-    :meth:`process_approach` (which appends frames to :attr:`writer`).
+    :meth:`process_approach` (which fills :attr:`writer`). The device is
+    chosen before any file is opened; the input is then opened and checked
+    with :meth:`validate_input`, so a bad input creates no output.
 
     Parameters
     ----------
@@ -44,12 +62,19 @@ class Background(abc.ABC):
     compress: bool or str
         True for zstd level 5, False for none, or "zstd-1" … "zstd-9".
     num_cpus: int, optional
-        Number of CPU worker processes; defaults to the CPUs available.
+        Number of CPU workers; defaults to the CPUs available.
+    device: str
+        "auto", "cpu", "cuda", "cuda:N" or "cuda:all" (see
+        :mod:`dcbg.devices`); never changes the result.
+    io_threads: int, optional
+        Threads that decode and encode HDF5 chunks; defaults to
+        ``DCBG_IO_THREADS`` or the CPUs available. Never changes the result.
     kwargs:
         The method's keyword arguments (see :meth:`check_user_kwargs`).
     """
 
-    def __init__(self, input_data, output_path, compress=True, num_cpus=None, **kwargs):
+    def __init__(self, input_data, output_path, compress=True, num_cpus=None, device="auto",
+                 io_threads=None, **kwargs):
         self.logger = logging.getLogger(f"dcbg.{self.__class__.__name__}")
         self.check_user_kwargs(**kwargs)
 
@@ -57,16 +82,20 @@ class Background(abc.ABC):
         """keyword arguments of the method (all of them, defaults filled in)"""
         self.kwargs.update(kwargs)
 
-        if num_cpus is None:
-            num_cpus = default_cpu_count()
-        if not isinstance(num_cpus, int) or num_cpus < 1:
-            raise ValueError(f"num_cpus must be a positive integer, got {num_cpus!r}.")
-        self.num_cpus = num_cpus
-        """number of CPU worker processes"""
+        self.num_cpus = positive_int("num_cpus",
+                                     available_cpus() if num_cpus is None else num_cpus)
+        """number of CPU workers"""
+
+        self.io_threads = positive_int("io_threads", default_io_threads()
+                                       if io_threads is None else io_threads)
+        """number of threads that decode and encode HDF5 chunks"""
 
         compression_kwargs(compress)  # reject a bad setting before any work
         self.compress = compress
-        """compression of image_bg (see :func:`dcbg.rtdc.compression_kwargs`)"""
+        """compression of image_bg (see :func:`dcbg.rtdc.writer.compression_kwargs`)"""
+
+        self.device: DeviceChoice = select_device(device)
+        """the device that computes the background"""
 
         self.output_path = pathlib.Path(output_path)
         """path of the output file"""
@@ -78,13 +107,13 @@ class Background(abc.ABC):
         """the open input .rtdc file (None for array input)"""
 
         self.h5in = None
-        """input h5py.File (None for array input)"""
+        """input h5py.File (None for array input); kept for dcnum's API"""
 
         self.h5out = None
-        """output h5py.File"""
+        """output h5py.File while :meth:`process` runs; kept for dcnum's API"""
 
         self.paths_ref: list[pathlib.Path] = []
-        """input files the output refers to through its basin"""
+        """input files the output refers to through its basin; kept for dcnum's API"""
 
         self.in_place = False
         """whether image_bg is written into the input file itself"""
@@ -92,28 +121,30 @@ class Background(abc.ABC):
         self.stage_seconds: dict[str, float] = {}
         """seconds spent per stage in the last run (read, median, write, total)"""
 
-        self._output: NewOutputFile | InPlaceOutput | None = None
         self.writer: ImageBgWriter | None = None
-        """writer of events/image_bg in the output"""
+        """writer of events/image_bg in the output while :meth:`process` runs"""
 
-        if isinstance(input_data, (str, pathlib.Path)):
-            input_path = pathlib.Path(input_data)
-            self.in_place = (self.output_path.exists()
-                             and input_path.resolve() == self.output_path.resolve())
-            self.hdin = RTDCInput(input_path, mode="a" if self.in_place else "r")
-            self.h5in = self.hdin.h5
-            if self.in_place:
-                self.h5out = self.h5in
-            else:
-                self.paths_ref.append(input_path)
-            source = self.hdin.image
-        else:
-            source = input_data
+        self.io_pool = concurrent.futures.ThreadPoolExecutor(
+            self.io_threads, thread_name_prefix="dcbg-io")
+        """threads shared by the reader and the writer for chunk codecs"""
 
+        self._output: NewOutputFile | InPlaceOutput | None = None
         try:
+            mapping = None
+            if isinstance(input_data, (str, pathlib.Path)):
+                input_path = pathlib.Path(input_data)
+                self.in_place = (self.output_path.exists()
+                                 and input_path.resolve() == self.output_path.resolve())
+                self.hdin = RTDCInput(input_path, mode="a" if self.in_place else "r")
+                self.h5in = self.hdin.h5
+                if not self.in_place:
+                    self.paths_ref.append(input_path)
+                source, mapping = self.hdin.image, self.hdin.image_mapping
+            else:
+                source = input_data
             if not self.in_place:
-                check_output_folder(self.output_path)
-            self.source = ImageSource(source)
+                check_output_path(self.output_path)
+            self.source = ImageSource(source, pool=self.io_pool, mapping=mapping)
             """batch-wise reader of the input frames"""
             self.input_data = self.source.data
             """the input image stack (h5py dataset or array-like)"""
@@ -134,16 +165,17 @@ class Background(abc.ABC):
 
     def _open_output(self):
         if self.in_place:
-            self.h5out = self.h5in
-            self._output = InPlaceOutput(self.h5out)
+            self._output = InPlaceOutput(self.h5in)
         else:
             self._output = NewOutputFile(self.output_path)
-            self.h5out = self._output.h5
             if self.hdin is not None:
-                copy_metadata(self.hdin.h5, self.h5out)
-                write_file_basin(self.h5out, self.hdin, self.output_path)
-        self.writer = ImageBgWriter(self._output.bg_group, self.image_shape, self.compress,
-                                    target=self.output_path)
+                copy_metadata(self.hdin.h5, self._output.h5)
+                write_file_basin(self._output.h5, self.hdin.path, self.hdin.identifier,
+                                 self.output_path)
+        self.h5out = self._output.h5
+        self.writer = ImageBgWriter(self._output.bg_group, self.image_shape,
+                                    self.image_count, self.compress,
+                                    target=self.output_path, pool=self.io_pool)
 
     def __enter__(self):
         return self
@@ -152,13 +184,14 @@ class Background(abc.ABC):
         self.close()
 
     def close(self):
-        """Close all files; an unfinished output is discarded"""
+        """Close all files and stop the codec threads; an unfinished output is discarded"""
         if self._output is not None:
             self._output.abort()
             self._output = None
         if self.hdin is not None:
             self.hdin.close()
             self.hdin = None
+        self.io_pool.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
     @abc.abstractmethod
@@ -201,9 +234,11 @@ class Background(abc.ABC):
         """Compute the background and store it with its PPID
 
         A new output file appears under its final name only when complete;
-        when writing into the input file, the previous ``image_bg`` stays
-        until the new one is complete. Any error, Ctrl-C or SIGTERM (in the
-        main thread) discards the unfinished output and stops the workers.
+        when writing into the input file, the previous ``image_bg`` (and
+        the ``bg_off`` computed for it) stays until the new background is
+        complete and is removed then, as dcnum does. Any error, Ctrl-C or
+        SIGTERM (in the main thread) discards the unfinished output and
+        stops the workers.
         """
         with sigterm_raises(), runlog.WarningCollector() as warnings:
             try:
@@ -214,11 +249,12 @@ class Background(abc.ABC):
                 self.image_proc.value = 0
                 self.stage_seconds = {}
                 self.process_approach()
+                self.writer.finish()
                 self.writer.set_ppid(self.get_ppid())
                 self.stage_seconds["total"] = time.perf_counter() - t0
-                record = runlog.run_record(self.get_ppid(), self.log_device(), self.num_cpus,
-                                           start, self.image_count, self.stage_seconds,
-                                           warnings.messages)
+                record = runlog.run_record(self.get_ppid(), self.device, self.num_cpus,
+                                           self.io_threads, start, self.image_count,
+                                           self.stage_seconds, warnings.messages)
                 if self.in_place:  # the log describes a background that is in the file
                     self._output.commit()
                     runlog.write_run_log(self.h5in, record)
@@ -234,13 +270,9 @@ class Background(abc.ABC):
             finally:
                 self._output = None
                 self.h5out = None
+                self.writer = None
         self.logger.info("Background of %d frames computed in %.1f s",
                          self.image_count, time.perf_counter() - t0)
-
-    def log_device(self):
-        """The device the run log names (subclasses with a device override this)"""
-        from .devices import DeviceChoice
-        return DeviceChoice("cpu", None, "CPU workers")
 
     def _count_written(self, frames: int):
         with self.image_proc.get_lock():  # writers of several devices report at once
@@ -249,7 +281,7 @@ class Background(abc.ABC):
 
     @abc.abstractmethod
     def process_approach(self):
-        """Compute the background and append it to :attr:`writer`"""
+        """Compute the background and write every frame with :attr:`writer`"""
 
 
 def get_available_background_methods() -> dict[str, type[Background]]:

@@ -11,46 +11,56 @@ import threading
 
 from ._version import __version__
 from .base import Background, get_available_background_methods
-from .devices import DEVICE_ENV, cuda_unavailable_reason, describe_cuda_devices, select_device
+from .devices import DEVICE_ENV, auto_choice, select_device
 from .errors import OutputExistsError, first_line, sigterm_raises
 from .jobs import FileResult, JobSettings, compute_file, run_on_dask, run_sequential, summary_table
-from .rtdc import compression_kwargs
+from .ppid import ppid_to_kwargs, split_ppid
+from .rtdc.hdf5 import GENERATION_ATTRIBUTE, PPID_ATTRIBUTE
+from .rtdc.output import check_output_path
+from .rtdc.writer import compression_kwargs
 
 DEMO_EVENTS = 5000
+
+DEFAULT_METHOD = "rollmed"
 
 
 class UsageError(Exception):
     """A command-line usage error (exit code 2)"""
 
 
-def parse_key_values(items: list[str]) -> dict[str, str]:
-    """Turn ``["kernel_size=100", …]`` into a dict of strings"""
-    result = {}
+def keyword_entries(items: list[str]) -> list[tuple[str, str]]:
+    """Split ``["kernel_size=100", …]`` into (key, value) pairs, in the order given"""
+    entries = []
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"-kb takes KEY=VALUE, got '{item}'")
-        result[key.strip()] = value.strip()
-    return result
+        if not sep or not key.strip() or "^" in item:
+            raise UsageError(f"-kb takes one KEY=VALUE, got '{item}'")
+        entries.append((key.strip(), value.strip()))
+    return entries
 
 
 def method_and_kwargs(args) -> tuple[type[Background], dict]:
-    """The background class and its keyword arguments from -b/-kb/--ppid"""
+    """The background class and its keyword arguments from -b/-kb/--ppid
+
+    -kb entries are read exactly like the keyword part of a PPID, so both
+    refuse unknown and repeated keywords with the same message.
+    """
+    methods = get_available_background_methods()
     if args.ppid:
-        code = args.ppid.partition(":")[0]
-        kwargs = Background.get_ppkw_from_ppid(args.ppid)
         if args.kb:
             raise UsageError("give either --ppid or -kb, not both")
+        code, _ = split_ppid(args.ppid)
+        if args.method is not None and args.method != code:
+            raise UsageError(f"--ppid names the method '{code}' but -b names "
+                             f"'{args.method}'; give only one of them")
+        kwargs = Background.get_ppkw_from_ppid(args.ppid)
     else:
-        code = args.method
-        methods = get_available_background_methods()
+        code = args.method or DEFAULT_METHOD
         if code not in methods:
             raise UsageError(f"unknown method '{code}'; available: {sorted(methods)}")
-        from .ppid import ppid_to_kwargs
-        given = parse_key_values(args.kb)
         kwargs = ppid_to_kwargs(methods[code].check_user_kwargs,
-                                "^".join(f"{k}={v}" for k, v in given.items()))
-    cls = get_available_background_methods()[code]
+                                "^".join(f"{k}={v}" for k, v in keyword_entries(args.kb)))
+    cls = methods[code]
     cls.check_user_kwargs(**kwargs)
     return cls, kwargs
 
@@ -68,8 +78,8 @@ def collect_jobs(args) -> list[tuple[pathlib.Path, pathlib.Path]]:
             raise UsageError(f"--recursive needs a folder, but {path_in} is not one")
         if args.path_out:
             raise UsageError("PATH_OUT cannot be combined with --recursive")
-        inputs = sorted(p for p in path_in.rglob("*.rtdc")
-                        if not p.name.endswith("_bg.rtdc") and not p.name.startswith("."))
+        inputs = sorted(p for p in path_in.rglob("*.rtdc") if p.is_file()
+                        and not p.name.endswith("_bg.rtdc") and not p.name.startswith("."))
         if not inputs:
             raise RuntimeError(f"no .rtdc files found below {path_in}")
     else:
@@ -138,6 +148,8 @@ def result_line(result: FileResult) -> str:
     """The line printed when one file is done"""
     if not result.ok:
         return f"{result.source}: FAILED: {result.message}"
+    if result.skipped:
+        return f"{result.source}: skipped: {result.message}"
     line = summary_line(result.events, result.seconds, result.device, result.ppid)
     return f"{result.target}: {line}"
 
@@ -147,9 +159,17 @@ def cmd_compute(args) -> int:
     compression_kwargs(args.compress)  # reject bad values before any work
     select_ppid = cls.get_ppid_from_ppkw(kwargs)
     jobs = collect_jobs(args)
-    for _source, target in jobs:
-        if not args.in_place and target.exists() and not args.force:
-            raise OutputExistsError(f"{target} exists; add --force to replace it")
+    skipped = []
+    if not args.in_place:
+        if not args.recursive:
+            check_output_path(jobs[0][1])
+        existing = [job for job in jobs if job[1].is_file() and not args.force]
+        if existing and not args.recursive:
+            raise OutputExistsError(f"{existing[0][1]} exists; add --force to replace it")
+        skipped = [FileResult(str(source), str(target), True, skipped=True,
+                              message="output exists; add --force to replace it")
+                   for source, target in existing]
+        jobs = [job for job in jobs if job not in existing]
     if args.dry_run:
         if args.dask:
             print(f"dask: {args.dask} (one task per file, {args.retries} retries)")
@@ -161,11 +181,13 @@ def cmd_compute(args) -> int:
         print(select_ppid)
         return 0
     settings = JobSettings(cls.get_ppid_code(), kwargs, args.compress, args.device,
-                           args.num_cpus)
+                           args.num_cpus, args.io_threads)
 
     def report(result):
         print(result_line(result), flush=True)
 
+    for result in skipped:
+        report(result)
     if args.dask:
         results = run_on_dask(jobs, settings, args.dask, args.retries, on_result=report)
     elif args.recursive:
@@ -175,6 +197,7 @@ def cmd_compute(args) -> int:
         report(compute_file(source, target, settings, progress_bar,
                             report_final_errors=False))
         return 0
+    results = sorted(skipped + results, key=lambda result: result.source)
     print(summary_table(results))
     failed = sum(not result.ok for result in results)
     if failed:
@@ -195,7 +218,7 @@ def cmd_demo(args) -> int:
     write_synthetic_rtdc(source, args.events)
     settings = JobSettings(BackgroundRollMed.get_ppid_code(),
                            {"kernel_size": 100, "batch_size": 10000}, "zstd-5", args.device,
-                           args.num_cpus)
+                           args.num_cpus, args.io_threads)
     print(result_line(compute_file(source, default_output(source), settings, progress_bar,
                                    report_final_errors=False)))
     return 0
@@ -210,7 +233,8 @@ def cmd_preview(args) -> int:
 
 def describe_file(path: pathlib.Path):
     """Print what an .rtdc file carries: images, background, PPID, run logs, basins"""
-    from .rtdc import RTDCInput, basin_candidates, read_basin_definitions
+    from .rtdc.basins import basin_candidates, read_basin_definitions
+    from .rtdc.reader import RTDCInput
     from .runlog import read_run_logs
     with RTDCInput(path) as rtdc_in:
         image = rtdc_in.image
@@ -220,8 +244,8 @@ def describe_file(path: pathlib.Path):
         h5 = rtdc_in.h5
         if "events" in h5 and "image_bg" in h5["events"]:
             attrs = h5["events/image_bg"].attrs
-            ppid = attrs.get("dcnum ppid background", "none recorded")
-            generation = attrs.get("dcnum ppid generation", "?")
+            ppid = attrs.get(PPID_ATTRIBUTE, "none recorded")
+            generation = attrs.get(GENERATION_ATTRIBUTE, "?")
             print(f"image_bg: PPID {ppid} (generation {generation})")
         else:
             print("image_bg: none in this file")
@@ -250,21 +274,26 @@ def cmd_info(args) -> int:
         return 0
     print(f"dcbg {__version__}")
     print(f"python {sys.version.split()[0]}, CPUs available: {os.cpu_count()}")
+    from .engines.cuda import describe_cuda_devices
     devices = describe_cuda_devices()
     if not devices:
         print("NVIDIA GPUs: none found (pynvml missing or no driver)")
     for dev in devices:
-        print(f"GPU {dev['index']}: {dev['name']}, {dev['memory_free'] / 2**30:.1f} of "
-              f"{dev['memory_total'] / 2**30:.1f} GiB free, driver {dev['driver']}")
+        ordinal = "" if dev["cuda_index"] is None else f" (cuda:{dev['cuda_index']})"
+        print(f"GPU {dev['index']}{ordinal}: {dev['name']}, PCI {dev['bus_id']}, "
+              f"{dev['memory_free'] / 2**30:.1f} of {dev['memory_total'] / 2**30:.1f} GiB "
+              f"free, driver {dev['driver']}")
     if os.environ.get(DEVICE_ENV):
         print(f"{DEVICE_ENV}={os.environ[DEVICE_ENV]}")
-    try:
-        device = select_device("auto")
-        print(f"auto picks: {device} ({device.reason})")
-    except RuntimeError as error:
-        print(f"auto picks: nothing usable ({error})")
-    if device_reason := cuda_unavailable_reason(0):
-        print(f"CUDA backend unavailable: {device_reason}")
+        try:
+            device = select_device("auto")
+            print(f"{DEVICE_ENV} picks: {device} ({device.reason})")
+        except (ValueError, RuntimeError) as error:
+            print(f"{DEVICE_ENV} picks: nothing usable ({first_line(error)})")
+    choice, warning = auto_choice()
+    print(f"auto picks: {choice} ({choice.reason})")
+    if warning:
+        print(f"WARNING: {warning}")
     print(f"methods: {', '.join(sorted(get_available_background_methods()))}")
     return 0
 
@@ -279,13 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default="auto",
                        help="auto (default), cpu, cuda, cuda:N or cuda:all")
         p.add_argument("--num-cpus", type=int, default=None,
-                       help="CPU worker processes (default: all available)")
+                       help="CPU workers for the median (default: all available)")
+        p.add_argument("--io-threads", type=int, default=None,
+                       help="threads that decode and encode HDF5 chunks (default: "
+                       "$DCBG_IO_THREADS or all CPUs available)")
         p.add_argument("--verbose", action="store_true", help="log details, show tracebacks")
 
     compute = sub.add_parser("compute", help="compute image_bg for a file or folder")
-    compute.add_argument("path_in", metavar="PATH_IN")
-    compute.add_argument("path_out", metavar="PATH_OUT", nargs="?")
-    compute.add_argument("-b", "--background-method", dest="method", default="rollmed")
+    compute.add_argument("path_in", metavar="PATH_IN",
+                         help="input .rtdc file (or, with -r, a folder of them)")
+    compute.add_argument("path_out", metavar="PATH_OUT", nargs="?",
+                         help="output .rtdc file (default: <stem>_bg.rtdc beside the input)")
+    compute.add_argument("-b", "--background-method", dest="method",
+                         help=f"background method (default: {DEFAULT_METHOD})")
     compute.add_argument("-kb", "--kwargs-background", dest="kb", action="append", default=[],
                          metavar="KEY=VALUE", help="method keyword, e.g. kernel_size=100")
     compute.add_argument("--ppid",

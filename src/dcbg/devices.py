@@ -1,9 +1,14 @@
 """Which device computes the median: the one place that decides
 
-``"auto"`` takes CUDA when cupy imports, a device exists and the kernel
-compiles there, and the CPU otherwise (the reason is logged). The
-environment variable ``DCBG_DEVICE`` overrides ``"auto"``. The device never
-changes the result, so it is not part of the PPID.
+``"auto"`` takes CUDA device 0 when CuPy imports, a device exists and the
+kernel compiles there, and the CPU otherwise. When a GPU is visible but
+cannot be used (CuPy, NVRTC or the CUDA headers missing, a compile error),
+``"auto"`` says so in one warning with the fix instead of falling back
+silently. The environment variable ``DCBG_DEVICE`` overrides ``"auto"``.
+The device never changes the result, so it is not part of the PPID.
+
+This module only parses and chooses; what CUDA can do is asked of
+:mod:`dcbg.engines.cuda`, where every CuPy and NVML call lives.
 """
 from __future__ import annotations
 
@@ -11,9 +16,18 @@ import dataclasses
 import logging
 import os
 
+from .engines import cuda
+from .errors import DeviceError
+
 logger = logging.getLogger(__name__)
 
 DEVICE_ENV = "DCBG_DEVICE"
+"""Environment variable that overrides device="auto" (same values)"""
+
+ALL_DEVICES = "all"
+"""The index part of the device string that splits a recording across all GPUs"""
+
+_warned: set[str] = set()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,10 +54,6 @@ class DeviceChoice:
         return "cuda:all" if self.split else f"cuda:{self.index}"
 
 
-ALL_DEVICES = "all"
-"""The index part of the device string that splits a recording across all GPUs"""
-
-
 def parse_device(device: str) -> tuple[str, int | str | None]:
     """Split "cpu", "cuda", "cuda:N", "cuda:all" or "auto" into kind and index"""
     text = str(device).strip().lower()
@@ -59,38 +69,17 @@ def parse_device(device: str) -> tuple[str, int | str | None]:
         f"Unknown device '{device}'; use 'auto', 'cpu', 'cuda', 'cuda:N' or 'cuda:all'.")
 
 
-def cuda_device_count() -> int:
-    """Number of CUDA devices CuPy sees (0 without cupy or driver)"""
-    try:
-        import cupy
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # noqa: BLE001 - any failure means no usable device
-        return 0
-
-
-def cuda_unavailable_reason(index: int = 0) -> str | None:
-    """Why CUDA device `index` cannot run dcbg, or None when it can"""
-    try:
-        import cupy
-    except ImportError:
-        return ("cupy is not installed (install dcbg[cuda12] or dcbg[cuda13] "
-                "for the GPU backend)")
-    except Exception as error:  # a broken CUDA install raises all sorts
-        return f"cupy failed to import ({error})"
-    try:
-        count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as error:
-        return f"no usable CUDA driver or device ({error})"
-    if count == 0:
-        return "no CUDA device found"
-    if index >= count:
-        return f"CUDA device {index} does not exist (found {count})"
-    try:
-        from .cuda import load_kernels
-        load_kernels(index)
-    except Exception as error:
-        return f"the median kernel failed to compile on CUDA device {index} ({error})"
-    return None
+def auto_choice() -> tuple[DeviceChoice, str | None]:
+    """What "auto" picks, and the warning to give when a visible GPU is unusable"""
+    reason = cuda.cuda_unavailable_reason(0)
+    if reason is None:
+        return DeviceChoice("cuda", 0, "CUDA device 0 is available and the kernel "
+                                       "compiles"), None
+    warning = None
+    if cuda.visible_nvidia_gpus() > 0:
+        warning = (f"A GPU is visible, but dcbg cannot use it: {reason}; computing on "
+                   f"the CPU meanwhile.")
+    return DeviceChoice("cpu", None, reason), warning
 
 
 def select_device(device: str = "auto") -> DeviceChoice:
@@ -105,7 +94,9 @@ def select_device(device: str = "auto") -> DeviceChoice:
 
     Raises
     ------
-    RuntimeError
+    ValueError
+        If `device` is none of the above.
+    DeviceError
         If CUDA was asked for explicitly and cannot be used.
     """
     kind, index = parse_device(device)
@@ -116,54 +107,24 @@ def select_device(device: str = "auto") -> DeviceChoice:
     if kind == "cpu":
         return DeviceChoice("cpu", None, "requested")
     if index == ALL_DEVICES:
-        count = cuda_device_count()
-        reasons = [cuda_unavailable_reason(i) for i in range(max(count, 1))]
+        count = cuda.cuda_device_count()
+        reasons = [cuda.cuda_unavailable_reason(i) for i in range(max(count, 1))]
         if count == 0 or any(reasons):
             reason = next(r for r in reasons if r)
-            raise RuntimeError(
-                f"CUDA devices cannot be used: {reason}; use --device cpu or auto.")
+            raise DeviceError(
+                f"CUDA devices cannot be used: {reason}; or use --device cpu or auto.")
         return DeviceChoice("cuda", 0, f"requested, split across {count} device(s)",
                             tuple(range(count)))
     if kind == "cuda":
-        reason = cuda_unavailable_reason(index)
+        reason = cuda.cuda_unavailable_reason(index)
         if reason is not None:
-            raise RuntimeError(
-                f"CUDA device {index} cannot be used: {reason}; use --device cpu or auto.")
+            raise DeviceError(
+                f"CUDA device {index} cannot be used: {reason}; or use --device cpu or auto.")
         return DeviceChoice("cuda", index, "requested")
-    reason = cuda_unavailable_reason(0)
-    if reason is None:
-        return DeviceChoice("cuda", 0, "CUDA device 0 is available and the kernel compiles")
-    logger.info("Using the CPU backend: %s", reason)
-    return DeviceChoice("cpu", None, reason)
-
-
-def describe_cuda_devices() -> list[dict]:
-    """Name, memory and driver of every NVIDIA GPU, via pynvml (nvidia-ml-py)
-
-    Returns an empty list when pynvml or the NVIDIA driver is missing.
-    """
-    try:
-        import pynvml
-    except ImportError:
-        return []
-    try:
-        pynvml.nvmlInit()
-    except Exception:
-        return []
-    try:
-        driver = pynvml.nvmlSystemGetDriverVersion()
-        devices = []
-        for index in range(pynvml.nvmlDeviceGetCount()):
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
-            name = pynvml.nvmlDeviceGetName(handle)
-            devices.append({
-                "index": index,
-                "name": name.decode() if isinstance(name, bytes) else name,
-                "memory_total": int(memory.total),
-                "memory_free": int(memory.free),
-                "driver": driver.decode() if isinstance(driver, bytes) else driver,
-            })
-        return devices
-    finally:
-        pynvml.nvmlShutdown()
+    choice, warning = auto_choice()
+    if warning is not None and warning not in _warned:
+        _warned.add(warning)  # once per process, not once per file of a folder
+        logger.warning(warning)
+    elif warning is None:
+        logger.info("Using the %s backend: %s", choice.kind.upper(), choice.reason)
+    return choice

@@ -41,6 +41,7 @@ class JobSettings:
     compress: str | bool = "zstd-5"
     device: str = "auto"
     num_cpus: int | None = None
+    io_threads: int | None = None
 
 
 @dataclasses.dataclass
@@ -57,7 +58,14 @@ class FileResult:
     host: str = ""
     attempts: int = 1
     message: str = ""
-    """the error of a failed file, in one line"""
+    """the error of a failed file (or why a file was skipped), in one line"""
+    skipped: bool = False
+    """whether the file was left alone (its output exists)"""
+
+    @property
+    def status(self) -> str:
+        """One of "ok", "skipped" and "FAILED"."""
+        return "FAILED" if not self.ok else "skipped" if self.skipped else "ok"
 
 
 def compute_file(source, target, settings: JobSettings, progress=None,
@@ -78,7 +86,7 @@ def compute_file(source, target, settings: JobSettings, progress=None,
         ``--verbose`` shows their traceback).
 
     The file's metadata are first read in a child process
-    (:func:`dcbg.rtdc.probe_metadata`), so a file on which libhdf5 hangs or
+    (:func:`dcbg.rtdc.probe.probe_metadata`), so a file on which libhdf5 hangs or
     crashes fails cleanly instead of stopping the batch.
 
     Raises
@@ -87,14 +95,15 @@ def compute_file(source, target, settings: JobSettings, progress=None,
         Errors that a retry may fix (see the module docstring).
     """
     from .base import get_available_background_methods
-    from .rtdc import probe_metadata
+    from .rtdc.probe import probe_metadata
     cls = get_available_background_methods()[settings.method]
     t0 = time.perf_counter()
     try:
         if pathlib.Path(source).is_file():
             probe_metadata(source)
         with cls(source, target, compress=settings.compress, num_cpus=settings.num_cpus,
-                 device=settings.device, **settings.kwargs) as background:
+                 device=settings.device, io_threads=settings.io_threads,
+                 **settings.kwargs) as background:
             if progress is None:
                 background.process()
             else:
@@ -151,7 +160,7 @@ def start_local_cluster(spec: str, device: str):
             from dask_cuda import LocalCUDACluster
         except ImportError:
             LocalCUDACluster = None
-        from .devices import cuda_device_count
+        from .engines.cuda import cuda_device_count
         gpus = cuda_device_count()
         if LocalCUDACluster is not None and gpus > 0:
             visible = list(range(gpus))[:workers or None]
@@ -229,16 +238,19 @@ def summary_table(results: list[FileResult]) -> str:
     """A plain-text table of every file's outcome, with a total line"""
     rows = [("file", "status", "events", "seconds", "events/s", "device", "host", "error")]
     for result in results:
-        rate = f"{result.events / result.seconds:,.0f}" if result.ok and result.seconds else ""
-        rows.append((pathlib.Path(result.source).name, "ok" if result.ok else "FAILED",
-                     str(result.events) if result.ok else "",
-                     f"{result.seconds:.2f}" if result.ok else "", rate, result.device,
+        done = result.status == "ok"
+        rate = f"{result.events / result.seconds:,.0f}" if done and result.seconds else ""
+        rows.append((pathlib.Path(result.source).name, result.status,
+                     str(result.events) if done else "",
+                     f"{result.seconds:.2f}" if done else "", rate, result.device,
                      result.host, result.message))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join([cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
                        + [row[-1]]).rstrip() for row in rows]
-    failed = sum(not r.ok for r in results)
-    events = sum(r.events for r in results if r.ok)
-    lines.append(f"{len(results) - failed} of {len(results)} files done, {events} events, "
-                 f"{failed} failed")
+    counts = {status: sum(r.status == status for r in results)
+              for status in ("ok", "skipped", "FAILED")}
+    events = sum(r.events for r in results if r.status == "ok")
+    skipped = f", {counts['skipped']} skipped (output exists)" if counts["skipped"] else ""
+    lines.append(f"{counts['ok']} of {len(results)} files done, {events} events{skipped}, "
+                 f"{counts['FAILED']} failed")
     return "\n".join(lines)

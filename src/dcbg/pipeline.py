@@ -1,9 +1,10 @@
-"""Batch plan and the threads that keep reading and writing off the median's path
+"""Batch plans, and the threads that keep reading and writing off the median's path
 
-Data flows one way: a reader thread fills the next input batch, the backend
-computes the medians of the current one, a writer thread stores the previous
-one. Both threads rotate a fixed set of buffers, so memory stays flat in the
-number of events, and both hand their exceptions to the main thread.
+Data flows one way: a reader thread fills the next input batch, an engine
+computes the medians of the current one, a writer thread stores the
+previous one. Both threads rotate a fixed set of buffers, so memory stays
+flat in the number of events, and both hand their exceptions to the thread
+that consumes them.
 """
 from __future__ import annotations
 
@@ -14,8 +15,6 @@ import time
 import typing
 
 import numpy as np
-
-from .reference import computed_frame_count
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,21 +41,21 @@ class Batch:
         return self.output_size + self.kernel_size - 1
 
 
-def plan_batches(image_count: int, kernel_size: int, batch_size: int) -> list[Batch]:
-    """Split the windows of a stack into batches of at most `batch_size`
-
-    The plan covers the frames that own a window (see
-    :func:`dcbg.reference.computed_frame_count`); the remaining frames
-    repeat the last window's background and are not part of any batch.
-    """
-    return plan_windows(0, computed_frame_count(image_count, kernel_size), kernel_size,
-                        batch_size)
-
-
 def plan_windows(first: int, stop: int, kernel_size: int, batch_size: int) -> list[Batch]:
     """Batches of at most `batch_size` for the windows ``first … stop-1``"""
     return [Batch(index, start, min(batch_size, stop - start), kernel_size)
             for index, start in enumerate(range(first, stop, batch_size))]
+
+
+def partition(total: int, parts: int) -> list[tuple[int, int]]:
+    """Split ``0 … total-1`` into at most `parts` contiguous ranges as equal as possible
+
+    Used for pixel slices of CPU jobs and for event ranges across GPUs; no
+    range is empty.
+    """
+    parts = max(1, min(parts, total))
+    bounds = np.linspace(0, total, parts + 1).round().astype(int)
+    return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 class _ThreadFailure:
@@ -71,8 +70,8 @@ class Prefetcher:
 
     Iterating yields ``(batch, frames)`` where `frames` is a view of shape
     ``(batch.input_size, pixels)`` into one of `buffers`; call
-    :meth:`release` once the frames have been consumed so the buffer can be
-    refilled.
+    :meth:`release` once the oldest frames handed out have been consumed so
+    their buffer can be refilled.
 
     Parameters
     ----------
@@ -139,18 +138,19 @@ class WriterThread:
 
     Parameters
     ----------
-    write: callable
-        ``write(frames)`` stores a uint8 array of shape ``(n, H, W)``.
+    write_at: callable
+        ``write_at(offset, frames)`` stores a uint8 array of flattened
+        frames at window `offset`.
     buffers: list of np.ndarray
-        Output buffers of shape ``(rows, H, W)`` handed out by
+        Output buffers of shape ``(rows, pixels)`` handed out by
         :meth:`acquire`; each returns to the pool once written.
     on_written: callable, optional
         Called with the number of frames after each write (progress).
     """
 
-    def __init__(self, write: typing.Callable, buffers: list[np.ndarray],
+    def __init__(self, write_at: typing.Callable, buffers: list[np.ndarray],
                  on_written: typing.Callable | None = None):
-        self._write = write
+        self._write_at = write_at
         self._on_written = on_written
         self._free: queue.Queue = queue.Queue()
         self._jobs: queue.Queue = queue.Queue()
@@ -167,11 +167,11 @@ class WriterThread:
             job = self._jobs.get()
             if job is None:
                 return
-            buffer, count = job
+            offset, buffer, count = job
             try:
                 if self._error is None:
                     t0 = time.perf_counter()
-                    self._write(buffer[:count])
+                    self._write_at(offset, buffer[:count])
                     self.seconds += time.perf_counter() - t0
                     if self._on_written is not None:
                         self._on_written(count)
@@ -193,10 +193,10 @@ class WriterThread:
             except queue.Empty:
                 continue
 
-    def submit(self, buffer: np.ndarray, count: int):
-        """Queue ``buffer[:count]`` for writing; the buffer returns when done"""
+    def submit(self, offset: int, buffer: np.ndarray, count: int):
+        """Queue ``buffer[:count]`` for writing at `offset`; the buffer returns when done"""
         self._raise_if_failed()
-        self._jobs.put((buffer, count))
+        self._jobs.put((offset, buffer, count))
 
     def close(self):
         """Wait until everything submitted is written; re-raise write errors"""

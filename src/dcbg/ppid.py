@@ -84,15 +84,28 @@ def parse_value(text: str, kind: type, key: str) -> typing.Any:
                 return False
             return bool(float(text))
         if kind is int:
-            number = float(text)
-            if not number.is_integer():
-                raise ValueError(text)
-            return int(number)
+            return parse_int(text)
         return kind(text)
     except ValueError:
         raise ValueError(
             f"PPID value '{text}' for '{key}' is not a valid {kind.__name__}; "
             f"write it as a plain {kind.__name__}.") from None
+
+
+def parse_int(text: str) -> int:
+    """An integer written plainly ("10000") or as an integral float ("1e4", "100.0")
+
+    Plain integers are read exactly, however long; floats only where they
+    are exact, so that a value never changes on its way into a PPID.
+    """
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    number = float(text)
+    if not number.is_integer() or abs(number) > 2**53:
+        raise ValueError(text)
+    return int(number)
 
 
 def kwargs_to_ppid(method: typing.Callable, kwargs: dict) -> str:
@@ -133,20 +146,33 @@ def ppid_to_kwargs(method: typing.Callable, ppid_kwargs: str) -> dict:
                 f"PPID entry '{item}' is not of the form key=value; "
                 f"separate entries with '^', e.g. 'k=100^b=10000'.")
         entries.append((key.strip(), value.strip()))
-    # Longer keys first, so that a full name is never taken by a shorter
-    # abbreviation that happens to be its prefix.
-    entries.sort(key=lambda entry: -len(entry[0]))
-    used: set[str] = set()
+    given: dict[str, str] = {}
     for key, value in entries:
-        for name in defaults:
-            if name not in used and name.startswith(key):
-                kwargs[name] = parse_value(value, kinds[name], name)
-                used.add(name)
-                break
-        else:
-            raise UnknownKeywordError(
-                f"Unknown PPID keyword '{key}'; valid keywords are {list(defaults)}.")
+        name = resolve_keyword(key, list(defaults))
+        if name in given:
+            raise ValueError(
+                f"Keyword '{name}' is given twice ('{given[name]}' and '{key}={value}'); "
+                f"give each keyword once.")
+        given[name] = f"{key}={value}"
+        kwargs[name] = parse_value(value, kinds[name], name)
     return kwargs
+
+
+def resolve_keyword(key: str, names: list[str]) -> str:
+    """The keyword a PPID key stands for: its full name, or the one name it abbreviates
+
+    Raises
+    ------
+    UnknownKeywordError
+        If `key` is no keyword and no prefix of exactly one.
+    """
+    if key in names:
+        return key
+    matches = [name for name in names if name.startswith(key)]
+    if len(matches) != 1:
+        raise UnknownKeywordError(
+            f"Unknown PPID keyword '{key}'; valid keywords are {names}.")
+    return matches[0]
 
 
 def split_ppid(ppid: str) -> tuple[str, str]:

@@ -15,7 +15,8 @@ import pathlib
 import numpy as np
 
 from .errors import InputDataError
-from .rtdc import RTDCInput, check_output_folder
+from .rtdc.output import check_output_path
+from .rtdc.reader import RTDCInput, events_of
 
 MARGIN = 8
 LABEL_HEIGHT = 18
@@ -97,8 +98,9 @@ def render_preview(path, events=None, row: int | None = None) -> Preview:
 
     path = pathlib.Path(path)
     with RTDCInput(path) as rtdc_in:
-        image = rtdc_in.image
-        image_bg, _ = rtdc_in.find_feature("image_bg")
+        image = events_of(rtdc_in.image, rtdc_in.image_mapping)
+        bg_data, _, bg_mapping = rtdc_in.find_feature("image_bg")
+        image_bg = events_of(bg_data, bg_mapping)
         total, height, width = image.shape
         if image_bg.shape != image.shape:
             raise InputDataError(
@@ -167,7 +169,7 @@ def write_preview(path, output=None, events=None, row: int | None = None) -> pat
     """
     path = pathlib.Path(path)
     output = pathlib.Path(output) if output else path.with_name(f"{path.stem}_preview.png")
-    check_output_folder(output)
+    check_output_path(output)
     preview = render_preview(path, events, row)
     partial = output.with_name(f".{output.name}.partial")
     preview.image.save(partial, format="PNG")

@@ -2,10 +2,8 @@
 from __future__ import annotations
 
 from .base import Background
-from .cpu import CPURollingMedian
-from .devices import select_device
+from .engines import engine_for
 from .errors import UnknownKeywordError
-from .pipeline import plan_batches
 from .reference import check_stack_length, computed_frame_count
 
 
@@ -14,8 +12,9 @@ class BackgroundRollMed(Background):
 
     For every frame and pixel, the background is the median over the next
     `kernel_size` frames (the upper middle element, no averaging); the last
-    `kernel_size` frames repeat the background of frame ``N-k-1``. The result
-    is byte-identical to dcnum 0.31's ``BackgroundRollMed`` and does not
+    `kernel_size` frames repeat the background of frame ``N-k-1`` (see
+    :func:`dcbg.reference.rolling_median_reference`). The result is
+    byte-identical to dcnum 0.31's ``BackgroundRollMed`` and does not
     depend on `batch_size`, the device or the number of workers.
 
     Parameters
@@ -32,29 +31,32 @@ class BackgroundRollMed(Background):
     compress: bool or str
         True for zstd level 5, False for none, or "zstd-1" … "zstd-9".
     num_cpus: int, optional
-        Number of CPU worker processes; defaults to the CPUs available.
+        Number of CPU workers; defaults to the CPUs available.
     device: str
         "auto", "cpu", "cuda", "cuda:N" or "cuda:all" (see :mod:`dcbg.devices`).
+    io_threads: int, optional
+        Threads that decode and encode HDF5 chunks (see :class:`dcbg.Background`).
     """
 
     def __init__(self, input_data, output_path, kernel_size=100, batch_size=10000,
-                 compress=True, num_cpus=None, device="auto", **unknown):
+                 compress=True, num_cpus=None, device="auto", io_threads=None, **unknown):
         if unknown:
             raise UnknownKeywordError(
                 f"BackgroundRollMed has no keyword {sorted(unknown)[0]!r}; its keywords are "
-                f"kernel_size, batch_size, compress, num_cpus and device.")
+                f"kernel_size, batch_size, compress, num_cpus, device and io_threads.")
         super().__init__(input_data=input_data, output_path=output_path, compress=compress,
-                         num_cpus=num_cpus, kernel_size=kernel_size, batch_size=batch_size)
-        self.kernel_size = kernel_size
+                         num_cpus=num_cpus, device=device, io_threads=io_threads,
+                         kernel_size=kernel_size, batch_size=batch_size)
+
+    @property
+    def kernel_size(self) -> int:
         """number of frames per median window"""
-        self.batch_size = batch_size
+        return self.kwargs["kernel_size"]
+
+    @property
+    def batch_size(self) -> int:
         """number of frames processed at once"""
-        try:
-            self.device = select_device(device)
-            """the device that computes the median (:class:`dcbg.devices.DeviceChoice`)"""
-        except BaseException:
-            self.close()
-            raise
+        return self.kwargs["batch_size"]
 
     @staticmethod
     def check_user_kwargs(*, kernel_size: int = 100, batch_size: int = 10000):
@@ -85,33 +87,20 @@ class BackgroundRollMed(Background):
                 f"got {batch_size}.")
 
     def validate_input(self):
-        check_stack_length(self.image_count, self.kwargs["kernel_size"])
+        check_stack_length(self.image_count, self.kernel_size)
 
     def process_approach(self):
-        """Compute all batches on the selected device, then repeat the last frame"""
+        """Compute every window on the chosen device, then repeat the last one"""
         k, count = self.kernel_size, self.image_count
-        computed = computed_frame_count(count, k)
-        batch_size = min(self.batch_size, computed)
-        if self.device.split:  # ranges of windows, each written at its own offset
-            from .cuda import SplitRollingMedian
-            engine = SplitRollingMedian(self.image_shape, k, batch_size, self.device.indices)
-            self.writer.preallocate(computed)
-            work, write = computed, self.writer.write_at
-        else:
-            if self.device.kind == "cuda":
-                from .cuda import CUDARollingMedian
-                engine = CUDARollingMedian(self.image_shape, k, batch_size, self.device.index)
-            else:
-                engine = CPURollingMedian(self.image_shape, k, batch_size, self.num_cpus)
-            work, write = plan_batches(count, k, engine.batch_size), self.writer.append
-        self.logger.info("Rolling median of %d frames %s, k=%d on %s (%s)", count,
-                         self.image_shape, k, self.device, self.device.reason)
-        with engine:
+        windows = computed_frame_count(count, k)
+        with engine_for(self.device, self.image_shape, k, min(self.batch_size, windows),
+                        self.num_cpus, windows) as engine:
+            self.logger.info("Rolling median of %d frames %s, k=%d on %s (%s)", count,
+                             self.image_shape, k, self.device, self.device.reason)
             try:
-                last = engine.run(self.source.read_into, work, write, self._count_written)
+                last = engine.run(self.source.read_into, 0, windows, self.writer.write_at,
+                                  self._count_written)
             finally:
                 self.stage_seconds.update(engine.stage_seconds)
-        self.writer.append_repeated(last, count - computed)
-
-    def log_device(self):
-        return self.device
+        self.writer.write_repeated(windows, last, count - windows)
+        self._count_written(count - windows)

@@ -15,10 +15,9 @@ import platform
 import socket
 
 import h5py
-import numpy as np
 
 from ._version import __version__
-from .errors import first_line
+from .rtdc.hdf5 import read_json_lines, write_json_lines
 
 LOG_PREFIX = "dcbg-background"
 """Name prefix of the run logs in the ``logs`` group"""
@@ -52,29 +51,24 @@ def device_details(device, num_cpus: int) -> dict:
     if device.kind != "cuda":
         return {"device": "cpu", "workers": num_cpus,
                 "processor": platform.processor() or platform.machine()}
+    from .engines.cuda import describe_cuda_device, runtime_versions
     details = {"device": str(device)}
-    from .devices import describe_cuda_devices
-    for info in describe_cuda_devices():
-        if info["index"] == device.index:
-            details.update(name=info["name"], driver=info["driver"],
-                           memory_total_bytes=info["memory_total"])
-    import cupy  # the CUDA backend ran, so it imports
-    details["cupy"] = cupy.__version__
-    try:
-        version = cupy.cuda.runtime.runtimeGetVersion()
-        details["cuda_runtime"] = f"{version // 1000}.{version % 1000 // 10}"
-    except Exception as error:  # noqa: BLE001 - a log must not fail a finished run
-        details["cuda_runtime"] = f"unknown ({first_line(error)})"
+    info = describe_cuda_device(device.index)
+    if info is not None:
+        details.update(name=info["name"], driver=info["driver"], pci_bus_id=info["bus_id"],
+                       memory_total_bytes=info["memory_total"])
+    details.update(runtime_versions())
     return details
 
 
-def run_record(ppid: str, device, num_cpus: int, start: str, events: int,
+def run_record(ppid: str, device, num_cpus: int, io_threads: int, start: str, events: int,
                stage_seconds: dict, warnings: list[str]) -> dict:
     """The log of one run as a dict"""
     return {
         "software": f"dcbg {__version__}",
         "ppid": ppid,
         **device_details(device, num_cpus),
+        "io_threads": io_threads,
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "start": start,
@@ -94,9 +88,7 @@ def write_run_log(h5: h5py.File, record: dict) -> str:
     while name in logs:  # two runs in one second
         suffix += 1
         name = f"{LOG_PREFIX}_{stamp}_{suffix}"
-    lines = json.dumps(record, indent=2).split("\n")
-    logs.create_dataset(name, data=np.array([line.encode("utf-8") for line in lines],
-                                            dtype=h5py.string_dtype("utf-8")))
+    write_json_lines(logs, name, record, variable_length=True)
     return name
 
 
@@ -105,10 +97,8 @@ def read_run_logs(h5: h5py.File) -> list[tuple[str, dict]]:
     found = []
     for name in sorted(h5.get("logs", {})):
         if name.startswith(LOG_PREFIX):
-            lines = [line.decode("utf-8") if isinstance(line, bytes) else str(line)
-                     for line in h5["logs"][name][:]]
             try:
-                found.append((name, json.loads("\n".join(lines))))
+                found.append((name, read_json_lines(h5["logs"][name])))
             except json.JSONDecodeError:
                 continue
     return found

@@ -14,7 +14,7 @@ import pathlib
 import h5py
 import numpy as np
 
-from .rtdc import chunk_events, compression_kwargs
+from .rtdc.writer import create_image_dataset
 
 DEFAULT_SHAPE = (80, 320)
 BLOCK = 256
@@ -93,7 +93,7 @@ def write_synthetic_rtdc(path, count: int, shape=DEFAULT_SHAPE, seed: int = 42,
     seed: int
         Seed; the same seed gives the same bytes.
     compression: str
-        See :func:`dcbg.rtdc.compression_kwargs`.
+        See :func:`dcbg.rtdc.writer.compression_kwargs`.
     events_per_chunk: int, optional
         HDF5 chunk length of ``events/image`` (default: about 1 MiB).
     """
@@ -121,13 +121,8 @@ def write_synthetic_rtdc(path, count: int, shape=DEFAULT_SHAPE, seed: int = 42,
         }
         h5.attrs.update(attrs)
         events = h5.create_group("events")
-        image = events.create_dataset(
-            "image", shape=(count, *shape), maxshape=(None, *shape), dtype=np.uint8,
-            chunks=(events_per_chunk or chunk_events(shape), *shape),
-            **compression_kwargs(compression))
-        image.attrs.create("CLASS", np.bytes_("IMAGE"))
-        image.attrs.create("IMAGE_VERSION", np.bytes_("1.2"))
-        image.attrs.create("IMAGE_SUBCLASS", np.bytes_("IMAGE_GRAYSCALE"))
+        image = create_image_dataset(events, "image", shape, count, compression,
+                                     events_per_chunk)
         for i, start in enumerate(range(0, count, BLOCK)):
             stop = min(start + BLOCK, count)
             image[start:stop] = synthetic_block(i, stop - start, shape, seed, scene)

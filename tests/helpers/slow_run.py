@@ -2,10 +2,11 @@
 
 Usage: ``python slow_run.py MARKER cli ARGS…`` runs the command line,
 ``python slow_run.py MARKER api INPUT OUTPUT`` runs BackgroundRollMed
-(kernel_size=10, batch_size=20, 2 CPU workers). Each batch read sleeps
-0.1 s; after the third batch the reader writes the process ids of the
-main process and its CPU workers to MARKER, so the test knows the run is
-under way and which processes must be gone afterwards.
+(kernel_size=10, batch_size=20, 2 CPU workers). The CPU engine uses worker
+processes whatever the input's length, so that tests see them. Each batch
+read sleeps 0.1 s; after the third batch the reader writes the process ids
+of the main process and its CPU workers to MARKER, so the test knows the
+run is under way and which processes must be gone afterwards.
 """
 import multiprocessing
 import os
@@ -13,7 +14,8 @@ import pathlib
 import sys
 import time
 
-from dcbg import rtdc
+from dcbg.engines import cpu
+from dcbg.rtdc import reader
 
 DELAY = 0.1
 
@@ -21,7 +23,7 @@ DELAY = 0.1
 def main():
     marker = pathlib.Path(sys.argv[1])
     mode = sys.argv[2]
-    read_into = rtdc.ImageSource.read_into
+    read_into = reader.ImageSource.read_into
     calls = []
 
     def slow_read_into(self, start, stop, out):
@@ -33,7 +35,8 @@ def main():
             marker.with_suffix(".tmp").write_text(" ".join(map(str, pids)))
             marker.with_suffix(".tmp").replace(marker)
 
-    rtdc.ImageSource.read_into = slow_read_into
+    reader.ImageSource.read_into = slow_read_into
+    cpu.PROCESS_MIN_WINDOWS = 0
     if mode == "cli":
         from dcbg.cli import main as cli_main
         return cli_main(sys.argv[3:])

@@ -1,8 +1,4 @@
-"""What users see: the preview PNG, the run log in the output, dcbg info FILE"""
-import json
-
-import dclab
-import h5py
+"""What users see: the preview PNG of a computed file, and dcbg info FILE"""
 import numpy as np
 import pytest
 from PIL import Image
@@ -10,7 +6,6 @@ from PIL import Image
 import dcbg
 from dcbg.cli import main
 from dcbg.preview import render_preview
-from dcbg.runlog import read_run_logs
 from dcbg.synthetic import write_synthetic_rtdc
 
 
@@ -72,37 +67,6 @@ def test_preview_errors(computed, capsys):
     assert main(["preview", str(source)]) == 1
     err = capsys.readouterr().err
     assert "has no events/image_bg" in err and "dcbg compute rec.rtdc" in err
-
-
-def test_run_log_in_the_output(computed):
-    source, output = computed
-    with h5py.File(output) as h5:
-        logs = read_run_logs(h5)
-    assert len(logs) == 1
-    name, record = logs[0]
-    assert name.startswith("dcbg-background_")
-    assert record["software"] == f"dcbg {dcbg.__version__}"
-    assert record["ppid"] == "rollmed:k=20^b=100"
-    assert record["device"] == "cpu" and record["workers"] == 1
-    assert record["events"] == 400 and record["warnings"] == []
-    assert set(record["seconds"]) == {"read", "median", "write", "total"}
-    assert 0 < record["seconds"]["median"] <= record["seconds"]["total"]
-    assert record["start"] <= record["end"]
-    with dclab.new_dataset(output) as ds:  # dclab shows it among the logs
-        assert json.loads("\n".join(ds.logs[name]))["ppid"] == "rollmed:k=20^b=100"
-
-
-def test_in_place_runs_add_one_log_each(computed, tmp_path):
-    source, _ = computed
-    path = tmp_path / "copy.rtdc"
-    path.write_bytes(source.read_bytes())
-    for kernel_size in (4, 6):
-        with dcbg.BackgroundRollMed(path, path, kernel_size=kernel_size, num_cpus=1,
-                                    device="cpu") as bg:
-            bg.process()
-    with h5py.File(path) as h5:
-        assert [r["ppid"] for _, r in read_run_logs(h5)] == ["rollmed:k=4^b=10000",
-                                                              "rollmed:k=6^b=10000"]
 
 
 def test_info_describes_a_file(computed, capsys):

@@ -1,7 +1,6 @@
-"""RT-DC files: dclab opens our outputs, basins resolve, nothing is ever lost"""
+"""BackgroundRollMed end to end: dclab opens its outputs, dcnum's golden bytes, in place"""
 import os
 import shutil
-import signal
 
 import dclab
 import h5py
@@ -9,11 +8,12 @@ import numpy as np
 import pytest
 
 import dcbg
-from conftest import dataset_digests, golden_entries
-from dcbg.cpu import CPURollingMedian, WorkerFailure
+from dcbg import errors
 from dcbg.reference import rolling_median_reference
 from dcbg.runlog import read_run_logs
-from dcbg.synthetic import synthetic_stack, write_synthetic_rtdc
+from dcbg.synthetic import write_synthetic_rtdc
+from helpers.data import golden_entries
+from helpers.files import dataset_digests
 
 
 @pytest.fixture(scope="module")
@@ -111,56 +111,6 @@ def test_in_place_keeps_every_other_dataset(recording, tmp_path):
         assert np.array_equal(ds["image_bg"][:], expected)
 
 
-class Interrupt(Exception):
-    pass
-
-
-def run_interrupted(source, target, monkeypatch, **kwargs):
-    """Run a background whose writer fails after its first batch"""
-    with pytest.raises(Interrupt):
-        with dcbg.BackgroundRollMed(source, target, device="cpu", **kwargs) as bg:
-            bg._open_output()
-            append = bg.writer.append
-            calls = []
-
-            def failing_append(frames):
-                calls.append(len(frames))
-                if len(calls) > 1:
-                    raise Interrupt("simulated crash")
-                append(frames)
-            monkeypatch.setattr(bg.writer, "append", failing_append)
-            bg.process()
-
-
-def test_interrupted_in_place_run_keeps_old_background(recording, tmp_path, monkeypatch):
-    path = tmp_path / "copy.rtdc"
-    shutil.copy(recording, path)
-    with dcbg.BackgroundRollMed(path, path, kernel_size=4, batch_size=40,
-                                device="cpu") as bg:
-        bg.process()
-    before = dataset_digests(path)
-    run_interrupted(path, path, monkeypatch, kernel_size=8, batch_size=20)
-    assert dataset_digests(path) == before
-
-
-def test_interrupted_new_output_leaves_nothing(recording, tmp_path, monkeypatch):
-    out = tmp_path / "out.rtdc"
-    out.write_bytes(b"previous result")
-    run_interrupted(recording, out, monkeypatch, kernel_size=4, batch_size=20)
-    assert out.read_bytes() == b"previous result"
-    assert [p.name for p in tmp_path.iterdir()] == ["out.rtdc"]
-
-
-def test_dead_worker_fails_fast():
-    stack = synthetic_stack(600, shape=(40, 60), seed=1).reshape(600, -1)
-    with CPURollingMedian((40, 60), 100, 500, 2) as engine:
-        for worker in engine.workers:
-            os.kill(worker.pid, signal.SIGKILL)
-        with pytest.raises(WorkerFailure, match="died with exit code"):
-            engine.load(stack[:599])
-            engine.compute(500)
-
-
 def test_clear_errors_for_unusable_files(shared_data, tmp_path):
     empty = shared_data / "rtdc" / "M001_data.rtdc"
     with pytest.raises(ValueError, match="N=0 events"):
@@ -189,3 +139,25 @@ def test_golden_outputs_of_dcnum(shared_data, tmp_path, entry):
 
 def test_golden_needs_shared(shared_data):
     assert golden_entries(), "index.json lists the golden outputs"
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"kernel_size": 3}, ValueError, "positive even integer"),
+    ({"kernel_size": "100"}, ValueError, "must be an integer"),
+    ({"kernel_size": 10, "batch_size": 4}, ValueError, "larger than kernel_size"),
+    ({"kernel": 10}, errors.UnknownKeywordError, "no keyword 'kernel'"),
+    ({"kernel": 10}, TypeError, "no keyword 'kernel'"),
+    ({"kernel_size": 4, "compress": "gzip"}, ValueError, "Unknown compression 'gzip'"),
+])
+def test_bad_arguments_through_the_api(tmp_path, kwargs, error, message):
+    stack = np.zeros((50, 3, 3), np.uint8)
+    with pytest.raises(error, match=message):
+        with dcbg.BackgroundRollMed(stack, tmp_path / "o.rtdc", device="cpu", num_cpus=1,
+                                    **kwargs) as bg:
+            bg.process()
+    with pytest.raises(FileNotFoundError, match="Output folder .*nope does not exist"):
+        dcbg.BackgroundRollMed(stack, tmp_path / "nope" / "o.rtdc", kernel_size=4)
+    for bad in ("rollmed:k100", "sparsemed:k=2", "rollmed:k=4^k=6^z=1", ""):
+        with pytest.raises(ValueError):
+            dcbg.Background.get_ppkw_from_ppid(bad)
+    assert not list(tmp_path.iterdir())

@@ -23,7 +23,10 @@ import numpy as np
 
 import dcbg
 from dcbg import errors
-from dcbg.rtdc import RTDCInput, copy_metadata, probe_metadata, write_file_basin
+from dcbg.rtdc.basins import write_file_basin
+from dcbg.rtdc.probe import probe_metadata
+from dcbg.rtdc.reader import RTDCInput
+from dcbg.rtdc.writer import copy_metadata
 from dcbg.synthetic import write_synthetic_rtdc
 
 CLEAN = (errors.InputDataError, errors.InputFileError, FileNotFoundError)
@@ -36,7 +39,7 @@ def base_files(folder: pathlib.Path) -> list[pathlib.Path]:
     basin_only = folder / "basin_only.rtdc"
     with RTDCInput(raw) as source, h5py.File(basin_only, "w") as h5:
         copy_metadata(source.h5, h5)
-        write_file_basin(h5, source, basin_only)
+        write_file_basin(h5, source.path, source.identifier, basin_only)
     return [direct, basin_only]
 
 
@@ -58,7 +61,7 @@ def read_like_dcbg(path: pathlib.Path, out: pathlib.Path, probe_seconds: float):
     """Open an input as ``dcbg compute`` does, copy its metadata, read every frame"""
     probe_metadata(path, probe_seconds)
     with dcbg.BackgroundRollMed(path, out, kernel_size=4, batch_size=16, num_cpus=1,
-                                device="cpu") as bg:
+                                io_threads=2, device="cpu") as bg:
         with h5py.File("metadata", "w", driver="core", backing_store=False) as scratch:
             copy_metadata(bg.h5in, scratch)
         frames = np.empty((16, bg.source.pixels), np.uint8)

@@ -1,4 +1,4 @@
-// Runs src/dcbg/kernels/rollmed.cu on the CPU: the CUDA built-ins become
+// Runs src/dcbg/engines/kernels/rollmed.cu on the CPU: the CUDA built-ins become
 // plain globals and a launch becomes loops over blocks and threads. The
 // kernel has no __syncthreads and each thread touches only its own shared
 // words, so running the threads one after another is a faithful schedule.

@@ -1,12 +1,22 @@
-"""Every CPU path against the normative definition (SPEC section 2), byte for byte"""
+"""The CPU engine against the normative definition, byte for byte, and its workers"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
 import h5py
 import numpy as np
 import pytest
 
 import dcbg
-from conftest import stack_cases
-from dcbg.cpu import compute_median_for_slice, job_slices
+from dcbg.engines import cpu
+from dcbg.engines.cpu import compute_median_for_slice, job_slices
+from dcbg.errors import WorkerFailure
 from dcbg.reference import rolling_median_reference
+from dcbg.synthetic import synthetic_stack
+from helpers.data import stack_cases
 
 CASES = stack_cases()
 
@@ -45,6 +55,7 @@ def test_slice_kernel_large_kernels(kernel_size, extra):
 
 def run_background(stack, tmp_path, **kwargs):
     out = tmp_path / "bg.rtdc"
+    out.unlink(missing_ok=True)
     with dcbg.BackgroundRollMed(stack, out, device="cpu", **kwargs) as bg:
         bg.process()
         assert bg.get_progress() == 1
@@ -70,7 +81,10 @@ def test_pipeline_matches_definition(tmp_path, shape, count, kernel_size, batch_
     assert np.array_equal(got, rolling_median_reference(stack, kernel_size))
 
 
-def test_result_independent_of_batch_size_and_workers(tmp_path):
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_result_independent_of_batch_size_and_workers(tmp_path, monkeypatch, workers):
+    if workers == "processes":
+        monkeypatch.setattr(cpu, "PROCESS_MIN_WINDOWS", 0)
     stack = CASES["realistic"]
     expected = rolling_median_reference(stack, 10)
     for batch_size, num_cpus in [(11, 1), (17, 2), (69, 2), (500, 1)]:
@@ -110,3 +124,61 @@ def test_empty_and_non_uint8_input(tmp_path):
     with pytest.raises(ValueError, match="uint8"):
         dcbg.BackgroundRollMed(np.zeros((20, 4, 4), np.float32), tmp_path / "o.rtdc",
                                device="cpu")
+
+
+def test_batches_overlap_for_short_inputs_and_stay_bounded():
+    plan = cpu.CPURollingMedian.plan_batch
+    assert plan(10000, 100, 1400) == 400  # four kernel sizes at least
+    assert plan(10000, 10, 1400) == 350  # four batches for a short input
+    assert plan(10000, 10, 10**6) == cpu.PIPELINE_BATCH
+    assert plan(20, 10, 10**6) == 20  # never more than asked for
+    assert plan(10000, 1000, 10**6) == 4000
+
+
+def test_workers_are_capped_by_cpus_and_pixels(caplog):
+    engine = cpu.CPURollingMedian((80, 320), 10, 100, 1000, 500)
+    assert engine.num_cpus == len(os.sched_getaffinity(0))
+    assert "1000 CPU workers were asked for" in caplog.text
+    assert cpu.CPURollingMedian((4, 5), 10, 100, 2, 500).num_cpus == 1
+    assert isinstance(engine.workers, cpu.ThreadWorkers)
+    assert isinstance(cpu.CPURollingMedian((4, 5), 10, 100, 1, cpu.PROCESS_MIN_WINDOWS).workers,
+                      cpu.ProcessWorkers)
+
+
+def test_dead_worker_fails_fast():
+    stack = synthetic_stack(600, shape=(40, 60), seed=1).reshape(600, -1)
+    workers = cpu.ProcessWorkers(40 * 60, 100, 500, 2)
+    workers.start()
+    try:
+        medians = np.zeros((500, 40 * 60), np.uint8)
+        workers.compute(stack[:599], medians, 500)
+        while not all(workers.started):  # both are ready: a death now is mid-work
+            time.sleep(0.01)
+        for worker in workers.workers:
+            os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(WorkerFailure, match="died with exit code"):
+            workers.compute(stack[:599], medians, 500)
+    finally:
+        workers.close()
+
+
+def test_worker_that_dies_while_starting_names_the_main_guard(tmp_path):
+    """A script without the main guard makes every spawned worker run it again"""
+    script = tmp_path / "no_guard.py"
+    script.write_text(textwrap.dedent(f"""
+        import numpy as np
+        import dcbg
+        from dcbg.engines import cpu
+        cpu.PROCESS_MIN_WINDOWS = 0
+        stack = np.zeros((60, 4, 4), np.uint8)
+        with dcbg.BackgroundRollMed(stack, {str(tmp_path / "out.rtdc")!r}, kernel_size=4,
+                                    num_cpus=1, device="cpu") as bg:
+            bg.process()
+    """))
+    run = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert "exited with code 1 while starting" in last, run.stderr[-2000:]
+    assert "if __name__ == \"__main__\":" in last
+    assert "out of memory" not in last

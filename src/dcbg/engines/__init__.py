@@ -1,0 +1,51 @@
+"""Engines compute rolling medians on a device; all implement :class:`Engine`
+
+- :mod:`~dcbg.engines.cpu`: a histogram median per pixel on CPU threads or
+  RawArray worker processes;
+- :mod:`~dcbg.engines.cuda`: the same algorithm as a CUDA kernel
+  (``kernels/rollmed.cu``) in an overlapped copy/compute pipeline, and
+  every CuPy and NVML call of dcbg;
+- :mod:`~dcbg.engines.split`: one recording split across several GPUs.
+
+:func:`engine_for` is the one place that turns a chosen device into an
+engine. Engines import numba or CuPy only when they are built, so that
+``import dcbg`` stays quick.
+"""
+from __future__ import annotations
+
+import typing
+
+from .base import Engine, count_dtype
+
+if typing.TYPE_CHECKING:
+    from ..devices import DeviceChoice
+
+
+def engine_for(device: DeviceChoice, image_shape, kernel_size: int, batch_size: int,
+               num_cpus: int, windows: int) -> Engine:
+    """The engine that computes `windows` windows on `device`
+
+    Parameters
+    ----------
+    device: dcbg.devices.DeviceChoice
+        The device chosen by :func:`dcbg.devices.select_device`.
+    image_shape: tuple of int
+        Shape of one frame.
+    kernel_size, batch_size: int
+        The method's keywords.
+    num_cpus: int
+        CPU workers (used by the CPU engine).
+    windows: int
+        Number of windows of the run (the CPU engine picks its workers by it).
+    """
+    if device.split:
+        from .split import SplitRollingMedian
+        return SplitRollingMedian(image_shape, kernel_size, batch_size, device.indices)
+    if device.kind == "cuda":
+        from .cuda import CUDARollingMedian
+        return CUDARollingMedian(image_shape, kernel_size, batch_size, device.index)
+    from .cpu import CPURollingMedian
+    return CPURollingMedian(image_shape, kernel_size, batch_size, num_cpus, windows)
+
+
+__all__ = ["Engine", "count_dtype", "engine_for"]

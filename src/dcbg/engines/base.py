@@ -1,0 +1,86 @@
+"""The interface every engine implements"""
+from __future__ import annotations
+
+import abc
+import typing
+
+import numpy as np
+
+
+def count_dtype(kernel_size: int) -> np.dtype:
+    """Smallest unsigned type for histogram counts of a window of `kernel_size` frames
+
+    A count never exceeds the window, so 8 bits serve kernel sizes up to 255.
+    """
+    if kernel_size <= 0xFF:
+        return np.dtype(np.uint8)
+    if kernel_size <= 0xFFFF:
+        return np.dtype(np.uint16)
+    return np.dtype(np.uint32)
+
+
+class Engine(abc.ABC):
+    """Computes rolling medians of a range of windows on one kind of device
+
+    An engine owns its resources (worker processes or threads, GPU memory)
+    from ``__enter__`` to ``__exit__``. :meth:`run` plans its own batches,
+    reads the input frames each batch needs with `read_into`, and hands
+    every computed window to `write_at`; the writer has the dataset's full
+    size already, so windows may arrive in any order.
+
+    Parameters
+    ----------
+    image_shape: tuple of int
+        Shape of one frame.
+    kernel_size: int
+        Number of frames per window.
+    batch_size: int
+        Largest number of windows computed at once; an engine may use
+        smaller batches (to overlap its stages or to fit its memory), which
+        never changes the result.
+    """
+
+    def __init__(self, image_shape, kernel_size: int, batch_size: int):
+        self.image_shape = tuple(image_shape)
+        self.pixels = int(np.prod(self.image_shape))
+        self.kernel_size = kernel_size
+        self.batch_size = batch_size
+        """windows per batch in this engine"""
+        self.stage_seconds: dict[str, float] = {}
+        """seconds spent per stage (read, median, write) in the last run"""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @abc.abstractmethod
+    def close(self):
+        """Give the engine's resources back (worker processes, GPU memory)"""
+
+    @abc.abstractmethod
+    def run(self, read_into: typing.Callable, first: int, stop: int,
+            write_at: typing.Callable, on_written: typing.Callable | None = None
+            ) -> np.ndarray:
+        """Compute windows ``first … stop-1``
+
+        Parameters
+        ----------
+        read_into: callable
+            ``read_into(start, stop, out)`` fills ``out[:stop-start]`` with
+            input frames ``start … stop-1`` flattened to ``(n, pixels)``; it
+            may be called from several threads.
+        first, stop: int
+            The windows to compute.
+        write_at: callable
+            ``write_at(offset, medians)`` stores flattened medians of
+            windows ``offset …``; it may be called from several threads.
+        on_written: callable, optional
+            Called with a number of windows whenever some were written.
+
+        Returns
+        -------
+        last: np.ndarray
+            The flattened background of window ``stop-1``.
+        """

@@ -1,0 +1,438 @@
+"""CPU engine: a histogram median per pixel, on threads or on RawArray worker processes
+
+Frames are uint8, so every pixel keeps a 256-bin histogram of its window and
+a pointer to the median bin; moving the window by one frame changes one
+count up and one down, and the pointer walks to the new median in a step or
+two. The cost per frame does not depend on the kernel size. The kernel is
+compiled by numba and releases the GIL.
+
+Two kinds of workers run it on slices of pixels ("jobs"):
+
+- :class:`ProcessWorkers`, the RawArray design of dcnum: spawned worker
+  processes share `shared_input` ((batch_size + kernel_size) × pixels) and
+  `shared_output` (batch_size × pixels) RawArrays with the main process,
+  take pixel slices from a job queue and count finished jobs in a shared
+  counter. Each process pays about a second to start (Python, numpy and
+  numba, and loading the compiled kernel), so they serve long inputs.
+- :class:`ThreadWorkers`: threads of this process run the same kernel on the
+  batch buffers directly; they cost nothing to start and serve short inputs.
+
+Both give the same bytes. :class:`CPURollingMedian` picks one by the number
+of windows (see :data:`PROCESS_MIN_WINDOWS`).
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import pathlib
+import queue
+import signal
+import sys
+import time
+import traceback
+
+import numba
+import numpy as np
+
+from ..errors import WorkerFailure
+from ..pipeline import Prefetcher, WriterThread, partition, plan_windows
+from ..system import available_cpus, mp_spawn
+from .base import Engine, count_dtype
+
+logger = logging.getLogger(__name__)
+
+PIXELS_PER_JOB = 2048
+"""Pixels per job: their histograms (at most 1 MiB) stay in cache"""
+
+MIN_PIXELS_PER_JOB = 256
+"""Fewer pixels per job would cost more in handing jobs out than they compute"""
+
+PIPELINE_BATCH = 2048
+"""Most windows per CPU batch: short batches let the reader, the workers and
+the writer overlap; the result never depends on it"""
+
+PIPELINE_DEPTH = 4
+"""A short input is split into at least this many batches, so that writing
+the first batch overlaps computing the next"""
+
+PROCESS_MIN_WINDOWS = 50_000
+"""Inputs with at least this many windows use worker processes, shorter ones
+threads: below it, starting processes would cost more than it could gain"""
+
+WORKER_POLL_SECONDS = 0.005
+"""How often the main process checks the counter and the workers' health"""
+
+
+@numba.njit(nogil=True, cache=True)
+def rolling_median_columns(frames, out, kernel_size, output_size, start, stop, counts):
+    """Rolling median of the pixel columns ``start:stop`` of `frames`
+
+    ``out[t, p]`` becomes the element of rank ``kernel_size // 2`` of
+    ``frames[t:t+kernel_size, p]`` for ``t < output_size``. `counts` is a
+    zeroed scratch array of shape ``(stop - start, 256)``.
+    """
+    half = kernel_size // 2
+    width = stop - start
+    median = np.zeros(width, np.int64)
+    below = np.zeros(width, np.int64)  # window elements smaller than median
+    for row in range(kernel_size - 1):
+        for j in range(width):
+            counts[j, frames[row, start + j]] += 1
+    for t in range(output_size):
+        for j in range(width):
+            m = median[j]
+            b = below[j]
+            entering = frames[t + kernel_size - 1, start + j]
+            counts[j, entering] += 1
+            if entering < m:
+                b += 1
+            if t > 0:
+                leaving = frames[t - 1, start + j]
+                counts[j, leaving] -= 1
+                if leaving < m:
+                    b -= 1
+            while b > half:
+                m -= 1
+                b -= counts[j, m]
+            while b + counts[j, m] <= half:
+                b += counts[j, m]
+                m += 1
+            median[j] = m
+            below[j] = b
+            out[t, start + j] = m
+
+
+def compute_median_for_slice(shared_input, shared_output, kernel_size, output_size, job_slice):
+    """Compute the rolling median for a slice of pixels of the shared arrays
+
+    Parameters
+    ----------
+    shared_input: np.ndarray
+        View of the input RawArray, shape ``(batch_size + kernel_size,
+        pixels)``; rows ``0 … output_size + kernel_size - 2`` hold frames.
+    shared_output: np.ndarray
+        View of the output RawArray, shape ``(batch_size, pixels)``; rows
+        ``0 … output_size - 1`` of the columns in `job_slice` are written.
+    kernel_size: int
+        Number of events in each window.
+    output_size: int
+        Number of windows to compute in this batch.
+    job_slice: slice
+        The pixel columns this job owns; jobs never overlap, so workers
+        write to the shared output without locks.
+    """
+    start, stop, _ = job_slice.indices(shared_input.shape[1])
+    counts = np.zeros((stop - start, 256), dtype=count_dtype(kernel_size))
+    rolling_median_columns(shared_input, shared_output, kernel_size, output_size,
+                           start, stop, counts)
+
+
+def job_slices(pixels: int, workers: int) -> list[slice]:
+    """Split `pixels` into balanced, cache-sized slices, at least one per worker"""
+    jobs = max(workers, -(-pixels // PIXELS_PER_JOB))
+    return [slice(a, b) for a, b in partition(pixels, jobs)]
+
+
+def warm_up_kernel():
+    """Load the compiled kernel (numba's cache) before the first batch needs it"""
+    frames = np.zeros((3, 1), np.uint8)
+    compute_median_for_slice(frames, np.zeros((1, 1), np.uint8), 2, 1, slice(0, 1))
+
+
+class WorkerRollMed(mp_spawn.Process):
+    """Worker process computing rolling medians for jobs from a queue
+
+    The worker maps the shared RawArrays, takes ``(output_size, job_slice)``
+    jobs from `job_queue`, and increments `counter` after each. It stops when
+    `counter` is negative, or when the main process is gone (so a killed
+    main process leaves no orphans). It sets ``started[index]`` once it is
+    ready, and puts a traceback on `error_queue` before it exits with an
+    error, so the main process can fail with the real cause. Ctrl-C is left
+    to the main process, which stops the workers in order.
+    """
+
+    def __init__(self, job_queue, counter, shared_input, shared_output, batch_size,
+                 kernel_size, error_queue, started, index):
+        super().__init__(daemon=True)
+        self.queue = job_queue
+        self.counter = counter
+        self.shared_input_raw = shared_input
+        self.shared_output_raw = shared_output
+        self.batch_size = batch_size
+        self.kernel_size = kernel_size
+        self.error_queue = error_queue
+        self.started = started
+        self.index = index
+        self.parent_pid = os.getpid()
+
+    def run(self):
+        """Main loop (ends when the counter turns negative or the parent is gone)"""
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            # Map the RawArrays here: mapping them in __init__ would copy them.
+            shared_input = np.ctypeslib.as_array(self.shared_input_raw).reshape(
+                self.batch_size + self.kernel_size, -1)
+            shared_output = np.ctypeslib.as_array(self.shared_output_raw).reshape(
+                self.batch_size, -1)
+            warm_up_kernel()
+            self.started[self.index] = 1
+            while self.counter.value >= 0:
+                try:
+                    output_size, job_slice = self.queue.get(timeout=0.1)
+                except queue.Empty:
+                    if os.getppid() != self.parent_pid:
+                        return
+                    continue
+                compute_median_for_slice(shared_input, shared_output, self.kernel_size,
+                                         output_size, job_slice)
+                with self.counter.get_lock():
+                    self.counter.value += 1
+        except BaseException:
+            self.error_queue.put(traceback.format_exc())
+            raise SystemExit(1) from None
+
+
+def _main_script_lacks_guard() -> bool:
+    """Whether the main module is a script without ``if __name__ == "__main__":``"""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if not path or getattr(main, "__spec__", None) is not None:
+        return False  # interactive, -c, or -m: spawned workers do not re-run it
+    try:
+        return "__main__" not in pathlib.Path(path).read_text(errors="replace")
+    except OSError:
+        return False
+
+
+class ProcessWorkers:
+    """Spawned worker processes sharing RawArrays with this process
+
+    Parameters
+    ----------
+    pixels: int
+        Pixels per frame.
+    kernel_size: int
+        Number of frames per window.
+    batch_size: int
+        Most windows per batch.
+    num_cpus: int
+        Number of worker processes.
+    """
+
+    kind = "processes"
+
+    def __init__(self, pixels: int, kernel_size: int, batch_size: int, num_cpus: int):
+        self.kernel_size = kernel_size
+        self.batch_size = batch_size
+        self.num_cpus = num_cpus
+        self.shared_input_raw = mp_spawn.RawArray(
+            np.ctypeslib.ctypes.c_uint8, pixels * (batch_size + kernel_size))
+        """RawArray with the input frames of the current batch"""
+        self.shared_output_raw = mp_spawn.RawArray(
+            np.ctypeslib.ctypes.c_uint8, pixels * batch_size)
+        """RawArray with the medians of the current batch"""
+        self.shared_input = np.ctypeslib.as_array(self.shared_input_raw).reshape(
+            batch_size + kernel_size, pixels)
+        """numpy view on `shared_input_raw`, first axis enumerates events"""
+        self.shared_output = np.ctypeslib.as_array(self.shared_output_raw).reshape(
+            batch_size, pixels)
+        """numpy view on `shared_output_raw`, first axis enumerates events"""
+        self.worker_counter = mp_spawn.Value("q", 0)
+        """number of finished jobs in the current batch; negative stops workers"""
+        self.queue = mp_spawn.Queue()
+        """queue of ``(output_size, job_slice)`` jobs"""
+        self.error_queue = mp_spawn.Queue()
+        """tracebacks of workers that failed"""
+        self.started = mp_spawn.RawArray("b", num_cpus)
+        """per worker: 1 once it is ready to compute"""
+        self.jobs = job_slices(pixels, num_cpus)
+        """pixel slices, one job each per batch"""
+        self.workers: list[WorkerRollMed] = []
+        """the worker processes"""
+
+    def start(self):
+        """Spawn the worker processes (they start while the first batch is read)"""
+        self.workers = [WorkerRollMed(self.queue, self.worker_counter, self.shared_input_raw,
+                                      self.shared_output_raw, self.batch_size,
+                                      self.kernel_size, self.error_queue, self.started,
+                                      index)
+                        for index in range(self.num_cpus)]
+        for worker in self.workers:
+            worker.start()
+
+    def close(self):
+        """Stop and join the worker processes"""
+        self.worker_counter.value = -1000
+        for worker in self.workers:
+            worker.join(timeout=5)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join()
+        self.workers = []
+
+    def check(self):
+        """Raise WorkerFailure if a worker reported an error or died"""
+        try:
+            report = self.error_queue.get_nowait()
+        except queue.Empty:
+            report = None
+        if report is not None:
+            raise WorkerFailure(
+                f"A CPU worker failed while computing the median; the cause is below. "
+                f"Re-run with --verbose and report it if it persists.\n{report}")
+        dead = [(self.started[worker.index], worker) for worker in self.workers
+                if worker.exitcode is not None]
+        for started, worker in sorted(dead, key=lambda item: -item[0]):
+            if started:
+                raise WorkerFailure(
+                    f"CPU worker process {worker.pid} died with exit code {worker.exitcode} "
+                    f"while computing the median (often: out of memory); retry with a "
+                    f"smaller batch_size or fewer --num-cpus.")
+            guard = (" The script that started dcbg has no 'if __name__ == "
+                     "\"__main__\":' guard: worker processes import the main script, "
+                     "so put the code that runs dcbg under that guard."
+                     if _main_script_lacks_guard() else "")
+            raise WorkerFailure(
+                f"CPU worker process {worker.pid} exited with code {worker.exitcode} while "
+                f"starting, before it computed anything (its own error is printed "
+                f"above).{guard}")
+
+    def compute(self, frames: np.ndarray, medians: np.ndarray, output_size: int):
+        """Medians of `output_size` windows of `frames` into `medians` (flattened rows)"""
+        self.shared_input[:len(frames)] = frames
+        self.worker_counter.value = 0
+        for job in self.jobs:
+            self.queue.put((output_size, job))
+        while self.worker_counter.value < len(self.jobs):
+            time.sleep(WORKER_POLL_SECONDS)
+            self.check()
+        medians[:output_size] = self.shared_output[:output_size]
+
+
+class ThreadWorkers:
+    """Threads of this process running the kernel on the batch buffers directly
+
+    Parameters
+    ----------
+    pixels: int
+        Pixels per frame.
+    kernel_size: int
+        Number of frames per window.
+    num_cpus: int
+        Number of threads.
+    """
+
+    kind = "threads"
+
+    def __init__(self, pixels: int, kernel_size: int, num_cpus: int):
+        self.kernel_size = kernel_size
+        self.jobs = job_slices(pixels, num_cpus)
+        self.pool = concurrent.futures.ThreadPoolExecutor(num_cpus,
+                                                          thread_name_prefix="dcbg-median")
+        self._warm_up: concurrent.futures.Future | None = None
+
+    def start(self):
+        """Load the compiled kernel in the background while the first batch is read"""
+        self._warm_up = self.pool.submit(warm_up_kernel)
+
+    def close(self):
+        """Stop the threads"""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def compute(self, frames: np.ndarray, medians: np.ndarray, output_size: int):
+        """Medians of `output_size` windows of `frames` into `medians` (flattened rows)"""
+        if self._warm_up is not None:
+            self._warm_up.result()
+        futures = [self.pool.submit(compute_median_for_slice, frames, medians,
+                                    self.kernel_size, output_size, job)
+                   for job in self.jobs]
+        concurrent.futures.wait(futures)
+        for future in futures:
+            future.result()
+
+
+class CPURollingMedian(Engine):
+    """Rolling-median engine on the CPU
+
+    Parameters
+    ----------
+    image_shape: tuple of int
+        Shape of one frame.
+    kernel_size: int
+        Number of events in each window.
+    batch_size: int
+        Largest number of windows computed at once (see :meth:`plan_batch`).
+    num_cpus: int
+        Number of workers (processes or threads).
+    windows: int
+        Number of windows the engine will compute; chooses the workers.
+    """
+
+    def __init__(self, image_shape, kernel_size, batch_size, num_cpus, windows):
+        super().__init__(image_shape, kernel_size,
+                         self.plan_batch(batch_size, kernel_size, windows))
+        available = available_cpus()
+        if num_cpus > available:
+            logger.warning("%d CPU workers were asked for, but this process may use %d "
+                           "CPUs; starting %d", num_cpus, available, available)
+        self.num_cpus = max(1, min(num_cpus, available, self.pixels // MIN_PIXELS_PER_JOB))
+        """number of workers: as asked, but no more than CPUs and jobs for them"""
+        if windows >= PROCESS_MIN_WINDOWS:
+            self.workers = ProcessWorkers(self.pixels, kernel_size, self.batch_size,
+                                          self.num_cpus)
+        else:
+            self.workers = ThreadWorkers(self.pixels, kernel_size, self.num_cpus)
+        self._started = False
+
+    @staticmethod
+    def plan_batch(batch_size: int, kernel_size: int, windows: int) -> int:
+        """Windows per CPU batch
+
+        At most :data:`PIPELINE_BATCH` (and `batch_size`), at least four
+        kernel sizes (re-reading ``kernel_size - 1`` frames per batch stays
+        below a quarter), and for short inputs small enough that
+        :data:`PIPELINE_DEPTH` batches overlap reading, computing and
+        writing.
+        """
+        overlapped = -(-windows // PIPELINE_DEPTH)
+        return max(1, min(batch_size, max(4 * kernel_size, min(PIPELINE_BATCH, overlapped))))
+
+    def __enter__(self):
+        self.workers.start()
+        self._started = True
+        return self
+
+    def close(self):
+        if self._started:
+            self.workers.close()
+            self._started = False
+
+    def run(self, read_into, first, stop, write_at, on_written=None) -> np.ndarray:
+        """Compute all batches, reading ahead and writing behind in threads"""
+        batches = plan_windows(first, stop, self.kernel_size, self.batch_size)
+        rows = max(batch.input_size for batch in batches)
+        out_rows = max(batch.output_size for batch in batches)
+        prefetcher = Prefetcher(read_into, batches,
+                                [np.empty((rows, self.pixels), np.uint8) for _ in range(2)])
+        writer = WriterThread(write_at, [np.empty((out_rows, self.pixels), np.uint8)
+                                         for _ in range(2)], on_written)
+        median_seconds = 0.0
+        last = None
+        try:
+            for batch, frames in prefetcher:
+                medians = writer.acquire()
+                t0 = time.perf_counter()
+                self.workers.compute(frames, medians, batch.output_size)
+                median_seconds += time.perf_counter() - t0
+                prefetcher.release()
+                last = medians[batch.output_size - 1].copy()
+                writer.submit(batch.start, medians, batch.output_size)
+        finally:
+            prefetcher.close()
+            writer.close()
+            self.stage_seconds = {"read": prefetcher.seconds, "median": median_seconds,
+                                  "write": writer.seconds}
+        logger.info("CPU median on %d %s", self.num_cpus, self.workers.kind)
+        return last
+

@@ -1,0 +1,95 @@
+"""One recording split into event ranges, one per CUDA device ("cuda:all")"""
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+
+import numpy as np
+
+from ..pipeline import partition
+from .base import Engine
+from .cuda import CUDARollingMedian, free_device_memory
+
+logger = logging.getLogger(__name__)
+
+
+class _Cancelled(Exception):
+    """Another range failed; this one stops"""
+
+
+class SplitRollingMedian(Engine):
+    """Contiguous ranges of windows, each on its own CUDA engine, all at once
+
+    Range ``i`` computes windows ``first_i … stop_i-1`` on device
+    ``indices[i % len(indices)]``; it reads frames ``first_i …
+    stop_i+kernel_size-2``, so neighbouring ranges overlap by
+    ``kernel_size-1`` frames and every window sees exactly the frames it
+    would see on one device. Each range writes its windows at their own
+    position, so the file is byte-identical to a single-device run. With
+    one device, two ranges share it (the same code path, checkable on any
+    machine); engines that share a device share its free memory.
+
+    Parameters
+    ----------
+    image_shape: tuple of int
+        Shape of one frame.
+    kernel_size, batch_size: int
+        As for :class:`~dcbg.engines.cuda.CUDARollingMedian` (per device).
+    indices: sequence of int
+        CUDA device ordinals.
+    """
+
+    def __init__(self, image_shape, kernel_size, batch_size, indices):
+        super().__init__(image_shape, kernel_size, batch_size)
+        self.indices = list(indices)
+        ranges = max(2, len(self.indices))
+        devices = [self.indices[i % len(self.indices)] for i in range(ranges)]
+        sharing = collections.Counter(devices)
+        free = {index: free_device_memory(index) for index in sharing}
+        self.engines = [CUDARollingMedian(image_shape, kernel_size, batch_size, index,
+                                          memory_share=1 / sharing[index],
+                                          free_bytes=free[index])
+                        for index in devices]
+
+    def close(self):
+        for engine in self.engines:
+            engine.close()
+
+    def run(self, read_into, first, stop, write_at, on_written=None) -> np.ndarray:
+        """Compute windows ``first … stop-1``, all ranges at once"""
+        failed = threading.Event()
+        results: dict[int, np.ndarray] = {}
+        errors: list[BaseException] = []
+        spans = [(first + a, first + b) for a, b in partition(stop - first, len(self.engines))]
+
+        def work(part, engine, range_first, range_stop):
+            def checked_write(offset, frames):
+                if failed.is_set():
+                    raise _Cancelled()
+                write_at(offset, frames)
+            try:
+                results[part] = engine.run(read_into, range_first, range_stop,
+                                           checked_write, on_written)
+            except BaseException as error:  # handed to the caller below
+                failed.set()
+                errors.append(error)
+
+        threads = [threading.Thread(target=work, args=(part, engine, a, b),
+                                    name=f"dcbg-range-{part}", daemon=True)
+                   for part, (engine, (a, b)) in enumerate(zip(self.engines, spans,
+                                                                strict=False))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        self.stage_seconds = {}
+        for engine in self.engines:
+            for stage, seconds in engine.stage_seconds.items():
+                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+        real = [error for error in errors if not isinstance(error, _Cancelled)]
+        if errors:
+            raise (real or errors)[0]
+        logger.info("Split windows %d to %d into ranges %s on CUDA devices %s", first,
+                    stop - 1, spans, [engine.device_index for engine in self.engines])
+        return results[len(spans) - 1]

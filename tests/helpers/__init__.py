@@ -1,0 +1,1 @@
+"""Code the tests share: test data, file digests, stand-ins for CuPy and the GPU"""

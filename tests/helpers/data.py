@@ -1,0 +1,31 @@
+"""Test inputs: named edge-case stacks and the instrument files beside the checkout"""
+import json
+import pathlib
+
+import numpy as np
+
+SHARED_DATA = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
+"""Instrument recordings and dcnum's golden outputs (absent in a user's clone)"""
+
+
+def golden_entries() -> list[dict]:
+    """The golden outputs listed in ``../shared/data/golden/index.json``"""
+    index = SHARED_DATA / "golden" / "index.json"
+    return json.loads(index.read_text()) if index.exists() else []
+
+
+def stack_cases() -> dict[str, np.ndarray]:
+    """Named uint8 stacks covering the edge cases of the rolling median"""
+    rng = np.random.default_rng(20261122)
+    from dcbg.synthetic import synthetic_stack
+    return {
+        "random": rng.integers(0, 256, (63, 5, 7), dtype=np.uint8),
+        "constant": np.full((40, 3, 4), 77, np.uint8),
+        "alternating_0_255": (np.indices((51, 4, 6)).sum(axis=0) % 2 * 255).astype(np.uint8),
+        "two_level": np.where(rng.random((45, 6, 5)) < 0.5, 12, 200).astype(np.uint8),
+        "extremes": rng.choice(np.array([0, 255], np.uint8), (39, 2, 9)),
+        "ramp": (np.arange(70)[:, None, None] * 3 + np.arange(8)[None, None, :]
+                 + np.zeros((70, 2, 8), int)).astype(np.uint8),
+        "realistic": synthetic_stack(80, shape=(12, 40), seed=7),
+        "single_pixel": rng.integers(0, 256, (33, 1, 1), dtype=np.uint8),
+    }

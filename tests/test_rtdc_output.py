@@ -1,0 +1,250 @@
+"""Safe outputs: interrupted runs, full disks, locks, in-place swaps and dcnum's bg_off rule"""
+import errno
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import dclab
+import h5py
+import numpy as np
+import pytest
+
+import dcbg
+from dcbg import errors
+from dcbg.cli import main
+from dcbg.reference import rolling_median_reference
+from dcbg.rtdc.writer import ImageBgWriter
+from dcbg.synthetic import write_synthetic_rtdc
+from helpers.files import dataset_digests, folder_state
+from helpers.processes import start_slow_run
+
+
+@pytest.fixture
+def recording(tmp_path):
+    """200 frames in chunks of 20; image_bg chunks hold 81 frames of this size"""
+    return write_synthetic_rtdc(tmp_path / "rec.rtdc", 200, shape=(80, 160), seed=3,
+                                events_per_chunk=20)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def fail_chunk_writes_after(monkeypatch, successful: int, error: BaseException):
+    """Make the writer's disk writes fail once `successful` chunks were stored"""
+    write_direct = ImageBgWriter._write_direct
+    calls = []
+
+    def failing(self, offset, stored):
+        calls.append(offset)
+        if len(calls) > successful:
+            raise error
+        write_direct(self, offset, stored)
+    monkeypatch.setattr(ImageBgWriter, "_write_direct", failing)
+
+
+def run_interrupted(source, target, monkeypatch, **kwargs):
+    """Run a background whose writer fails after its first chunk"""
+    fail_chunk_writes_after(monkeypatch, 1, Interrupt("simulated crash"))
+    with pytest.raises(Interrupt):
+        with dcbg.BackgroundRollMed(source, target, device="cpu", **kwargs) as bg:
+            bg.process()
+    monkeypatch.undo()
+
+
+def test_interrupted_in_place_run_keeps_old_background(recording, monkeypatch):
+    with dcbg.BackgroundRollMed(recording, recording, kernel_size=4, batch_size=40,
+                                device="cpu") as bg:
+        bg.process()
+    before = dataset_digests(recording)
+    run_interrupted(recording, recording, monkeypatch, kernel_size=8, batch_size=20)
+    assert dataset_digests(recording) == before
+
+
+def test_interrupted_new_output_leaves_nothing(recording, tmp_path, monkeypatch):
+    out = tmp_path / "out.rtdc"
+    out.write_bytes(b"previous result")
+    run_interrupted(recording, out, monkeypatch, kernel_size=4, batch_size=20)
+    assert out.read_bytes() == b"previous result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.rtdc", "rec.rtdc"]
+
+
+DISK_FULL = OSError("Can't write data (file write failed: time = Sun Nov 22, errno = "
+                    f"{errno.ENOSPC}, error message = 'No space left on device')")
+
+
+def test_disk_full_new_output(recording, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "rec_bg.rtdc"
+    out.write_bytes(b"yesterday's result")
+    before = folder_state(tmp_path)
+    fail_chunk_writes_after(monkeypatch, 2, DISK_FULL)
+    with pytest.raises(errors.OutputWriteError, match="disk is full while writing .*rec_bg"):
+        with dcbg.BackgroundRollMed(recording, out, kernel_size=10, batch_size=20,
+                                    num_cpus=1, device="cpu") as bg:
+            bg.process()
+    assert folder_state(tmp_path) == before
+    assert main(["compute", str(recording), "--force", "-kb", "kernel_size=10", "-kb",
+                 "batch_size=20", "--num-cpus", "1", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: The disk is full") and len(err.splitlines()) == 1
+    assert folder_state(tmp_path) == before
+
+
+def test_disk_full_in_place_keeps_everything(recording, monkeypatch):
+    with dcbg.BackgroundRollMed(recording, recording, kernel_size=4, batch_size=30,
+                                num_cpus=1, device="cpu") as bg:
+        bg.process()
+    before = dataset_digests(recording)
+    fail_chunk_writes_after(monkeypatch, 1, DISK_FULL)
+    with pytest.raises(errors.OutputWriteError, match="disk is full"):
+        with dcbg.BackgroundRollMed(recording, recording, kernel_size=10, batch_size=20,
+                                    num_cpus=1, device="cpu") as bg:
+            bg.process()
+    monkeypatch.undo()
+    assert dataset_digests(recording) == before
+
+
+def add_bg_off(path, group="events"):
+    with h5py.File(path, "a") as h5:
+        h5.require_group(group).create_dataset("bg_off", data=np.linspace(0, 1, 200))
+        if group != "events":
+            h5[group].create_dataset("image_bg", data=np.zeros((200, 80, 160), np.uint8))
+
+
+@pytest.mark.parametrize("group", ["events", "basin_events"])
+def test_completed_in_place_run_removes_stale_bg_off(recording, group):
+    add_bg_off(recording, group)
+    with dcbg.BackgroundRollMed(recording, recording, kernel_size=4, device="cpu") as bg:
+        bg.process()
+    with h5py.File(recording) as h5:
+        assert "bg_off" not in h5[group]
+        assert group == "events" or "image_bg" not in h5[group]
+        assert "image_bg" in h5["events"] and "image" in h5["events"]
+
+
+def test_interrupted_in_place_run_keeps_bg_off(recording, monkeypatch):
+    add_bg_off(recording)
+    before = dataset_digests(recording)
+    run_interrupted(recording, recording, monkeypatch, kernel_size=8, batch_size=20)
+    assert dataset_digests(recording) == before
+    with h5py.File(recording) as h5:
+        assert "bg_off" in h5["events"]
+
+
+def test_bg_off_of_an_instrument_file_is_removed_as_dcnum_does(shared_data, tmp_path):
+    path = tmp_path / "thresh.rtdc"
+    shutil.copy(shared_data / "rtdc" / "dcnum_thresh_example.rtdc", path)
+    path.chmod(0o644)
+    with dcbg.BackgroundRollMed(path, path, kernel_size=6, batch_size=100,
+                                device="cpu") as bg:
+        bg.process()
+    with dclab.new_dataset(path) as ds:
+        assert "bg_off" not in ds.features_innate
+        assert np.array_equal(ds["image_bg"][:], rolling_median_reference(ds["image"][:], 6))
+
+
+def test_two_runs_on_one_output(tmp_path, capsys):
+    rec = write_synthetic_rtdc(tmp_path / "rec.rtdc", 600, shape=(16, 24), seed=8)
+    out = tmp_path / "out.rtdc"
+    first, _ = start_slow_run(tmp_path, "api", rec, out)
+    code = main(["compute", str(rec), str(out), "--force", "-kb", "kernel_size=10",
+                 "--device", "cpu", "--num-cpus", "1"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "Another dcbg run (process" in err and "is writing" in err, err
+    assert first.wait(timeout=60) == 0, first.communicate()
+    with h5py.File(rec) as h5:
+        expected = rolling_median_reference(h5["events/image"][:], 10)
+    with dclab.new_dataset(out) as ds:
+        assert np.array_equal(ds["image_bg"][:], expected)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.rtdc", "rec.rtdc"]
+
+
+def test_in_place_run_on_a_file_open_elsewhere(tmp_path):
+    rec = write_synthetic_rtdc(tmp_path / "rec.rtdc", 60, shape=(6, 8))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import h5py, sys, time; f = h5py.File(sys.argv[1], 'a'); "
+         "print('open', flush=True); time.sleep(60)", str(rec)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        with pytest.raises(errors.OutputBusyError, match="open for writing in another"):
+            dcbg.BackgroundRollMed(rec, rec, kernel_size=4, device="cpu")
+    finally:
+        holder.kill()
+        holder.wait()
+    # The killed holder left HDF5's "open for write" mark in the superblock.
+    with pytest.raises(errors.OutputBusyError, match="crashed.*h5clear -s"):
+        dcbg.BackgroundRollMed(rec, tmp_path / "out.rtdc", kernel_size=4, device="cpu")
+    assert [p.name for p in tmp_path.iterdir()] == ["rec.rtdc"]
+
+
+def test_stale_lock_is_taken_over(tmp_path, caplog):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    rec = write_synthetic_rtdc(tmp_path / "rec.rtdc", 60, shape=(6, 8))
+    out = tmp_path / "out.rtdc"
+    (tmp_path / ".out.rtdc.dcbg-lock").write_text(f"{dead.pid} {socket.gethostname()}")
+    (tmp_path / ".out.rtdc.abc123.dcbg-partial").write_bytes(b"half a file")
+    with dcbg.BackgroundRollMed(rec, out, kernel_size=4, num_cpus=1, device="cpu") as bg:
+        bg.process()
+    assert "stale lock" in caplog.text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.rtdc", "rec.rtdc"]
+
+
+def test_lock_of_a_live_process_is_respected(tmp_path):
+    rec = write_synthetic_rtdc(tmp_path / "rec.rtdc", 60, shape=(6, 8))
+    lock = tmp_path / ".out.rtdc.dcbg-lock"
+    lock.write_text(f"{os.getppid()} {socket.gethostname()}")
+    with pytest.raises(errors.OutputBusyError, match=f"process {os.getppid()}"):
+        with dcbg.BackgroundRollMed(rec, tmp_path / "out.rtdc", kernel_size=4,
+                                    num_cpus=1, device="cpu") as bg:
+            bg.process()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [lock.name, "rec.rtdc"]
+
+
+def test_output_path_that_is_a_folder(recording, tmp_path, capsys):
+    folder = tmp_path / "results"
+    folder.mkdir()
+    before = folder_state(tmp_path)
+    with pytest.raises(errors.OutputError, match="is a folder; give a file name inside it"):
+        dcbg.BackgroundRollMed(recording, folder, kernel_size=4, device="cpu")
+    for extra in ([], ["--force"]):
+        assert main(["compute", str(recording), str(folder), *extra, "--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert "is a folder; give a file name inside it" in err and "Errno" not in err, err
+    assert folder_state(tmp_path) == before
+
+
+def test_output_folder_without_write_permission(recording, tmp_path, monkeypatch, capsys):
+    """EACCES when the lock file is created (as for a folder you may not write to)"""
+    real_open = os.open
+
+    def denied(path, flags, *args, **kwargs):
+        if str(path).endswith(".dcbg-lock"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+    monkeypatch.setattr(os, "open", denied)
+    assert main(["compute", str(recording), str(tmp_path / "out.rtdc"), "--device",
+                 "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert f"You have no permission to write files in {tmp_path}" in err, err
+    assert "[Errno 13]" not in err
+
+
+def test_in_place_on_a_read_only_file(recording, monkeypatch, capsys):
+    """h5py's PermissionError for a file opened to write is named, not called damage"""
+    real_file = h5py.File
+
+    def read_only(path, mode="r", *args, **kwargs):
+        if mode != "r" and str(path) == str(recording):
+            raise PermissionError(errno.EACCES, "Unable to synchronously open file (unable "
+                                  "to open file: name = ..., errno = 13, error message = "
+                                  "'Permission denied')")
+        return real_file(path, mode, *args, **kwargs)
+    monkeypatch.setattr(h5py, "File", read_only)
+    assert main(["compute", str(recording), "--in-place", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert "no permission to write it" in err and "damaged" not in err, err

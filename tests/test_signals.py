@@ -1,0 +1,106 @@
+"""Signals, killed processes and dead workers: the run ends in seconds and leaves nothing"""
+import multiprocessing
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+
+import dcbg
+from dcbg import errors
+from dcbg.cli import main
+from dcbg.engines import cpu
+from dcbg.rtdc import reader
+from dcbg.synthetic import synthetic_stack, write_synthetic_rtdc
+from helpers.files import dataset_digests, folder_state
+from helpers.processes import alive, start_slow_run
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+
+
+def test_worker_killed_during_process_raises_and_leaves_no_orphans(tmp_path, monkeypatch):
+    monkeypatch.setattr(cpu, "PROCESS_MIN_WINDOWS", 0)
+    stack = synthetic_stack(2000, shape=(20, 30), seed=4)
+    read_into = reader.ImageSource.read_into
+
+    def slow(self, start, stop, out):
+        time.sleep(0.05)
+        read_into(self, start, stop, out)
+    monkeypatch.setattr(reader.ImageSource, "read_into", slow)
+    killed = []
+
+    def kill_a_worker(bg):
+        while bg.get_progress() == 0:  # a batch is done, so a worker computed
+            time.sleep(0.01)
+        for worker in multiprocessing.active_children():
+            killed.append(worker.pid)
+            os.kill(worker.pid, signal.SIGKILL)
+
+    with dcbg.BackgroundRollMed(stack, tmp_path / "o.rtdc", kernel_size=10, batch_size=20,
+                                num_cpus=2, device="cpu") as bg:
+        threading.Thread(target=kill_a_worker, args=(bg,), daemon=True).start()
+        t0 = time.monotonic()
+        with pytest.raises(errors.WorkerFailure, match="died with exit code -9 while comp"):
+            bg.process()
+        assert time.monotonic() - t0 < 10
+    assert killed
+    assert multiprocessing.active_children() == []
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("how,sig", [("cli", signal.SIGINT), ("cli", signal.SIGTERM),
+                                     ("api", signal.SIGTERM), ("api-in-place", signal.SIGINT),
+                                     ("cli-in-place", signal.SIGTERM)])
+def test_signal_mid_run_cleans_up(tmp_path, how, sig):
+    rec = write_synthetic_rtdc(tmp_path / "rec.rtdc", 600, shape=(20, 40), seed=6)
+    in_place = how.endswith("in-place")
+    if in_place:
+        with dcbg.BackgroundRollMed(rec, rec, kernel_size=4, batch_size=100, num_cpus=1,
+                                    device="cpu") as bg:
+            bg.process()
+        digests = dataset_digests(rec)
+    out = rec if in_place else tmp_path / "out.rtdc"
+    before = folder_state(tmp_path)
+    if how.startswith("cli"):
+        args = ["cli", "compute", rec, *(["--in-place"] if in_place else [out]),
+                "-kb", "kernel_size=10", "-kb", "batch_size=20", "--num-cpus", "2",
+                "--device", "cpu"]
+    else:
+        args = ["api", rec, out]
+    proc, pids = start_slow_run(tmp_path, *args)
+    assert len(pids) == 3, "main process and two workers"
+    t0 = time.monotonic()
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=20)
+    assert time.monotonic() - t0 < 10, "the run ends within seconds"
+    assert proc.returncode != 0
+    if how.startswith("cli"):
+        assert proc.returncode == 1
+        assert stderr.startswith("error: ") and len(stderr.strip().splitlines()) == 1, stderr
+        assert "unfinished output was removed" in stderr
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in pids), "no orphan processes remain"
+    assert folder_state(tmp_path) == before, "no partial output, no lock, input intact"
+    if in_place:
+        assert dataset_digests(rec) == digests
+
+
+def test_killed_main_process_leaves_no_orphans_and_a_rerun_works(tmp_path):
+    rec = write_synthetic_rtdc(tmp_path / "rec.rtdc", 600, shape=(20, 40), seed=6)
+    out = tmp_path / "out.rtdc"
+    proc, pids = start_slow_run(tmp_path, "api", rec, out)
+    proc.kill()  # SIGKILL: nothing in the process can clean up
+    proc.communicate(timeout=20)
+    deadline = time.monotonic() + 5
+    while any(alive(pid) for pid in pids[1:]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(alive(pid) for pid in pids[1:]), "workers notice their parent is gone"
+    assert not out.exists(), "no file that looks complete"
+    # The dead run's lock and hidden partial file are taken over by the next run.
+    assert main(["compute", str(rec), str(out), "-kb", "kernel_size=10", "--device", "cpu",
+                 "--num-cpus", "1"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.rtdc", "rec.rtdc"]
