@@ -108,6 +108,8 @@ def test_demo_and_info_as_console_script(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "300 events" in run.stdout and "rollmed:k=100^b=10000" in run.stdout
+    assert run.stdout.strip().splitlines()[-1] == (
+        f"Look at it: dcbg preview {tmp_path / 'demo_bg.rtdc'}")
     data, _ = image_bg(tmp_path / "demo_bg.rtdc")
     assert np.array_equal(data, rolling_median_reference(images(tmp_path / "demo.rtdc"), 100))
     info = subprocess.run([sys.executable, "-m", "dcbg", "info"], capture_output=True,
@@ -145,3 +147,82 @@ def test_bad_arguments_through_the_cli(tmp_path, capsys, argv, code, message):
     err = capsys.readouterr().err
     assert message.split(".*")[0] in err and "Traceback" not in err, err
     assert folder_state(tmp_path) == before
+
+
+def test_demo_writes_into_a_folder_of_the_current_one(tmp_path):
+    for _ in range(2):  # a second demo reuses the folder
+        run = subprocess.run([sys.executable, "-m", "dcbg", "demo", "--events", "150",
+                              "--device", "cpu"], cwd=tmp_path, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in (tmp_path / "dcbg-demo").iterdir()) == ["demo.rtdc",
+                                                                          "demo_bg.rtdc"]
+    assert "Look at it: dcbg preview dcbg-demo/demo_bg.rtdc" in run.stdout
+
+
+def test_recursive_run_skips_existing_outputs_and_processes_new_files(tmp_path, capsys):
+    write_synthetic_rtdc(tmp_path / "a.rtdc", 40, shape=(6, 8), seed=1)
+    assert main(["compute", str(tmp_path), "-r", "-kb", "kernel_size=4",
+                 "--device", "cpu"]) == 0
+    done = (tmp_path / "a_bg.rtdc").read_bytes()
+    write_synthetic_rtdc(tmp_path / "b.rtdc", 40, shape=(6, 8), seed=2)  # added since
+    capsys.readouterr()
+    assert main(["compute", str(tmp_path), "-r", "-kb", "kernel_size=4",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "a.rtdc: skipped: output exists; add --force to replace it" in out
+    assert "1 of 2 files done, 40 events, 1 skipped (output exists), 0 failed" in out
+    assert (tmp_path / "a_bg.rtdc").read_bytes() == done
+    assert (tmp_path / "b_bg.rtdc").exists()
+
+
+def test_recursive_run_treats_a_folder_named_rtdc_as_a_folder(tmp_path, capsys):
+    inner = tmp_path / "day1.rtdc"
+    inner.mkdir()
+    write_synthetic_rtdc(inner / "a.rtdc", 40, shape=(6, 8), seed=1)
+    assert main(["compute", str(tmp_path), "-r", "-kb", "kernel_size=4",
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "FAILED" not in out and "1 of 1 files done" in out
+    assert (inner / "a_bg.rtdc").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["-kb", "kernel_size=10", "-kb", "kernel_size=20"],
+    ["-kb", "k=10", "-kb", "kernel_size=20"],
+    ["--ppid", "rollmed:k=10^b=20^k=12"],
+])
+def test_a_keyword_given_twice_is_refused_the_same_way(recording, tmp_path, capsys, argv):
+    before = folder_state(tmp_path)
+    assert main(["compute", str(recording), *argv, "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Keyword 'kernel_size' is given twice")
+    assert "give each keyword once" in err and len(err.splitlines()) == 1
+    assert folder_state(tmp_path) == before
+
+
+def test_ppid_and_another_method_conflict(recording, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compute", str(recording), "--ppid", "rollmed:k=4", "-b", "sparsemed"])
+    assert exc.value.code == 2
+    assert "--ppid names the method 'rollmed' but -b names 'sparsemed'" in (
+        capsys.readouterr().err)
+    assert main(["compute", str(recording), "--ppid", "rollmed:k=4", "-b", "rollmed",
+                 "--dry-run"]) == 0
+
+
+def test_integers_are_read_exactly(recording, capsys):
+    assert main(["compute", str(recording), "--dry-run", "--force", "--ppid",
+                 "rollmed:k=4^b=99999999999999999999999"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "rollmed:k=4^b=99999999999999999999999"
+    assert main(["compute", str(recording), "--dry-run", "--force", "-kb", "b=1e4"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "rollmed:k=100^b=10000"
+    assert main(["compute", str(recording), "--dry-run", "-kb", "b=1e30"]) == 1
+    assert "not a valid int" in capsys.readouterr().err
+
+
+def test_more_cpus_than_exist_are_capped_with_a_warning(recording, caplog):
+    assert main(["compute", str(recording), "-kb", "kernel_size=4", "--num-cpus", "1000",
+                 "--device", "cpu", "--force"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "1000 CPU workers were asked for" in warnings[0]

@@ -51,3 +51,15 @@ def test_dcnum_job_runs_through_dcbg_with_identical_bytes_and_ppids(tmp_path, mo
         "rollmed:k=20^b=150"
     assert adapter.get_ppkw_from_ppid("rollmed:k=20^b=150") == {"kernel_size": 20,
                                                                 "batch_size": 150}
+
+
+def test_a_dcbg_output_is_a_dcnum_input(tmp_path, monkeypatch):
+    """dcnum copies the basins of its input, which needs their "features" entry"""
+    monkeypatch.setenv("DCBG_DEVICE", "cpu")
+    source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 300, shape=(80, 320), seed=22)
+    with dcbg.BackgroundRollMed(source, tmp_path / "rec_bg.rtdc", kernel_size=20,
+                                batch_size=150) as bg:
+        bg.process()
+    from_output = run_job(tmp_path / "rec_bg.rtdc", tmp_path / "from_output.rtdc")
+    from_source = run_job(source, tmp_path / "from_source.rtdc")
+    assert np.array_equal(from_output[0], from_source[0])

@@ -1,6 +1,6 @@
 """The CUDA kernel without a GPU: it compiles, and its per-thread logic is exact
 
-SPEC section 8: the same rollmed.cu is compiled with nvcc (or NVRTC through
+The same rollmed.cu is compiled with nvcc (or NVRTC through
 CuPy) for real GPUs, and with g++ plus a shim of the CUDA built-ins for the
 CPU, where it is compared byte for byte with the definition.
 """

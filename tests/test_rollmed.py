@@ -161,3 +161,27 @@ def test_bad_arguments_through_the_api(tmp_path, kwargs, error, message):
         with pytest.raises(ValueError):
             dcbg.Background.get_ppkw_from_ppid(bad)
     assert not list(tmp_path.iterdir())
+
+
+def test_output_offers_the_inputs_features_but_not_its_old_background(recording, tmp_path):
+    source = tmp_path / "with_bg.rtdc"
+    shutil.copy(recording, source)
+    with h5py.File(source, "a") as h5:
+        h5["events/bg_off"] = np.linspace(-1, 1, 120)
+        h5["events/image_bg"] = np.zeros((120, 16, 48), np.uint8)
+    first = tmp_path / "first.rtdc"
+    with dcbg.BackgroundRollMed(source, first, kernel_size=4, device="cpu") as bg:
+        bg.process()
+    second = tmp_path / "second.rtdc"  # from a file whose images are in a basin
+    with dcbg.BackgroundRollMed(first, second, kernel_size=6, device="cpu") as bg:
+        bg.process()
+    for path, k in ((first, 4), (second, 6)):
+        with dclab.new_dataset(path) as ds:
+            assert "bg_off" not in ds.features
+            assert np.array_equal(ds["image_bg"][:],
+                                  rolling_median_reference(ds["image"][:], k))
+            assert np.allclose(ds["frame"], np.arange(120) * 3 + 1)
+    from dcnum.read import HDF5Data  # reads basins one level deep only
+    with HDF5Data(second) as data:
+        assert "image" in data.keys() and "bg_off" not in data.keys()
+        assert data.image.shape == (120, 16, 48)

@@ -14,7 +14,7 @@ import dcbg
 from dcbg import errors
 from dcbg.cli import main
 from dcbg.reference import rolling_median_reference
-from dcbg.rtdc.basins import write_file_basin
+from dcbg.rtdc.basins import write_output_basins
 from dcbg.rtdc.reader import RTDCInput
 from dcbg.rtdc.writer import copy_metadata
 from dcbg.synthetic import write_synthetic_rtdc
@@ -26,7 +26,7 @@ def basin_file(source, path, **store_basin):
     if not store_basin:
         with RTDCInput(source) as rtdc_in, h5py.File(path, "w") as h5:
             copy_metadata(rtdc_in.h5, h5)
-            write_file_basin(h5, rtdc_in.path, rtdc_in.identifier, path)
+            write_output_basins(h5, rtdc_in.h5, rtdc_in.path, path)
         return path
     with dclab.new_dataset(source) as ds, RTDCWriter(path, mode="reset") as writer:
         writer.store_metadata(ds.config.as_dict(pop_filtering=True))

@@ -1,8 +1,26 @@
-"""dcbg: rolling-median background images for RT-DC recordings, on GPUs and CPUs"""
+"""dcbg: rolling-median background images for RT-DC recordings, on GPUs and CPUs
+
+The public names below are imported on first use, so that ``python -m``
+tools of the package (the metadata probe) start without loading h5py's
+whole stack of dcbg.
+"""
+import importlib
+
 from ._version import __version__
-from .base import Background, get_available_background_methods
-from .reference import rolling_median_reference
-from .rollmed import BackgroundRollMed
+
+_PUBLIC = {
+    "Background": "base",
+    "get_available_background_methods": "base",
+    "BackgroundRollMed": "rollmed",
+    "rolling_median_reference": "reference",
+}
+
+
+def __getattr__(name):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'dcbg' has no attribute {name!r}")
+    from . import rollmed  # noqa: F401 - defines the built-in methods
+    return getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
 
 
 def register_with_dcnum() -> type:

@@ -8,10 +8,10 @@ import os
 import pathlib
 import time
 
-from . import ppid, runlog
+from . import engines, ppid, runlog
 from .devices import DeviceChoice, select_device
 from .errors import InputDataError, sigterm_raises
-from .rtdc.basins import write_file_basin
+from .rtdc.basins import write_output_basins
 from .rtdc.output import InPlaceOutput, NewOutputFile, check_output_path
 from .rtdc.reader import ImageSource, RTDCInput
 from .rtdc.writer import ImageBgWriter, compression_kwargs, copy_metadata
@@ -96,6 +96,7 @@ class Background(abc.ABC):
 
         self.device: DeviceChoice = select_device(device)
         """the device that computes the background"""
+        engines.preload(self.device)
 
         self.output_path = pathlib.Path(output_path)
         """path of the output file"""
@@ -120,6 +121,9 @@ class Background(abc.ABC):
 
         self.stage_seconds: dict[str, float] = {}
         """seconds spent per stage in the last run (read, median, write, total)"""
+
+        self.run_record: dict | None = None
+        """the run log the last :meth:`process` stored in the output"""
 
         self.writer: ImageBgWriter | None = None
         """writer of events/image_bg in the output while :meth:`process` runs"""
@@ -170,8 +174,8 @@ class Background(abc.ABC):
             self._output = NewOutputFile(self.output_path)
             if self.hdin is not None:
                 copy_metadata(self.hdin.h5, self._output.h5)
-                write_file_basin(self._output.h5, self.hdin.path, self.hdin.identifier,
-                                 self.output_path)
+                write_output_basins(self._output.h5, self.hdin.h5, self.hdin.path,
+                                    self.output_path)
         self.h5out = self._output.h5
         self.writer = ImageBgWriter(self._output.bg_group, self.image_shape,
                                     self.image_count, self.compress,
@@ -255,6 +259,7 @@ class Background(abc.ABC):
                 record = runlog.run_record(self.get_ppid(), self.device, self.num_cpus,
                                            self.io_threads, start, self.image_count,
                                            self.stage_seconds, warnings.messages)
+                self.run_record = record
                 if self.in_place:  # the log describes a background that is in the file
                     self._output.commit()
                     runlog.write_run_log(self.h5in, record)
@@ -286,4 +291,5 @@ class Background(abc.ABC):
 
 def get_available_background_methods() -> dict[str, type[Background]]:
     """Return the background methods by PPID code, e.g. ``{"rollmed": …}``"""
+    from . import rollmed  # noqa: F401 - defines the built-in methods
     return {cls.get_ppid_code(): cls for cls in Background.__subclasses__()}

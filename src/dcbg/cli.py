@@ -1,4 +1,4 @@
-"""The ``dcbg`` command line: compute, demo, info"""
+"""The ``dcbg`` command line: compute, demo, preview, info, chipstream"""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,6 @@ import logging
 import os
 import pathlib
 import sys
-import tempfile
 import threading
 
 from ._version import __version__
@@ -20,6 +19,9 @@ from .rtdc.output import check_output_path
 from .rtdc.writer import compression_kwargs
 
 DEMO_EVENTS = 5000
+
+DEMO_FOLDER = "dcbg-demo"
+"""Folder of the demo's files, in the current folder, where the user finds them"""
 
 DEFAULT_METHOD = "rollmed"
 
@@ -210,8 +212,7 @@ def cmd_compute(args) -> int:
 def cmd_demo(args) -> int:
     from .rollmed import BackgroundRollMed
     from .synthetic import write_synthetic_rtdc
-    folder = pathlib.Path(args.folder) if args.folder else pathlib.Path(
-        tempfile.mkdtemp(prefix="dcbg-demo-"))
+    folder = pathlib.Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     source = folder / "demo.rtdc"
     print(f"Synthesizing {args.events} frames of 80x320 in {source} …")
@@ -219,9 +220,17 @@ def cmd_demo(args) -> int:
     settings = JobSettings(BackgroundRollMed.get_ppid_code(),
                            {"kernel_size": 100, "batch_size": 10000}, "zstd-5", args.device,
                            args.num_cpus, args.io_threads)
-    print(result_line(compute_file(source, default_output(source), settings, progress_bar,
+    target = default_output(source)
+    print(result_line(compute_file(source, target, settings, progress_bar,
                                    report_final_errors=False)))
+    print(f"Look at it: dcbg preview {target}")
     return 0
+
+
+def cmd_chipstream(args) -> int:
+    from .chipstream import run_chipstream
+    arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
+    return run_chipstream(arguments, args.device, args.io_threads)
 
 
 def cmd_preview(args) -> int:
@@ -344,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="synthesize a recording and compute its background")
     demo.add_argument("--events", type=int, default=DEMO_EVENTS)
-    demo.add_argument("--folder", help="where to put the files (default: a new temp folder)")
+    demo.add_argument("--folder", default=DEMO_FOLDER,
+                      help=f"where to put the files (default: ./{DEMO_FOLDER}, reused by "
+                      f"every demo)")
     common(demo)
     demo.set_defaults(func=cmd_demo)
 
@@ -359,6 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--verbose", action="store_true", help="show tracebacks")
     preview.set_defaults(func=cmd_preview)
 
+    chip = sub.add_parser(
+        "chipstream", help="run ChipStream's command line with its rollmed background on dcbg",
+        description="Run chipstream-cli with the arguments after '--', its '-b rollmed' "
+        "background computed by dcbg (ChipStream's options, outputs and exit codes are its "
+        "own), e.g. dcbg chipstream --device cuda -- -b rollmed -kb kernel_size=100 "
+        "data.rtdc")
+    chip.add_argument("--device", help="dcbg's device for the background (default: "
+                      "$DCBG_DEVICE or auto)")
+    chip.add_argument("--io-threads", type=int, help="dcbg's chunk codec threads (default: "
+                      "$DCBG_IO_THREADS or all CPUs available)")
+    chip.add_argument("--verbose", action="store_true", help="show tracebacks")
+    chip.add_argument("arguments", nargs=argparse.REMAINDER, metavar="-- ARGUMENTS",
+                      help="chipstream-cli's arguments")
+    chip.set_defaults(func=cmd_chipstream)
+
     info = sub.add_parser("info", help="version, devices and the backend auto picks; with "
                           "FILE: what the file carries (PPID, run logs, basins)")
     info.add_argument("path", metavar="FILE", nargs="?", help=".rtdc file to describe")
@@ -370,8 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    if args.command != "chipstream" or args.verbose:  # ChipStream's output stays its own
+        logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
     try:
         with sigterm_raises():
             return args.func(args)

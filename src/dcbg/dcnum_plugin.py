@@ -16,7 +16,9 @@ Example
 """
 from __future__ import annotations
 
+import json
 import logging
+import time
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +43,10 @@ def _make_adapter() -> type:
 
         def __init__(self, input_data, output_path, compress=True, num_cpus=None, **kwargs):
             # dcnum's __init__ is not called: it would open and create files
-            # that dcbg opens and writes itself.
-            self.logger = logging.getLogger(f"dcbg.dcnum.{type(self).__name__}")
+            # that dcbg opens and writes itself. The logger has dcnum's name,
+            # so dcnum's job log (and ChipStream's) records what dcbg did.
+            self.logger = logging.getLogger(
+                f"dcnum.feat.feat_background.{type(self).__name__}")
             self.background = DcbgRollMed(input_data, output_path, compress=compress,
                                           num_cpus=num_cpus, **kwargs)
             """the dcbg instance doing the work"""
@@ -59,8 +63,17 @@ def _make_adapter() -> type:
             self.background.close()
 
         def process(self):
-            """Compute and store image_bg with dcbg (see :meth:`dcbg.Background.process`)"""
+            """Compute and store image_bg with dcbg (see :meth:`dcbg.Background.process`)
+
+            Logs dcnum's line on the computation time and dcbg's run log, so
+            that the job's log shows the background ran through dcbg.
+            """
+            t0 = time.perf_counter()
             self.background.process()
+            self.logger.info(f"Background computation time: {time.perf_counter() - t0:.1f}s")
+            record = self.background.run_record
+            self.logger.info(f"Computed by {record['software']} on {record['device']}, "
+                             f"run log: {json.dumps(record)}")
 
         def process_approach(self):
             self.background.process_approach()

@@ -95,11 +95,14 @@ def compute_file(source, target, settings: JobSettings, progress=None,
         Errors that a retry may fix (see the module docstring).
     """
     from .base import get_available_background_methods
+    from .devices import select_device
+    from .engines import preload
     from .rtdc.probe import probe_metadata
     cls = get_available_background_methods()[settings.method]
     t0 = time.perf_counter()
     try:
         if pathlib.Path(source).is_file():
+            preload(select_device(settings.device))  # loads while the child probes
             probe_metadata(source)
         with cls(source, target, compress=settings.compress, num_cpus=settings.num_cpus,
                  device=settings.device, io_threads=settings.io_threads,

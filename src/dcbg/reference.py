@@ -30,7 +30,7 @@ def computed_frame_count(image_count: int, kernel_size: int) -> int:
 
 
 def rolling_median_reference(stack, kernel_size: int) -> np.ndarray:
-    """Rolling median background of a uint8 stack, by definition (SPEC §2)
+    """Rolling median background of a uint8 stack, by definition (README, "Same bytes as dcnum")
 
     ``image_bg[i] = sorted(x[j:j+k])[k//2]`` per pixel with
     ``j = min(i, N-k-1)`` for ``N > k``; for ``N == k`` every frame gets

@@ -23,7 +23,7 @@ import numpy as np
 
 import dcbg
 from dcbg import errors
-from dcbg.rtdc.basins import write_file_basin
+from dcbg.rtdc.basins import write_output_basins
 from dcbg.rtdc.probe import probe_metadata
 from dcbg.rtdc.reader import RTDCInput
 from dcbg.rtdc.writer import copy_metadata
@@ -39,7 +39,7 @@ def base_files(folder: pathlib.Path) -> list[pathlib.Path]:
     basin_only = folder / "basin_only.rtdc"
     with RTDCInput(raw) as source, h5py.File(basin_only, "w") as h5:
         copy_metadata(source.h5, h5)
-        write_file_basin(h5, source.path, source.identifier, basin_only)
+        write_output_basins(h5, source.h5, source.path, basin_only)
     return [direct, basin_only]
 
 

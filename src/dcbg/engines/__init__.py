@@ -13,6 +13,8 @@ engine. Engines import numba or CuPy only when they are built, so that
 """
 from __future__ import annotations
 
+import functools
+import threading
 import typing
 
 from .base import Engine, count_dtype
@@ -48,4 +50,26 @@ def engine_for(device: DeviceChoice, image_shape, kernel_size: int, batch_size: 
     return CPURollingMedian(image_shape, kernel_size, batch_size, num_cpus, windows)
 
 
-__all__ = ["Engine", "count_dtype", "engine_for"]
+def preload(device: DeviceChoice):
+    """Start loading what the engine for `device` needs, in the background
+
+    The CPU engine's compiled kernel takes a good part of a second to load
+    (numba and its cache); loading it while the input is opened and its
+    first frames are read keeps short runs short. Calling it again costs
+    nothing. CUDA kernels are compiled when the device is chosen.
+    """
+    if device.kind == "cpu":
+        _preload_cpu()
+
+
+@functools.cache
+def _preload_cpu() -> threading.Thread:
+    def load():
+        from .cpu import warm_up_kernel
+        warm_up_kernel()
+    thread = threading.Thread(target=load, name="dcbg-preload", daemon=True)
+    thread.start()
+    return thread
+
+
+__all__ = ["Engine", "count_dtype", "engine_for", "preload"]

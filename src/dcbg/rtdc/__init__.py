@@ -14,10 +14,3 @@ One module per job:
   the format; :mod:`~dcbg.rtdc.probe`: metadata read in a child process
   first, for files on which libhdf5 itself hangs or crashes.
 """
-from .basins import write_file_basin
-from .output import InPlaceOutput, NewOutputFile, check_output_path
-from .reader import ImageSource, RTDCInput
-from .writer import ImageBgWriter, compression_kwargs, copy_metadata
-
-__all__ = ["ImageBgWriter", "ImageSource", "InPlaceOutput", "NewOutputFile", "RTDCInput",
-           "check_output_path", "compression_kwargs", "copy_metadata", "write_file_basin"]

@@ -17,7 +17,7 @@ import uuid
 
 import h5py
 
-from .hdf5 import as_text, read_json_lines, write_json_lines
+from .hdf5 import as_text, open_hdf5, read_json_lines, write_json_lines
 
 logger = logging.getLogger(__name__)
 
@@ -121,14 +121,30 @@ def basin_candidates(definition: dict, folder: pathlib.Path) -> list[pathlib.Pat
     return candidates
 
 
-def write_file_basin(dst: h5py.File, source: pathlib.Path, identifier: str | None,
-                     output_path: pathlib.Path):
-    """Store a "file" basin in `dst` that points to `source`
+REPLACED_FEATURES = ("image_bg", "bg_off")
+"""Features of an input that a new background replaces; its basins do not offer them"""
 
-    The basin lists the absolute path and the path relative to the output,
-    so the pair keeps working when a folder is moved as a whole. It lists no
-    features, so readers take every feature of the source, including those
-    the source itself reaches through its own basins.
+
+def offered_features(h5: h5py.File) -> list[str]:
+    """The features a file's basin offers to a dcbg output
+
+    The file's own features (``events`` and its internal basins'
+    ``basin_events``) except event mappings and the background that the
+    output replaces: a ``bg_off`` belongs to the background it was computed
+    for.
+    """
+    names = set()
+    for group in ("events", "basin_events"):
+        if isinstance(h5.get(group), h5py.Group):
+            names.update(h5[group].keys())
+    return sorted(name for name in names
+                  if name not in REPLACED_FEATURES and not name.startswith("basinmap"))
+
+
+def portable_paths(source: pathlib.Path, output_path: pathlib.Path) -> list[str]:
+    """`source` as an absolute path and relative to the output's folder
+
+    The pair keeps working when a folder is moved as a whole.
     """
     source = pathlib.Path(source).resolve()
     paths = [str(source)]
@@ -136,15 +152,54 @@ def write_file_basin(dst: h5py.File, source: pathlib.Path, identifier: str | Non
         paths.append(os.path.relpath(source, pathlib.Path(output_path).resolve().parent))
     except ValueError:  # another drive on Windows
         pass
-    definition = {
-        "description": "Input of the dcbg background computation",
-        "name": source.name,
-        "format": "hdf5",
-        "paths": paths,
-        "type": "file",
-        "identifier": identifier,
-    }
+    return paths
+
+
+def store_basin(dst: h5py.File, definition: dict):
+    """Write a basin definition into the ``basins`` group (named by its digest)"""
     key = hashlib.md5(json.dumps(definition, indent=2).encode("utf-8")).hexdigest()
     basins = dst.require_group("basins")
     if key not in basins:
         write_json_lines(basins, key, definition)
+
+
+def write_output_basins(dst: h5py.File, src: h5py.File, source: pathlib.Path,
+                        output_path: pathlib.Path):
+    """Make every feature of the input reachable from a new output, one basin deep
+
+    Writes a "file" basin to the input listing its own features, and a copy
+    of each of the input's own "file" basins with paths that work from the
+    output's folder (and their event mappings), as dcnum writes its outputs:
+    dcnum reads basins one level deep, dclab any number of levels. Neither
+    offers the input's ``image_bg`` or ``bg_off``
+    (:data:`REPLACED_FEATURES`).
+    """
+    source = pathlib.Path(source)
+    store_basin(dst, {
+        "description": "Input of the dcbg background computation",
+        "features": offered_features(src),
+        "format": "hdf5",
+        "identifier": measurement_identifier(src),
+        "name": source.name,
+        "paths": portable_paths(source, output_path),
+        "type": "file",
+    })
+    for definition in read_basin_definitions(src):
+        if definition.get("type") != "file" or definition.get("format") != "hdf5":
+            continue
+        copy = dict(definition)
+        candidates = basin_candidates(definition, source.parent)
+        location = next((path for path in candidates if path.is_file()), None)
+        if location is not None:
+            copy["paths"] = portable_paths(location, output_path)
+            if copy.get("features") is None:
+                with open_hdf5(location, "r") as basin:
+                    copy["features"] = offered_features(basin)
+        if copy.get("features") is not None:
+            copy["features"] = [f for f in copy["features"] if f not in REPLACED_FEATURES]
+        mapping = definition.get("mapping")
+        if mapping not in (None, "same") and mapping in src.get("events", {}):
+            events = dst.require_group("events")
+            if mapping not in events:
+                events.create_dataset(mapping, data=src["events"][mapping][:])
+        store_basin(dst, copy)
