@@ -56,10 +56,12 @@ def test_chipstream_job_through_dcbg_gives_chipstreams_own_output(tmp_path):
     assert "INFO" not in dcbg.stderr
 
 
-def test_other_background_methods_say_they_stay_dcnums(tmp_path, caplog):
+def test_other_background_methods_say_they_stay_dcnums(tmp_path):
+    # in a process of its own: registering with dcnum lasts for the process
     write_synthetic_rtdc(tmp_path / "rec.rtdc", 60, shape=(8, 16), seed=1)
-    assert main(["chipstream", "--", "--dry-run", str(tmp_path / "rec.rtdc")]) == 0
-    assert "ChipStream's background method is 'sparsemed'" in caplog.text
+    run = chipstream(tmp_path, sys.executable, "-m", "dcbg", "chipstream", "--", "--dry-run",
+                     "rec.rtdc")
+    assert "ChipStream's background method is 'sparsemed'" in run.stderr
 
 
 def test_without_chipstream_the_error_says_what_to_install(monkeypatch, capsys):

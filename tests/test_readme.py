@@ -106,7 +106,8 @@ def test_readme_has_the_expected_examples():
     headings = [h for h, _ in BASH_BLOCKS + PYTHON_BLOCKS]
     for heading in ("Quick start", "Your own recording, from install to a picture",
                     "Command line", "Python", "Inside dcnum pipelines",
-                    "Many recordings on a Dask cluster", "GPU install", "Docker"):
+                    "Many recordings on a Dask cluster", "GPU install", "Docker",
+                    "ChipStream with dcbg's background"):
         assert heading in headings
     quick = dict(BASH_BLOCKS)["Quick start"].splitlines()
     assert len(quick) == 2, "Quick start is exactly two commands"
@@ -130,6 +131,10 @@ def test_bash_block(workspace, heading, code):
                 run_dcbg(command, workspace)
             else:
                 check_setup(command)
+    if heading == "ChipStream with dcbg's background":
+        with h5py.File(workspace / "measurement_dcn.rtdc") as h5:
+            log = next(name for name in h5["logs"] if name.startswith("dcnum-log"))
+            assert any(b"Computed by dcbg" in line for line in h5["logs"][log][:])
     if heading == "Your own recording, from install to a picture":
         assert (workspace / "measurement_bg_preview.png").stat().st_size > 10_000
         with h5py.File(workspace / "measurement_bg.rtdc") as h5:
