@@ -1,22 +1,27 @@
-"""CUDA benchmark: kernel against its GPU peers, and file to file against the I/O floor
+"""CUDA benchmark: the kernel against its GPU peers, and file to file against the I/O floor
 
-    python benchmarks/bench_cuda.py [--events 10000] [--kernel-size 100] [--file-events 50000]
+    python benchmarks/bench_cuda.py [--events 10000] [--kernel-sizes 10,100,1000]
+                                    [--file-events 50000] [--no-append]
 
-On one device and one realistic 80x320 stack, in one run:
-1. the dcbg kernel alone (device memory in and out, timed with CUDA events),
-2. cupyx.scipy.ndimage.median_filter(size=(k,1,1)) on the same stack,
-3. torch unfold + kthvalue, if torch with CUDA is installed,
-4. the dcbg CPU backend on the same stack (all CPUs),
-5. .rtdc -> .rtdc with zstd on the GPU, against the I/O floor (the same read
-   and write with no median, see bench_cpu.io_floor).
-The kernel's output is first checked byte for byte against the CPU backend.
-Prints a table and appends it to benchmarks/RESULTS.md.
+On one device, in one run:
+1. the dcbg kernel alone (device memory in and out, timed with CUDA events) at
+   each kernel size, its output first checked byte for byte against the CPU
+   engine, against cupyx.scipy.ndimage.median_filter(size=(k,1,1)) and torch's
+   unfold + kthvalue (where torch has CUDA) on the same device and stack;
+2. .rtdc -> .rtdc with zstd in and out, k=100, all CPUs: ``dcbg compute
+   --device cuda`` and ``--device cpu`` as whole commands, against the parallel
+   I/O floor (the same read and write with no median, all CPUs), with the CUDA
+   run's seconds per stage from its run log (read, upload, kernel, download,
+   write; the device stages timed with CUDA events, summed over batches and
+   overlapping each other).
+Prints tables and appends them to benchmarks/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import pathlib
+import subprocess
 import sys
 import tempfile
 
@@ -46,8 +51,9 @@ def time_device(function, repeats: int = 10, warmup: int = 2) -> float:
 
 def kernel_rows(events: int, k: int) -> list[dict]:
     import cupy
-    from dcbg.cpu import compute_median_for_slice
-    from dcbg.cuda import CUDARollingMedian
+
+    from dcbg.engines.cpu import compute_median_for_slice, job_slices
+    from dcbg.engines.cuda import CUDARollingMedian
 
     stack = TiledStack(events + k - 1)[:]
     frames = cupy.asarray(stack.reshape(len(stack), -1))
@@ -56,23 +62,22 @@ def kernel_rows(events: int, k: int) -> list[dict]:
     engine.launch(frames, medians, events)
     cupy.cuda.get_current_stream().synchronize()
     expected = np.empty((events, PIXELS), np.uint8)
-    compute_median_for_slice(stack.reshape(len(stack), -1), expected, k, events,
-                             slice(0, PIXELS))
+    for job in job_slices(PIXELS, 1):
+        compute_median_for_slice(stack.reshape(len(stack), -1), expected, k, events, job)
     if not np.array_equal(cupy.asnumpy(medians), expected):
         raise SystemExit("the CUDA kernel disagrees with the CPU backend; no timing recorded")
     seconds = time_device(lambda: engine.launch(frames, medians, events))
     rows = [{"label": "dcbg CUDA kernel", "events": events, "k": k, "seconds": seconds}]
 
     import cupyx.scipy.ndimage as ndi
-    subset = frames[:min(len(stack), 2000)].reshape(-1, 80, 320)
+    subset = frames[:min(len(stack), max(2000, 2 * k))].reshape(-1, 80, 320)
     seconds = time_device(lambda: ndi.median_filter(subset, size=(k, 1, 1)), repeats=3)
     rows.append({"label": "cupyx median_filter(size=(k,1,1))", "events": len(subset),
                  "k": k, "seconds": seconds})
     try:
         import torch
         if torch.cuda.is_available():
-            tensor = torch.as_tensor(cupy.asnumpy(frames[:min(len(stack), 2000)]),
-                                     device="cuda")
+            tensor = torch.as_tensor(cupy.asnumpy(frames[:len(subset)]), device="cuda")
 
             def torch_median():
                 windows = tensor.unfold(0, k, 1)  # (n, pixels, k)
@@ -94,51 +99,62 @@ def kernel_rows(events: int, k: int) -> list[dict]:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=10000)
-    parser.add_argument("--kernel-size", type=int, default=100)
+    parser.add_argument("--kernel-sizes", default="10,100,1000")
     parser.add_argument("--file-events", type=int, default=50000)
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
-    from dcbg.devices import cuda_unavailable_reason, describe_cuda_devices
+    from dcbg.engines.cuda import cuda_unavailable_reason, describe_cuda_devices
     reason = cuda_unavailable_reason(0)
     if reason:
         raise SystemExit(f"error: no CUDA device to benchmark: {reason}")
     gpu = describe_cuda_devices()
-    k = args.kernel_size
-    rows = kernel_rows(args.events, k)
+    rows = []
+    for k in (int(k) for k in args.kernel_sizes.split(",")):
+        rows += kernel_rows(args.events, k)
+    for row in rows:
+        row.setdefault("ratio", "")
 
-    cpu = run_isolated("bench_cpu", {"kind": "dcbg", "events": args.events, "k": k,
-                                     "num_cpus": os.cpu_count(), "device": "cpu"})
-    cpu["label"] = f"dcbg CPU backend ({os.cpu_count()} workers, end to end)"
-    cpu["pix_per_s"] = cpu["events_per_s"] * PIXELS
-    cpu["ratio"] = rows[0]["pix_per_s"] / cpu["pix_per_s"]
-    rows.append(cpu)
-
+    cpus = os.cpu_count()
     from dcbg.synthetic import write_synthetic_rtdc
     folder = pathlib.Path(tempfile.mkdtemp(prefix="dcbg-bench-gpu-"))
     recording = write_synthetic_rtdc(folder / "rec.rtdc", args.file_events)
-    case = {"events": args.file_events, "k": k, "num_cpus": 1, "file": str(recording)}
-    floor = run_isolated("bench_cpu", {"kind": "io_floor", **case})
-    floor["label"] = "I/O floor .rtdc -> .rtdc (no median)"
-    e2e = run_isolated("bench_cpu", {"kind": "dcbg_file", "device": "cuda", **case})
-    e2e["label"] = "dcbg CUDA .rtdc -> .rtdc"
-    for row in (floor, e2e):
-        row["pix_per_s"] = row["events_per_s"] * PIXELS
-    e2e["ratio"] = e2e["events_per_s"] / floor["events_per_s"]
-    rows += [floor, e2e]
+    background = folder / "rec_bg.rtdc"
+    subprocess.run([sys.executable, "-m", "dcbg", "compute", str(recording), str(background),
+                    "--device", "cuda"], check=True, capture_output=True)
+    files = {"events": args.file_events, "file": str(recording), "bg": str(background),
+             "num_cpus": cpus, "k": 100}
+    floor = run_isolated("bench_cpu", {"kind": "io_floor", "threads": cpus, **files})
+    floor["label"] = f"parallel I/O floor .rtdc -> .rtdc, {cpus} threads (no median)"
+    file_rows = [floor]
+    for device in ("cuda", "cpu"):
+        row = run_isolated("bench_cpu", {"kind": "command", "device": device, **files})
+        row["label"] = f"dcbg compute --device {device}, whole command, {cpus} CPUs"
+        row["ratio"] = row["events_per_s"] / floor["events_per_s"]
+        file_rows.append(row)
+    stages = file_rows[1]["stages"]
 
-    columns = [("label", "run"), ("events", "N"), ("k", "k"), ("events_per_s", "events/s"),
-               ("pix_per_s", "pixel-outputs/s"), ("ratio", "dcbg kernel ÷ peer (or e2e ÷ floor)"),
-               ("rss_main_mib", "peak RSS MiB")]
     device = ", ".join(f"{d['name']} ({d['memory_total'] / 2**30:.0f} GiB, driver {d['driver']})"
                        for d in gpu) or "unknown GPU"
-    body = table(rows, columns)
+    kernel_table = table(rows, [("label", "run"), ("events", "N"), ("k", "k"),
+                                ("pix_per_s", "pixel-outputs/s"),
+                                ("ratio", "dcbg kernel ÷ peer")])
+    file_table = table(file_rows, [("label", "run"), ("events", "N"),
+                                   ("events_per_s", "events/s"),
+                                   ("ratio", "÷ parallel I/O floor"), ("seconds", "wall s"),
+                                   ("rss_main_mib", "peak RSS MiB")])
+    stage_table = table([{"stage": name, "seconds": value} for name, value in stages.items()],
+                        [("stage", "CUDA run, stage"), ("seconds", "s")])
+    body = f"{kernel_table}\n\n{file_table}\n\n{stage_table}"
+    notes = ("Kernel rows: device memory in and out, median of CUDA-event timings; the dcbg "
+             "kernel's output equals the CPU engine's. File rows: zstd-5 in and out, wall "
+             "time of a new process (interpreter, imports, probe and run). Stages overlap, "
+             "so they add up to more than the total.")
     if args.no_append:
         print(body)
     else:
         append_results(f"CUDA backend on {device}",
                        "python benchmarks/bench_cuda.py " + " ".join(sys.argv[1:]), body,
-                       "Kernel rows: device memory in and out, median of CUDA-event timings. "
-                       "File rows: wall time, zstd-5 in and out.")
+                       notes)
 
 
 if __name__ == "__main__":

@@ -136,6 +136,7 @@ def per_frame_costs(path: pathlib.Path, background: np.ndarray, kernel_size: int
                                                             length, True))
     blocks = [np.ascontiguousarray(background[start:start + length])
               for start in range(0, len(background) - length + 1, length)]
+    codec.encode(blocks[0])
     t0 = time.perf_counter()
     for block in blocks:
         codec.encode(block)
@@ -145,8 +146,9 @@ def per_frame_costs(path: pathlib.Path, background: np.ndarray, kernel_size: int
         frames = h5["events/image"][:BATCH + kernel_size - 1].reshape(BATCH + kernel_size - 1,
                                                                          -1)
     medians = np.empty((BATCH, frames.shape[1]), np.uint8)
-    t0 = time.perf_counter()
-    for job in job_slices(frames.shape[1], 1):  # cache-sized jobs, as the workers take them
-        compute_median_for_slice(frames, medians, kernel_size, BATCH, job)
+    for _ in range(2):  # the first pass faults the output's pages in, the second counts
+        t0 = time.perf_counter()
+        for job in job_slices(frames.shape[1], 1):  # cache-sized jobs, as workers take them
+            compute_median_for_slice(frames, medians, kernel_size, BATCH, job)
     costs["median"] = (time.perf_counter() - t0) / BATCH
     return {stage: seconds * 1e6 for stage, seconds in costs.items()}

@@ -74,33 +74,37 @@ def rolling_median_columns(frames, out, kernel_size, output_size, start, stop, c
     """
     half = kernel_size // 2
     width = stop - start
-    median = np.zeros(width, np.int64)
-    below = np.zeros(width, np.int64)  # window elements smaller than median
+    median = np.zeros(width, np.int32)
+    below = np.zeros(width, np.int32)  # window elements smaller than median
     for row in range(kernel_size - 1):
+        entering = frames[row]
         for j in range(width):
-            counts[j, frames[row, start + j]] += 1
+            counts[j, entering[start + j]] += 1
     for t in range(output_size):
+        entering = frames[t + kernel_size - 1]
+        leaving = frames[t - 1] if t > 0 else entering
+        medians = out[t]
         for j in range(width):
             m = median[j]
             b = below[j]
-            entering = frames[t + kernel_size - 1, start + j]
-            counts[j, entering] += 1
-            if entering < m:
-                b += 1
+            value = np.int32(entering[start + j])
+            counts[j, value] += 1
+            b += value < m
             if t > 0:
-                leaving = frames[t - 1, start + j]
-                counts[j, leaving] -= 1
-                if leaving < m:
-                    b -= 1
+                value = np.int32(leaving[start + j])
+                counts[j, value] -= 1
+                b -= value < m
             while b > half:
                 m -= 1
                 b -= counts[j, m]
-            while b + counts[j, m] <= half:
-                b += counts[j, m]
+            here = np.int32(counts[j, m])
+            while b + here <= half:
+                b += here
                 m += 1
+                here = counts[j, m]
             median[j] = m
             below[j] = b
-            out[t, start + j] = m
+            medians[start + j] = m
 
 
 def compute_median_for_slice(shared_input, shared_output, kernel_size, output_size, job_slice):
