@@ -358,6 +358,9 @@ class CUDARollingMedian(Engine):
     memory_share: float
         Part of the device's free memory this engine may plan with (engines
         that share a device split it).
+    free_bytes: int, optional
+        The device's free memory, when the caller read it once for several
+        engines; read now by default.
     """
 
     def __init__(self, image_shape, kernel_size, batch_size, device_index=0,

@@ -108,12 +108,6 @@ class ImageBgWriter:
         self._partial: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._stored: set[int] = set()
         self._lock = threading.Lock()
-        self._appended = 0
-
-    @property
-    def size(self) -> int:
-        """Number of frames of the dataset"""
-        return self.count
 
     def write_at(self, offset: int, frames: np.ndarray):
         """Write frames at frame `offset`; returns once the caller may reuse `frames`"""
@@ -142,12 +136,6 @@ class ImageBgWriter:
                 else:
                     self._partial[chunk] = (buffer, filled)
         self._store(ready)
-
-    def append(self, frames: np.ndarray):
-        """Write frames after those appended before (from one thread)"""
-        frames = np.asarray(frames).reshape(-1, self.pixels)
-        self.write_at(self._appended, frames)
-        self._appended += len(frames)
 
     def write_repeated(self, offset: int, frame: np.ndarray, count: int):
         """Write `count` copies of one frame from frame `offset` on
