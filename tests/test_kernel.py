@@ -186,12 +186,19 @@ def test_kernel_compiles_with_nvcc(tmp_path, arch):
 
 
 def find_nvrtc():
-    """libnvrtc from the CUDA toolkit or the nvidia-cuda-nvrtc wheel, if any"""
+    """libnvrtc from the CUDA toolkit or the nvidia-cuda-nvrtc wheel, if any
+
+    The wheel may be in this environment or in the one of DCBG_CUDA_PYTHON.
+    """
     import ctypes.util
     import glob
+    import os
     import site
     candidates = [ctypes.util.find_library("nvrtc")]
-    for root in site.getsitepackages() + ["/usr/local/cuda/lib64", "/usr/lib/x86_64-linux-gnu"]:
+    roots = site.getsitepackages() + ["/usr/local/cuda/lib64", "/usr/lib/x86_64-linux-gnu"]
+    if os.environ.get("DCBG_CUDA_PYTHON"):
+        roots.append(str(pathlib.Path(os.environ["DCBG_CUDA_PYTHON"]).parents[1] / "lib"))
+    for root in roots:
         candidates += sorted(glob.glob(f"{root}/**/libnvrtc.so*", recursive=True))
     for candidate in filter(None, candidates):
         try:
