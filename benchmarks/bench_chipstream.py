@@ -44,7 +44,8 @@ def main():
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
     from dcbg.synthetic import write_synthetic_rtdc
-    folder = pathlib.Path(tempfile.mkdtemp(prefix="dcbg-bench-chipstream-"))
+    scratch = tempfile.TemporaryDirectory(prefix="dcbg-bench-chipstream-")
+    folder = pathlib.Path(scratch.name)
     write_synthetic_rtdc(folder / "rec.rtdc", args.events)
     job = ["-b", "rollmed", "-kb", "kernel_size=100", "rec.rtdc"]
     runs = {"ChipStream alone": [sys.executable, "-c", CHIPSTREAM_CLI, *job, "plain.rtdc"],
@@ -63,6 +64,7 @@ def main():
         same = (np.array_equal(plain["events/image_bg"][:], dcbg["events/image_bg"][:])
                 and {k: v for k, v in plain.attrs.items() if k.startswith("pipeline:")}
                 == {k: v for k, v in dcbg.attrs.items() if k.startswith("pipeline:")})
+    scratch.cleanup()  # an error leaves it to the interpreter's exit
     if not same:
         raise SystemExit("the outputs differ; no timing recorded")
     for row in rows:

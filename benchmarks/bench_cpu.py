@@ -1,9 +1,11 @@
 """CPU benchmark: I/O floors, the whole command, and dcbg against dcnum 0.31 side by side
 
     python benchmarks/bench_cpu.py [--events 20000] [--small-events 1500] [--num-cpus N]
-                                   [--no-dcnum] [--scaling 2000,20000,200000] [--no-append]
+                                   [--no-dcnum] [--scaling 2000,20000,200000] [--repeat 3]
+                                   [--no-append]
 
-In one run, each measurement in a fresh interpreter (so peak memory is its own):
+In one run, each measurement in a fresh interpreter (so peak memory is its own),
+the fastest of `--repeat` runs for those under a minute:
 
 1. per core: µs per 80×320 frame to decode the input, encode the background
    and compute the median (k=100), and from them a projection for a 16-core
@@ -37,6 +39,7 @@ from iocases import h5py_floor, io_floor, load_background, per_frame_costs, read
 
 PIXELS = 80 * 320
 PROJECTED_CORES = 16
+LONG_RUN_SECONDS = 60
 
 
 def run_log_seconds(path: pathlib.Path) -> dict:
@@ -50,8 +53,12 @@ def run_log_seconds(path: pathlib.Path) -> dict:
 
 def run_case(case: dict) -> dict:
     """Run one measurement in this process and return its numbers"""
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix="dcbg-bench-"))
-    out = tmp / "out.rtdc"
+    with tempfile.TemporaryDirectory(prefix="dcbg-bench-") as folder:
+        return measure_case(case, pathlib.Path(folder) / "out.rtdc")
+
+
+def measure_case(case: dict, out: pathlib.Path) -> dict:
+    """Run one measurement that writes `out`"""
     kind = case["kind"]
     events = case["events"]
     if kind in ("dcbg", "dcnum"):
@@ -98,29 +105,31 @@ def run_case(case: dict) -> dict:
             "mpix_per_s": events * PIXELS / seconds / 1e6, **peak_rss_mib()}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", help=argparse.SUPPRESS)
-    parser.add_argument("--events", type=int, default=20000,
-                        help="frames of the file runs and the large side-by-side run")
-    parser.add_argument("--small-events", type=int, default=1500,
-                        help="frames of the small side-by-side run")
-    parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
-    parser.add_argument("--no-dcnum", action="store_true", help="skip dcnum")
-    parser.add_argument("--scaling", default="2000,20000,200000",
-                        help="event counts for the N scaling (comma separated)")
-    parser.add_argument("--no-append", action="store_true", help="do not write RESULTS.md")
-    args = parser.parse_args()
-    if args.case:
-        print(json.dumps(run_case(json.loads(args.case))))
-        return
+def fastest_of(module: str, case: dict, repeat: int) -> dict:
+    """The fastest of `repeat` isolated runs of `case` (one run if the first takes long)
 
+    Short runs on a shared machine vary by about 10%; the fastest is the
+    one least disturbed. Runs of a minute or more are not repeated.
+    """
+    best = run_isolated(module, case)
+    runs = 1
+    while runs < repeat and best["seconds"] < LONG_RUN_SECONDS:
+        row = run_isolated(module, case)
+        runs += 1
+        if row["seconds"] < best["seconds"]:
+            best = row
+    best["runs"] = runs
+    return best
+
+
+def measure_all(args, folder: pathlib.Path) -> tuple[list[dict], dict]:
+    """Every measurement of the table, with its scratch files in `folder`"""
     module = pathlib.Path(__file__).stem
     cpus = args.num_cpus
     rows = []
 
     def measure(label, case, peer=None):
-        row = run_isolated(module, case)
+        row = fastest_of(module, case, args.repeat)
         row["label"] = label
         if peer is not None:
             row["ratio"] = row["events_per_s"] / peer["events_per_s"]
@@ -129,7 +138,6 @@ def main():
         return row
 
     from dcbg.synthetic import write_synthetic_rtdc
-    folder = pathlib.Path(tempfile.mkdtemp(prefix="dcbg-bench-file-"))
     recording = write_synthetic_rtdc(folder / "rec.rtdc", args.events)
     background = folder / "rec_bg.rtdc"
     subprocess.run([sys.executable, "-m", "dcbg", "compute", str(recording), str(background),
@@ -168,10 +176,34 @@ def main():
     for count in (int(c) for c in args.scaling.split(",")):
         measure("dcbg N scaling", {"kind": "dcbg", "events": count, "k": 100, "b": 10000,
                                    "num_cpus": cpus})
+    return rows, costs
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--events", type=int, default=20000,
+                        help="frames of the file runs and the large side-by-side run")
+    parser.add_argument("--small-events", type=int, default=1500,
+                        help="frames of the small side-by-side run")
+    parser.add_argument("--num-cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--no-dcnum", action="store_true", help="skip dcnum")
+    parser.add_argument("--scaling", default="2000,20000,200000",
+                        help="event counts for the N scaling (comma separated)")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="runs of each measurement under a minute; the fastest counts")
+    parser.add_argument("--no-append", action="store_true", help="do not write RESULTS.md")
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="dcbg-bench-file-") as folder:
+        rows, costs = measure_all(args, pathlib.Path(folder))
 
     columns = [("label", "run"), ("events", "N"), ("k", "k"), ("num_cpus", "workers"),
                ("events_per_s", "events/s"), ("mpix_per_s", "Mpixel/s"),
-               ("ratio", "ratio to peer"), ("seconds", "wall s"),
+               ("ratio", "ratio to peer"), ("seconds", "wall s"), ("runs", "runs"),
                ("rss_main_mib", "peak RSS main MiB"), ("rss_worker_mib", "peak RSS worker MiB")]
     io_core = costs["decode"] + costs["encode"]
     cost_table = table([{"stage": stage, "us": costs[stage]} for stage in
@@ -192,7 +224,8 @@ def main():
         "whole command ÷ the h5py floor; dcbg ÷ dcnum for the side-by-side pairs (array "
         "input, a realistic 80x320 stack tiled from 4096 synthetic frames; each package's "
         "imports, construction and worker start-up included). The whole-command row is a "
-        "new process: interpreter start, imports, the metadata probe, the run.")
+        "new process: interpreter start, imports, the metadata probe, the run. 'runs': "
+        "each row is the fastest of that many fresh-process runs.")
     body = table(rows, columns)
     command = "python benchmarks/bench_cpu.py " + " ".join(sys.argv[1:])
     if args.no_append:

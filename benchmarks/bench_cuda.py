@@ -116,7 +116,8 @@ def main():
 
     cpus = os.cpu_count()
     from dcbg.synthetic import write_synthetic_rtdc
-    folder = pathlib.Path(tempfile.mkdtemp(prefix="dcbg-bench-gpu-"))
+    scratch = tempfile.TemporaryDirectory(prefix="dcbg-bench-gpu-")
+    folder = pathlib.Path(scratch.name)
     recording = write_synthetic_rtdc(folder / "rec.rtdc", args.file_events)
     background = folder / "rec_bg.rtdc"
     subprocess.run([sys.executable, "-m", "dcbg", "compute", str(recording), str(background),
@@ -132,6 +133,7 @@ def main():
         row["ratio"] = row["events_per_s"] / floor["events_per_s"]
         file_rows.append(row)
     stages = file_rows[1]["stages"]
+    scratch.cleanup()  # an error leaves it to the interpreter's exit
 
     device = ", ".join(f"{d['name']} ({d['memory_total'] / 2**30:.0f} GiB, driver {d['driver']})"
                        for d in gpu) or "unknown GPU"
