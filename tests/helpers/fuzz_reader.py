@@ -3,7 +3,8 @@
 ``python fuzz_reader.py FOLDER --count N --seed S`` writes two small valid
 recordings (images in the file; images reached through a file basin),
 then N mutated copies: random bit flips, a zeroed 512-byte block, or a
-truncation. Each copy is opened as dcbg opens an input, its metadata is
+truncation (the same copies for a seed, however many ``--jobs`` read
+them). Each copy is opened as dcbg opens an input, its metadata is
 copied and every frame is read. A copy that reads is "readable"; one that
 fails must fail with one of dcbg's input errors whose message names the
 file. Anything else is "unclean". Each input is read in a child process;
@@ -16,7 +17,9 @@ import argparse
 import json
 import multiprocessing as mp
 import pathlib
+import queue
 import sys
+import threading
 
 import h5py
 import numpy as np
@@ -132,6 +135,8 @@ def main():
     parser.add_argument("--timeout", type=float, default=20.0,
                         help="seconds after which one input counts as a hang (the metadata "
                         "probe gets half of it)")
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="reader child processes working at once")
     args = parser.parse_args()
     folder = args.folder / "fuzz"
     kept = args.folder / "fuzz_findings"
@@ -141,15 +146,40 @@ def main():
     rng = np.random.default_rng(args.seed)
     report = {"tried": 0, "readable": 0, "clean_errors": 0, "kinds": {}, "unclean": [],
               "hangs": [], "crashes": []}
-    reader = Reader(args.timeout / 2)
+    mutants = []
     for i in range(args.count):
         which = int(rng.integers(len(bases)))
         data, kind = mutate(originals[which], rng)
         path = folder / f"mutant_{i}_{bases[which].name}"
         path.write_bytes(data)
+        mutants.append((i, kind, path))
+    todo = queue.SimpleQueue()
+    for mutant in mutants:
+        todo.put(mutant)
+    outcomes = {}
+
+    def classify_some():
+        """One reader child per thread; a hang or crash costs that child only"""
+        reader = Reader(args.timeout / 2)
+        while True:
+            try:
+                i, kind, path = todo.get_nowait()
+            except queue.Empty:
+                break
+            outcomes[i] = reader.classify(path, args.timeout)
+            if outcomes[i][0] in ("hang", "crash"):
+                reader = Reader(args.timeout / 2)
+        reader.close()
+
+    threads = [threading.Thread(target=classify_some) for _ in range(args.jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for i, kind, path in mutants:
+        outcome = outcomes[i]
         report["tried"] += 1
         report["kinds"][kind] = report["kinds"].get(kind, 0) + 1
-        outcome = reader.classify(path, args.timeout)
         if outcome[0] == "readable":
             report["readable"] += 1
         elif outcome[0] == "clean":
@@ -159,10 +189,7 @@ def main():
                    ].append([i, kind, *outcome[1:]])
             kept.mkdir(exist_ok=True)
             path.replace(kept / path.name)  # kept to reproduce
-            if outcome[0] != "unclean":
-                reader = Reader(args.timeout / 2)
         path.unlink(missing_ok=True)
-    reader.close()
     print(json.dumps(report))
     return 0
 

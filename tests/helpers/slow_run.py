@@ -11,6 +11,7 @@ run is under way and which processes must be gone afterwards.
 import multiprocessing
 import os
 import pathlib
+import signal
 import sys
 import time
 
@@ -21,6 +22,9 @@ DELAY = 0.1
 
 
 def main():
+    # A shell starts background jobs with SIGINT ignored and Python keeps that;
+    # the tests send SIGINT as Ctrl-C in a terminal does, whoever started them.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     marker = pathlib.Path(sys.argv[1])
     mode = sys.argv[2]
     read_into = reader.ImageSource.read_into
