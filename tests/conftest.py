@@ -3,7 +3,9 @@ import sys
 
 import pytest
 
+import dcbg
 from dcbg.engines import cuda
+from dcbg.synthetic import write_synthetic_rtdc
 from helpers import host_kernel as hk
 from helpers.data import SHARED_DATA
 from helpers.fake_cupy import make_fake_cupy
@@ -39,3 +41,17 @@ def fake_gpu(host_kernel, monkeypatch):
         return state
     yield install
     cuda.load_kernels.cache_clear()
+
+
+@pytest.fixture(scope="session")
+def computed(tmp_path_factory):
+    """A recording (400 events, 40x120) and its background computed on the CPU
+
+    Tests read both files; a test that changes one works on its own copy.
+    """
+    folder = tmp_path_factory.mktemp("computed")
+    source = write_synthetic_rtdc(folder / "rec.rtdc", 400, shape=(40, 120), seed=11)
+    with dcbg.BackgroundRollMed(source, folder / "rec_bg.rtdc", kernel_size=20,
+                                batch_size=100, num_cpus=1, device="cpu") as bg:
+        bg.process()
+    return source, folder / "rec_bg.rtdc"

@@ -1,22 +1,10 @@
 """What users see: the preview PNG of a computed file, and dcbg info FILE"""
 import numpy as np
-import pytest
 from PIL import Image
 
 import dcbg
 from dcbg.cli import main
 from dcbg.preview import render_preview
-from dcbg.synthetic import write_synthetic_rtdc
-
-
-@pytest.fixture(scope="module")
-def computed(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("preview")
-    source = write_synthetic_rtdc(folder / "rec.rtdc", 400, shape=(40, 120), seed=11)
-    with dcbg.BackgroundRollMed(source, folder / "rec_bg.rtdc", kernel_size=20,
-                                batch_size=100, num_cpus=1, device="cpu") as bg:
-        bg.process()
-    return source, folder / "rec_bg.rtdc"
 
 
 def crop(image, box):

@@ -3,22 +3,11 @@ import json
 
 import dclab
 import h5py
-import pytest
 
 import dcbg
 from dcbg.runlog import read_run_logs
 from dcbg.synthetic import write_synthetic_rtdc
 from dcbg.system import available_cpus
-
-
-@pytest.fixture(scope="module")
-def computed(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("preview")
-    source = write_synthetic_rtdc(folder / "rec.rtdc", 400, shape=(40, 120), seed=11)
-    with dcbg.BackgroundRollMed(source, folder / "rec_bg.rtdc", kernel_size=20,
-                                batch_size=100, num_cpus=1, device="cpu") as bg:
-        bg.process()
-    return source, folder / "rec_bg.rtdc"
 
 
 def test_run_log_in_the_output(computed):
