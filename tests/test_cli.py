@@ -1,4 +1,5 @@
 """The dcbg command line as a user types it"""
+import json
 import subprocess
 import sys
 
@@ -115,6 +116,37 @@ def test_demo_and_info_as_console_script(tmp_path):
     info = subprocess.run([sys.executable, "-m", "dcbg", "info"], capture_output=True,
                           text=True, timeout=120)
     assert info.returncode == 0 and "auto picks:" in info.stdout
+
+
+CONSOLE_RUN = """
+import gc, json, sys
+from dcbg.cli import console_main
+sys.argv = ["dcbg", *sys.argv[1:]]
+code = console_main()
+print(json.dumps({"code": code, "frozen": gc.get_freeze_count(),
+                  "scipy.linalg": repr(sys.modules.get("scipy.linalg", "absent"))}))
+"""
+
+
+def console_run(*argv) -> dict:
+    """Run the console entry point in a new process; its exit code and state after"""
+    run = subprocess.run([sys.executable, "-c", CONSOLE_RUN, *map(str, argv)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_console_entry_point_owns_its_process(recording, tmp_path):
+    target = tmp_path / "out.rtdc"
+    state = console_run("compute", recording, target, "-kb", "kernel_size=10", "--device",
+                        "cpu")
+    assert state["code"] == 0
+    assert state["scipy.linalg"] == "None"  # numba's BLAS probe was skipped
+    assert state["frozen"] > 0  # no final collection over numba's objects
+    data, _ = image_bg(target)
+    assert np.array_equal(data, rolling_median_reference(images(recording), 10))
+    state = console_run("info", target)
+    assert state["code"] == 0 and state["scipy.linalg"] != "None"
 
 
 @pytest.mark.parametrize("argv,code,message", [

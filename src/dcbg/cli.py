@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import pathlib
@@ -17,6 +18,7 @@ from .ppid import ppid_to_kwargs, split_ppid
 from .rtdc.hdf5 import GENERATION_ATTRIBUTE, PPID_ATTRIBUTE
 from .rtdc.output import check_output_path
 from .rtdc.writer import compression_kwargs
+from .system import skip_numba_blas_probe
 
 DEMO_EVENTS = 5000
 
@@ -349,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     compute.add_argument("--dry-run", action="store_true",
                          help="print what would be done and the PPID, compute nothing")
     common(compute)
-    compute.set_defaults(func=cmd_compute)
+    compute.set_defaults(func=cmd_compute, runs_kernels=True)
 
     demo = sub.add_parser("demo", help="synthesize a recording and compute its background")
     demo.add_argument("--events", type=int, default=DEMO_EVENTS)
@@ -357,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"where to put the files (default: ./{DEMO_FOLDER}, reused by "
                       f"every demo)")
     common(demo)
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo, runs_kernels=True)
 
     preview = sub.add_parser(
         "preview", help="PNG of raw frames, backgrounds and corrected frames of a file")
@@ -393,9 +395,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, own_process: bool = False) -> int:
+    """Run the ``dcbg`` command line and return its exit code
+
+    Parameters
+    ----------
+    argv: list of str, optional
+        The arguments; defaults to ``sys.argv[1:]``.
+    own_process: bool
+        Whether this process runs only this command (the console script):
+        the compute commands then skip numba's BLAS probe
+        (:func:`dcbg.system.skip_numba_blas_probe`).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    if own_process and getattr(args, "runs_kernels", False):
+        skip_numba_blas_probe()
     if args.command != "chipstream" or args.verbose:  # ChipStream's output stays its own
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
@@ -416,5 +431,19 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def console_main() -> int:
+    """Entry point of the ``dcbg`` console script and of ``python -m dcbg``
+
+    Runs :func:`main` in a process of its own, then freezes the garbage
+    collector: the process ends right after, and the interpreter's final
+    collection would otherwise walk every object that numba and llvmlite
+    created while loading the kernel, about half a second of a short run.
+    """
+    try:
+        return main(own_process=True)
+    finally:
+        gc.freeze()
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

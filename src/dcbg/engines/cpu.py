@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import WorkerFailure
 from ..pipeline import Prefetcher, WriterThread, partition, plan_windows
-from ..system import available_cpus, mp_spawn
+from ..system import available_cpus, mp_spawn, skip_numba_blas_probe
 from .base import Engine, count_dtype
 
 logger = logging.getLogger(__name__)
@@ -173,6 +173,7 @@ class WorkerRollMed(mp_spawn.Process):
     def run(self):
         """Main loop (ends when the counter turns negative or the parent is gone)"""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        skip_numba_blas_probe()  # this process runs nothing but the kernel
         try:
             # Map the RawArrays here: mapping them in __init__ would copy them.
             shared_input = np.ctypeslib.as_array(self.shared_input_raw).reshape(
