@@ -30,9 +30,10 @@ def load_background(path: pathlib.Path) -> np.ndarray:
 def load_checksum():
     """Load dcbg's compiled Fletcher-32 checksum before a timer starts
 
-    Its one-time load (numba and its cache: 0.4-1 s on 2 CPUs) is start-up,
-    which the whole-command row measures; the floors measure reading and
-    writing, with 1 and with N threads.
+    Its one-time load (0.4-1 s on 2 CPUs for numba's build: numba and its
+    cache; a millisecond for the C build) is start-up, which the
+    whole-command row measures; the floors measure reading and writing, with
+    1 and with N threads.
     """
     from dcbg.rtdc.chunks import fletcher32
     fletcher32(b"\0\0")

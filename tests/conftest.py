@@ -4,6 +4,7 @@ import sys
 import pytest
 
 import dcbg
+from dcbg import cpukernels
 from dcbg.engines import cuda
 from dcbg.synthetic import write_synthetic_rtdc
 from helpers import host_kernel as hk
@@ -55,3 +56,14 @@ def computed(tmp_path_factory):
                                 batch_size=100, num_cpus=1, device="cpu") as bg:
         bg.process()
     return source, folder / "rec_bg.rtdc"
+
+
+@pytest.fixture(params=cpukernels.BUILDS)
+def cpu_build(request, monkeypatch):
+    """Each build of the CPU kernels in turn as the one dcbg runs (C skips where not built)"""
+    try:
+        kernels = cpukernels.load_build(request.param)
+    except ImportError:
+        pytest.skip(f"the {request.param} build of the CPU kernels is not installed")
+    monkeypatch.setattr(cpukernels, "cpu_kernels", lambda: kernels)
+    return kernels

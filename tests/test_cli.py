@@ -7,6 +7,7 @@ import h5py
 import numpy as np
 import pytest
 
+from dcbg import cpukernels
 from dcbg.cli import main
 from dcbg.reference import rolling_median_reference
 from dcbg.synthetic import write_synthetic_rtdc
@@ -116,6 +117,7 @@ def test_demo_and_info_as_console_script(tmp_path):
     info = subprocess.run([sys.executable, "-m", "dcbg", "info"], capture_output=True,
                           text=True, timeout=120)
     assert info.returncode == 0 and "auto picks:" in info.stdout
+    assert f"CPU kernels: {cpukernels.describe_build()}" in info.stdout
 
 
 CONSOLE_RUN = """

@@ -32,7 +32,7 @@ def slice_medians(stack, kernel_size, slices):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 @pytest.mark.parametrize("kernel_size", [2, 4, 10, 30])
-def test_slice_kernel_matches_definition(name, kernel_size):
+def test_slice_kernel_matches_definition(cpu_build, name, kernel_size):
     stack = CASES[name]
     expected = rolling_median_reference(stack, kernel_size)
     pixels = stack[0].size
@@ -43,7 +43,7 @@ def test_slice_kernel_matches_definition(name, kernel_size):
 
 @pytest.mark.parametrize("kernel_size", [254, 256, 300, 1000])
 @pytest.mark.parametrize("extra", [0, 1, 37])
-def test_slice_kernel_large_kernels(kernel_size, extra):
+def test_slice_kernel_large_kernels(cpu_build, kernel_size, extra):
     rng = np.random.default_rng(kernel_size + extra)
     stack = rng.integers(0, 256, (kernel_size + extra, 3, 3), dtype=np.uint8)
     stack[:, 0, 0] = 255  # counts beyond 255 in one bin

@@ -5,6 +5,7 @@ import dclab
 import h5py
 
 import dcbg
+from dcbg import cpukernels
 from dcbg.runlog import read_run_logs
 from dcbg.synthetic import write_synthetic_rtdc
 from dcbg.system import available_cpus
@@ -20,6 +21,7 @@ def test_run_log_in_the_output(computed):
     assert record["software"] == f"dcbg {dcbg.__version__}"
     assert record["ppid"] == "rollmed:k=20^b=100"
     assert record["device"] == "cpu" and record["workers"] == 1
+    assert record["cpu_kernels"] == cpukernels.cpu_kernels().build
     assert record["events"] == 400 and record["warnings"] == []
     assert set(record["seconds"]) == {"read", "median", "write", "total"}
     assert 0 < record["seconds"]["median"] <= record["seconds"]["total"]

@@ -285,6 +285,8 @@ def cmd_info(args) -> int:
         return 0
     print(f"dcbg {__version__}")
     print(f"python {sys.version.split()[0]}, CPUs available: {os.cpu_count()}")
+    from .cpukernels import describe_build
+    print(f"CPU kernels: {describe_build()}")
     from .engines.cuda import describe_cuda_devices
     devices = describe_cuda_devices()
     if not devices:
@@ -436,8 +438,9 @@ def console_main() -> int:
 
     Runs :func:`main` in a process of its own, then freezes the garbage
     collector: the process ends right after, and the interpreter's final
-    collection would otherwise walk every object that numba and llvmlite
-    created while loading the kernel, about half a second of a short run.
+    collection would otherwise walk every object it made, among them, where
+    numba's build of the CPU kernels runs, all that numba and llvmlite
+    created while loading it, about half a second of a short run.
     """
     try:
         return main(own_process=True)

@@ -16,6 +16,7 @@ import socket
 
 import h5py
 
+from . import cpukernels
 from ._version import __version__
 from .rtdc.hdf5 import read_json_lines, write_json_lines
 
@@ -69,6 +70,7 @@ def run_record(ppid: str, device, num_cpus: int, io_threads: int, start: str, ev
         "ppid": ppid,
         **device_details(device, num_cpus),
         "io_threads": io_threads,
+        "cpu_kernels": cpukernels.cpu_kernels().build,
         "host": socket.gethostname(),
         "python": platform.python_version(),
         "start": start,

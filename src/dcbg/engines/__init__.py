@@ -8,8 +8,8 @@
 - :mod:`~dcbg.engines.split`: one recording split across several GPUs.
 
 :func:`engine_for` is the one place that turns a chosen device into an
-engine. Engines import numba or CuPy only when they are built, so that
-``import dcbg`` stays quick.
+engine. Engines import their kernels (and numba or CuPy) only when they are
+built, so that ``import dcbg`` stays quick.
 """
 from __future__ import annotations
 
@@ -53,9 +53,9 @@ def engine_for(device: DeviceChoice, image_shape, kernel_size: int, batch_size: 
 def preload(device: DeviceChoice):
     """Start loading what the engine for `device` needs, in the background
 
-    The CPU engine's compiled kernel takes a good part of a second to load
+    numba's build of the CPU kernel takes a good part of a second to load
     (numba and its cache); loading it while the input is opened and its
-    first frames are read keeps short runs short. Calling it again costs
+    first frames are read keeps short runs short. The C build loads at once. Calling it again costs
     nothing. CUDA kernels are compiled when the device is chosen.
     """
     if device.kind == "cpu":

@@ -4,7 +4,8 @@ Frames are uint8, so every pixel keeps a 256-bin histogram of its window and
 a pointer to the median bin; moving the window by one frame changes one
 count up and one down, and the pointer walks to the new median in a step or
 two. The cost per frame does not depend on the kernel size. The kernel is
-compiled by numba and releases the GIL.
+compiled (C, or numba's JIT where the install had no compiler: see
+:mod:`dcbg.cpukernels`) and releases the GIL.
 
 Two kinds of workers run it on slices of pixels ("jobs"):
 
@@ -12,8 +13,9 @@ Two kinds of workers run it on slices of pixels ("jobs"):
   processes share `shared_input` ((batch_size + kernel_size) × pixels) and
   `shared_output` (batch_size × pixels) RawArrays with the main process,
   take pixel slices from a job queue and count finished jobs in a shared
-  counter. Each process pays about a second to start (Python, numpy and
-  numba, and loading the compiled kernel), so they serve long inputs.
+  counter. Each process pays a few tenths of a second to start (Python and
+  numpy; a second with numba's build of the kernel), so they serve long
+  inputs.
 - :class:`ThreadWorkers`: threads of this process run the same kernel on the
   batch buffers directly; they cost nothing to start and serve short inputs.
 
@@ -32,9 +34,9 @@ import sys
 import time
 import traceback
 
-import numba
 import numpy as np
 
+from .. import cpukernels
 from ..errors import WorkerFailure
 from ..pipeline import Prefetcher, WriterThread, partition, plan_windows
 from ..system import available_cpus, mp_spawn, skip_numba_blas_probe
@@ -64,49 +66,6 @@ WORKER_POLL_SECONDS = 0.005
 """How often the main process checks the counter and the workers' health"""
 
 
-@numba.njit(nogil=True, cache=True)
-def rolling_median_columns(frames, out, kernel_size, output_size, start, stop, counts):
-    """Rolling median of the pixel columns ``start:stop`` of `frames`
-
-    ``out[t, p]`` becomes the element of rank ``kernel_size // 2`` of
-    ``frames[t:t+kernel_size, p]`` for ``t < output_size``. `counts` is a
-    zeroed scratch array of shape ``(stop - start, 256)``.
-    """
-    half = kernel_size // 2
-    width = stop - start
-    median = np.zeros(width, np.int32)
-    below = np.zeros(width, np.int32)  # window elements smaller than median
-    for row in range(kernel_size - 1):
-        entering = frames[row]
-        for j in range(width):
-            counts[j, entering[start + j]] += 1
-    for t in range(output_size):
-        entering = frames[t + kernel_size - 1]
-        leaving = frames[t - 1] if t > 0 else entering
-        medians = out[t]
-        for j in range(width):
-            m = median[j]
-            b = below[j]
-            value = np.int32(entering[start + j])
-            counts[j, value] += 1
-            b += value < m
-            if t > 0:
-                value = np.int32(leaving[start + j])
-                counts[j, value] -= 1
-                b -= value < m
-            while b > half:
-                m -= 1
-                b -= counts[j, m]
-            here = np.int32(counts[j, m])
-            while b + here <= half:
-                b += here
-                m += 1
-                here = counts[j, m]
-            median[j] = m
-            below[j] = b
-            medians[start + j] = m
-
-
 def compute_median_for_slice(shared_input, shared_output, kernel_size, output_size, job_slice):
     """Compute the rolling median for a slice of pixels of the shared arrays
 
@@ -128,8 +87,8 @@ def compute_median_for_slice(shared_input, shared_output, kernel_size, output_si
     """
     start, stop, _ = job_slice.indices(shared_input.shape[1])
     counts = np.zeros((stop - start, 256), dtype=count_dtype(kernel_size))
-    rolling_median_columns(shared_input, shared_output, kernel_size, output_size,
-                           start, stop, counts)
+    kernel = cpukernels.cpu_kernels().rolling_median_columns
+    kernel(shared_input, shared_output, kernel_size, output_size, start, stop, counts)
 
 
 def job_slices(pixels: int, workers: int) -> list[slice]:
@@ -139,7 +98,7 @@ def job_slices(pixels: int, workers: int) -> list[slice]:
 
 
 def warm_up_kernel():
-    """Load the compiled kernel (numba's cache) before the first batch needs it"""
+    """Load the compiled kernel (for numba's build: numba and its cache) before it is needed"""
     frames = np.zeros((3, 1), np.uint8)
     compute_median_for_slice(frames, np.zeros((1, 1), np.uint8), 2, 1, slice(0, 1))
 

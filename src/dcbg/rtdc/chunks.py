@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import threading
 import zlib
 
 import h5py
 import numpy as np
 from numcodecs import zstd
+
+from .. import cpukernels
 
 ZSTD = 32015
 """HDF5 filter id of Zstandard (registered by hdf5plugin)"""
@@ -54,17 +55,9 @@ class Filter:
     """the filter's client data values (level, element size)"""
 
 
-@functools.cache
-def _checksum():
-    # numba compiles (or loads) the checksum on first use only: runs that
-    # never meet a Fletcher-32 dataset do not pay for it.
-    from .checksum import fletcher32
-    return fletcher32
-
-
 def fletcher32(data) -> int:
     """HDF5's Fletcher-32 checksum of a bytes-like object (computed without the GIL)"""
-    return int(_checksum()(np.frombuffer(data, np.uint8)))
+    return int(cpukernels.cpu_kernels().fletcher32(np.frombuffer(data, np.uint8)))
 
 
 def zstd_content_size(frame) -> int | None:

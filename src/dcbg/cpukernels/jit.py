@@ -1,0 +1,89 @@
+"""dcbg's two CPU kernels compiled by numba: the build used where the C one was not installed
+
+The same loops as ``compiled.c``, with the same results. numba compiles them
+on first use and caches the machine code; a process pays 0.5–1 s to import
+numba and load that cache, which the C build does not.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.njit(nogil=True, cache=True)
+def rolling_median_columns(frames, out, kernel_size, output_size, start, stop, counts):
+    """Rolling median of the pixel columns ``start:stop`` of `frames`
+
+    ``out[t, p]`` becomes the element of rank ``kernel_size // 2`` of
+    ``frames[t:t+kernel_size, p]`` for ``t < output_size``. `counts` is a
+    zeroed scratch array of shape ``(stop - start, 256)``.
+    """
+    half = kernel_size // 2
+    width = stop - start
+    median = np.zeros(width, np.int32)
+    below = np.zeros(width, np.int32)  # window elements smaller than median
+    for row in range(kernel_size - 1):
+        entering = frames[row]
+        for j in range(width):
+            counts[j, entering[start + j]] += 1
+    for t in range(output_size):
+        entering = frames[t + kernel_size - 1]
+        leaving = frames[t - 1] if t > 0 else entering
+        medians = out[t]
+        for j in range(width):
+            m = median[j]
+            b = below[j]
+            value = np.int32(entering[start + j])
+            counts[j, value] += 1
+            b += value < m
+            if t > 0:
+                value = np.int32(leaving[start + j])
+                counts[j, value] -= 1
+                b -= value < m
+            while b > half:
+                m -= 1
+                b -= counts[j, m]
+            here = np.int32(counts[j, m])
+            while b + here <= half:
+                b += here
+                m += 1
+                here = counts[j, m]
+            median[j] = m
+            below[j] = b
+            medians[start + j] = m
+
+
+FOLD_WORDS = 4096
+"""Words summed between two folds of the checksum: keeps the 64-bit sums far from overflow"""
+
+
+@numba.njit(nogil=True, cache=True)
+def _fold(value):
+    # Adding the high half to the low half keeps the value modulo 65535 and
+    # keeps it non-zero; repeated until it fits into 16 bits.
+    while value > 0xFFFF:
+        value = (value & 0xFFFF) + (value >> 16)
+    return value
+
+
+@numba.njit(nogil=True, cache=True)
+def fletcher32(data):
+    """HDF5's Fletcher-32 checksum of a uint8 array (1-D, contiguous)"""
+    size = data.shape[0]
+    words = size // 2
+    sum1 = 0
+    sum2 = 0
+    start = 0
+    while start < words:
+        stop = min(words, start + FOLD_WORDS)
+        for i in range(start, stop):
+            sum1 += (np.int64(data[2 * i]) << 8) | np.int64(data[2 * i + 1])
+            sum2 += sum1
+        sum1 = _fold(sum1)
+        sum2 = _fold(sum2)
+        start = stop
+    if size % 2:
+        sum1 += np.int64(data[size - 1]) << 8
+        sum2 += sum1
+    return (_fold(sum2) << 16) | _fold(sum1)
+
