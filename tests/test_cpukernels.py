@@ -61,6 +61,18 @@ def test_every_count_width_on_column_ranges(cpu_build, kernel_size):
     assert np.array_equal(out, expected)
 
 
+def test_scratch_counts_need_not_be_zero(cpu_build):
+    """A kernel zeroes its scratch counts itself: a reused (dirty) array gives the same bytes"""
+    rng = np.random.default_rng(12)
+    frames = rng.integers(0, 256, (40, 9), dtype=np.uint8)
+    expected = window_medians(frames, 30, 11)
+    counts = rng.integers(0, 256, (9, 256), dtype=np.uint8)
+    for _ in range(2):
+        out = np.zeros((11, 9), np.uint8)
+        cpu_build.rolling_median_columns(frames, out, 30, 11, 0, 9, counts)
+        assert np.array_equal(out, expected)
+
+
 @pytest.mark.parametrize("change,message", [
     ({"frames": np.zeros((12, 6), np.int16)}, "frames must be a C-contiguous 2-D array"),
     ({"frames": np.zeros((12, 12), np.uint8)[:, ::2]}, "contiguous"),
@@ -75,6 +87,7 @@ def test_every_count_width_on_column_ranges(cpu_build, kernel_size):
     ({"counts": np.zeros((6, 256), np.float32)}, "unsigned integers"),
     ({"kernel_size": 256, "frames": np.zeros((258, 6), np.uint8)}, "too narrow a type"),
     ({"kernel_size": 0}, "kernel_size must be positive"),
+    ({"kernel_size": 2**62, "output_size": 2**62}, "fewer rows"),  # no overflow
 ])
 def test_c_kernel_names_what_is_wrong(change, message):
     arguments = {"frames": np.zeros((12, 6), np.uint8), "out": np.zeros((3, 6), np.uint8),

@@ -18,8 +18,10 @@
  * One histogram of BINS counts per pixel column and a pointer to the median
  * bin; `below` counts the window's elements smaller than the median. Moving
  * the window by one frame adds one count and removes one, and the pointer
- * walks to the element of rank kernel_size / 2 in a step or two.
- * COUNT_T is the narrowest type that holds kernel_size.
+ * walks to the element of rank kernel_size / 2 in a step or two; its bounds
+ * never bind on a consistent histogram, they keep a misused one (counts
+ * shared with frames, say) inside its row. COUNT_T is the narrowest type
+ * that holds kernel_size.
  */
 #define DEFINE_ROLLING_MEDIAN(NAME, COUNT_T)                                            \
     static void NAME(const uint8_t *frames, uint8_t *out, Py_ssize_t pixels,            \
@@ -28,6 +30,7 @@
                      int32_t *median, int32_t *below)                                   \
     {                                                                                   \
         const int32_t half = (int32_t)(kernel_size / 2);                                \
+        memset(counts, 0, (size_t)width * BINS * sizeof(COUNT_T));                      \
         for (Py_ssize_t row = 0; row < kernel_size - 1; row++) {                        \
             const uint8_t *entering = frames + row * pixels + start;                    \
             for (Py_ssize_t j = 0; j < width; j++)                                      \
@@ -49,12 +52,12 @@
                     histogram[value]--;                                                 \
                     b -= value < m;                                                     \
                 }                                                                       \
-                while (b > half) {                                                      \
+                while (b > half && m > 0) {                                             \
                     m--;                                                                \
                     b -= histogram[m];                                                  \
                 }                                                                       \
                 int32_t here = histogram[m];                                            \
-                while (b + here <= half) {                                              \
+                while (b + here <= half && m < BINS - 1) {                              \
                     b += here;                                                          \
                     m++;                                                                \
                     here = histogram[m];                                                \
@@ -78,7 +81,8 @@ get_matrix(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t itemsize,
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
     if (PyObject_GetBuffer(obj, view, flags) < 0)
         return -1;
-    int unsigned_integer = view->format != NULL && strchr("BHIL", view->format[0]) != NULL
+    int unsigned_integer = view->format != NULL && view->format[0] != '\0'
+                           && strchr("BHIL", view->format[0]) != NULL
                            && view->format[1] == '\0';
     if (view->ndim != 2 || !unsigned_integer
         || (itemsize ? view->itemsize != itemsize
@@ -97,9 +101,9 @@ PyDoc_STRVAR(rolling_median_columns_doc,
 "--\n\n"
 "Rolling median of the pixel columns start:stop of frames.\n\n"
 "out[t, p] becomes the element of rank kernel_size // 2 of\n"
-"frames[t:t+kernel_size, p] for t < output_size. counts is a zeroed\n"
-"scratch array of shape (stop - start, 256) whose unsigned type holds\n"
-"kernel_size. Runs without the GIL.");
+"frames[t:t+kernel_size, p] for t < output_size. counts is scratch space\n"
+"of shape (stop - start, 256) whose unsigned type holds kernel_size; the\n"
+"kernel zeroes it. Runs without the GIL.");
 
 static PyObject *
 rolling_median_columns(PyObject *self, PyObject *args)
@@ -123,14 +127,16 @@ rolling_median_columns(PyObject *self, PyObject *args)
     }
     const Py_ssize_t pixels = frames.shape[1];
     const Py_ssize_t width = stop - start;
+    /* the kernel keeps counts and ranks in int32_t */
     const uint64_t most = counts.itemsize == 1 ? 0xFF : counts.itemsize == 2 ? 0xFFFF
-                                                                             : 0xFFFFFFFF;
+                                                                             : INT32_MAX;
     const char *error = NULL;
     if (kernel_size < 1 || output_size < 0)
         error = "kernel_size must be positive and output_size not negative";
     else if (start < 0 || stop < start || stop > pixels)
         error = "start:stop must be a range of the pixel columns of frames";
-    else if (output_size > 0 && frames.shape[0] < output_size + kernel_size - 1)
+    else if (output_size > 0 && (kernel_size - 1 > frames.shape[0]
+                                 || output_size > frames.shape[0] - (kernel_size - 1)))
         error = "frames has fewer rows than output_size + kernel_size - 1";
     else if (out.shape[0] < output_size || out.shape[1] != pixels)
         error = "out must have output_size rows and as many columns as frames";

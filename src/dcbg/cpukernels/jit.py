@@ -15,9 +15,11 @@ def rolling_median_columns(frames, out, kernel_size, output_size, start, stop, c
     """Rolling median of the pixel columns ``start:stop`` of `frames`
 
     ``out[t, p]`` becomes the element of rank ``kernel_size // 2`` of
-    ``frames[t:t+kernel_size, p]`` for ``t < output_size``. `counts` is a
-    zeroed scratch array of shape ``(stop - start, 256)``.
+    ``frames[t:t+kernel_size, p]`` for ``t < output_size``. `counts` is
+    scratch space of shape ``(stop - start, 256)`` whose unsigned type holds
+    `kernel_size`; the kernel zeroes it.
     """
+    counts[:, :] = 0
     half = kernel_size // 2
     width = stop - start
     median = np.zeros(width, np.int32)
@@ -40,11 +42,11 @@ def rolling_median_columns(frames, out, kernel_size, output_size, start, stop, c
                 value = np.int32(leaving[start + j])
                 counts[j, value] -= 1
                 b -= value < m
-            while b > half:
+            while b > half and m > 0:  # bounds: as in compiled.c
                 m -= 1
                 b -= counts[j, m]
             here = np.int32(counts[j, m])
-            while b + here <= half:
+            while b + here <= half and m < 255:
                 b += here
                 m += 1
                 here = counts[j, m]

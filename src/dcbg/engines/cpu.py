@@ -86,7 +86,7 @@ def compute_median_for_slice(shared_input, shared_output, kernel_size, output_si
         write to the shared output without locks.
     """
     start, stop, _ = job_slice.indices(shared_input.shape[1])
-    counts = np.zeros((stop - start, 256), dtype=count_dtype(kernel_size))
+    counts = np.empty((stop - start, 256), dtype=count_dtype(kernel_size))
     kernel = cpukernels.cpu_kernels().rolling_median_columns
     kernel(shared_input, shared_output, kernel_size, output_size, start, stop, counts)
 
