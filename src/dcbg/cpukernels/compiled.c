@@ -144,30 +144,31 @@ rolling_median_columns(PyObject *self, PyObject *args)
         error = "counts must have the shape (stop - start, 256)";
     else if ((uint64_t)kernel_size > most)
         error = "counts has too narrow a type for kernel_size";
-    int32_t *state = NULL;
-    if (error == NULL && width > 0) {
-        state = calloc(2 * (size_t)width, sizeof(int32_t));
-        if (state == NULL)
-            PyErr_NoMemory();
-    }
-    if (error == NULL && !PyErr_Occurred() && width > 0 && output_size > 0) {
-        Py_BEGIN_ALLOW_THREADS
-        switch (counts.itemsize) {
-        case 1:
-            rolling_median_u8(frames.buf, out.buf, pixels, kernel_size, output_size, start,
-                              width, counts.buf, state, state + width);
-            break;
-        case 2:
-            rolling_median_u16(frames.buf, out.buf, pixels, kernel_size, output_size, start,
-                               width, counts.buf, state, state + width);
-            break;
-        default:
-            rolling_median_u32(frames.buf, out.buf, pixels, kernel_size, output_size, start,
-                               width, counts.buf, state, state + width);
+    int out_of_memory = 0;
+    if (error == NULL && width > 0 && output_size > 0) {
+        int32_t *state = calloc(2 * (size_t)width, sizeof(int32_t));
+        if (state == NULL) {
+            out_of_memory = 1;
         }
-        Py_END_ALLOW_THREADS
+        else {
+            Py_BEGIN_ALLOW_THREADS
+            switch (counts.itemsize) {
+            case 1:
+                rolling_median_u8(frames.buf, out.buf, pixels, kernel_size, output_size, start,
+                                  width, counts.buf, state, state + width);
+                break;
+            case 2:
+                rolling_median_u16(frames.buf, out.buf, pixels, kernel_size, output_size,
+                                   start, width, counts.buf, state, state + width);
+                break;
+            default:
+                rolling_median_u32(frames.buf, out.buf, pixels, kernel_size, output_size,
+                                   start, width, counts.buf, state, state + width);
+            }
+            Py_END_ALLOW_THREADS
+            free(state);
+        }
     }
-    free(state);
     PyBuffer_Release(&frames);
     PyBuffer_Release(&out);
     PyBuffer_Release(&counts);
@@ -175,8 +176,8 @@ rolling_median_columns(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, error);
         return NULL;
     }
-    if (PyErr_Occurred())
-        return NULL;
+    if (out_of_memory)
+        return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
 

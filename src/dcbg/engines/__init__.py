@@ -55,8 +55,9 @@ def preload(device: DeviceChoice):
 
     numba's build of the CPU kernel takes a good part of a second to load
     (numba and its cache); loading it while the input is opened and its
-    first frames are read keeps short runs short. The C build loads at once. Calling it again costs
-    nothing. CUDA kernels are compiled when the device is chosen.
+    first frames are read keeps short runs short. The C build loads at once.
+    Calling it again costs nothing. CUDA kernels are compiled when the device
+    is chosen.
     """
     if device.kind == "cpu":
         _preload_cpu()
