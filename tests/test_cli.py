@@ -43,14 +43,17 @@ def test_compute_default_output(recording, capsys):
 
 def test_existing_output_needs_force(recording, tmp_path, capsys):
     target = tmp_path / "given.rtdc"
-    target.write_bytes(b"keep me")
-    assert main(["compute", str(recording), str(target), "--ppid", "rollmed:k=4^b=20"]) == 1
+    assert main(["compute", str(recording), str(target), "--ppid", "rollmed:k=4^b=20",
+                 "--device", "cpu"]) == 0
+    kept = target.read_bytes()
+    capsys.readouterr()
+    assert main(["compute", str(recording), str(target), "--ppid", "rollmed:k=6^b=20"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--force" in err and len(err.splitlines()) == 1
-    assert target.read_bytes() == b"keep me"
-    assert main(["compute", str(recording), str(target), "--ppid", "rollmed:k=4^b=20",
+    assert target.read_bytes() == kept
+    assert main(["compute", str(recording), str(target), "--ppid", "rollmed:k=6^b=20",
                  "--force", "--device", "cpu"]) == 0
-    assert image_bg(target)[1] == "rollmed:k=4^b=20"
+    assert image_bg(target)[1] == "rollmed:k=6^b=20"
 
 
 def test_dry_run_prints_ppid_and_writes_nothing(recording, tmp_path, capsys):

@@ -7,6 +7,12 @@ import pytest
 
 import dcbg
 from dcbg.synthetic import write_synthetic_rtdc
+from helpers.files import (
+    assert_background_added,
+    dataset_digests,
+    existing_output,
+    folder_state,
+)
 
 dcnum = pytest.importorskip("dcnum", reason="dcnum is not installed (extra 'dcnum')")
 from dcnum.feat.feat_background import get_available_background_methods  # noqa: E402
@@ -63,3 +69,29 @@ def test_a_dcbg_output_is_a_dcnum_input(tmp_path, monkeypatch):
     from_output = run_job(tmp_path / "rec_bg.rtdc", tmp_path / "from_output.rtdc")
     from_source = run_job(source, tmp_path / "from_source.rtdc")
     assert np.array_equal(from_output[0], from_source[0])
+
+
+def test_the_plugin_never_writes_over_the_file_a_basin_reads(tmp_path):
+    """dcnum code asking for the input's basin file as output gets a clear refusal"""
+    source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 80, shape=(8, 16), seed=23)
+    via_basin = tmp_path / "rec_bg.rtdc"
+    with dcbg.BackgroundRollMed(source, via_basin, kernel_size=4, device="cpu") as bg:
+        bg.process()
+    before = folder_state(tmp_path)
+    dcbg.register_with_dcnum()
+    rollmed = get_available_background_methods()["rollmed"]
+    with pytest.raises(dcbg.errors.OutputError, match="reads its data from through its basins"):
+        rollmed(via_basin, source, kernel_size=4, batch_size=20, num_cpus=1)
+    assert folder_state(tmp_path) == before
+
+
+def test_the_plugin_adds_image_bg_to_an_existing_output_as_dcnum_does(tmp_path, monkeypatch):
+    monkeypatch.setenv("DCBG_DEVICE", "cpu")
+    source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 200, shape=(80, 160), seed=24)
+    out = existing_output(tmp_path / "analysis.rtdc")
+    before = dataset_digests(out)
+    dcbg.register_with_dcnum()
+    with get_available_background_methods()["rollmed"](
+            source, out, kernel_size=4, batch_size=20, num_cpus=1) as bg:
+        bg.process()
+    assert_background_added(source, out, before)

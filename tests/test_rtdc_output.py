@@ -17,7 +17,12 @@ from dcbg.cli import main
 from dcbg.reference import rolling_median_reference
 from dcbg.rtdc.writer import ImageBgWriter
 from dcbg.synthetic import write_synthetic_rtdc
-from helpers.files import dataset_digests, folder_state
+from helpers.files import (
+    assert_background_added,
+    dataset_digests,
+    existing_output,
+    folder_state,
+)
 from helpers.processes import start_slow_run
 
 
@@ -64,9 +69,18 @@ def test_interrupted_in_place_run_keeps_old_background(recording, monkeypatch):
 
 
 def test_interrupted_new_output_leaves_nothing(recording, tmp_path, monkeypatch):
+    run_interrupted(recording, tmp_path / "out.rtdc", monkeypatch, kernel_size=4,
+                    batch_size=20)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.rtdc"]
+
+
+def test_an_existing_output_that_is_no_hdf5_file_is_kept(recording, tmp_path, capsys):
     out = tmp_path / "out.rtdc"
     out.write_bytes(b"previous result")
-    run_interrupted(recording, out, monkeypatch, kernel_size=4, batch_size=20)
+    with pytest.raises(errors.OutputError, match="exists and is not an HDF5 file"):
+        dcbg.BackgroundRollMed(recording, out, kernel_size=4, device="cpu")
+    assert main(["compute", str(recording), str(out), "--force", "--device", "cpu"]) == 1
+    assert "is not an HDF5 file" in capsys.readouterr().err
     assert out.read_bytes() == b"previous result"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.rtdc", "rec.rtdc"]
 
@@ -77,7 +91,6 @@ DISK_FULL = OSError("Can't write data (file write failed: time = Sun Nov 22, err
 
 def test_disk_full_new_output(recording, tmp_path, monkeypatch, capsys):
     out = tmp_path / "rec_bg.rtdc"
-    out.write_bytes(b"yesterday's result")
     before = folder_state(tmp_path)
     fail_chunk_writes_after(monkeypatch, 2, DISK_FULL)
     with pytest.raises(errors.OutputWriteError, match="disk is full while writing .*rec_bg"):
@@ -85,7 +98,7 @@ def test_disk_full_new_output(recording, tmp_path, monkeypatch, capsys):
                                     num_cpus=1, device="cpu") as bg:
             bg.process()
     assert folder_state(tmp_path) == before
-    assert main(["compute", str(recording), "--force", "-kb", "kernel_size=10", "-kb",
+    assert main(["compute", str(recording), "-kb", "kernel_size=10", "-kb",
                  "batch_size=20", "--num-cpus", "1", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: The disk is full") and len(err.splitlines()) == 1
@@ -248,3 +261,99 @@ def test_in_place_on_a_read_only_file(recording, monkeypatch, capsys):
     assert main(["compute", str(recording), "--in-place", "--device", "cpu"]) == 1
     err = capsys.readouterr().err
     assert "no permission to write it" in err and "damaged" not in err, err
+
+
+def compute_bg(source, target, **kwargs):
+    with dcbg.BackgroundRollMed(source, target, kernel_size=4, batch_size=20, num_cpus=1,
+                                device="cpu", **kwargs) as bg:
+        bg.process()
+
+
+def basin_output(recording, tmp_path):
+    """rec_bg.rtdc: a dcbg output whose frames come from rec.rtdc through its basin"""
+    out = tmp_path / "rec_bg.rtdc"
+    compute_bg(recording, out)
+    return out
+
+
+def test_the_file_an_input_reads_through_its_basin_is_never_an_output(recording, tmp_path,
+                                                                     capsys):
+    via_basin = basin_output(recording, tmp_path)
+    os.link(recording, tmp_path / "hard.rtdc")
+    os.symlink(recording, tmp_path / "soft.rtdc")
+    before = folder_state(tmp_path)
+    for target in (recording, tmp_path / "hard.rtdc", tmp_path / "soft.rtdc"):
+        with pytest.raises(errors.OutputError, match="reads its data from through its basins"):
+            dcbg.BackgroundRollMed(via_basin, target, kernel_size=4, device="cpu")
+        assert main(["compute", str(via_basin), str(target), "--force", "--device",
+                     "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert "would destroy that data; choose another output path" in err
+        assert len(err.splitlines()) == 1
+    assert folder_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("how", ["api", "cli"])
+def test_an_existing_output_keeps_everything_but_its_background(recording, tmp_path, how):
+    out = existing_output(tmp_path / "analysis.rtdc")
+    before = dataset_digests(out)
+    if how == "api":
+        compute_bg(recording, out)
+    else:
+        assert main(["compute", str(recording), str(out), "--force", "-kb", "kernel_size=4",
+                     "-kb", "batch_size=20", "--device", "cpu", "--num-cpus", "1"]) == 0
+    assert_background_added(recording, out, before)
+
+
+def test_an_interrupted_run_leaves_an_existing_output_as_it_was(recording, tmp_path,
+                                                                monkeypatch):
+    out = existing_output(tmp_path / "analysis.rtdc")
+    before = dataset_digests(out)
+    run_interrupted(recording, out, monkeypatch, kernel_size=4, batch_size=20)
+    assert dataset_digests(out) == before
+    fail_chunk_writes_after(monkeypatch, 1, DISK_FULL)
+    with pytest.raises(errors.OutputWriteError, match="disk is full"):
+        compute_bg(recording, out)
+    monkeypatch.undo()
+    assert dataset_digests(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["analysis.rtdc", "rec.rtdc"]
+
+
+def test_an_existing_output_of_other_events_is_refused(recording, tmp_path, capsys):
+    out = existing_output(tmp_path / "analysis.rtdc", events=150)
+    before = dataset_digests(out)
+    with pytest.raises(errors.OutputError, match="exists with 150 events .* input has 200"):
+        compute_bg(recording, out)
+    assert dataset_digests(out) == before
+
+
+def test_a_file_size_limit_is_a_clean_error(tmp_path):
+    """EFBIG from HDF5 (a disk or account limit) is one sentence, and leaves nothing"""
+    rec = write_synthetic_rtdc(tmp_path / "rec.rtdc", 300, shape=(80, 160), compression="none")
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20));"
+              "from dcbg.cli import main; sys.exit(main(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", script, "compute", str(rec), "-c", "none",
+                           "-kb", "kernel_size=4", "--device", "cpu", "--num-cpus", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.startswith("error: Writing") and len(done.stderr.splitlines()) == 1
+    assert "outgrew the largest file" in done.stderr and "ref count" not in done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.rtdc"]
+
+
+def test_hidden_names_fit_wherever_the_output_name_fits(tmp_path):
+    stem = "M" * (255 - len("_bg.rtdc") - len(".rtdc") + len(".rtdc"))
+    source = write_synthetic_rtdc(tmp_path / f"{stem[:-8]}.rtdc", 40, shape=(6, 8))
+    out = tmp_path / f"{stem[:-8]}_bg.rtdc"
+    assert len(out.name) <= 255
+    assert main(["compute", str(source), "-kb", "kernel_size=4", "--device", "cpu"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([source.name, out.name])
+    from dcbg.rtdc.output import OutputLock
+    locks = [OutputLock(tmp_path / (stem + "a.rtdc")), OutputLock(tmp_path / (stem + "b.rtdc"))]
+    assert locks[0].lock_path != locks[1].lock_path  # long names that share a start
+    assert all(len(lock.lock_path.name) <= 255 for lock in locks)
+    for lock in locks:
+        lock.release()
+    too_long = tmp_path / ("x" * 256 + ".rtdc")
+    with pytest.raises(errors.OutputError, match="longer than the 255 bytes"):
+        compute_bg(source, too_long)

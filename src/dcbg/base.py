@@ -12,8 +12,17 @@ from . import engines, ppid, runlog
 from .devices import DeviceChoice, select_device
 from .errors import InputDataError, sigterm_raises
 from .rtdc.basins import write_output_basins
-from .rtdc.output import InPlaceOutput, NewOutputFile, check_output_path
-from .rtdc.reader import ImageSource, RTDCInput
+from .rtdc.output import (
+    EXISTING,
+    INPUT,
+    ExistingOutputFile,
+    InPlaceOutput,
+    NewOutputFile,
+    OutputTarget,
+    check_existing_output,
+    plan_output,
+)
+from .rtdc.reader import ImageSource, RTDCInput, check_input_path
 from .rtdc.writer import ImageBgWriter, compression_kwargs, copy_metadata
 from .system import available_cpus, mp_spawn
 
@@ -56,9 +65,13 @@ class Background(abc.ABC):
         batches, never loaded whole.
     output_path: path-like
         Where ``events/image_bg`` goes. If it is the input file itself,
-        the background is written into it; otherwise a new file is created
-        that carries the input's metadata and a basin pointing to the input
-        (an existing file there is replaced once the new one is complete).
+        the background is written into it. If another file exists there,
+        it gets the new ``image_bg`` and keeps every other dataset, as with
+        dcnum (it must have as many events as the input). Otherwise a new
+        file is created that carries the input's metadata and a basin
+        pointing to the input. Either way the result appears whole or not
+        at all, and a file the input reads its data from through its basins
+        is refused before anything is opened for writing.
     compress: bool or str
         True for zstd level 5, False for none, or "zstd-1" … "zstd-9".
     num_cpus: int, optional
@@ -119,6 +132,9 @@ class Background(abc.ABC):
         self.in_place = False
         """whether image_bg is written into the input file itself"""
 
+        self.target: OutputTarget | None = None
+        """what the output path is: a new file, an existing one, or the input"""
+
         self.stage_seconds: dict[str, float] = {}
         """seconds spent per stage in the last run (read, median, write, total)"""
 
@@ -135,10 +151,13 @@ class Background(abc.ABC):
         self._output: NewOutputFile | InPlaceOutput | None = None
         try:
             mapping = None
-            if isinstance(input_data, (str, pathlib.Path)):
-                input_path = pathlib.Path(input_data)
-                self.in_place = (self.output_path.exists()
-                                 and input_path.resolve() == self.output_path.resolve())
+            input_path = (pathlib.Path(input_data)
+                          if isinstance(input_data, (str, pathlib.Path)) else None)
+            if input_path is not None:
+                check_input_path(input_path)  # before the output, which may sit beside it
+            self.target = plan_output(self.output_path, input_path)
+            self.in_place = self.target.kind == INPUT
+            if input_path is not None:
                 self.hdin = RTDCInput(input_path, mode="a" if self.in_place else "r")
                 self.h5in = self.hdin.h5
                 if not self.in_place:
@@ -146,8 +165,6 @@ class Background(abc.ABC):
                 source, mapping = self.hdin.image, self.hdin.image_mapping
             else:
                 source = input_data
-            if not self.in_place:
-                check_output_path(self.output_path)
             self.source = ImageSource(source, pool=self.io_pool, mapping=mapping)
             """batch-wise reader of the input frames"""
             self.input_data = self.source.data
@@ -157,6 +174,8 @@ class Background(abc.ABC):
             self.image_count = len(self.source)
             """number of frames in the input"""
             self.validate_input()
+            if self.target.kind == EXISTING:
+                check_existing_output(self.output_path, self.image_count)
         except BaseException:
             self.close()
             raise
@@ -170,6 +189,8 @@ class Background(abc.ABC):
     def _open_output(self):
         if self.in_place:
             self._output = InPlaceOutput(self.h5in)
+        elif self.target.kind == EXISTING:
+            self._output = ExistingOutputFile(self.output_path)
         else:
             self._output = NewOutputFile(self.output_path)
             if self.hdin is not None:
@@ -238,9 +259,9 @@ class Background(abc.ABC):
         """Compute the background and store it with its PPID
 
         A new output file appears under its final name only when complete;
-        when writing into the input file, the previous ``image_bg`` (and
-        the ``bg_off`` computed for it) stays until the new background is
-        complete and is removed then, as dcnum does. Any error, Ctrl-C or
+        when writing into the input file or an existing output, the previous
+        ``image_bg`` (and the ``bg_off`` computed for it) stays until the new
+        background is complete and is removed then, as dcnum does. Any error, Ctrl-C or
         SIGTERM (in the main thread) discards the unfinished output and
         stops the workers.
         """
@@ -260,13 +281,7 @@ class Background(abc.ABC):
                                            self.io_threads, start, self.image_count,
                                            self.stage_seconds, warnings.messages)
                 self.run_record = record
-                if self.in_place:  # the log describes a background that is in the file
-                    self._output.commit()
-                    runlog.write_run_log(self.h5in, record)
-                    self.h5in.flush()
-                else:
-                    runlog.write_run_log(self.h5out, record)
-                    self._output.commit()
+                self._output.commit(lambda h5: runlog.write_run_log(h5, record))
                 self.image_proc.value = 1
             except BaseException:
                 if self._output is not None:

@@ -68,6 +68,23 @@ def is_disk_full(error: BaseException) -> bool:
     return "No space left on device" in text or "Disk quota exceeded" in text
 
 
+def is_file_too_large(error: BaseException) -> bool:
+    """Whether a write failed because the file outgrew a size limit (EFBIG)"""
+    if isinstance(error, OSError) and error.errno == errno.EFBIG:
+        return True
+    return "File too large" in str(error)
+
+
+def write_failure_reason(error: BaseException) -> str:
+    """Why a write failed, in words: a full disk, a size limit, or HDF5's own first line"""
+    if is_disk_full(error):
+        return "the disk is full"
+    if is_file_too_large(error):
+        return ("the file outgrew the largest file this file system or your account's "
+                "limits allow")
+    return first_line(error)
+
+
 def raise_terminated(signum, frame):
     """Signal handler turning SIGTERM into :class:`Terminated`"""
     raise Terminated(f"terminated by {signal.Signals(signum).name}")

@@ -5,6 +5,8 @@ import pathlib
 import h5py
 import numpy as np
 
+from dcbg.reference import rolling_median_reference
+
 
 def dataset_digests(path) -> dict:
     """Digest of every dataset and attribute in a file, by name"""
@@ -34,3 +36,28 @@ def write_images(path, images, **attrs):
         h5.attrs.update(attrs)
         h5.create_dataset("events/image", data=images)
     return path
+
+
+def existing_output(path, events=200):
+    """An analysis file that already holds features, an old background and its bg_off"""
+    with h5py.File(path, "w") as h5:
+        h5.attrs["experiment:sample"] = "analysis"
+        h5["events/deform"] = np.linspace(0, 0.1, events)
+        h5["events/userdef1"] = np.arange(events, dtype=float)
+        h5["events/bg_off"] = np.ones(events)
+        h5["events/image_bg"] = np.zeros((events, 80, 160), np.uint8)
+        h5["tables/notes"] = np.arange(3)
+    return path
+
+
+def assert_background_added(recording, out, before):
+    """`out` kept every dataset but got the background of `recording` and lost its bg_off"""
+    after = dataset_digests(out)
+    for name in ("events/deform", "events/userdef1", "tables/notes", "@root"):
+        assert after[name] == before[name]
+    with h5py.File(out) as h5, h5py.File(recording) as h5in:
+        assert "bg_off" not in h5["events"]
+        assert np.array_equal(h5["events/image_bg"][:],
+                              rolling_median_reference(h5in["events/image"][:], 4))
+        assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=4^b=20"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["analysis.rtdc", "rec.rtdc"]

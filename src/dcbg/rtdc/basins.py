@@ -17,7 +17,7 @@ import uuid
 
 import h5py
 
-from .hdf5 import as_text, open_hdf5, read_json_lines, write_json_lines
+from .hdf5 import REPLACED_FEATURES, as_text, open_hdf5, read_json_lines, write_json_lines
 
 logger = logging.getLogger(__name__)
 
@@ -121,10 +121,6 @@ def basin_candidates(definition: dict, folder: pathlib.Path) -> list[pathlib.Pat
     return candidates
 
 
-REPLACED_FEATURES = ("image_bg", "bg_off")
-"""Features of an input that a new background replaces; its basins do not offer them"""
-
-
 def offered_features(h5: h5py.File) -> list[str]:
     """The features a file's basin offers to a dcbg output
 
@@ -139,6 +135,61 @@ def offered_features(h5: h5py.File) -> list[str]:
             names.update(h5[group].keys())
     return sorted(name for name in names
                   if name not in REPLACED_FEATURES and not name.startswith("basinmap"))
+
+
+BASIN_DEPTH = 5
+"""How many basins deep files are followed (basins may refer to basins)"""
+
+
+def files_read_by(path: pathlib.Path) -> list[pathlib.Path]:
+    """Every file whose data `path` reads: its basins' files and its external sources
+
+    Follows "file" basins (every candidate path that exists) up to
+    :data:`BASIN_DEPTH` levels deep, and the files behind external links and
+    virtual datasets in their ``events``. Files that cannot be opened are
+    listed but not followed.
+    """
+    found: list[pathlib.Path] = []
+    pending = [(pathlib.Path(path), 0)]
+    while pending:
+        current, depth = pending.pop()
+        try:
+            h5 = h5py.File(current, "r")
+        except OSError:
+            continue
+        with h5:
+            linked = _external_files(h5, current)
+            basins = file_basins(h5, current) if depth < BASIN_DEPTH else []
+        for candidate in linked + [p for basin in basins for p in basin.paths]:
+            if candidate.is_file() and not any(_same(candidate, seen) for seen in found):
+                found.append(candidate)
+                pending.append((candidate, depth + 1))
+    return found
+
+
+def _same(a: pathlib.Path, b: pathlib.Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _external_files(h5: h5py.File, path: pathlib.Path) -> list[pathlib.Path]:
+    """Files that external links and virtual datasets in ``events`` read from"""
+    events = h5.get("events")
+    if not isinstance(events, h5py.Group):
+        return []
+    names = []
+    for name in events:
+        link = events.get(name, getlink=True)
+        if isinstance(link, h5py.ExternalLink):
+            names.append(link.filename)
+            continue
+        dataset = events.get(name)
+        if isinstance(dataset, h5py.Dataset) and dataset.is_virtual:
+            names += [source.file_name for source in dataset.virtual_sources()
+                      if source.file_name != "."]
+    return [p if p.is_absolute() else path.parent / p for p in map(pathlib.Path, names)]
 
 
 def portable_paths(source: pathlib.Path, output_path: pathlib.Path) -> list[str]:

@@ -25,6 +25,9 @@ IMAGE_ATTRIBUTES = {"CLASS": "IMAGE", "IMAGE_VERSION": "1.2",
                     "IMAGE_SUBCLASS": "IMAGE_GRAYSCALE"}
 """HDF5 image attributes of a grayscale image stack, as instruments and dcnum write them"""
 
+REPLACED_FEATURES = ("image_bg", "bg_off")
+"""Features a new background replaces: the old background and the offsets computed for it"""
+
 READ_ERRORS = (OSError, KeyError, RuntimeError, ValueError, TypeError, UnicodeDecodeError)
 """What h5py raises for files whose structure or data are damaged"""
 

@@ -1,24 +1,42 @@
 """Safe output: a result appears complete or not at all, and never costs data
 
+:func:`plan_output` decides once, before anything is opened for writing,
+what an output path is: a new file, an existing file that gets a new
+``image_bg``, or the input itself. It refuses a path that the input reads
+its data from through its basins, so a raw recording is never written over.
+
 A new output is written to a hidden temporary file beside the target and
-renamed over it on success; an :class:`OutputLock` keeps two runs from
-writing the same path. In place, the new background is built in a private
-group of the input file and swapped in only when complete. Either way, a
-completed run removes the ``image_bg`` and ``bg_off`` the output carried
-(as dcnum does): a ``bg_off`` belongs to the background it was computed for.
+renamed to its name on success; an :class:`OutputLock` keeps two runs from
+writing the same path. Into an existing file (the input itself, or an
+output that exists already, as dcnum's ``Background`` does it), the new
+background is built in a private group and swapped in only when complete,
+and every other dataset stays as it is. Either way, a completed run removes
+the ``image_bg`` and ``bg_off`` the output carried (as dcnum does): a
+``bg_off`` belongs to the background it was computed for.
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
+import hashlib
 import logging
 import os
 import pathlib
 import socket
 import tempfile
+import typing
 
 import h5py
 
-from ..errors import OutputBusyError, OutputError, OutputWriteError, first_line, is_disk_full
+from ..errors import (
+    OutputBusyError,
+    OutputError,
+    OutputWriteError,
+    first_line,
+    write_failure_reason,
+)
+from .basins import files_read_by
+from .hdf5 import REPLACED_FEATURES, open_hdf5
 
 logger = logging.getLogger(__name__)
 
@@ -28,25 +46,133 @@ PARTIAL_GROUP = "dcbg_partial"
 PARTIAL_SUFFIX = ".dcbg-partial"
 """Suffix of a new output file while it is written (hidden name ``.<output>.…``)"""
 
-STALE_FEATURES = ("image_bg", "bg_off")
-"""Features a new background replaces: the old background and its offsets"""
+LOCK_SUFFIX = ".dcbg-lock"
+"""Suffix of the lock file beside an output (hidden name ``.<output>.dcbg-lock``)"""
+
+NAME_MAX = 255
+"""Longest file name (in bytes) of the usual file systems, where the system does not say"""
 
 FEATURE_GROUPS = ("events", "basin_events")
 """Groups of an output file that hold features (its own and internal-basin ones)"""
 
 
+NEW = "new"
+EXISTING = "existing"
+INPUT = "input"
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputTarget:
+    """Where a background goes, decided once by :func:`plan_output`"""
+
+    path: pathlib.Path
+    """the output path as given"""
+    kind: str
+    """:data:`NEW` (a file is created), :data:`EXISTING` (an existing file other
+    than the input gets ``image_bg``) or :data:`INPUT` (the input file itself)"""
+
+
 def check_output_path(path) -> pathlib.Path:
-    """Refuse an output path whose folder is missing or that is a folder itself"""
+    """Refuse an output path in a missing folder, that is a folder, or whose name is too long"""
     path = pathlib.Path(path)
-    if path.is_dir():
-        raise OutputError(
-            f"Output {path} is a folder; give a file name inside it, e.g. "
-            f"{path / 'background.rtdc'}.")
     folder = path.resolve().parent
     if not folder.is_dir():
         raise FileNotFoundError(
             f"Output folder {folder} does not exist; create it or choose another path.")
+    if len(os.fsencode(path.name)) > name_max(folder):
+        raise OutputError(
+            f"Output name {path.name[:40]}… is longer than the {name_max(folder)} bytes the "
+            f"file system allows; choose a shorter name.")
+    if path.is_dir():
+        raise OutputError(
+            f"Output {path} is a folder; give a file name inside it, e.g. "
+            f"{path / 'background.rtdc'}.")
     return path
+
+
+def name_max(folder: pathlib.Path) -> int:
+    """Longest file name (bytes) the file system of `folder` allows"""
+    try:
+        return int(os.pathconf(folder, "PC_NAME_MAX"))
+    except (OSError, ValueError, AttributeError):
+        return NAME_MAX
+
+
+def same_file(a, b) -> bool:
+    """Whether two paths name the same file (symbolic and hard links included)"""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def plan_output(output_path, input_path=None) -> OutputTarget:
+    """Decide what writing a background to `output_path` means, before anything is opened
+
+    Parameters
+    ----------
+    output_path: path-like
+        Where ``image_bg`` goes.
+    input_path: path-like, optional
+        The input .rtdc file (None for array input).
+
+    Raises
+    ------
+    OutputError
+        If the path is a folder, its name is too long, an existing file
+        there is not HDF5, or it is a file the input reads its data from
+        through its basins (writing it would destroy the input's data).
+    FileNotFoundError
+        If the output's folder does not exist.
+    """
+    path = check_output_path(output_path)
+    if input_path is not None and same_file(path, input_path):
+        return OutputTarget(path, INPUT)
+    if input_path is not None and path.exists():
+        for source in files_read_by(pathlib.Path(input_path)):
+            if same_file(path, source):
+                raise OutputError(
+                    f"Output {path} is {'the' if source == path else 'the same file as'} "
+                    f"{source}, which the input {input_path} reads its data from through "
+                    f"its basins, so writing it would destroy that data; choose another "
+                    f"output path.")
+    if path.exists():
+        if not h5py.is_hdf5(path):
+            raise OutputError(
+                f"Output {path} exists and is not an HDF5 file, so dcbg cannot add image_bg "
+                f"to it; remove it or choose another output path.")
+        return OutputTarget(path, EXISTING)
+    return OutputTarget(path, NEW)
+
+
+def check_existing_output(path: pathlib.Path, event_count: int):
+    """Refuse an existing output whose events are not as many as the input's"""
+    with open_hdf5(path, "r") as h5:
+        events = h5.get("events")
+        lengths = {name: obj.shape[0] for name, obj in (events or {}).items()
+                   if isinstance(obj, h5py.Dataset) and obj.shape}
+    other = next(((name, n) for name, n in sorted(lengths.items()) if n != event_count), None)
+    if other is not None:
+        raise OutputError(
+            f"Output {path} exists with {other[1]} events (events/{other[0]}), but the input "
+            f"has {event_count}, so a background of the input does not belong there; choose "
+            f"another output path.")
+
+
+def hidden_name(name: str, suffix: str, folder: pathlib.Path) -> str:
+    """``.<name><suffix>``, shortened with a digest of `name` where it would not fit
+
+    The name of a lock or temporary file must fit wherever the output's own
+    name fits; the digest keeps two long names that share a beginning apart.
+    """
+    full = f".{name}{suffix}"
+    limit = name_max(folder)
+    if len(os.fsencode(full)) <= limit:
+        return full
+    digest = hashlib.sha1(os.fsencode(name)).hexdigest()[:12]
+    keep = limit - len(os.fsencode(f".~{digest}{suffix}"))
+    stem = os.fsencode(name)[:keep].decode("utf-8", "ignore")
+    return f".{stem}~{digest}{suffix}"
 
 
 def permission_error(folder: pathlib.Path) -> OutputError:
@@ -59,7 +185,7 @@ def permission_error(folder: pathlib.Path) -> OutputError:
 def remove_stale_background(h5: h5py.File):
     """Delete the ``image_bg`` and ``bg_off`` a file carries (events and basin_events)"""
     for group in FEATURE_GROUPS:
-        for feature in STALE_FEATURES:
+        for feature in REPLACED_FEATURES:
             if group in h5 and feature in h5[group]:
                 del h5[group][feature]
 
@@ -89,7 +215,8 @@ class OutputLock:
 
     def __init__(self, path):
         self.path = pathlib.Path(path)
-        self.lock_path = self.path.with_name(f".{self.path.name}.dcbg-lock")
+        self.lock_path = self.path.with_name(
+            hidden_name(self.path.name, LOCK_SUFFIX, self.path.parent))
         owner = f"{os.getpid()} {socket.gethostname()}"
         for _ in range(2):
             try:
@@ -134,7 +261,7 @@ class OutputLock:
             return False
         logger.warning("Removing the stale lock %s of process %d, which no longer runs, "
                        "and its unfinished output", self.lock_path, pid)
-        for partial in self.path.parent.glob(f".{self.path.name}.*{PARTIAL_SUFFIX}"):
+        for partial in self.path.parent.glob(f"{partial_prefix(self.path)}*{PARTIAL_SUFFIX}"):
             partial.unlink(missing_ok=True)
         self.lock_path.unlink(missing_ok=True)
         return True
@@ -142,6 +269,13 @@ class OutputLock:
     def release(self):
         """Remove the lock file"""
         self.lock_path.unlink(missing_ok=True)
+
+
+def partial_prefix(path: pathlib.Path) -> str:
+    """Name prefix of the temporary files of an output (8 random characters follow)"""
+    reserve = "." + "x" * 8 + PARTIAL_SUFFIX  # what mkstemp and the suffix add
+    hidden = hidden_name(path.name, reserve, path.parent)
+    return hidden[:-len(reserve)] + "."
 
 
 class NewOutputFile:
@@ -163,10 +297,10 @@ class NewOutputFile:
     """
 
     def __init__(self, path):
-        self.path = check_output_path(path)
+        self.path = pathlib.Path(path)
         self.lock = OutputLock(self.path)
         try:
-            handle, name = tempfile.mkstemp(prefix=f".{self.path.name}.",
+            handle, name = tempfile.mkstemp(prefix=partial_prefix(self.path),
                                             suffix=PARTIAL_SUFFIX, dir=self.path.parent)
         except OSError as error:
             self.lock.release()
@@ -189,16 +323,20 @@ class NewOutputFile:
             self.lock.release()
             raise
 
-    def commit(self):
-        """Close the file and move it to its final name"""
+    def commit(self, log: typing.Callable[[h5py.File], object] | None = None):
+        """Close the file and move it to its final name
+
+        `log` is called with the file first, to add the run's log.
+        """
         try:
+            if log is not None:
+                log(self.h5)
             self.h5.close()  # HDF5 writes its last metadata here
-        except OSError as error:
+        except (OSError, RuntimeError) as error:  # h5py raises both for failed writes
             self.abort()
-            reason = "the disk is full" if is_disk_full(error) else first_line(error)
             raise OutputWriteError(
-                f"Finishing {self.path} failed ({reason}); free space or choose another "
-                f"output path (the unfinished file was removed).") from error
+                f"Finishing {self.path} failed ({write_failure_reason(error)}); free space "
+                f"or choose another output path (the unfinished file was removed).") from error
         os.replace(self.temp_path, self.path)
         self.lock.release()
 
@@ -207,7 +345,7 @@ class NewOutputFile:
         try:
             if self.h5.id.valid:
                 self.h5.close()
-        except OSError:
+        except (OSError, RuntimeError):
             pass  # the file is deleted next; its last metadata do not matter
         finally:
             self.temp_path.unlink(missing_ok=True)
@@ -226,7 +364,7 @@ class InPlaceOutput:
     Parameters
     ----------
     h5: h5py.File
-        The file, opened for writing.
+        The file, opened for writing; it stays open (its owner closes it).
     """
 
     def __init__(self, h5: h5py.File):
@@ -235,15 +373,74 @@ class InPlaceOutput:
             del h5[PARTIAL_GROUP]  # leftover of an interrupted run
         self.bg_group = h5.create_group(PARTIAL_GROUP)
 
-    def commit(self):
-        """Replace the old background by the finished dataset"""
+    def commit(self, log: typing.Callable[[h5py.File], object] | None = None):
+        """Replace the old background by the finished dataset
+
+        `log` is called with the file once the new background is in it, so
+        that the run's log describes a background the file holds.
+        """
         remove_stale_background(self.h5)
         self.h5.require_group("events")
         self.h5.move(f"{PARTIAL_GROUP}/image_bg", "events/image_bg")
         del self.h5[PARTIAL_GROUP]
+        if log is not None:
+            log(self.h5)
         self.h5.flush()
 
     def abort(self):
         """Drop the unfinished background"""
-        if self.h5.id.valid and PARTIAL_GROUP in self.h5:
-            del self.h5[PARTIAL_GROUP]
+        try:
+            if self.h5.id.valid and PARTIAL_GROUP in self.h5:
+                del self.h5[PARTIAL_GROUP]
+        except (OSError, RuntimeError):
+            # The file fails to write (its disk is full, say); the next run
+            # that opens it removes the leftover group.
+            logger.warning("Could not remove the unfinished background from %s",
+                           self.h5.filename)
+
+
+class ExistingOutputFile(InPlaceOutput):
+    """An existing output (not the input) that gets a new image_bg, all or nothing
+
+    As dcnum's ``Background`` does, every other dataset and attribute of
+    the file stays; an :class:`OutputLock` keeps other dcbg runs away while
+    it is written (HDF5's own file lock may be disabled on network file
+    systems).
+
+    Parameters
+    ----------
+    path: path-like
+        The existing HDF5 file.
+    """
+
+    def __init__(self, path):
+        self.path = pathlib.Path(path)
+        self.lock = OutputLock(self.path)
+        try:
+            super().__init__(open_hdf5(self.path, "a"))
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def commit(self, log: typing.Callable[[h5py.File], object] | None = None):
+        """Swap the new background in, add the run's log (`log`) and close the file"""
+        try:
+            super().commit(log)
+            self.h5.close()
+        except (OSError, RuntimeError) as error:
+            self.abort()
+            raise OutputWriteError(
+                f"Finishing {self.path} failed ({write_failure_reason(error)}); free space "
+                f"and run again (the file keeps its previous image_bg).") from error
+        self.lock.release()
+
+    def abort(self):
+        """Drop the unfinished background and close the file"""
+        try:
+            super().abort()
+            if self.h5.id.valid:
+                self.h5.close()
+        except (OSError, RuntimeError):
+            pass  # the unfinished group is removed by the next run
+        finally:
+            self.lock.release()

@@ -16,14 +16,23 @@ import h5py
 import numpy as np
 
 from ..errors import InputDataError, InputFileError, NoImageDataError
-from .basins import FileBasin, file_basins, measurement_identifier
+from .basins import BASIN_DEPTH, FileBasin, file_basins, measurement_identifier
 from .chunks import ChunkCodec, ChunkedFrameReader, ChunkedReadError
 from .hdf5 import READ_ERRORS, damaged_file_error, open_hdf5
 
 logger = logging.getLogger(__name__)
 
-BASIN_DEPTH = 5
-"""How many basins deep a feature is searched (basins may refer to basins)"""
+def check_input_path(path) -> pathlib.Path:
+    """Refuse an input path that does not exist or is a folder"""
+    path = pathlib.Path(path)
+    if not path.exists():
+        hint = (" (a quoted '~' is not expanded: write the full path)"
+                if str(path).startswith("~") else "")
+        raise FileNotFoundError(f"Input file {path} does not exist{hint}; check the path.")
+    if path.is_dir():
+        raise IsADirectoryError(
+            f"Input {path} is a folder; give an .rtdc file inside it.")
+    return path
 
 
 class RTDCInput:
@@ -50,12 +59,7 @@ class RTDCInput:
     """
 
     def __init__(self, path, mode: str = "r"):
-        self.path = pathlib.Path(path)
-        if not self.path.exists():
-            raise FileNotFoundError(f"Input file {self.path} does not exist; check the path.")
-        if self.path.is_dir():
-            raise IsADirectoryError(
-                f"Input {self.path} is a folder; give an .rtdc file (or use -r for folders).")
+        self.path = check_input_path(path)
         self.h5 = open_hdf5(self.path, mode)
         self._basin_files: list[h5py.File] = []
         try:

@@ -14,7 +14,7 @@ import h5py
 import hdf5plugin
 import numpy as np
 
-from ..errors import OutputWriteError, first_line, is_disk_full
+from ..errors import OutputWriteError, is_disk_full, write_failure_reason
 from ..ppid import DCNUM_PPID_GENERATION
 from .chunks import ChunkCodec
 from .hdf5 import (
@@ -202,15 +202,15 @@ class ImageBgWriter:
         offset = (chunk * self.chunk_length,) + (0,) * len(self.image_shape)
         try:
             self._write_direct(offset, stored)
-        except OSError as error:
+        except (OSError, RuntimeError) as error:  # h5py raises both for failed writes
             if is_disk_full(error):
                 raise OutputWriteError(
                     f"The disk is full while writing {self.target}; free space there or "
                     f"choose an output on another disk (the unfinished background is "
                     f"discarded).") from error
             raise OutputWriteError(
-                f"Writing {self.target} failed ({first_line(error)}); check the disk and "
-                f"run again (the unfinished background is discarded).") from error
+                f"Writing {self.target} failed ({write_failure_reason(error)}); check the "
+                f"disk and run again (the unfinished background is discarded).") from error
         with self._lock:
             self._stored.add(chunk)
 
