@@ -1,10 +1,16 @@
 """What users see: the preview PNG of a computed file, and dcbg info FILE"""
+import subprocess
+import sys
+
+import h5py
 import numpy as np
 from PIL import Image
 
 import dcbg
+from dcbg import preview
 from dcbg.cli import main
-from dcbg.preview import render_preview
+from dcbg.preview import render_preview, write_preview
+from dcbg.synthetic import background_pattern
 
 
 def crop(image, box):
@@ -67,3 +73,101 @@ def test_info_describes_a_file(computed, capsys):
     assert "log dcbg-background_" in out and "400 events on cpu" in out
     assert main(["info", str(source)]) == 0
     assert "image_bg: none in this file" in capsys.readouterr().out
+
+
+def write_recording(path, image, image_bg):
+    """A minimal uncompressed .rtdc file with the given frames and backgrounds"""
+    with h5py.File(path, "w") as h5:
+        h5["events/image"] = image
+        h5["events/image_bg"] = image_bg
+    return path
+
+
+def test_preview_panels_stay_readable_and_bounded_for_any_frame_shape(tmp_path):
+    # (height, width): flat, one-row, tall and narrow, large
+    for shape in [(4, 400), (1, 5000), (400, 4), (600, 900)]:
+        frames = np.random.default_rng(1).integers(90, 130, (3, *shape), dtype=np.uint8)
+        path = write_recording(tmp_path / f"{shape[0]}x{shape[1]}.rtdc", frames,
+                               np.full_like(frames, 110))
+        shown = render_preview(path)
+        width, height = shown.image.size
+        # three panels of at most 640x240 side by side, three events, a strip of 40…160 rows
+        assert width <= 3 * 640 + 4 * 8, shape
+        assert height <= 18 + 3 * (18 + 240 + 8) + 18 + 160 + 16, shape
+        for boxes in shown.panels:
+            left, top, right, bottom = boxes["raw"]
+            assert 24 <= right - left <= 640 and 24 <= bottom - top <= 240, shape
+        assert shown.strip[3] - shown.strip[1] >= 40, shape
+    # where neither limit binds, the aspect ratio is kept: 600x900 frames are shrunk to 240x360
+    assert (right - left, bottom - top) == (360, 240)
+
+
+def test_preview_refuses_more_events_than_fit(computed, capsys):
+    _, output = computed
+    events = [arg for event in range(11) for arg in ("-e", str(event))]
+    assert main(["preview", str(output), *events, "-o", str(output.with_name("many.png"))]) == 1
+    assert "at most 10 events, but 11 were asked for" in capsys.readouterr().err
+    assert not output.with_name("many.png").exists()
+
+
+def test_preview_picks_frames_with_cells_over_noisy_flickering_empty_ones(tmp_path):
+    # Empty frames are brighter (lamp flicker) and noisier than the frames with a cell,
+    # so that their mean difference from the background is the larger one
+    rng = np.random.default_rng(7)
+    scene = background_pattern((30, 60), seed=5)
+    y, x = np.mgrid[:30, :60]
+    with_cells = [1, 6, 10]
+    frames = []
+    for event in range(12):
+        if event in with_cells:
+            frame = scene + rng.normal(0, 2, scene.shape)
+            cell = (y - 15) ** 2 + (x - rng.integers(8, 52)) ** 2 < 9
+            frame[cell] -= 35
+        else:
+            frame = scene * 1.08 + rng.normal(0, 5, scene.shape)
+        frames.append(frame)
+    image = np.clip(np.rint(frames), 0, 255).astype(np.uint8)
+    image_bg = np.repeat(np.rint(scene).astype(np.uint8)[None], len(image), axis=0)
+    path = write_recording(tmp_path / "cells.rtdc", image, image_bg)
+    assert render_preview(path).events == with_cells
+
+
+def test_preview_output_suffix_chooses_the_format(computed, tmp_path, capsys):
+    _, output = computed
+    for name, file_format in [("p.jpg", "JPEG"), ("p.JPEG", "JPEG"), ("p.PNG", "PNG")]:
+        assert main(["preview", str(output), "-e", "5", "-o", str(tmp_path / name)]) == 0
+        assert Image.open(tmp_path / name).format == file_format
+
+
+def test_preview_refuses_an_unknown_suffix_before_rendering(computed, tmp_path, capsys,
+                                                            monkeypatch):
+    _, output = computed
+
+    def render_fails(*args, **kwargs):
+        raise AssertionError("rendered a preview that cannot be written")
+    monkeypatch.setattr(preview, "render_preview", render_fails)
+    for name, suffix in [("p.gif", "the suffix '.gif'"), ("p", "no suffix")]:
+        assert main(["preview", str(output), "-o", str(tmp_path / name)]) == 1
+        assert capsys.readouterr().err == (
+            f"error: The preview {tmp_path / name} has {suffix}, which dcbg cannot write; "
+            f"end its name with .png, .jpg or .jpeg.\n")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_preview_writes_an_output_whose_name_is_as_long_as_a_name_can_be(computed, tmp_path):
+    _, output = computed
+    png = tmp_path / ("p" * 251 + ".png")
+    assert write_preview(output, png, [5]) == png
+    assert Image.open(png).format == "PNG"
+    assert list(tmp_path.iterdir()) == [png]  # no partial file left behind
+
+
+def test_preview_reads_compressed_frames_without_other_dcbg_modules_loaded(computed):
+    # the command line loads the Zstandard filter anyway; the Python API alone must too
+    _, output = computed
+    script = ("import sys; from dcbg.preview import render_preview; "
+              "assert 'dcbg.rtdc.writer' not in sys.modules; "
+              "print(render_preview(sys.argv[1], [5]).image.size)")
+    run = subprocess.run([sys.executable, "-c", script, str(output)], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0, run.stderr

@@ -10,8 +10,11 @@ visible at a glance.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import pathlib
 
+import hdf5plugin  # noqa: F401  (h5py reads single Zstandard-compressed frames through it)
 import numpy as np
 
 from .errors import InputDataError
@@ -22,6 +25,26 @@ MARGIN = 8
 LABEL_HEIGHT = 18
 STRIP_COLUMNS = 800
 """Largest number of events sampled for the time strip"""
+PANEL_HEIGHT = 120
+"""Height that small frames are enlarged to (by a whole factor, pixels stay square)"""
+PANEL_MAX = (240, 640)
+"""Largest panel (height, width): larger frames are shrunk to fit"""
+PANEL_MIN = 24
+"""Smallest panel height and width: a frame of one or a few rows is stretched to it"""
+STRIP_HEIGHT = (40, 160)
+"""Smallest and largest height of the time strip"""
+MAX_EVENTS = 10
+"""Most events in one preview, which bounds the image's height"""
+CANVAS_MAX_WIDTH = 3 * PANEL_MAX[1] + 4 * MARGIN
+"""Widest preview: three widest panels (labels that are wider are cut)"""
+FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
+"""Image formats by the output's suffix"""
+SAVE_OPTIONS = {"JPEG": {"quality": 95}}
+"""JPEG's default quality blurs single pixels of small frames"""
+CANDIDATES = 40
+"""Evenly spaced events among which the default events are chosen"""
+STRONGEST_PIXELS = 16
+"""A frame's foreground is its 16th strongest local difference: an area, not a pixel"""
 
 
 @dataclasses.dataclass
@@ -73,13 +96,67 @@ def corrected_frame(raw: np.ndarray, background: np.ndarray) -> tuple[np.ndarray
     return np.clip(128 + difference * 127.0 / limit, 0, 255).astype(np.uint8), limit
 
 
+def _local_mean(values: np.ndarray) -> np.ndarray:
+    """Mean over each pixel's 3x3 neighbourhood (edges repeated), for frames of any size"""
+    height, width = values.shape
+    padded = np.pad(values, 1, mode="edge")
+    total = np.zeros_like(values)
+    for dy in range(3):
+        for dx in range(3):
+            total += padded[dy:dy + height, dx:dx + width]
+    return total / 9
+
+
+def foreground(raw: np.ndarray, background: np.ndarray) -> float:
+    """How strongly something that is not background shows in a frame
+
+    The lamp's flicker brightens or darkens a whole frame, so the background
+    is first scaled by the frame's median brightness ratio; shot noise
+    differs pixel by pixel, so differences are averaged over 3x3
+    neighbourhoods before the strongest area counts. A mean over the whole
+    frame would instead rank frames by flicker and noise.
+    """
+    raw = raw.astype(np.float32)
+    background = background.astype(np.float32)
+    gain = np.median(raw / np.maximum(background, 1))
+    local = np.abs(_local_mean(raw - gain * background)).ravel()
+    strongest = min(STRONGEST_PIXELS, local.size)
+    return float(np.partition(local, local.size - strongest)[local.size - strongest])
+
+
 def pick_events(image, image_bg, count: int = 3) -> list[int]:
     """Events with the most foreground among evenly spaced candidates (cells, not empty)"""
     total = len(image)
-    candidates = np.unique(np.linspace(0, total - 1, min(total, 40)).round().astype(int))
-    scores = [np.abs(image[i].astype(np.int16) - image_bg[i]).mean() for i in candidates]
-    best = candidates[np.argsort(scores)[::-1][:count]]
+    candidates = np.unique(np.linspace(0, total - 1, min(total, CANDIDATES)).round()
+                           .astype(int))
+    scores = [foreground(image[i], image_bg[i]) for i in candidates]
+    best = candidates[np.argsort(scores, kind="stable")[::-1][:count]]
     return sorted(int(i) for i in best)
+
+
+def panel_size(height: int, width: int) -> tuple[int, int]:
+    """Size (height, width) at which frames of this size are shown
+
+    Small frames are enlarged by a whole factor towards PANEL_HEIGHT, large
+    ones shrunk to fit PANEL_MAX, both keeping the aspect ratio; only frames
+    so flat or narrow that a side would fall below PANEL_MIN are stretched
+    along that side.
+    """
+    scale = min(max(1, round(PANEL_HEIGHT / height)),
+                PANEL_MAX[0] / height, PANEL_MAX[1] / width)
+    if scale >= 1:
+        scale = math.floor(scale)
+    return (min(max(round(height * scale), PANEL_MIN), PANEL_MAX[0]),
+            min(max(round(width * scale), PANEL_MIN), PANEL_MAX[1]))
+
+
+def _resized(frame: np.ndarray, size: tuple[int, int]):
+    """A frame as a PIL image of (height, width) `size`, pixels kept sharp when enlarged"""
+    from PIL import Image
+    height, width = size
+    shrinks = height < frame.shape[0] or width < frame.shape[1]
+    return Image.fromarray(np.ascontiguousarray(frame)).resize(
+        (width, height), Image.BOX if shrinks else Image.NEAREST)
 
 
 def render_preview(path, events=None, row: int | None = None) -> Preview:
@@ -90,7 +167,8 @@ def render_preview(path, events=None, row: int | None = None) -> Preview:
     path: path-like
         The .rtdc file; ``image`` and ``image_bg`` may come through basins.
     events: list of int, optional
-        Events to show (default: three with cells in them).
+        Events to show, at most MAX_EVENTS (default: three with cells in
+        them).
     row: int, optional
         Pixel row for the time strip (default: the middle row).
     """
@@ -107,6 +185,10 @@ def render_preview(path, events=None, row: int | None = None) -> Preview:
                 f"image_bg of {path} has shape {image_bg.shape}, image {image.shape}; "
                 f"recompute the background with 'dcbg compute'.")
         events = list(events) if events else pick_events(image, image_bg)
+        if len(events) > MAX_EVENTS:
+            raise InputDataError(
+                f"A preview shows at most {MAX_EVENTS} events, but {len(events)} were "
+                f"asked for; write several previews with fewer events each.")
         for event in events:
             if not 0 <= event < total:
                 raise InputDataError(
@@ -122,56 +204,87 @@ def render_preview(path, events=None, row: int | None = None) -> Preview:
         sampled = np.unique(np.linspace(0, total - 1, min(total, STRIP_COLUMNS)).astype(int))
         strip_rows = np.stack([image_bg[int(i), row, :] for i in sampled], axis=1)
 
-    scale = max(1, round(120 / height))
-    panel_w, panel_h = width * scale, height * scale
-    canvas_w = 3 * panel_w + 4 * MARGIN
-    strip_h = min(width, 160)
+    panel_h, panel_w = panel_size(height, width)
+    strip_h = min(max(width, STRIP_HEIGHT[0]), STRIP_HEIGHT[1])
+    font = _font()
+    title = f"{path.name}: {total} events, raw | background | raw - background"
+    corrected = [corrected_frame(raw, background) for raw, background in zip(raws, backgrounds,
+                                                                              strict=True)]
+    labels = [f"event {event}   (difference ±{limit} shown as black…white)"
+              for event, (_, limit) in zip(events, corrected, strict=True)]
+    strip_label = (f"row {row} of image_bg over time (events 0 to {total - 1}, left to "
+                   f"right), contrast stretched")
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    text_w = max(measure.textlength(text, font=font) for text in [title, strip_label, *labels])
+    canvas_w = max(3 * panel_w + 4 * MARGIN,
+                   min(math.ceil(text_w) + 2 * MARGIN, CANVAS_MAX_WIDTH))
     canvas_h = (LABEL_HEIGHT + len(events) * (LABEL_HEIGHT + panel_h + MARGIN)
                 + LABEL_HEIGHT + strip_h + 2 * MARGIN)
     canvas = Image.new("L", (canvas_w, canvas_h), 255)
     draw = ImageDraw.Draw(canvas)
-    font = _font()
-    draw.text((MARGIN, 3), f"{path.name}: {total} events, raw | background | "
-              f"raw - background", fill=0, font=font)
+    draw.text((MARGIN, 3), title, fill=0, font=font)
     top = LABEL_HEIGHT
     panels = []
-    for event, raw, background in zip(events, raws, backgrounds, strict=True):
-        corrected, limit = corrected_frame(raw, background)
-        draw.text((MARGIN, top + 3), f"event {event}   (difference ±{limit} shown as "
-                  f"black…white)", fill=0, font=font)
+    for label, raw, background, (difference, _) in zip(labels, raws, backgrounds, corrected,
+                                                       strict=True):
+        draw.text((MARGIN, top + 3), label, fill=0, font=font)
         top += LABEL_HEIGHT
         boxes = {}
         for column, (name, frame) in enumerate((("raw", raw), ("background", background),
-                                                ("corrected", corrected))):
+                                                ("corrected", difference))):
             left = MARGIN + column * (panel_w + MARGIN)
-            tile = Image.fromarray(np.ascontiguousarray(frame)).resize(
-                (panel_w, panel_h), Image.NEAREST)
-            canvas.paste(tile, (left, top))
+            canvas.paste(_resized(frame, (panel_h, panel_w)), (left, top))
             boxes[name] = (left, top, left + panel_w, top + panel_h)
         panels.append(boxes)
         top += panel_h + MARGIN
-    draw.text((MARGIN, top + 3), f"row {row} of image_bg over time (events 0 to "
-              f"{total - 1}, left to right), contrast stretched", fill=0, font=font)
+    draw.text((MARGIN, top + 3), strip_label, fill=0, font=font)
     top += LABEL_HEIGHT
     strip_w = canvas_w - 2 * MARGIN
-    strip = Image.fromarray(_stretch(strip_rows.astype(np.float32))).resize(
-        (strip_w, strip_h), Image.NEAREST)
-    canvas.paste(strip, (MARGIN, top))
+    canvas.paste(_resized(_stretch(strip_rows.astype(np.float32)), (strip_h, strip_w)),
+                 (MARGIN, top))
     return Preview(canvas, events, panels, (MARGIN, top, MARGIN + strip_w, top + strip_h),
                    row)
 
 
-def write_preview(path, output=None, events=None, row: int | None = None) -> pathlib.Path:
-    """Render the preview of `path` and save it as PNG
+def image_format(output: pathlib.Path) -> str:
+    """The image format (Pillow's name) that the suffix of `output` asks for"""
+    try:
+        return FORMATS[output.suffix.lower()]
+    except KeyError:
+        suffix = f"the suffix '{output.suffix}'" if output.suffix else "no suffix"
+        raise ValueError(
+            f"The preview {output} has {suffix}, which dcbg cannot write; end its name "
+            f"with .png, .jpg or .jpeg.") from None
 
-    The default output is ``<stem>_preview.png`` beside the file. Returns
-    the path written.
+
+def write_preview(path, output=None, events=None, row: int | None = None) -> pathlib.Path:
+    """Render the preview of `path` and save it as PNG or JPEG
+
+    Parameters
+    ----------
+    path: path-like
+        The .rtdc file; see :func:`render_preview`.
+    output: path-like, optional
+        Where to write; its suffix (.png, .jpg or .jpeg) chooses the format.
+        The default is ``<stem>_preview.png`` beside the file.
+    events, row:
+        See :func:`render_preview`.
+
+    Returns
+    -------
+    pathlib.Path
+        The path written.
     """
     path = pathlib.Path(path)
     output = pathlib.Path(output) if output else path.with_name(f"{path.stem}_preview.png")
+    file_format = image_format(output)
     check_output_path(output)
     preview = render_preview(path, events, row)
-    partial = output.with_name(f".{output.name}.partial")
-    preview.image.save(partial, format="PNG")
-    partial.replace(output)
+    # A short name of its own, so that it fits wherever the output's name fits
+    partial = output.with_name(f".dcbg-preview-{os.getpid()}.partial")
+    try:
+        preview.image.save(partial, format=file_format, **SAVE_OPTIONS.get(file_format, {}))
+        partial.replace(output)
+    finally:
+        partial.unlink(missing_ok=True)
     return output
