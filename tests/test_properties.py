@@ -10,7 +10,8 @@ import dcbg
 from dcbg import ppid
 from dcbg.engines.cpu import compute_median_for_slice
 from dcbg.pipeline import plan_windows
-from dcbg.reference import computed_frame_count, rolling_median_reference
+from dcbg.reference import rolling_median_reference
+from dcbg.windows import background_window_count
 
 
 @st.composite
@@ -41,7 +42,7 @@ def test_batched_slice_kernel_equals_definition(cpu_build, case):
     flat = stack.reshape(len(stack), -1)
     pixels = flat.shape[1]
     got = []
-    windows = computed_frame_count(len(stack), kernel_size)
+    windows = background_window_count(len(stack), kernel_size)
     for batch in plan_windows(0, windows, kernel_size, batch_size):
         frames = np.ascontiguousarray(flat[batch.start:batch.input_stop])
         out = np.zeros((batch.output_size, pixels), np.uint8)

@@ -1,32 +1,13 @@
-"""The normative rolling-median definition, written as plainly as possible
+"""The normative rolling-median definitions, written as plainly as possible
 
-This is the yardstick every backend is compared with byte for byte. It sorts
-every window and is therefore slow; use it on small stacks only.
+These are the yardsticks every backend is compared with byte for byte. They
+sort every window and are therefore slow; use them on small stacks only.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .errors import InputDataError
-
-
-def check_stack_length(image_count: int, kernel_size: int) -> None:
-    """Raise InputDataError (a ValueError) when a stack is too short for the kernel"""
-    if image_count < kernel_size or image_count == 0:
-        raise InputDataError(
-            f"The input has N={image_count} events, but the rolling median needs "
-            f"at least kernel_size={kernel_size}; use a smaller kernel_size or "
-            f"a longer recording.")
-
-
-def computed_frame_count(image_count: int, kernel_size: int) -> int:
-    """Number of frames that get their own window
-
-    Frames ``0 … N-k-1`` own a window; the remaining frames repeat the
-    background of the last of them. With ``N == k`` there is one window.
-    """
-    check_stack_length(image_count, kernel_size)
-    return max(image_count - kernel_size, 1)
+from .windows import background_window_count, window_count
 
 
 def rolling_median_reference(stack, kernel_size: int) -> np.ndarray:
@@ -49,9 +30,33 @@ def rolling_median_reference(stack, kernel_size: int) -> np.ndarray:
         Array of the same shape and dtype as `stack`.
     """
     stack = np.asarray(stack)
-    count = computed_frame_count(len(stack), kernel_size)
+    count = background_window_count(len(stack), kernel_size)
     out = np.empty_like(stack)
     for i in range(len(stack)):
         j = min(i, count - 1)
         out[i] = np.sort(stack[j:j + kernel_size], axis=0)[kernel_size // 2]
     return out
+
+
+def rolling_median_windows_reference(stack, kernel_size: int) -> np.ndarray:
+    """Median of every window of a uint8 stack, by definition
+
+    Row ``j`` is, per pixel, ``sorted(stack[j:j+k])[k//2]``, for ``j`` from
+    0 to ``N-k``.
+
+    Parameters
+    ----------
+    stack: array-like of uint8, shape (N, ...)
+        Frames; the first axis enumerates them.
+    kernel_size: int
+        Number of frames in each window.
+
+    Returns
+    -------
+    medians: np.ndarray
+        Shape ``(N - kernel_size + 1, ...)``, dtype of `stack`.
+    """
+    stack = np.asarray(stack)
+    count = window_count(len(stack), kernel_size)
+    return np.stack([np.sort(stack[j:j + kernel_size], axis=0)[kernel_size // 2]
+                     for j in range(count)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .base import Background
 from .engines import engine_for
 from .errors import UnknownKeywordError
-from .reference import check_stack_length, computed_frame_count
+from .windows import background_window_count, check_stack_length
 
 
 class BackgroundRollMed(Background):
@@ -92,7 +92,7 @@ class BackgroundRollMed(Background):
     def process_approach(self):
         """Compute every window on the chosen device, then repeat the last one"""
         k, count = self.kernel_size, self.image_count
-        windows = computed_frame_count(count, k)
+        windows = background_window_count(count, k)
         with engine_for(self.device, self.image_shape, k, min(self.batch_size, windows),
                         self.num_cpus, windows) as engine:
             self.logger.info("Rolling median of %d frames %s, k=%d on %s (%s)", count,
