@@ -137,8 +137,20 @@ def test_golden_outputs_of_dcnum(shared_data, tmp_path, entry):
         assert ds["image"].shape == tuple(entry["shape"])
 
 
-def test_golden_needs_shared(shared_data):
-    assert golden_entries(), "index.json lists the golden outputs"
+def test_golden_index_covers_every_recording_with_images(shared_data):
+    """Each entry names files that exist, its PPID, shape and dtype agree, no file is left out"""
+    entries = golden_entries()
+    with_images = set()
+    for path in sorted((shared_data / "rtdc").glob("*.rtdc")):
+        with h5py.File(path) as h5:
+            image = h5.get("events/image")
+            if image is not None and image.shape[0] > 0:
+                with_images.add(f"rtdc/{path.name}")
+    assert {entry["input"] for entry in entries} == with_images
+    for entry in entries:
+        expected = np.load(shared_data / entry["image_bg"])["image_bg"]
+        assert expected.dtype == np.uint8 and expected.shape == tuple(entry["shape"])
+        assert entry["ppid"] == f"rollmed:k={entry['kernel_size']}^b={entry['batch_size']}"
 
 
 @pytest.mark.parametrize("kwargs,error,message", [
