@@ -4,8 +4,8 @@ import sys
 import pytest
 
 import dcbg
-from dcbg import cpukernels
-from dcbg.engines import cuda
+from dcbg import cpukernels, cudaprobe
+from dcbg.engines import cudakernel, cudamemory
 from dcbg.synthetic import write_synthetic_rtdc
 from helpers import host_kernel as hk
 from helpers.data import SHARED_DATA
@@ -29,19 +29,32 @@ def host_kernel(tmp_path_factory):
     return lib
 
 
+def forget_cuda_state(monkeypatch):
+    """Start without what this process learnt of CUDA: compiled kernels, GPUs, pinned buffers"""
+    monkeypatch.setattr(cudakernel, "_compiles", {})
+    monkeypatch.setattr(cudamemory, "pinned_buffers", cudamemory.PinnedBuffers())
+    cudaprobe._nvml.cache_clear()
+    cudaprobe._inventory.cache_clear()
+
+
 @pytest.fixture
 def fake_gpu(host_kernel, monkeypatch):
-    """Install the CuPy/pynvml stand-in; call it with its options, get its state"""
+    """Install the CuPy/pynvml stand-in; call it with its options, get its state
+
+    Each call starts a new process's view of CUDA: nothing compiled, the
+    GPUs not yet described, no pinned buffers kept.
+    """
     def install(**kwargs):
         cupy, cupyx, pynvml, state = make_fake_cupy(host_kernel, **kwargs)
         monkeypatch.setitem(sys.modules, "cupy", cupy)
         monkeypatch.setitem(sys.modules, "cupyx", cupyx)
         monkeypatch.setitem(sys.modules, "pynvml", pynvml)
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-        cuda.load_kernels.cache_clear()
+        forget_cuda_state(monkeypatch)
         return state
     yield install
-    cuda.load_kernels.cache_clear()
+    cudaprobe._nvml.cache_clear()
+    cudaprobe._inventory.cache_clear()
 
 
 @pytest.fixture(scope="session")
@@ -67,3 +80,20 @@ def cpu_build(request, monkeypatch):
         pytest.skip(f"the {request.param} build of the CPU kernels is not installed")
     monkeypatch.setattr(cpukernels, "cpu_kernels", lambda: kernels)
     return kernels
+
+
+SLOW_MODULES = {"test_fuzz", "test_readme", "test_signals", "test_chipstream",
+                "test_gpu_acceptance"}
+"""Modules of end-to-end runs (fuzzing, README blocks, signals, ChipStream, the GPU dry run)"""
+
+SLOW_TESTS = {"test_demo_and_info_as_console_script",
+              "test_dcnum_job_runs_through_dcbg_with_identical_bytes_and_ppids"}
+"""Single tests of several seconds elsewhere (Dask tests are found by name)"""
+
+
+def pytest_collection_modifyitems(items):
+    """Mark the slow tests, so that ``pytest -m "not slow"`` is a loop of about a minute"""
+    for item in items:
+        if (item.module.__name__ in SLOW_MODULES or item.originalname in SLOW_TESTS
+                or "dask" in item.name):
+            item.add_marker(pytest.mark.slow)

@@ -1,13 +1,15 @@
 """The CUDA engine's pipeline on the CPU, through the CuPy stand-in (helpers/fake_cupy.py)"""
 import sys
+import threading
 
 import h5py
 import numpy as np
 import pytest
 
 import dcbg
-from dcbg import devices
-from dcbg.engines import cuda
+from dcbg import cudaprobe, devices, engines
+from dcbg.engines import cudakernel, cudamemory
+from dcbg.engines.cuda import CUDARollingMedian
 from dcbg.pipeline import partition
 from dcbg.reference import rolling_median_reference
 from dcbg.runlog import read_run_logs
@@ -26,23 +28,40 @@ def run(stack, tmp_path, **kwargs):
         return h5["events/image_bg"][:], device
 
 
+@pytest.fixture
+def device_batches(monkeypatch):
+    """Cap the device batch at a few windows, so small stacks run in many batches"""
+    def cap(windows):
+        monkeypatch.setattr(cudamemory, "DEVICE_BATCH_LIMIT", windows)
+    return cap
+
+
+def flat(stack):
+    return np.ascontiguousarray(stack.reshape(len(stack), -1))
+
+
 @pytest.mark.parametrize("name", ["random", "two_level", "realistic", "alternating_0_255"])
-@pytest.mark.parametrize("kernel_size,batch_size", [(2, 3), (10, 17), (30, 1000)])
-def test_cuda_backend_matches_definition(fake_gpu, tmp_path, name, kernel_size, batch_size):
+@pytest.mark.parametrize("kernel_size,device_batch", [(2, 3), (10, 17), (30, 1000)])
+def test_cuda_backend_matches_definition(fake_gpu, device_batches, tmp_path, name,
+                                         kernel_size, device_batch):
     state = fake_gpu()
+    device_batches(device_batch)
     stack = stack_cases()[name]
-    got, device = run(stack, tmp_path, kernel_size=kernel_size, batch_size=batch_size,
+    got, device = run(stack, tmp_path, kernel_size=kernel_size, batch_size=1000,
                       device="cuda")
     assert device == "cuda:0"
     assert np.array_equal(got, rolling_median_reference(stack, kernel_size))
     windows = max(len(stack) - kernel_size, 1)
     assert sum(launch[3] for launch in state.launches) == windows
-    assert state.compiled == 1 and state.compile_options == [cuda.COMPILE_OPTIONS]
+    assert len(state.launches) == -(-windows // device_batch)
+    assert state.compiled == 1 and state.compile_options == [cudakernel.COMPILE_OPTIONS]
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_every_interleaving_of_the_streams_gives_the_same_bytes(fake_gpu, tmp_path, seed):
+def test_every_interleaving_of_the_streams_gives_the_same_bytes(fake_gpu, device_batches,
+                                                                tmp_path, seed):
     state = fake_gpu(seed=seed)
+    device_batches(5)
     stack = stack_cases()["random"]
     got, _ = run(stack, tmp_path, kernel_size=4, batch_size=5, device="cuda")
     assert np.array_equal(got, rolling_median_reference(stack, 4))
@@ -53,7 +72,8 @@ def test_every_interleaving_of_the_streams_gives_the_same_bytes(fake_gpu, tmp_pa
     assert len(uploads) == len(downloads) == 1 and uploads != downloads
 
 
-def test_the_stand_in_catches_a_missing_stream_dependency(fake_gpu, tmp_path, monkeypatch):
+def test_the_stand_in_catches_a_missing_stream_dependency(fake_gpu, device_batches, tmp_path,
+                                                          monkeypatch):
     """Drop the kernel's wait for its upload: some interleaving then gives wrong bytes"""
     stack = stack_cases()["random"]
     expected = rolling_median_reference(stack, 4)
@@ -68,9 +88,46 @@ def test_the_stand_in_catches_a_missing_stream_dependency(fake_gpu, tmp_path, mo
     wrong = 0
     for seed in range(8):
         fake_gpu(seed=seed)
+        device_batches(5)
         got, _ = run(stack, tmp_path, kernel_size=4, batch_size=5, device="cuda")
         wrong += not np.array_equal(got, expected)
     assert wrong > 0
+
+
+def test_each_batch_is_downloaded_and_written_before_the_next_is_uploaded(fake_gpu):
+    """Read, upload, kernel, download per batch: the writer is never batches behind"""
+    state = fake_gpu()
+    stack = stack_cases()["realistic"][:14]  # 10 windows of k=4: two batches of 5
+    frames = flat(stack)
+    written = threading.Event()
+    medians = np.zeros((10, frames.shape[1]), np.uint8)
+
+    def read_into(start, stop, out):
+        if start > 0 and not written.wait(timeout=20):
+            raise AssertionError("batch 0 was not written while batch 1 was read")
+        out[:stop - start] = frames[start:stop]
+
+    def write_at(offset, rows):
+        medians[offset:offset + len(rows)] = rows
+        written.set()
+
+    engine = CUDARollingMedian(stack.shape[1:], 4, 5, 0)
+    last = engine.run(read_into, 0, 10, write_at)
+    assert state.calls == [("upload", 8), ("kernel", 5), ("download", 5)] * 2
+    expected = flat(rolling_median_reference(stack, 4))[:10]
+    assert np.array_equal(medians, expected) and np.array_equal(last, expected[-1])
+
+
+def test_the_host_waits_only_on_blocking_sync_events_of_the_device(fake_gpu, device_batches,
+                                                                   tmp_path):
+    state = fake_gpu(device_count=2)
+    device_batches(5)
+    stack = stack_cases()["random"]
+    got, _ = run(stack, tmp_path, kernel_size=4, batch_size=10, device="cuda:1")
+    assert np.array_equal(got, rolling_median_reference(stack, 4))
+    assert state.host_waits and all(state.host_waits)
+    # the writer thread too waits in the device's context (none is made on device 0)
+    assert state.foreign_waits == []
 
 
 def test_auto_picks_cuda_and_env_overrides(fake_gpu, tmp_path, monkeypatch):
@@ -87,9 +144,86 @@ def test_auto_picks_cuda_and_env_overrides(fake_gpu, tmp_path, monkeypatch):
         devices.select_device("cuda:3")
 
 
+def test_explicit_cuda_compiles_in_the_background(fake_gpu, monkeypatch):
+    state = fake_gpu()
+    monkeypatch.delenv(devices.DEVICE_ENV, raising=False)
+    choice = devices.select_device("cuda:0")
+    assert state.compiled == 0, "choosing an explicit device does not wait for a compile"
+    engines.preload(choice)
+    engines.ready(choice)
+    engines.preload(choice)
+    assert state.compiled == 1
+
+
+@pytest.mark.parametrize("problem,message", [
+    ("nvrtc", "cannot load NVRTC"),
+    ("cache", "cannot write its kernel cache in /cache/cupy"),
+    ("context", "could not set up the device"),
+])
+def test_a_failed_background_compile_fails_before_any_output(fake_gpu, tmp_path, monkeypatch,
+                                                             problem, message):
+    state = fake_gpu()
+    state.compile_error = {
+        "nvrtc": RuntimeError("nvrtc: error: failed to load libnvrtc.so.12"),
+        "cache": PermissionError(13, "Permission denied", "/cache/cupy/tmpabc"),
+        "context": sys.modules["cupy"].cuda.runtime.CUDARuntimeError(
+            "cudaErrorDevicesUnavailable: CUDA-capable device(s) is/are busy or unavailable"),
+    }[problem]
+    monkeypatch.setenv("CUPY_CACHE_DIR", "/cache/cupy")
+    source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 60, shape=(8, 16), seed=4)
+    folder_when_raised = []
+    kernels_or_device_error = cudakernel.kernels_or_device_error
+
+    def watched(index):
+        try:
+            return kernels_or_device_error(index)
+        except dcbg.errors.DeviceError:
+            folder_when_raised.append(sorted(p.name for p in tmp_path.iterdir()))
+            raise
+
+    monkeypatch.setattr(cudakernel, "kernels_or_device_error", watched)
+    with dcbg.BackgroundRollMed(source, tmp_path / "out.rtdc", kernel_size=10,
+                                device="cuda") as bg:
+        with pytest.raises(dcbg.errors.DeviceError,
+                           match=f"CUDA device 0 cannot be used: .*{message}"):
+            bg.process()
+    assert folder_when_raised[0] == ["rec.rtdc"], "the output was opened before the error"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.rtdc"]
+    monkeypatch.delenv(devices.DEVICE_ENV, raising=False)
+    choice = devices.select_device("auto")  # auto compiles to decide, and says why not
+    assert choice.kind == "cpu" and message.split(" in ")[0] in choice.reason
+
+
+def test_compile_problems_are_told_apart():
+    class CUDADriverError(RuntimeError):
+        pass
+
+    assert "CUDA headers" in cudaprobe.compile_problem(
+        RuntimeError("Failed to find CUDA headers; set CUDA_PATH"))
+    assert "older than" in cudaprobe.compile_problem(
+        CUDADriverError("CUDA_ERROR_UNSUPPORTED_PTX_VERSION: the provided PTX was compiled "
+                        "with an unsupported toolchain"))
+    assert "could not set up the device" in cudaprobe.compile_problem(
+        CUDADriverError("CUDA_ERROR_INVALID_CONTEXT: invalid device context"))
+    assert "failed to compile" in cudaprobe.compile_problem(
+        ValueError("rollmed.cu(12): error: identifier undefined"))
+
+
+def test_an_old_cupy_is_named_with_the_version_needed(fake_gpu, monkeypatch):
+    fake_gpu(version="12.3.0")
+    monkeypatch.delenv(devices.DEVICE_ENV, raising=False)
+    with pytest.raises(dcbg.errors.DeviceError,
+                       match="CuPy 12.3.0 is too old, dcbg needs CuPy 13 or newer"):
+        devices.select_device("cuda")
+    assert "CuPy 12.3.0 is too old" in devices.select_device("auto").reason
+    assert cudaprobe.cupy_version_problem("13.0.0") is None
+    assert cudaprobe.cupy_version_problem("14.0.0rc1") is None
+
+
 def test_small_gpu_splits_batches_without_changing_the_result(fake_gpu, tmp_path):
     pixels = 12 * 40  # room for device batches of only a few frames
-    state = fake_gpu(free_bytes=int((4 * 8 + 2 * 10) * pixels / cuda.MEMORY_FRACTION) + 1)
+    state = fake_gpu(free_bytes=int((4 * 8 + 2 * 10) * pixels
+                                    / cudamemory.DEVICE_MEMORY_FRACTION) + 1)
     stack = stack_cases()["realistic"]
     got, _ = run(stack, tmp_path, kernel_size=10, batch_size=10000, device="cuda")
     assert np.array_equal(got, rolling_median_reference(stack, 10))
@@ -99,36 +233,58 @@ def test_small_gpu_splits_batches_without_changing_the_result(fake_gpu, tmp_path
         assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=10^b=10000"
 
 
-def test_cuda_backend_file_to_file(fake_gpu, tmp_path):
+def test_device_batch_follows_memory_not_the_methods_batch(fake_gpu):
+    fake_gpu(free_bytes=141 * 2**30)
+    assert CUDARollingMedian((80, 320), 100, 800_000, 0, host_bytes=64 * 2**30).batch_size \
+        == cudamemory.DEVICE_BATCH_LIMIT
+    budget = 50 * 2**20  # page-locked host memory for about 400 frames
+    engine = CUDARollingMedian((80, 320), 100, 800_000, 0, host_bytes=budget)
+    assert (5 * engine.batch_size + 2 * 100) * 80 * 320 <= budget
+
+
+def test_files_share_pinned_buffers_compile_and_gpu_description(fake_gpu, tmp_path):
+    """Per process, not per file: pinned buffers of exact size, NVML and the GPU description"""
     state = fake_gpu()
-    source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 700, shape=(20, 64), seed=4)
-    with dcbg.BackgroundRollMed(source, tmp_path / "out.rtdc", kernel_size=20,
-                                batch_size=150, device="auto") as bg:
-        assert bg.device.kind == "cuda"
-        bg.process()
-        assert {"read", "upload", "kernel", "download", "write", "total"} <= set(
-            bg.stage_seconds)
-    with h5py.File(source) as h5:
-        expected = rolling_median_reference(h5["events/image"][:], 20)
-    with h5py.File(tmp_path / "out.rtdc") as h5:
-        assert np.array_equal(h5["events/image_bg"][:], expected)
-    assert len(state.launches) == -(-(700 - 20) // 150)
-    assert 0 in state.freed_devices and "pinned" in state.freed_devices
+    pixels = 20 * 64
+    for name in ("a", "b"):
+        source = write_synthetic_rtdc(tmp_path / f"{name}.rtdc", 700, shape=(20, 64), seed=4)
+        with dcbg.BackgroundRollMed(source, tmp_path / f"{name}_bg.rtdc", kernel_size=20,
+                                    batch_size=150, device="auto") as bg:
+            assert bg.device.kind == "cuda"
+            bg.process()
+            assert {"read", "upload", "kernel", "download", "write", "total"} <= set(
+                bg.stage_seconds)
+        with h5py.File(source) as h5:
+            expected = rolling_median_reference(h5["events/image"][:], 20)
+        with h5py.File(tmp_path / f"{name}_bg.rtdc") as h5:
+            assert np.array_equal(h5["events/image_bg"][:], expected)
+            (_, record), = read_run_logs(h5)
+            assert record["name"] == "Fake GPU of CUDA ordinal 0"
+    assert len(state.launches) == 2  # the device batch took all 680 windows, not 150
+    # five buffers for the first file, none for the second; each of its exact size
+    assert sorted(state.pinned_allocations) == sorted([699 * pixels] * 2 + [680 * pixels] * 3)
+    assert state.compiled == 1 and state.nvml_inits == 1 and state.nvml_descriptions == 1
+    assert state.freed_devices == []
 
 
 def test_out_of_memory_at_start_halves_the_batch(fake_gpu, tmp_path, caplog):
     state = fake_gpu()
     stack = stack_cases()["realistic"]  # 80 frames of 12x40
     pixels = 12 * 40
+    run(stack, tmp_path, kernel_size=10, batch_size=1000, device="cuda")
+    assert cudamemory.pinned_buffers.held_bytes() == (2 * 79 + 3 * 70) * pixels
     state.largest_allocation = 30 * pixels  # reported free memory is a lie
     got, _ = run(stack, tmp_path, kernel_size=10, batch_size=1000, device="cuda")
     assert np.array_equal(got, rolling_median_reference(stack, 10))
     assert "ran out of memory with batches of 70 frames" in caplog.text
-    assert max(launch[3] for launch in state.launches) == 17  # 70 → 35 → 17
+    assert max(launch[3] for launch in state.launches[1:]) == 17  # 70 → 35 → 17
+    # the kept buffers were released with the device's pool, and smaller ones taken
+    assert state.freed_devices == [0, 0]
+    assert cudamemory.pinned_buffers.held_bytes() == (2 * 26 + 3 * 17) * pixels
     with h5py.File(tmp_path / "bg.rtdc") as h5:  # the warnings are in the run log too
         (_, record), = read_run_logs(h5)
     assert len(record["warnings"]) == 2 and "going on from frame 0" in record["warnings"][0]
-    assert record["device"] == "cuda:0" and record["cupy"] == "fake"
+    assert record["device"] == "cuda:0" and record["cupy"] == "14.2.0"
     assert record["cuda_runtime"] == "13.0"
     assert record["name"] == "Fake GPU of CUDA ordinal 0"
     assert record["pci_bus_id"] == "0000:10:00.0"
@@ -144,22 +300,25 @@ def test_pinned_memory_failure_retries_with_a_smaller_batch(fake_gpu, tmp_path, 
     assert max(launch[3] for launch in state.launches) <= 31
 
 
-def test_out_of_memory_mid_run_goes_on_from_the_first_unwritten_frame(fake_gpu, tmp_path,
-                                                                      caplog):
+def test_out_of_memory_mid_run_goes_on_from_the_first_unwritten_frame(fake_gpu, device_batches,
+                                                                      tmp_path, caplog):
     state = fake_gpu()
+    device_batches(8)
     stack = stack_cases()["random"]  # 63 frames
     state.faults[3] = sys.modules["cupy"].cuda.memory.OutOfMemoryError("Out of memory")
     got, _ = run(stack, tmp_path, kernel_size=6, batch_size=8, device="cuda")
     assert np.array_equal(got, rolling_median_reference(stack, 6))
-    # At launch 3, batch 0 is written, batch 1 is being downloaded and batch 2
-    # computed: the run goes on after batch 0, and batches 1 and 2 run twice.
-    assert "going on from frame 8 with batches of 4" in caplog.text
+    # At launch 3, batches 0 to 2 are downloaded and with the writer: they are
+    # written, and the run goes on after them; no batch runs twice.
+    assert "going on from frame 24 with batches of 4" in caplog.text
     done = [launch for launch in state.launches if launch[0] != "fault"]
-    assert sum(launch[3] for launch in done) == 57 + 2 * 8
+    assert sum(launch[3] for launch in done) == 57
 
 
-def test_kernel_fault_is_a_clear_error_and_leaves_nothing(fake_gpu, tmp_path, capsys):
+def test_kernel_fault_is_a_clear_error_and_leaves_nothing(fake_gpu, device_batches, tmp_path,
+                                                          capsys):
     state = fake_gpu()
+    device_batches(50)
     source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 300, shape=(8, 16), seed=4)
     state.faults[2] = sys.modules["cupy"].cuda.runtime.CUDARuntimeError(
         "cudaErrorIllegalAddress: an illegal memory access was encountered")
@@ -179,8 +338,10 @@ def test_kernel_fault_is_a_clear_error_and_leaves_nothing(fake_gpu, tmp_path, ca
 
 
 @pytest.mark.parametrize("device_count", [1, 2, 3])
-def test_cuda_all_splits_one_recording_across_devices(fake_gpu, tmp_path, device_count):
+def test_cuda_all_splits_one_recording_across_devices(fake_gpu, device_batches, tmp_path,
+                                                      device_count):
     state = fake_gpu(device_count=device_count)
+    device_batches(60)
     source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 500, shape=(12, 32), seed=13)
     out = tmp_path / "split.rtdc"
     with dcbg.BackgroundRollMed(source, out, kernel_size=16, batch_size=60,
@@ -198,20 +359,27 @@ def test_cuda_all_splits_one_recording_across_devices(fake_gpu, tmp_path, device
     ranges = max(2, device_count)
     per_range = [-(-(b - a) // 60) for a, b in partition(484, ranges)]
     assert len(state.launches) == sum(per_range)
-    assert sorted(d for d in state.freed_devices if d != "pinned") == sorted(
-        [i % device_count for i in range(ranges)])
+    assert state.freed_devices == []  # the buffers of every range stay for the next file
+    assert cudamemory.pinned_buffers.held_bytes() == ranges * (2 * 75 + 3 * 60) * 12 * 32
 
 
-def test_engines_sharing_a_gpu_share_its_memory(fake_gpu):
+def test_engines_sharing_a_gpu_share_its_memory(fake_gpu, monkeypatch):
     from dcbg.engines.split import SplitRollingMedian
     pixels = 80 * 320
-    state = fake_gpu(free_bytes=int((4 * 1000 + 2 * 100) * pixels / cuda.MEMORY_FRACTION))
-    single = cuda.CUDARollingMedian((80, 320), 100, 10000, 0)
+    state = fake_gpu(free_bytes=int((4 * 1000 + 2 * 100) * pixels
+                                    / cudamemory.DEVICE_MEMORY_FRACTION))
+    monkeypatch.setattr(cudamemory, "pinned_memory_budget", lambda: 64 * 2**30)
+    single = CUDARollingMedian((80, 320), 100, 10000, 0)
     assert single.batch_size == 1000
     readings = state.memory_readings
     split = SplitRollingMedian((80, 320), 100, 10000, [0])
     assert [engine.batch_size for engine in split.engines] == [475, 475]
     assert state.memory_readings == readings + 1  # one reading, shared
+    # the ranges share the host's page-locked memory budget too
+    budget = (5 * 300 + 2 * 100) * pixels
+    monkeypatch.setattr(cudamemory, "pinned_memory_budget", lambda: budget)
+    split = SplitRollingMedian((80, 320), 100, 10000, [0])
+    assert [engine.batch_size for engine in split.engines] == [130, 130]
 
 
 def test_split_ranges_and_a_failing_range(fake_gpu, tmp_path, monkeypatch):
@@ -230,28 +398,61 @@ def test_split_ranges_and_a_failing_range(fake_gpu, tmp_path, monkeypatch):
 
 
 def test_nvml_is_matched_to_cuda_by_pci_bus_id(fake_gpu):
-    fake_gpu(device_count=3)
-    described = cuda.describe_cuda_devices()
+    state = fake_gpu(device_count=3)
+    described = cudaprobe.describe_cuda_devices()
     assert [d["index"] for d in described] == [0, 1, 2]
     assert [d["cuda_index"] for d in described] == [2, 1, 0]  # NVML counts the other way
     for ordinal in range(3):
-        assert cuda.describe_cuda_device(ordinal)["name"] == f"Fake GPU of CUDA ordinal {ordinal}"
+        device = cudaprobe.describe_cuda_device(ordinal)
+        assert device["name"] == f"Fake GPU of CUDA ordinal {ordinal}"
+    # described once per process; the free memory is read each time
+    state.free_bytes //= 2
+    assert cudaprobe.describe_cuda_device(0)["memory_free"] == state.free_bytes
+    assert state.nvml_inits == 1 and state.nvml_descriptions == 3
+    assert cudaprobe.visible_nvidia_gpus() == 3 and state.nvml_inits == 1
 
 
 def test_launch_plan_uses_occupancy_and_whole_waves(fake_gpu):
     fake_gpu()
-    engine = cuda.CUDARollingMedian((80, 320), 100, 10000, 0)
+    engine = CUDARollingMedian((80, 320), 100, 10000, 0)
     plan = engine.plan(10000)
     resident = engine.blocks_per_sm(plan.kernel, plan.block, plan.shared_mem) * 132
     blocks = plan.grid[0] * plan.grid[1]
-    assert plan.kernel == "dcbg_rollmed_count8" and plan.block in cuda.BLOCK_SIZES
+    assert plan.kernel == "dcbg_rollmed_count8" and plan.block in cudakernel.BLOCK_SIZES
     # the stand-in's occupancy: 228 KiB of shared memory, 1 KiB reserved per block
     assert resident == 132 * (228 * 1024 // (plan.block * 256 + 1024))
     assert blocks / (plan.waves * resident) > 0.9, "the last wave is nearly full"
-    assert plan.segment_length >= cuda.MIN_SEGMENT_WINDOWS * 100
+    assert plan.segment_length >= cudakernel.MIN_SEGMENT_WINDOWS * 100
     assert plan.grid[1] * plan.segment_length >= 10000
     wide = engine.plan(500)  # too short to split: one segment
     assert wide.grid[1] == 1
+
+
+def test_occupancy_is_asked_on_the_kernels_own_device(fake_gpu):
+    state = fake_gpu(device_count=2)
+    engine = CUDARollingMedian((80, 320), 100, 10000, 1)
+    engine.plan(10000)
+    assert state.occupancy_devices and set(state.occupancy_devices) == {1}
+    assert set(state.function_devices) == {1}, "a kernel handle was taken on another device"
+
+
+def test_launches_reuse_their_plan(fake_gpu, monkeypatch):
+    state = fake_gpu()
+    calls = []
+    plan_launch = cudakernel.plan_launch
+
+    def counted(*args):
+        calls.append(args[1])
+        return plan_launch(*args)
+
+    monkeypatch.setattr(cudakernel, "plan_launch", counted)
+    cupy = sys.modules["cupy"]
+    engine = CUDARollingMedian((4, 8), 4, 100, 0)
+    frames, medians = cupy.empty((40, 32), np.uint8), cupy.empty((40, 32), np.uint8)
+    for _ in range(3):
+        engine.launch(frames, medians, 20)
+    engine.launch(frames, medians, 30)
+    assert calls == [20, 30] and len(state.launches) == 4
 
 
 def test_no_cupy_means_cpu(monkeypatch):

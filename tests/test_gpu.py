@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import dcbg
-from dcbg.engines.cuda import cuda_device_count, cuda_unavailable_reason, visible_nvidia_gpus
+from dcbg.cudaprobe import cuda_device_count, cuda_unavailable_reason, visible_nvidia_gpus
+from dcbg.engines import cudamemory
 from dcbg.reference import rolling_median_reference
 from helpers.data import stack_cases
 
@@ -19,10 +20,14 @@ def test_the_visible_gpu_is_usable():
     assert cuda_unavailable_reason(0) is None
 
 
-def background(stack, tmp_path, device, **kwargs):
+def background(stack, tmp_path, device, device_batch=None, **kwargs):
+    """The background of `stack` on `device`; a GPU's batches capped at `device_batch` windows"""
     out = tmp_path / f"{device.replace(':', '')}.rtdc"
-    with dcbg.BackgroundRollMed(stack, out, device=device, **kwargs) as bg:
-        bg.process()
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        if device_batch is not None:
+            monkeypatch.setattr(cudamemory, "DEVICE_BATCH_LIMIT", device_batch)
+        with dcbg.BackgroundRollMed(stack, out, device=device, **kwargs) as bg:
+            bg.process()
     with h5py.File(out) as h5:
         return h5["events/image_bg"][:]
 
@@ -31,7 +36,8 @@ def background(stack, tmp_path, device, **kwargs):
 @pytest.mark.parametrize("kernel_size", [2, 10, 30])
 def test_gpu_matches_cpu_and_definition(tmp_path, name, kernel_size):
     stack = stack_cases()[name]
-    gpu = background(stack, tmp_path, "cuda", kernel_size=kernel_size, batch_size=37)
+    gpu = background(stack, tmp_path, "cuda", device_batch=37, kernel_size=kernel_size,
+                     batch_size=37)
     cpu = background(stack, tmp_path, "cpu", kernel_size=kernel_size, batch_size=37,
                      num_cpus=2)
     assert np.array_equal(gpu, cpu)
@@ -42,7 +48,7 @@ def test_gpu_matches_cpu_and_definition(tmp_path, name, kernel_size):
 def test_gpu_large_kernels(tmp_path, kernel_size, count):
     rng = np.random.default_rng(kernel_size + count)
     stack = rng.integers(0, 256, (count, 6, 10), dtype=np.uint8)
-    gpu = background(stack, tmp_path, "cuda", kernel_size=kernel_size,
+    gpu = background(stack, tmp_path, "cuda", device_batch=333, kernel_size=kernel_size,
                      batch_size=kernel_size + 333)
     assert np.array_equal(gpu, rolling_median_reference(stack, kernel_size))
 
@@ -50,7 +56,8 @@ def test_gpu_large_kernels(tmp_path, kernel_size, count):
 def test_gpu_instrument_sized_batches(tmp_path):
     from dcbg.synthetic import synthetic_stack
     stack = synthetic_stack(3000, shape=(80, 320), seed=8)
-    gpu = background(stack, tmp_path, "cuda", kernel_size=100, batch_size=1234)
+    gpu = background(stack, tmp_path, "cuda", device_batch=1234, kernel_size=100,
+                     batch_size=1234)
     cpu = background(stack, tmp_path, "cpu", kernel_size=100, batch_size=10000, num_cpus=2)
     assert np.array_equal(gpu, cpu)
 
@@ -59,7 +66,8 @@ def test_gpu_split_across_all_devices_matches_one_device(tmp_path):
     """cuda:all: with one GPU, two ranges share it; with several, one range each"""
     from dcbg.synthetic import synthetic_stack
     stack = synthetic_stack(2500, shape=(80, 320), seed=9)
-    split = background(stack, tmp_path, "cuda:all", kernel_size=100, batch_size=700)
+    split = background(stack, tmp_path, "cuda:all", device_batch=700, kernel_size=100,
+                       batch_size=700)
     single = background(stack, tmp_path, "cuda:0", kernel_size=100, batch_size=700)
     assert np.array_equal(split, single)
     assert np.array_equal(split[:199], rolling_median_reference(stack[:299], 100)[:199])

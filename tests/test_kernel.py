@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from dcbg.engines import cuda
+from dcbg.engines import cudakernel, cudamemory
 from dcbg.engines.cpu import compute_median_for_slice
 from dcbg.reference import rolling_median_reference
 from helpers import host_kernel as hk
@@ -28,7 +28,7 @@ def sm90_blocks_per_sm(kernel, block, shared_mem):
 
 
 def planned(pixels, output_size, kernel_size):
-    return cuda.plan_launch(pixels, output_size, kernel_size, sm90_blocks_per_sm, H100_SMS)
+    return cudakernel.plan_launch(pixels, output_size, kernel_size, sm90_blocks_per_sm, H100_SMS)
 
 
 def definition_medians(stack, kernel_size):
@@ -87,7 +87,7 @@ def test_every_count_width_and_segmentation(host_kernel, kernel_size):
     for name in ("dcbg_rollmed_count8", "dcbg_rollmed_count16", "dcbg_rollmed_count32"):
         for block in (32, 64, 96):
             for segment_length in (1, 7, count, count + 5):
-                plan = cuda.LaunchPlan(name, block, (-(-pixels // block),
+                plan = cudakernel.LaunchPlan(name, block, (-(-pixels // block),
                                                      -(-count // segment_length)),
                                        segment_length, 0)
                 assert_kernel_exact(host_kernel, stack, kernel_size, plan, expected)
@@ -109,7 +109,7 @@ def check_reads_stay_inside(library):
             expected = rolling_median_reference(stack, kernel_size)[:output_size]
             for segment_length in sorted({1, 2, 3, 5, output_size}):
                 for block in (32, 64):
-                    plan = cuda.LaunchPlan(cuda.kernel_name(kernel_size), block,
+                    plan = cudakernel.LaunchPlan(cudakernel.kernel_name(kernel_size), block,
                                            (-(-pixels // block),
                                             -(-output_size // segment_length)),
                                            segment_length, 0)
@@ -150,31 +150,82 @@ def test_plan_fills_the_gpu_and_keeps_warm_up_small():
     launch = planned(80 * 320, 10000, 100)
     resident = sm90_blocks_per_sm(launch.kernel, launch.block, launch.shared_mem) * H100_SMS
     assert launch.grid[0] * launch.grid[1] >= 0.9 * launch.waves * resident
-    assert launch.segment_length >= cuda.MIN_SEGMENT_WINDOWS * 100
+    assert launch.segment_length >= cudakernel.MIN_SEGMENT_WINDOWS * 100
     assert launch.grid[1] * launch.segment_length >= 10000
     assert launch.shared_mem == launch.block * 256 and launch.shared_mem <= 48 * 1024
     big = planned(2048 * 2048, 500, 1000)
     assert big.kernel == "dcbg_rollmed_count16" and big.grid[1] == 1
     assert big.shared_mem == big.block * 512 <= 48 * 1024
-    assert cuda.kernel_name(255) == "dcbg_rollmed_count8"
-    assert cuda.kernel_name(256) == "dcbg_rollmed_count16"
-    assert cuda.kernel_name(70000) == "dcbg_rollmed_count32"
+    assert cudakernel.kernel_name(255) == "dcbg_rollmed_count8"
+    assert cudakernel.kernel_name(256) == "dcbg_rollmed_count16"
+    assert cudakernel.kernel_name(70000) == "dcbg_rollmed_count32"
     assert planned(4 * 5, 2000, 70000).block == 32  # 1 KiB of counts per thread
 
 
 def test_batch_fits_free_memory():
     pixels = 80 * 320
-    assert cuda.fit_batch_size(10000, 100, pixels, 80 * 2**30) == 10000
-    small = cuda.fit_batch_size(10000, 100, pixels, 512 * 2**20)
-    assert 1 <= small < 10000
-    assert (4 * small + 2 * 100) * pixels <= 512 * 2**20 * cuda.MEMORY_FRACTION
+    gib = 2**30
+    assert cudamemory.device_batch_size(10000, 100, pixels, 80 * gib, 64 * gib) == 4096
+    small = cudamemory.device_batch_size(10000, 100, pixels, 512 * 2**20, 64 * gib)
+    assert 1 <= small < 4096
+    assert (4 * small + 2 * 100) * pixels <= 512 * 2**20 * cudamemory.DEVICE_MEMORY_FRACTION
     with pytest.raises(MemoryError, match="MiB free"):
-        cuda.fit_batch_size(10000, 100, pixels, 2**20)
+        cudamemory.device_batch_size(10000, 100, pixels, 2**20, 64 * gib)
+
+
+def test_device_batch_ignores_the_methods_batch_and_caps_its_buffers():
+    """A GPU with 141 GB and a batch_size of 800k must not pin tens of GiB per buffer"""
+    gib = 2**30
+    pixels = 80 * 320
+    # the windows of the run bound the batch, not the method's batch_size
+    assert cudamemory.device_batch_size(800_000, 100, pixels, 141 * gib, None) == 4096
+    assert cudamemory.device_batch_size(300, 100, pixels, 141 * gib, None) == 300
+    big_frames = 2048 * 2048  # 4 MiB frames: 256 MiB per output buffer at most
+    batch = cudamemory.device_batch_size(800_000, 10, big_frames, 141 * gib, None)
+    assert batch * big_frames <= cudamemory.BUFFER_BYTES_LIMIT and batch == 64
+
+
+def test_device_batch_fits_the_host_memory_budget():
+    pixels = 80 * 320
+    budget = 100 * 2**20  # page-locked bytes this process may take
+    batch = cudamemory.device_batch_size(800_000, 100, pixels, 141 * 2**30, budget)
+    assert (5 * batch + 2 * 100) * pixels <= budget < (5 * (batch + 1) + 2 * 100) * pixels
+    shared = cudamemory.device_batch_size(800_000, 100, pixels, 141 * 2**30, budget,
+                                          host_share=0.5)
+    assert (5 * shared + 2 * 100) * pixels <= budget / 2
+    with pytest.raises(MemoryError, match="Only 1 MiB of host memory may be page-locked"):
+        cudamemory.device_batch_size(800_000, 100, pixels, 141 * 2**30, 2**20)
+
+
+def test_available_host_memory_reads_memavailable(tmp_path, monkeypatch):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       131072000 kB\nMemFree:         1000 kB\n"
+                       "MemAvailable:   65536000 kB\nBuffers:  12 kB\n")
+    assert cudamemory.available_host_memory(meminfo) == 65536000 * 1024
+    monkeypatch.setattr(cudamemory, "pinned_buffers", cudamemory.PinnedBuffers())
+    assert cudamemory.pinned_memory_budget(meminfo) == int(
+        65536000 * 1024 * cudamemory.HOST_MEMORY_FRACTION)
+
+
+def test_planning_is_bounded_and_the_grid_fits_cuda():
+    """Long batches of small frames: at most 65,535 segments, a bounded search"""
+    for pixels, output_size in ((4 * 5, 10**9), (80 * 320, 826_000), (1, 10**7)):
+        for kernel_size in (2, 10, 70000):
+            plan = planned(pixels, output_size, kernel_size)
+            assert plan.grid[1] <= cudakernel.MAX_GRID_Y
+            assert plan.grid[1] * plan.segment_length >= output_size
+    # a device that keeps more blocks resident than a grid may have segments
+    huge = cudakernel.plan_launch(1, 10**7, 2, sm90_blocks_per_sm, 100_000)
+    assert 60_000 < huge.grid[1] <= cudakernel.MAX_GRID_Y
+    for pixel_blocks, resident in ((1, 4224), (200, 924), (16384, 924)):
+        candidates = cudakernel.segment_candidates(pixel_blocks, resident, 10**8)
+        assert len(candidates) <= 200 and candidates[0] == 1 and candidates[-1] == 10**8
+        assert len(set(candidates)) == len(candidates)
 
 
 def nvcc_compile(tmp_path, arch):
     source = tmp_path / "rollmed.cu"
-    source.write_text(cuda.kernel_source())
+    source.write_text(cudakernel.kernel_source())
     return subprocess.run(
         ["nvcc", "-std=c++14", f"-arch={arch}", "-cubin", "--resource-usage",
          "-Werror", "all-warnings", str(source), "-o", str(tmp_path / f"{arch}.cubin")],
@@ -228,7 +279,7 @@ def test_kernel_compiles_with_nvrtc():
     if nvrtc is None:
         pytest.skip("libnvrtc not found (CUDA toolkit or nvidia-cuda-nvrtc wheel)")
     program = ctypes.c_void_p()
-    source = cuda.kernel_source().encode()
+    source = cudakernel.kernel_source().encode()
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source, b"rollmed.cu", 0,
                                     None, None) == 0
     options = [b"--std=c++14", b"-arch=sm_90"]

@@ -267,6 +267,7 @@ class Background(abc.ABC):
         """
         with sigterm_raises(), runlog.WarningCollector() as warnings:
             try:
+                engines.ready(self.device)  # a failed kernel compile fails before any output
                 if self._output is None:
                     self._open_output()
                 start = runlog.utc_now()

@@ -287,7 +287,7 @@ def cmd_info(args) -> int:
     print(f"python {sys.version.split()[0]}, CPUs available: {os.cpu_count()}")
     from .cpukernels import describe_build
     print(f"CPU kernels: {describe_build()}")
-    from .engines.cuda import describe_cuda_devices
+    from .cudaprobe import describe_cuda_devices
     devices = describe_cuda_devices()
     if not devices:
         print("NVIDIA GPUs: none found (pynvml missing or no driver)")

@@ -7,8 +7,14 @@ cannot be used (CuPy, NVRTC or the CUDA headers missing, a compile error),
 silently. The environment variable ``DCBG_DEVICE`` overrides ``"auto"``.
 The device never changes the result, so it is not part of the PPID.
 
+An explicit ``"cuda"``, ``"cuda:N"`` or ``"cuda:all"`` is checked at once
+for everything but the kernel's compile, which then runs in the background
+while the input is opened (:func:`dcbg.engines.preload`); a compile that
+fails raises the same error before any output is written
+(:func:`dcbg.engines.ready`). ``"auto"`` has to compile to decide.
+
 This module only parses and chooses; what CUDA can do is asked of
-:mod:`dcbg.engines.cuda`, where every CuPy and NVML call lives.
+:mod:`dcbg.cudaprobe`.
 """
 from __future__ import annotations
 
@@ -16,7 +22,7 @@ import dataclasses
 import logging
 import os
 
-from .engines import cuda
+from . import cudaprobe
 from .errors import DeviceError
 
 logger = logging.getLogger(__name__)
@@ -71,12 +77,12 @@ def parse_device(device: str) -> tuple[str, int | str | None]:
 
 def auto_choice() -> tuple[DeviceChoice, str | None]:
     """What "auto" picks, and the warning to give when a visible GPU is unusable"""
-    reason = cuda.cuda_unavailable_reason(0)
+    reason = cudaprobe.cuda_unavailable_reason(0)
     if reason is None:
         return DeviceChoice("cuda", 0, "CUDA device 0 is available and the kernel "
                                        "compiles"), None
     warning = None
-    if cuda.visible_nvidia_gpus() > 0:
+    if cudaprobe.visible_nvidia_gpus() > 0:
         warning = (f"A GPU is visible, but dcbg cannot use it: {reason}; computing on "
                    f"the CPU meanwhile.")
     return DeviceChoice("cpu", None, reason), warning
@@ -97,7 +103,8 @@ def select_device(device: str = "auto") -> DeviceChoice:
     ValueError
         If `device` is none of the above.
     DeviceError
-        If CUDA was asked for explicitly and cannot be used.
+        If CUDA was asked for explicitly and cannot be used (whether the
+        kernel compiles is known later, see :func:`dcbg.engines.ready`).
     """
     kind, index = parse_device(device)
     if kind == "auto" and os.environ.get(DEVICE_ENV, "").strip():
@@ -107,8 +114,8 @@ def select_device(device: str = "auto") -> DeviceChoice:
     if kind == "cpu":
         return DeviceChoice("cpu", None, "requested")
     if index == ALL_DEVICES:
-        count = cuda.cuda_device_count()
-        reasons = [cuda.cuda_unavailable_reason(i) for i in range(max(count, 1))]
+        count = cudaprobe.cuda_device_count()
+        reasons = [cudaprobe.device_problem(i) for i in range(max(count, 1))]
         if count == 0 or any(reasons):
             reason = next(r for r in reasons if r)
             raise DeviceError(
@@ -116,10 +123,9 @@ def select_device(device: str = "auto") -> DeviceChoice:
         return DeviceChoice("cuda", 0, f"requested, split across {count} device(s)",
                             tuple(range(count)))
     if kind == "cuda":
-        reason = cuda.cuda_unavailable_reason(index)
+        reason = cudaprobe.device_problem(index)
         if reason is not None:
-            raise DeviceError(
-                f"CUDA device {index} cannot be used: {reason}; or use --device cpu or auto.")
+            raise cudaprobe.unusable_device_error(index, reason)
         return DeviceChoice("cuda", index, "requested")
     choice, warning = auto_choice()
     if warning is not None and warning not in _warned:

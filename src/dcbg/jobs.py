@@ -163,7 +163,7 @@ def start_local_cluster(spec: str, device: str):
             from dask_cuda import LocalCUDACluster
         except ImportError:
             LocalCUDACluster = None
-        from .engines.cuda import cuda_device_count
+        from .cudaprobe import cuda_device_count
         gpus = cuda_device_count()
         if LocalCUDACluster is not None and gpus > 0:
             visible = list(range(gpus))[:workers or None]

@@ -52,7 +52,7 @@ def device_details(device, num_cpus: int) -> dict:
     if device.kind != "cuda":
         return {"device": "cpu", "workers": num_cpus,
                 "processor": platform.processor() or platform.machine()}
-    from .engines.cuda import describe_cuda_device, runtime_versions
+    from .cudaprobe import describe_cuda_device, runtime_versions
     details = {"device": str(device)}
     info = describe_cuda_device(device.index)
     if info is not None:

@@ -221,10 +221,12 @@ def main(argv=None) -> int:
                         help="print the full option list NVRTC got")
     args = parser.parse_args(argv)
     archs = args.arch or [parse_arch(a) for a in DEFAULT_ARCHS]
-    from dcbg.engines import cuda
-    options = cuda.COMPILE_OPTIONS
-    files = args.files or cuda.kernel_files()
-    entries = [cuda.kernel_name(k) for k in (1, 256, 65536)] if not args.files else []
+    from host_kernel import kernel_files  # beside this script
+
+    from dcbg.engines import cudakernel
+    options = cudakernel.COMPILE_OPTIONS
+    files = args.files or kernel_files()
+    entries = list(cudakernel.KERNEL_NAMES) if not args.files else []
 
     try:
         cupy, compiler, (major, minor) = load_cupy()

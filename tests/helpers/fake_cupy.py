@@ -8,7 +8,11 @@ then the streams run in a random interleaving that respects only each
 stream's order and its ``wait_event`` dependencies, as a GPU may. So a
 missing dependency, or a host buffer handed on before its copy finished,
 gives wrong bytes here instead of passing by luck. The stand-in records what
-it was asked to do, so tests can check launches, copies and frees.
+it was asked to do, so tests can check launches, copies and frees, the order
+of uploads, launches and downloads, page-locked allocations (exact sizes
+through ``cuda.PinnedMemory``), whether the host waited on blocking-sync
+events in the event's device, on which device kernel handles and occupancy
+were taken, and how often NVML started and described a GPU.
 """
 import collections
 import random
@@ -38,18 +42,28 @@ class _Wait:
 
 
 class FakeEvent:
-    """Done once its stream has run everything put on it before the event"""
+    """Done once its stream has run everything put on it before the event
 
-    def __init__(self, stream, position):
-        self.stream = stream
-        self.position = position
+    Like a CUDA event, one never recorded is done. Each host wait records
+    whether the event was a blocking-sync one (``Event(block=True)``).
+    """
+
+    def __init__(self, block=False):
+        self.block = block
+        self.stream = None
+        self.position = 0
 
     @property
     def done(self) -> bool:
-        return self.stream.completed >= self.position
+        return self.stream is None or self.stream.completed >= self.position
 
     def synchronize(self):
-        self.stream.state.run_until(lambda: self.done)
+        if self.stream is not None:
+            state = self.stream.state
+            state.host_waits.append(self.block)
+            if current_device(state) != self.stream.device:
+                state.foreign_waits.append((current_device(state), self.stream.device))
+            state.run_until(lambda: self.done)
 
 
 class FakeStream:
@@ -59,6 +73,7 @@ class FakeStream:
         self.pending: collections.deque = collections.deque()
         self.submitted = 0
         self.completed = 0
+        self.device = current_device(state)
         state.streams.append(self)
 
     def __enter__(self):
@@ -73,9 +88,11 @@ class FakeStream:
             self.pending.append(work)
             self.submitted += 1
 
-    def record(self):
+    def record(self, event=None):
         with self.state.lock:
-            return FakeEvent(self, self.submitted)
+            event = event if event is not None else FakeEvent()
+            event.stream, event.position = self, self.submitted
+            return event
 
     def wait_event(self, event):
         assert isinstance(event, FakeEvent)
@@ -109,12 +126,14 @@ class FakeArray:
     def set(self, host, stream=None):
         assert stream is not None, "uploads run on an explicit stream"
         self.state.copies.append(("upload", stream.name))
+        self.state.calls.append(("upload", len(host)))
         target = self.array
         stream.put(lambda: target.__setitem__(Ellipsis, host))  # reads `host` when it runs
 
     def get(self, stream=None, out=None, blocking=True):
         assert stream is not None and out is not None, "downloads go to pinned buffers"
         self.state.copies.append(("download", stream.name))
+        self.state.calls.append(("download", len(out)))
         source = self.array
         stream.put(lambda: out.__setitem__(Ellipsis, source))
         if blocking:
@@ -126,11 +145,13 @@ class FakeKernel:
     def __init__(self, state, name):
         self.state = state
         self.name = name
-        self.ptr = hash(name) & 0xFFFF
 
     @property
     def kernel(self):
-        return self
+        """The function loaded on the current device, as CuPy hands it out"""
+        device = current_device(self.state)
+        self.state.function_devices.append(device)
+        return types.SimpleNamespace(ptr=(hash(self.name) & 0xFFFF) + (device << 16))
 
     def __call__(self, grid, block, args, shared_mem=0):
         frames, medians, pixels, output_size, kernel_size, segment_length = args
@@ -145,7 +166,8 @@ class FakeKernel:
                 state.launches.append(("fault", grid, block, 0))
                 raise fault
             state.launches.append((self.name, grid, block, int(output_size)))
-            state.launch_devices.append(getattr(state.local, "device", 0))
+            state.launch_devices.append(current_device(state))
+            state.calls.append(("kernel", int(output_size)))
         source, target = frames.array, medians.array
         current_stream(state).put(lambda: hk.launch(
             state.lib, plan, source, target, int(pixels), int(output_size), int(kernel_size)))
@@ -155,6 +177,8 @@ class FakeModule:
     def __init__(self, state, code, options):
         assert "dcbg_rollmed_count8" in code
         self.state = state
+        if state.compile_error is not None:
+            raise state.compile_error
         state.compiled += 1
         state.compile_options.append(tuple(options))
 
@@ -170,7 +194,7 @@ class FakeDevice:
         self.index = index
 
     def __enter__(self):
-        self.previous = getattr(self.state.local, "device", 0)
+        self.previous = current_device(self.state)
         self.state.local.device = self.index
         return self
 
@@ -198,8 +222,23 @@ class FakeState:
         self.faults: dict = {}
         self.largest_allocation: int | None = None
         self.largest_pinned: int | None = None
+        self.pinned_allocations: list[int] = []
+        self.pool_free_bytes = 0
         self.freed_devices: list[int] = []
         self.memory_readings = 0
+        self.calls: list[tuple[str, int]] = []
+        """uploads, launches and downloads in the order they were put on streams"""
+        self.host_waits: list[bool] = []
+        """for each time the host waited on an event: whether it was a blocking-sync one"""
+        self.foreign_waits: list[tuple[int, int]] = []
+        """(thread's device, event's device) of host waits outside the event's device"""
+        self.function_devices: list[int] = []
+        """the current device whenever a kernel's function handle was fetched"""
+        self.occupancy_devices: list[int] = []
+        """the current device whenever the occupancy calculator was asked"""
+        self.compile_error: BaseException | None = None
+        self.nvml_inits = 0
+        self.nvml_descriptions = 0
 
     def run_until(self, condition):
         """Run queued stream work in a random legal order until `condition()` holds"""
@@ -216,7 +255,23 @@ class FakeState:
                 stream.completed += 1
 
 
-def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1, seed=0):
+def current_device(state) -> int:
+    """The device of the calling thread's innermost `with Device(...)` block (0 outside)"""
+    return getattr(state.local, "device", 0)
+
+
+class FakePinnedMemory:
+    """Page-locked host memory of exactly `size` bytes, as cupy.cuda.PinnedMemory"""
+
+    def __init__(self, state, size, flags=0):
+        if state.largest_pinned is not None and size > state.largest_pinned:
+            raise CUDARuntimeError("cudaErrorMemoryAllocation: out of memory")
+        state.pinned_allocations.append(size)
+        self.size = size
+        self.buffer = bytearray(b"\xef" * size)  # garbage, as fresh memory may hold
+
+
+def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1, seed=0, version="14.2.0"):
     """Return (cupy, cupyx, pynvml) stand-in modules and their shared state"""
     state = FakeState(lib, free_bytes, device_count, seed)
 
@@ -238,7 +293,10 @@ def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1, seed=0):
 
     class Pool:
         def free_all_blocks(self):
-            state.freed_devices.append(getattr(state.local, "device", 0))
+            state.freed_devices.append(current_device(state))
+
+        def free_bytes(self):
+            return state.pool_free_bytes
 
     class PinnedPool:
         def free_all_blocks(self):
@@ -254,9 +312,11 @@ def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1, seed=0):
                                            "name": b"Fake H100"},
         deviceGetPCIBusId=lambda index: f"0000:{0x10 + index:02X}:00.0",
         CUDARuntimeError=CUDARuntimeError,
+        hostAllocPortable=1,
     )
 
     def occupancy(function, block, shared_mem):
+        state.occupancy_devices.append(current_device(state))
         # an sm_90-like SM: 228 KiB of shared memory, 1 KiB reserved per block
         return min(228 * 1024 // (shared_mem + 1024), 2048 // block, 32)
 
@@ -268,19 +328,45 @@ def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1, seed=0):
         memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
         Device=lambda index=0: FakeDevice(state, index),
         Stream=lambda non_blocking=False: FakeStream(state, f"stream{len(state.streams)}"),
+        Event=lambda block=False, disable_timing=False, interprocess=False: FakeEvent(block),
+        PinnedMemory=lambda size, flags=0: FakePinnedMemory(state, size, flags),
+        PinnedMemoryPointer=lambda memory, offset: memoryview(memory.buffer)[offset:],
         get_current_stream=lambda: current_stream(state),
         get_elapsed_time=lambda start, end: 0.5,
+        set_allocator=lambda allocator=None: None,  # arrays here are never pooled
     )
     cupy = types.ModuleType("cupy")
-    cupy.__version__ = "fake"
+    cupy.__version__ = version
     cupy.cuda = cuda_ns
     cupy.empty = empty
+    cupy.asarray = lambda host: FakeArray(state, np.array(host))  # a copy, made at once
+    cupy.asnumpy = lambda array: asnumpy(state, array)
     cupy.RawModule = lambda code, options=(): FakeModule(state, code, options)
     cupy.get_default_memory_pool = Pool
     cupy.get_default_pinned_memory_pool = PinnedPool
     cupyx = types.ModuleType("cupyx")
     cupyx.empty_pinned = empty_pinned
+    cupyx.scipy = types.ModuleType("cupyx.scipy")
+    cupyx.scipy.ndimage = types.ModuleType("cupyx.scipy.ndimage")
+    cupyx.scipy.ndimage.median_filter = lambda array, size, **kwargs: median_filter(
+        state, array, size, **kwargs)
     return cupy, cupyx, make_fake_pynvml(state), state
+
+
+def asnumpy(state, array: FakeArray) -> np.ndarray:
+    """Like cupy.asnumpy: waits for the current stream's work, then copies to the host"""
+    current_stream(state).synchronize()
+    return array.array.copy()
+
+
+def median_filter(state, array: FakeArray, size, **kwargs) -> FakeArray:
+    """Like cupyx.scipy.ndimage.median_filter: SciPy's, queued on the current stream"""
+    from scipy import ndimage
+    source = array.array
+    result = FakeArray(state, np.empty_like(source))
+    current_stream(state).put(lambda: result.array.__setitem__(
+        Ellipsis, ndimage.median_filter(source, size=size, **kwargs)))
+    return result
 
 
 def make_fake_pynvml(state):
@@ -289,13 +375,20 @@ def make_fake_pynvml(state):
     def handle(index):
         return types.SimpleNamespace(cuda=state.device_count - 1 - index)
 
+    def init():
+        state.nvml_inits += 1
+
+    def name(h):
+        state.nvml_descriptions += 1
+        return f"Fake GPU of CUDA ordinal {h.cuda}"
+
     pynvml = types.ModuleType("pynvml")
-    pynvml.nvmlInit = lambda: None
+    pynvml.nvmlInit = init
     pynvml.nvmlShutdown = lambda: None
     pynvml.nvmlDeviceGetCount = lambda: state.device_count
     pynvml.nvmlSystemGetDriverVersion = lambda: "580.00"
     pynvml.nvmlDeviceGetHandleByIndex = handle
-    pynvml.nvmlDeviceGetName = lambda h: f"Fake GPU of CUDA ordinal {h.cuda}"
+    pynvml.nvmlDeviceGetName = name
     pynvml.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(
         total=2 * state.free_bytes, free=state.free_bytes)
     pynvml.nvmlDeviceGetPciInfo = lambda h: types.SimpleNamespace(

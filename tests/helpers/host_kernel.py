@@ -7,11 +7,16 @@ import subprocess
 
 import numpy as np
 
-from dcbg.engines import cuda
+from dcbg.engines import cudakernel
 
 SHIM = pathlib.Path(__file__).with_name("kernel_host_shim.cpp")
-KERNEL_DIR = pathlib.Path(cuda.__file__).with_name("kernels")
+KERNEL_DIR = pathlib.Path(cudakernel.__file__).with_name("kernels")
 PROT_NONE = 0  # mprotect flag; the mmap module only names the others
+
+
+def kernel_files() -> list[pathlib.Path]:
+    """Every CUDA source file of the package (for build checks)"""
+    return sorted(KERNEL_DIR.glob("*.cu"))
 
 
 def build(folder: pathlib.Path) -> ctypes.CDLL | None:

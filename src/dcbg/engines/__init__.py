@@ -2,14 +2,16 @@
 
 - :mod:`~dcbg.engines.cpu`: a histogram median per pixel on CPU threads or
   RawArray worker processes;
-- :mod:`~dcbg.engines.cuda`: the same algorithm as a CUDA kernel
-  (``kernels/rollmed.cu``) in an overlapped copy/compute pipeline, and
-  every CuPy and NVML call of dcbg;
+- :mod:`~dcbg.engines.cuda`: the same algorithm as a CUDA kernel in an
+  overlapped copy/compute pipeline, with the kernel's source, compilation
+  and launch plans in :mod:`~dcbg.engines.cudakernel` and its batch sizes
+  and page-locked buffers in :mod:`~dcbg.engines.cudamemory`;
 - :mod:`~dcbg.engines.split`: one recording split across several GPUs.
 
 :func:`engine_for` is the one place that turns a chosen device into an
 engine. Engines import their kernels (and numba or CuPy) only when they are
-built, so that ``import dcbg`` stays quick.
+built, so that ``import dcbg`` stays quick; :func:`preload` starts loading
+them in the background as soon as the device is known.
 """
 from __future__ import annotations
 
@@ -34,18 +36,21 @@ def engine_for(device: DeviceChoice, image_shape, kernel_size: int, batch_size: 
     image_shape: tuple of int
         Shape of one frame.
     kernel_size, batch_size: int
-        The method's keywords.
+        The method's keywords (`batch_size` bounds the CPU engine's batches).
     num_cpus: int
         CPU workers (used by the CPU engine).
     windows: int
-        Number of windows of the run (the CPU engine picks its workers by it).
+        Number of windows of the run (the CPU engine picks its workers by it; a GPU
+        batch may hold them all).
     """
+    # A GPU batch is sized by device and host memory, never by `batch_size`
+    # (which does not change the result): it may take up to all windows.
     if device.split:
         from .split import SplitRollingMedian
-        return SplitRollingMedian(image_shape, kernel_size, batch_size, device.indices)
+        return SplitRollingMedian(image_shape, kernel_size, windows, device.indices)
     if device.kind == "cuda":
         from .cuda import CUDARollingMedian
-        return CUDARollingMedian(image_shape, kernel_size, batch_size, device.index)
+        return CUDARollingMedian(image_shape, kernel_size, windows, device.index)
     from .cpu import CPURollingMedian
     return CPURollingMedian(image_shape, kernel_size, batch_size, num_cpus, windows)
 
@@ -54,13 +59,32 @@ def preload(device: DeviceChoice):
     """Start loading what the engine for `device` needs, in the background
 
     numba's build of the CPU kernel takes a good part of a second to load
-    (numba and its cache); loading it while the input is opened and its
-    first frames are read keeps short runs short. The C build loads at once.
-    Calling it again costs nothing. CUDA kernels are compiled when the device
-    is chosen.
+    (numba and its cache), and NVRTC about as long to compile the CUDA
+    kernel; doing it while the input is opened and its first frames are read
+    keeps short runs short. The C build loads at once. Calling it again
+    costs nothing.
     """
     if device.kind == "cpu":
         _preload_cpu()
+    else:
+        from . import cudakernel
+        for index in device.indices or (device.index,):
+            cudakernel.start_compiling(index)
+
+
+def ready(device: DeviceChoice):
+    """Wait until what :func:`preload` started for `device` is loaded
+
+    Raises
+    ------
+    DeviceError
+        If the CUDA kernel does not compile or load on a device (the error
+        of an unusable device, as when it is chosen).
+    """
+    if device.kind == "cuda":
+        from . import cudakernel
+        for index in device.indices or (device.index,):
+            cudakernel.kernels_or_device_error(index)
 
 
 @functools.cache
@@ -73,4 +97,4 @@ def _preload_cpu() -> threading.Thread:
     return thread
 
 
-__all__ = ["Engine", "count_dtype", "engine_for", "preload"]
+__all__ = ["Engine", "count_dtype", "engine_for", "preload", "ready"]

@@ -8,8 +8,9 @@ import threading
 import numpy as np
 
 from ..pipeline import partition
+from . import cudamemory
 from .base import Engine
-from .cuda import CUDARollingMedian, free_device_memory
+from .cuda import CUDARollingMedian
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,8 @@ class SplitRollingMedian(Engine):
     would see on one device. Each range writes its windows at their own
     position, so the file is byte-identical to a single-device run. With
     one device, two ranges share it (the same code path, checkable on any
-    machine); engines that share a device share its free memory.
+    machine); engines that share a device share its free memory, and all
+    ranges share the page-locked host memory.
 
     Parameters
     ----------
@@ -46,10 +48,12 @@ class SplitRollingMedian(Engine):
         ranges = max(2, len(self.indices))
         devices = [self.indices[i % len(self.indices)] for i in range(ranges)]
         sharing = collections.Counter(devices)
-        free = {index: free_device_memory(index) for index in sharing}
+        free = {index: cudamemory.free_device_memory(index) for index in sharing}
+        host = cudamemory.pinned_memory_budget()
         self.engines = [CUDARollingMedian(image_shape, kernel_size, batch_size, index,
                                           memory_share=1 / sharing[index],
-                                          free_bytes=free[index])
+                                          free_bytes=free[index], host_share=1 / ranges,
+                                          host_bytes=host)
                         for index in devices]
 
     def close(self):

@@ -1,0 +1,256 @@
+"""What CUDA offers this process: whether a device can run dcbg and why not, and the GPUs
+
+Everything here answers questions without building an engine: whether CuPy
+imports and is recent enough, how many devices CUDA sees, why a device
+cannot be used (with the install advice), the NVIDIA GPUs as NVML describes
+them, and the versions a run log records. The device selection, the run log,
+``dcbg info`` and the job runners ask here; only :mod:`dcbg.engines.cuda`
+computes.
+
+NVML is initialised once per process and the GPUs are described once (name,
+PCI bus id, total memory, driver); only their free memory is read afresh.
+CuPy and pynvml are imported lazily, so this module imports everywhere.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import pathlib
+import re
+
+from .errors import DeviceError, first_line
+
+MIN_CUPY_MAJOR = 13
+"""Oldest CuPy major dcbg runs with (asynchronous downloads need ``get(blocking=False)``)"""
+
+FIX_INSTALL = ("install the extra for your driver's CUDA major (see nvidia-smi): "
+               "pip install \"dcbg[cuda12]\" or \"dcbg[cuda13]\", which brings CuPy, NVRTC "
+               "and the CUDA headers")
+"""What to do when CuPy, NVRTC or the CUDA headers are missing"""
+
+DEFAULT_KERNEL_CACHE = "~/.cupy/kernel_cache"
+"""Where CuPy keeps compiled kernels unless ``CUPY_CACHE_DIR`` says otherwise"""
+
+
+def cupy_version_problem(version: str) -> str | None:
+    """Why this CuPy version is too old for dcbg, with what to do; None when it will do
+
+    A version whose major cannot be read (a development build) is accepted.
+    """
+    match = re.match(r"\s*(\d+)", str(version))
+    if match is None or int(match.group(1)) >= MIN_CUPY_MAJOR:
+        return None
+    return (f"CuPy {version} is too old, dcbg needs CuPy {MIN_CUPY_MAJOR} or newer; "
+            f"{FIX_INSTALL}")
+
+
+def cuda_device_count() -> int:
+    """Number of CUDA devices CuPy sees (0 without CuPy or driver)"""
+    try:
+        import cupy
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # noqa: BLE001 - any failure means no usable device
+        return 0
+
+
+def device_problem(index: int = 0) -> str | None:
+    """Why CUDA device `index` cannot run dcbg, short of compiling the kernel; None if it can
+
+    Checks that CuPy imports and is recent enough, that a driver answers and
+    that the device exists: what can be known at once. Whether the kernel
+    compiles is :func:`cuda_unavailable_reason`'s question.
+    """
+    try:
+        import cupy
+    except ImportError:
+        return f"CuPy is not installed; {FIX_INSTALL}"
+    except Exception as error:  # a broken CUDA install raises all sorts
+        return f"CuPy failed to import ({first_line(error)}); {FIX_INSTALL}"
+    too_old = cupy_version_problem(getattr(cupy, "__version__", ""))
+    if too_old is not None:
+        return too_old
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as error:  # noqa: BLE001 - no driver, or a driver older than CuPy's CUDA
+        return (f"no usable CUDA driver or device ({first_line(error)}); check the GPU with "
+                f"nvidia-smi and that the extra's CUDA major matches the driver")
+    if count == 0:
+        return "no CUDA device found; check the GPU with nvidia-smi"
+    if index >= count:
+        return f"CUDA device {index} does not exist (found {count}); use cuda:0 … cuda:{count - 1}"
+    return None
+
+
+def cuda_unavailable_reason(index: int = 0) -> str | None:
+    """Why CUDA device `index` cannot run dcbg, with what to do; None when it can
+
+    Compiles the kernel for the device (once per process) if everything
+    else is in place, since only a compile shows that NVRTC and the CUDA
+    headers work.
+    """
+    problem = device_problem(index)
+    if problem is not None:
+        return problem
+    from .engines import cudakernel
+    try:
+        cudakernel.load_kernels(index)
+    except Exception as error:  # noqa: BLE001 - NVRTC, headers, the cache, the context
+        return compile_problem(error)
+    return None
+
+
+def unusable_device_error(index: int, reason: str) -> DeviceError:
+    """The error for a CUDA device that was asked for and cannot be used"""
+    return DeviceError(
+        f"CUDA device {index} cannot be used: {reason}; or use --device cpu or auto.")
+
+
+def kernel_cache_folder() -> pathlib.Path:
+    """The folder CuPy keeps compiled kernels in"""
+    return pathlib.Path(os.environ.get("CUPY_CACHE_DIR") or DEFAULT_KERNEL_CACHE).expanduser()
+
+
+def compile_problem(error: BaseException) -> str:
+    """What a failure to compile or load the kernel means, with what to do"""
+    text = first_line(error)
+    kind = type(error).__name__
+    lowered = f"{kind} {text}".lower()
+    if "nvrtc" in lowered:
+        return f"CuPy cannot load NVRTC, the CUDA kernel compiler ({text}); {FIX_INSTALL}"
+    if "cuda headers" in lowered or (".h" in lowered and (
+            "include" in lowered or "header" in lowered or "cannot open" in lowered
+            or "not found" in lowered)):
+        return f"CuPy cannot find the CUDA headers ({text}); {FIX_INSTALL}"
+    if isinstance(error, OSError):
+        # CuPy writes every compiled kernel to its cache folder first
+        return (f"CuPy cannot write its kernel cache in {kernel_cache_folder()} ({text}); "
+                f"set CUPY_CACHE_DIR to a writable folder")
+    if "ptx" in lowered:
+        return (f"the driver cannot load the compiled kernel ({text}), it is older than the "
+                f"CUDA of CuPy's NVRTC; update the driver or {FIX_INSTALL}")
+    if kind in ("CUDARuntimeError", "CUDADriverError"):
+        return (f"CUDA could not set up the device ({text}); check with nvidia-smi that the "
+                f"GPU is healthy and not held by another process in exclusive mode")
+    return (f"the median kernel failed to compile ({text}); run 'dcbg info' and report it "
+            f"with its output")
+
+
+def visible_nvidia_gpus() -> int:
+    """NVIDIA GPUs this machine shows, whether or not CUDA can use them
+
+    Counted through NVML where pynvml works, else from the driver's entries
+    in /proc. GPUs hidden on purpose with an empty ``CUDA_VISIBLE_DEVICES``
+    (or -1) count as none.
+    """
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return 0
+    nvml = _nvml()
+    if nvml is not None:
+        try:
+            return int(nvml.nvmlDeviceGetCount())
+        except Exception:  # noqa: BLE001 - NVML broke since it started: ask the driver
+            pass
+    folder = pathlib.Path("/proc/driver/nvidia/gpus")
+    return len(list(folder.iterdir())) if folder.is_dir() else 0
+
+
+def describe_cuda_devices() -> list[dict]:
+    """Name, memory and driver of every NVIDIA GPU, via pynvml (nvidia-ml-py)
+
+    Each entry has the NVML ``index``, the PCI bus id and, where CuPy sees the
+    GPU, its CUDA ordinal ``cuda_index`` (the two numberings differ under
+    ``CUDA_VISIBLE_DEVICES``, which job schedulers and dask-cuda set), its
+    ``name``, ``memory_total``, ``memory_free`` (read now) and ``driver``.
+    Returns an empty list when pynvml or the NVIDIA driver is missing.
+    """
+    nvml = _nvml()
+    devices = []
+    for handle, known in _inventory():
+        memory = nvml.nvmlDeviceGetMemoryInfo(handle)
+        devices.append({**known, "memory_free": int(memory.free)})
+    return devices
+
+
+def describe_cuda_device(cuda_index: int) -> dict | None:
+    """:func:`describe_cuda_devices` entry of a CUDA ordinal (found by PCI bus id)"""
+    return next((device for device in describe_cuda_devices()
+                 if device["cuda_index"] == cuda_index), None)
+
+
+def runtime_versions() -> dict:
+    """CuPy's version and the CUDA runtime's, for run logs (never raises)"""
+    try:
+        import cupy
+    except Exception as error:  # noqa: BLE001 - a log must not fail a finished run
+        return {"cupy": f"unknown ({first_line(error)})"}
+    versions = {"cupy": str(getattr(cupy, "__version__", "unknown"))}
+    try:
+        version = cupy.cuda.runtime.runtimeGetVersion()
+        versions["cuda_runtime"] = f"{version // 1000}.{version % 1000 // 10}"
+    except Exception as error:  # noqa: BLE001 - a log must not fail a finished run
+        versions["cuda_runtime"] = f"unknown ({first_line(error)})"
+    return versions
+
+
+@functools.cache
+def _nvml():
+    """pynvml, initialised for the rest of the process; None without it or a driver"""
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+    except Exception:  # noqa: BLE001 - no NVML, no description
+        return None
+    atexit.register(_shut_down_nvml, pynvml)
+    return pynvml
+
+
+def _shut_down_nvml(pynvml):
+    try:
+        pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - the process ends anyway
+        pass
+
+
+@functools.cache
+def _inventory() -> tuple[tuple[object, dict], ...]:
+    """(NVML handle, what does not change) of every GPU, read once per process"""
+    nvml = _nvml()
+    if nvml is None:
+        return ()
+    ordinals = _cuda_ordinals_by_bus_id()
+    driver = _text(nvml.nvmlSystemGetDriverVersion())
+    inventory = []
+    for index in range(nvml.nvmlDeviceGetCount()):
+        handle = nvml.nvmlDeviceGetHandleByIndex(index)
+        bus_id = _normal_bus_id(_text(nvml.nvmlDeviceGetPciInfo(handle).busId))
+        inventory.append((handle, {
+            "index": index,
+            "cuda_index": ordinals.get(bus_id),
+            "bus_id": bus_id,
+            "name": _text(nvml.nvmlDeviceGetName(handle)),
+            "memory_total": int(nvml.nvmlDeviceGetMemoryInfo(handle).total),
+            "driver": driver,
+        }))
+    return tuple(inventory)
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _normal_bus_id(bus_id: str) -> str:
+    # NVML writes an 8-digit PCI domain, CUDA a 4-digit one
+    domain, _, rest = bus_id.strip().upper().partition(":")
+    return f"{int(domain, 16):04X}:{rest}" if rest else bus_id.upper()
+
+
+def _cuda_ordinals_by_bus_id() -> dict[str, int]:
+    try:
+        import cupy
+        count = cupy.cuda.runtime.getDeviceCount()
+        return {_normal_bus_id(cupy.cuda.runtime.deviceGetPCIBusId(i)): i
+                for i in range(count)}
+    except Exception:  # noqa: BLE001 - CuPy cannot see the GPUs
+        return {}

@@ -1,0 +1,254 @@
+"""The CUDA median kernel: its source, its compilation, and how to launch it
+
+The source is ``kernels/rollmed.cu`` beside this module. CuPy compiles it
+with NVRTC once per process and device, in a background thread that starts
+as soon as the device is known (:func:`start_compiling`), so that the
+compile overlaps opening the input; CuPy keeps the binary in its on-disk
+kernel cache (``CUPY_CACHE_DIR``), so later processes skip NVRTC.
+
+:func:`plan_launch` turns a batch into a grid of pixel blocks and time
+segments from CUDA's occupancy calculator, asked in the context of the
+device that runs the kernel (:func:`blocks_per_sm`). CuPy is imported
+lazily: the planning functions work without it.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import importlib.resources
+import threading
+import typing
+
+from .. import cudaprobe
+from .base import count_dtype
+
+KERNEL_FILE = "kernels/rollmed.cu"
+"""The kernel source, relative to this package"""
+
+COMPILE_OPTIONS = ("--std=c++14",)
+"""NVRTC options of the kernel (CuPy adds the architecture and include paths)"""
+
+SHARED_BYTES_LIMIT = 48 * 1024
+"""Dynamic shared memory a block may use without opting in"""
+
+BLOCK_SIZES = (32, 64, 96, 128)
+"""Threads per block the launch planner considers (whole warps)"""
+
+MIN_SEGMENT_WINDOWS = 4
+"""A time segment is at least this many kernel sizes long (warm-up ≤ 25 %)"""
+
+MAX_GRID_Y = 65535
+"""Largest second grid dimension CUDA launches"""
+
+WAVE_CANDIDATES = 64
+"""Wave counts (from the fewest possible on) whose fullest segmentation the planner models"""
+
+GEOMETRIC_STEP = 1.25
+"""Ratio between neighbouring segment counts of the planner's geometric series"""
+
+
+def kernel_source() -> str:
+    """The CUDA C++ source of the rolling-median kernel"""
+    return importlib.resources.files(__package__).joinpath(KERNEL_FILE).read_text()
+
+
+def kernel_name(kernel_size: int) -> str:
+    """Name of the kernel entry point for this kernel size (its count width)"""
+    return f"dcbg_rollmed_count{8 * count_dtype(kernel_size).itemsize}"
+
+
+KERNEL_NAMES = tuple(kernel_name(size) for size in (1, 256, 65536))
+"""Every entry point of rollmed.cu (count widths 8, 16 and 32 bits)"""
+
+
+def shared_bytes(block: int, kernel_size: int) -> int:
+    """Dynamic shared memory of a block: a 256-bin histogram per thread"""
+    return block * 256 * count_dtype(kernel_size).itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """Grid, block and time segments of one kernel launch"""
+
+    kernel: str
+    """entry point in rollmed.cu"""
+    block: int
+    """threads per block (pixels per block)"""
+    grid: tuple[int, int]
+    """(pixel blocks, time segments)"""
+    segment_length: int
+    """windows per time segment"""
+    shared_mem: int
+    """dynamic shared memory per block in bytes"""
+    waves: int = 1
+    """rounds of resident blocks the grid takes"""
+
+
+def segment_candidates(pixel_blocks: int, resident: int, longest: int) -> list[int]:
+    """The segment counts worth modelling, a few hundred at most whatever the batch
+
+    The modelled cost of a launch grows with its waves and, for a given
+    number of waves, falls as more segments share it. So the candidates
+    are, for each of the first :data:`WAVE_CANDIDATES` wave counts, the
+    most segments that fit in it, plus a geometric series up to `longest`
+    (which covers batches so long that more waves than that pay off).
+
+    Parameters
+    ----------
+    pixel_blocks: int
+        Blocks that one segment needs (pixels per frame / block size).
+    resident: int
+        Blocks the device keeps resident at once.
+    longest: int
+        Most segments allowed.
+    """
+    longest = max(1, longest)
+    found = {1, longest}
+    fewest_waves = -(-pixel_blocks // resident)
+    for waves in range(fewest_waves, fewest_waves + WAVE_CANDIDATES):
+        segments = waves * resident // pixel_blocks
+        if segments >= longest:
+            break
+        found.add(max(1, segments))
+    value = 1
+    while value < longest:
+        found.add(value)
+        value = max(value + 1, int(value * GEOMETRIC_STEP))
+    return sorted(found)
+
+
+def plan_launch(pixels: int, output_size: int, kernel_size: int,
+                blocks_per_sm: typing.Callable[[str, int, int], int],
+                sm_count: int) -> LaunchPlan:
+    """Plan a launch that keeps every SM busy until the end
+
+    One thread per pixel and time segment. An 80×320 frame gives 25,600
+    threads, far fewer than a GPU keeps resident, so the batch is split in
+    time, each segment at least ``MIN_SEGMENT_WINDOWS * kernel_size`` long
+    and at most :data:`MAX_GRID_Y` segments. For each block size the number
+    of resident blocks per SM comes from the occupancy calculator; the plan
+    minimizes the modelled time, whole waves of resident blocks times the
+    steps of each block (its windows plus the warm-up), so that no last,
+    half-empty wave wastes the device.
+
+    Parameters
+    ----------
+    pixels: int
+        Pixels per frame.
+    output_size: int
+        Windows in the batch.
+    kernel_size: int
+        Frames per window.
+    blocks_per_sm: callable
+        ``blocks_per_sm(kernel, block, shared_mem)``: resident blocks per SM
+        (CUDA's occupancy calculator, which includes the shared memory the
+        device reserves per block).
+    sm_count: int
+        Streaming multiprocessors of the device.
+    """
+    name = kernel_name(kernel_size)
+    longest = min(MAX_GRID_Y, max(1, output_size // max(1, MIN_SEGMENT_WINDOWS * kernel_size)))
+    best = None
+    for block in BLOCK_SIZES:
+        shared = shared_bytes(block, kernel_size)
+        if shared > SHARED_BYTES_LIMIT:
+            continue
+        resident = max(1, blocks_per_sm(name, block, shared)) * sm_count
+        pixel_blocks = -(-pixels // block)
+        for segments in segment_candidates(pixel_blocks, resident, longest):
+            length = -(-output_size // segments)
+            used = -(-output_size // length)
+            waves = -(-pixel_blocks * used // resident)
+            # Every wave holds all resident thread slots for the steps of
+            # one block (its windows plus the warm-up), used or not.
+            cost = waves * resident * block * (length + kernel_size - 1)
+            key = (cost, -resident * block, used)
+            if best is None or key < best[0]:
+                best = (key, LaunchPlan(name, block, (pixel_blocks, used), length, shared,
+                                        waves))
+    if best is None:
+        raise ValueError(f"No block of {BLOCK_SIZES} threads fits {SHARED_BYTES_LIMIT} bytes "
+                         f"of shared memory for kernel_size={kernel_size}")
+    return best[1]
+
+
+_compile_lock = threading.Lock()
+_compiles: dict[int, concurrent.futures.Future] = {}
+"""The compile of each device, started once per process"""
+
+
+def start_compiling(device_index: int) -> concurrent.futures.Future:
+    """Start compiling rollmed.cu for a device in the background, once per process
+
+    Returns the future of :func:`load_kernels`' result; calling it again
+    returns the same future, also after the compile failed.
+    """
+    with _compile_lock:
+        future = _compiles.get(device_index)
+        if future is None:
+            future = concurrent.futures.Future()
+            _compiles[device_index] = future
+            threading.Thread(target=_compile_into, args=(future, device_index),
+                             name=f"dcbg-compile-cuda{device_index}", daemon=True).start()
+    return future
+
+
+def load_kernels(device_index: int) -> dict:
+    """The entry points of rollmed.cu on a device as CuPy RawKernels, by name
+
+    Waits for the compile that :func:`start_compiling` started, or starts
+    it. Raises what CuPy raised when the compile failed.
+    """
+    return start_compiling(device_index).result()
+
+
+def kernels_or_device_error(device_index: int) -> dict:
+    """:func:`load_kernels`, raising a failed compile as the DeviceError of an unusable device"""
+    try:
+        return load_kernels(device_index)
+    except Exception as error:  # noqa: BLE001 - NVRTC, headers, the cache, the context
+        raise cudaprobe.unusable_device_error(
+            device_index, cudaprobe.compile_problem(error)) from error
+
+
+def _compile_into(future: concurrent.futures.Future, device_index: int):
+    try:
+        kernels = _compile(device_index)
+    except BaseException as error:  # handed to whoever waits for the kernels
+        future.set_exception(error)
+    else:
+        future.set_result(kernels)
+
+
+def _compile(device_index: int) -> dict:
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        module = cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS)
+        kernels = {name: module.get_function(name) for name in KERNEL_NAMES}
+        for kernel in kernels.values():
+            _ = kernel.kernel  # compiles and loads in this device's context now
+    return kernels
+
+
+def blocks_per_sm(device_index: int, kernels: dict, name: str, block: int,
+                  shared_mem: int) -> int:
+    """Resident blocks per SM from CUDA's occupancy calculator, on the kernel's own device
+
+    CuPy loads a kernel per device and hands out the copy of the current
+    device, so the handle is fetched inside the device's context.
+    """
+    import cupy
+
+    with cupy.cuda.Device(device_index):
+        function = kernels[name].kernel
+        return int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+            function.ptr, block, shared_mem))
+
+
+def multiprocessor_count(device_index: int) -> int:
+    """Streaming multiprocessors of a device"""
+    import cupy
+
+    props = cupy.cuda.runtime.getDeviceProperties(device_index)
+    return int(props["multiProcessorCount"])
