@@ -32,6 +32,7 @@ def host_kernel(tmp_path_factory):
 def forget_cuda_state(monkeypatch):
     """Start without what this process learnt of CUDA: compiled kernels, GPUs, pinned buffers"""
     monkeypatch.setattr(cudakernel, "_compiles", {})
+    monkeypatch.setattr(cudakernel, "_launchers", {})
     monkeypatch.setattr(cudamemory, "pinned_buffers", cudamemory.PinnedBuffers())
     cudaprobe._nvml.cache_clear()
     cudaprobe._inventory.cache_clear()

@@ -62,6 +62,7 @@ def test_cpu_backend_equals_definition(tmp_path, case, num_cpus):
     """The whole CPU backend (workers, pipeline, chunked file) on random input"""
     stack, kernel_size, batch_size = case
     out = tmp_path / "bg.rtdc"
+    out.unlink(missing_ok=True)  # an existing output would keep its other datasets
     with dcbg.BackgroundRollMed(stack, out, kernel_size=kernel_size, batch_size=batch_size,
                                 num_cpus=num_cpus, device="cpu") as bg:
         bg.process()

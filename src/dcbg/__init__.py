@@ -13,6 +13,8 @@ _PUBLIC = {
     "get_available_background_methods": "base",
     "BackgroundRollMed": "rollmed",
     "rolling_median_reference": "reference",
+    "rolling_median": "arrays",
+    "rolling_median_background": "arrays",
 }
 
 
@@ -34,6 +36,8 @@ __all__ = [
     "BackgroundRollMed",
     "get_available_background_methods",
     "register_with_dcnum",
+    "rolling_median",
+    "rolling_median_background",
     "rolling_median_reference",
     "__version__",
 ]

@@ -116,12 +116,37 @@ def current_stream(state):
 
 
 class FakeArray:
-    def __init__(self, state, array):
+    """A device array: numpy memory that only stream work reads and writes"""
+
+    def __init__(self, state, array, device=None):
         self.state = state
         self.array = array
+        self.device = types.SimpleNamespace(
+            id=current_device(state) if device is None else device)
 
     def __getitem__(self, item):
-        return FakeArray(self.state, self.array[item])
+        return FakeArray(self.state, self.array[item], self.device.id)
+
+    def __setitem__(self, item, value):
+        """A device-to-device copy on the current stream (reads `value` when it runs)"""
+        target = self.array
+        source = value.array if isinstance(value, FakeArray) else value
+        self.state.calls.append(("device copy", target[item].shape))
+        current_stream(self.state).put(lambda: target.__setitem__(item, source))
+
+    shape = property(lambda self: self.array.shape)
+    dtype = property(lambda self: self.array.dtype)
+    ndim = property(lambda self: self.array.ndim)
+    flags = property(lambda self: self.array.flags)
+
+    @property
+    def __cuda_array_interface__(self):
+        return {"shape": self.shape, "typestr": self.dtype.str, "version": 3,
+                "data": (self.array.ctypes.data, False), "strides": None}
+
+    def reshape(self, *shape):
+        assert self.array.flags.c_contiguous, "reshape of a non-contiguous device array copies"
+        return FakeArray(self.state, self.array.reshape(*shape), self.device.id)
 
     def set(self, host, stream=None):
         assert stream is not None, "uploads run on an explicit stream"
@@ -155,7 +180,7 @@ class FakeKernel:
 
     def __call__(self, grid, block, args, shared_mem=0):
         frames, medians, pixels, output_size, kernel_size, segment_length = args
-        assert len(current_streams(self.state)) == 1, "launch inside `with stream:`"
+        assert current_streams(self.state), "launch inside `with stream:`"
         assert shared_mem <= 48 * 1024
         plan = types.SimpleNamespace(kernel=self.name, grid=grid, block=block[0],
                                      segment_length=int(segment_length))
@@ -339,8 +364,12 @@ def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1, seed=0, version="
     cupy.__version__ = version
     cupy.cuda = cuda_ns
     cupy.empty = empty
-    cupy.asarray = lambda host: FakeArray(state, np.array(host))  # a copy, made at once
+    cupy.asarray = lambda data: asarray(state, data)
     cupy.asnumpy = lambda array: asnumpy(state, array)
+    cupy.ascontiguousarray = lambda array: ascontiguousarray(state, array)
+    cupy.from_dlpack = lambda data: data.device_array  # the test doubles of torch tensors
+    cupy.ndarray = FakeArray
+    cupy.uint8 = np.uint8
     cupy.RawModule = lambda code, options=(): FakeModule(state, code, options)
     cupy.get_default_memory_pool = Pool
     cupy.get_default_pinned_memory_pool = PinnedPool
@@ -355,8 +384,29 @@ def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1, seed=0, version="
 
 def asnumpy(state, array: FakeArray) -> np.ndarray:
     """Like cupy.asnumpy: waits for the current stream's work, then copies to the host"""
+    state.calls.append(("device to host", array.shape))
     current_stream(state).synchronize()
     return array.array.copy()
+
+
+def asarray(state, data) -> FakeArray:
+    """Like cupy.asarray: device arrays as they are, host data copied to the device at once"""
+    if isinstance(data, FakeArray):
+        return data
+    inner = getattr(data, "device_array", None)  # a CUDA array of another library
+    if inner is not None and hasattr(data, "__cuda_array_interface__"):
+        return inner
+    state.calls.append(("host to device", np.shape(data)))
+    return FakeArray(state, np.array(data))
+
+
+def ascontiguousarray(state, array: FakeArray) -> FakeArray:
+    """Like cupy.ascontiguousarray: the array itself, or a copy queued on the current stream"""
+    if array.array.flags.c_contiguous:
+        return array
+    copy = FakeArray(state, np.empty(array.shape, array.dtype), array.device.id)
+    copy[...] = array
+    return copy
 
 
 def median_filter(state, array: FakeArray, size, **kwargs) -> FakeArray:

@@ -98,10 +98,9 @@ class CUDARollingMedian(Engine):
                     "%s of page-locked host memory, share %.2f)", self.batch_size,
                     free / 2**20, memory_share,
                     "no limit" if host is None else f"{host / 2**20:.0f} MiB", host_share)
-        self.sm_count = cudakernel.multiprocessor_count(device_index)
-        """streaming multiprocessors of the device"""
-        self._occupancy: dict[tuple[str, int, int], int] = {}
-        self._plans: dict[int, cudakernel.LaunchPlan] = {}
+        self.launcher = cudakernel.Launcher(device_index, self.pixels, kernel_size,
+                                            self.kernels)
+        """the kernel's launches on this device, each batch length planned once"""
 
     def close(self):
         """Nothing to give back: a run returns its page-locked buffers to the process's keep
@@ -112,44 +111,16 @@ class CUDARollingMedian(Engine):
 
     def blocks_per_sm(self, name: str, block: int, shared_mem: int) -> int:
         """Resident blocks per SM from CUDA's occupancy calculator (on this device)"""
-        key = (name, block, shared_mem)
-        if key not in self._occupancy:
-            self._occupancy[key] = cudakernel.blocks_per_sm(self.device_index, self.kernels,
-                                                            name, block, shared_mem)
-        return self._occupancy[key]
+        return self.launcher.blocks_per_sm(name, block, shared_mem)
 
     def plan(self, output_size: int) -> cudakernel.LaunchPlan:
         """The launch plan of a batch of `output_size` windows on this device (planned once)"""
-        plan = self._plans.get(output_size)
-        if plan is None:
-            plan = cudakernel.plan_launch(self.pixels, output_size, self.kernel_size,
-                                          self.blocks_per_sm, self.sm_count)
-            self._plans[output_size] = plan
-        return plan
+        return self.launcher.plan(output_size)
 
     def launch(self, frames, medians, output_size: int, stream=None):
-        """Run the kernel on device arrays (asynchronously on `stream`)
-
-        Parameters
-        ----------
-        frames: cupy.ndarray
-            ``(rows, pixels)`` uint8 with at least ``output_size +
-            kernel_size - 1`` rows, on this engine's device.
-        medians: cupy.ndarray
-            ``(rows, pixels)`` uint8 receiving ``output_size`` rows.
-        output_size: int
-            Windows to compute.
-        stream: cupy.cuda.Stream, optional
-            Where the kernel runs; the current stream by default.
-        """
-        plan = self.plan(output_size)
-        kernel = self.kernels[plan.kernel]
-        args = (frames, medians, np.int64(self.pixels), np.int32(output_size),
-                np.int32(self.kernel_size), np.int32(plan.segment_length))
-        with self.cupy.cuda.Device(self.device_index):
-            stream = stream if stream is not None else self.cupy.cuda.get_current_stream()
-            with stream:
-                kernel(plan.grid, (plan.block,), args, shared_mem=plan.shared_mem)
+        """Run the kernel on device arrays, asynchronously on `stream` (see
+        :meth:`~dcbg.engines.cudakernel.Launcher.launch`)"""
+        self.launcher.launch(frames, medians, output_size, stream)
 
     def run(self, read_into, first, stop, write_at, on_written=None) -> np.ndarray:
         """Compute windows ``first … stop-1`` with every stage overlapped
@@ -317,3 +288,65 @@ class CUDARollingMedian(Engine):
 
     def _add_seconds(self, stage: str, seconds: float):
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
+
+def rolling_median_on_gpu(frames, kernel_size: int, out, background: bool):
+    """Rolling medians of frames in GPU memory, computed where they are
+
+    One launch on the caller's current stream of the frames' device: no
+    copy through host memory, the work ordered after what the stream holds
+    and the result ready on it.
+
+    Parameters
+    ----------
+    frames: cupy.ndarray
+        uint8 frames, events along the first axis.
+    kernel_size: int
+        Frames per window.
+    out: cupy.ndarray or None
+        Where the result goes (same device, uint8, the result's shape).
+    background: bool
+        True for dcnum's background (one row per frame), False for one row
+        per window.
+
+    Returns
+    -------
+    result: cupy.ndarray
+        `out`, or a new array on the frames' device.
+    """
+    import cupy
+
+    from ..windows import background_window_count, window_count
+
+    if frames.dtype != np.uint8:
+        raise TypeError(f"frames must be uint8, got {frames.dtype}; convert them first, e.g. "
+                        f"with frames.astype(cupy.uint8) after scaling to 0…255.")
+    if frames.ndim == 0:
+        raise ValueError("frames must have at least one axis (the events), got a scalar.")
+    count, image_shape = frames.shape[0], tuple(frames.shape[1:])
+    windows = (background_window_count if background else window_count)(count, kernel_size)
+    shape = (count if background else windows, *image_shape)
+    pixels = int(np.prod(image_shape, dtype=np.int64))
+    device = frames.device.id
+    if out is not None:
+        if getattr(out, "shape", None) is None or tuple(out.shape) != shape:
+            raise ValueError(f"out must have the shape {shape}, got "
+                             f"{tuple(getattr(out, 'shape', ()))}.")
+        if out.dtype != np.uint8:
+            raise TypeError(f"out must be uint8, got {out.dtype}.")
+        if not isinstance(out, cupy.ndarray) or out.device.id != device:
+            raise TypeError(f"out must be a CuPy array on GPU {device}, where the frames are.")
+    launcher = cudakernel.launcher_for(device, pixels, kernel_size)
+    with cupy.cuda.Device(device):
+        stream = cupy.cuda.get_current_stream()
+        flat = cupy.ascontiguousarray(frames).reshape(count, pixels)
+        direct = out is not None and out.flags.c_contiguous
+        result = out if direct else cupy.empty(shape, np.uint8)
+        medians = result.reshape(shape[0], pixels)
+        launcher.launch(flat, medians, windows, stream)
+        if shape[0] > windows:
+            medians[windows:] = medians[windows - 1]
+        if out is not None and not direct:
+            out[...] = result
+            result = out
+    return result

@@ -252,3 +252,95 @@ def multiprocessor_count(device_index: int) -> int:
 
     props = cupy.cuda.runtime.getDeviceProperties(device_index)
     return int(props["multiProcessorCount"])
+
+
+class Launcher:
+    """Launches of the kernel for one device, frame size and kernel size, planned once each
+
+    The occupancy of each block size and the plan of each batch length are
+    asked once and kept, so that a launch costs only the launch itself.
+
+    Parameters
+    ----------
+    device_index: int
+        CUDA device ordinal.
+    pixels: int
+        Pixels per frame.
+    kernel_size: int
+        Frames per window.
+    kernels: dict, optional
+        The compiled entry points (:func:`load_kernels`); compiled or
+        waited for by default, a failure raised as a DeviceError.
+    """
+
+    def __init__(self, device_index: int, pixels: int, kernel_size: int,
+                 kernels: dict | None = None):
+        self.device_index = device_index
+        self.pixels = pixels
+        self.kernel_size = kernel_size
+        self.kernels = kernels_or_device_error(device_index) if kernels is None else kernels
+        self.sm_count = multiprocessor_count(device_index)
+        """streaming multiprocessors of the device"""
+        self._occupancy: dict[tuple[str, int, int], int] = {}
+        self._plans: dict[int, LaunchPlan] = {}
+
+    def blocks_per_sm(self, name: str, block: int, shared_mem: int) -> int:
+        """Resident blocks per SM from CUDA's occupancy calculator (on this device)"""
+        key = (name, block, shared_mem)
+        if key not in self._occupancy:
+            self._occupancy[key] = blocks_per_sm(self.device_index, self.kernels, name, block,
+                                                 shared_mem)
+        return self._occupancy[key]
+
+    def plan(self, output_size: int) -> LaunchPlan:
+        """The launch plan of `output_size` windows (planned once per length)"""
+        plan = self._plans.get(output_size)
+        if plan is None:
+            plan = plan_launch(self.pixels, output_size, self.kernel_size, self.blocks_per_sm,
+                               self.sm_count)
+            self._plans[output_size] = plan
+        return plan
+
+    def launch(self, frames, medians, output_size: int, stream=None):
+        """Run the kernel on device arrays, asynchronously on `stream`
+
+        Parameters
+        ----------
+        frames: cupy.ndarray
+            C-contiguous ``(rows, pixels)`` uint8 with at least ``output_size
+            + kernel_size - 1`` rows, on this device.
+        medians: cupy.ndarray
+            C-contiguous ``(rows, pixels)`` uint8 receiving ``output_size``
+            rows.
+        output_size: int
+            Windows to compute.
+        stream: cupy.cuda.Stream, optional
+            Where the kernel runs; the device's current stream by default.
+        """
+        import cupy
+        import numpy as np
+
+        plan = self.plan(output_size)
+        kernel = self.kernels[plan.kernel]
+        args = (frames, medians, np.int64(self.pixels), np.int32(output_size),
+                np.int32(self.kernel_size), np.int32(plan.segment_length))
+        with cupy.cuda.Device(self.device_index):
+            stream = stream if stream is not None else cupy.cuda.get_current_stream()
+            with stream:
+                kernel(plan.grid, (plan.block,), args, shared_mem=plan.shared_mem)
+
+
+_launchers: dict[tuple[int, int, int], Launcher] = {}
+"""Launchers of this process by (device, pixels, kernel size), for arrays already on a GPU"""
+
+
+def launcher_for(device_index: int, pixels: int, kernel_size: int) -> Launcher:
+    """The process's launcher for one device, frame size and kernel size"""
+    key = (device_index, pixels, kernel_size)
+    with _compile_lock:
+        launcher = _launchers.get(key)
+    if launcher is None:
+        launcher = Launcher(device_index, pixels, kernel_size)
+        with _compile_lock:
+            launcher = _launchers.setdefault(key, launcher)
+    return launcher
