@@ -1,93 +1,131 @@
 """CUDA benchmark: the kernel against its GPU peers, and file to file against the I/O floor
 
     python benchmarks/bench_cuda.py [--events 10000] [--kernel-sizes 10,100,1000]
-                                    [--file-events 50000] [--no-append]
+                                    [--file-events 20000] [--recording FILE] [--tiny]
+                                    [--json FILE] [--no-append]
 
-On one device, in one run:
-1. the dcbg kernel alone (device memory in and out, timed with CUDA events) at
-   each kernel size, its output first checked byte for byte against the CPU
-   engine, against cupyx.scipy.ndimage.median_filter(size=(k,1,1)) and torch's
-   unfold + kthvalue (where torch has CUDA) on the same device and stack;
-2. .rtdc -> .rtdc with zstd in and out, k=100, all CPUs: ``dcbg compute
+On CUDA device 0, in one run:
+1. .rtdc -> .rtdc with zstd in and out, k=100, all CPUs: ``dcbg compute
    --device cuda`` and ``--device cpu`` as whole commands, against the parallel
    I/O floor (the same read and write with no median, all CPUs), with the CUDA
    run's seconds per stage from its run log (read, upload, kernel, download,
    write; the device stages timed with CUDA events, summed over batches and
-   overlapping each other).
-Prints tables and appends them to benchmarks/RESULTS.md.
+   overlapping each other);
+2. the dcbg kernel alone at each kernel size: device memory in and out, its
+   output first checked byte for byte against the CPU engine, then one
+   warm-up launch (which plans it; the engine keeps the plan) and `LAUNCHES`
+   launches back to back between two CUDA events; against
+   cupyx.scipy.ndimage.median_filter (size=(k,1,1)) and torch's unfold +
+   kthvalue (where torch has CUDA) on the same device and frames, torch on as
+   many windows as half the free device memory holds (it copies every
+   window), or skipped, saying why.
+Prints tables and appends them to benchmarks/RESULTS.md; with --json, writes
+the rows after each part, so that a run stopped halfway keeps what it
+measured. A command that fails stops the benchmark with the end of its error
+output.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 import tempfile
+import time
 
 import numpy as np
 
 from common import TiledStack, append_results, run_isolated, table
 
-PIXELS = 80 * 320
+SHAPE = (80, 320)
+PIXELS = SHAPE[0] * SHAPE[1]
+
+LAUNCHES = 20
+"""Kernel launches timed back to back between two events"""
+
+PEER_REPEATS = 3
+"""Timed calls of each peer (after one warm-up); the median counts"""
+
+TORCH_MEMORY_SHARE = 0.5
+"""Part of the free device memory torch's copy of every window may take"""
+
+TORCH_MIN_WINDOWS = 16
+"""Fewer windows than this say nothing about torch's speed: it is skipped instead"""
+
+SLOW_CALL_SECONDS = 2.0
+"""A peer's call that takes longer is timed once, not `PEER_REPEATS` times"""
+
+PEER_FRAMES = 2000
+"""Frames the peers compute (at least two kernel sizes)"""
+
+TINY = {"events": 64, "kernel_sizes": "10", "file_events": 300, "peer_frames": 40,
+        "peer_repeats": 1}
+"""--tiny: sizes that run in seconds, on the CuPy stand-in too (a dry run, no measurement)"""
 
 
-def time_device(function, repeats: int = 10, warmup: int = 2) -> float:
-    """Median seconds of `function()` measured with CUDA events"""
+def elapsed_seconds(function, calls: int) -> float:
+    """Seconds per call of `function()`, `calls` calls between two CUDA events"""
     import cupy
-    for _ in range(warmup):
+    stream = cupy.cuda.get_current_stream()
+    start = stream.record(cupy.cuda.Event(block=True))
+    for _ in range(calls):
         function()
-    cupy.cuda.get_current_stream().synchronize()
-    times = []
-    for _ in range(repeats):
-        start, stop = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record()
-        function()
-        stop.record()
-        stop.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, stop) / 1e3)
-    return float(np.median(times))
+    end = stream.record(cupy.cuda.Event(block=True))
+    end.synchronize()
+    return cupy.cuda.get_elapsed_time(start, end) / 1e3 / calls
 
 
-def kernel_rows(events: int, k: int) -> list[dict]:
+def median_seconds(function, repeats: int) -> float:
+    """Median seconds of `function()` over `repeats` timed calls, after one warm-up
+
+    A call slower than :data:`SLOW_CALL_SECONDS` is timed once: the peers
+    at large kernel sizes would otherwise take the benchmark's time.
+    """
+    first = elapsed_seconds(function, 1)
+    if first > SLOW_CALL_SECONDS:
+        return elapsed_seconds(function, 1)
+    return float(np.median([elapsed_seconds(function, 1) for _ in range(repeats)]))
+
+
+def torch_windows(free_bytes: int, kernel_size: int, wanted: int) -> int:
+    """Windows torch's unfold + kthvalue may take: kthvalue copies each window whole"""
+    per_window = PIXELS * kernel_size
+    return min(wanted, int(free_bytes * TORCH_MEMORY_SHARE) // per_window)
+
+
+def kernel_rows(stack: np.ndarray, k: int, peer_frames: int, peer_repeats: int) -> list[dict]:
+    """The dcbg kernel on every window of `stack`, and its peers on `peer_frames` frames"""
     import cupy
 
-    from dcbg.engines.cpu import compute_median_for_slice, job_slices
+    from dcbg.devices import select_device
     from dcbg.engines.cuda import CUDARollingMedian
+    from dcbg.selftest import engine_medians
 
-    stack = TiledStack(events + k - 1)[:]
-    frames = cupy.asarray(stack.reshape(len(stack), -1))
+    events = len(stack) - k
+    flat = stack.reshape(len(stack), -1)
+    frames = cupy.asarray(flat)
     medians = cupy.empty((events, PIXELS), np.uint8)
-    engine = CUDARollingMedian((80, 320), k, events, 0)
-    engine.launch(frames, medians, events)
-    cupy.cuda.get_current_stream().synchronize()
-    expected = np.empty((events, PIXELS), np.uint8)
-    for job in job_slices(PIXELS, 1):
-        compute_median_for_slice(stack.reshape(len(stack), -1), expected, k, events, job)
+    engine = CUDARollingMedian(SHAPE, k, events, 0)
+    engine.launch(frames, medians, events)  # plans the launch; the timed ones reuse it
+    expected, _, _ = engine_medians(select_device("cpu"), flat, SHAPE, k, os.cpu_count())
     if not np.array_equal(cupy.asnumpy(medians), expected):
-        raise SystemExit("the CUDA kernel disagrees with the CPU backend; no timing recorded")
-    seconds = time_device(lambda: engine.launch(frames, medians, events))
+        raise SystemExit(f"error: the CUDA kernel disagrees with the CPU engine at k={k}; "
+                         f"no timing recorded; run dcbg selftest --device cuda")
+    seconds = elapsed_seconds(lambda: engine.launch(frames, medians, events), LAUNCHES)
     rows = [{"label": "dcbg CUDA kernel", "events": events, "k": k, "seconds": seconds}]
 
-    import cupyx.scipy.ndimage as ndi
-    subset = frames[:min(len(stack), max(2000, 2 * k))].reshape(-1, 80, 320)
-    seconds = time_device(lambda: ndi.median_filter(subset, size=(k, 1, 1)), repeats=3)
-    rows.append({"label": "cupyx median_filter(size=(k,1,1))", "events": len(subset),
-                 "k": k, "seconds": seconds})
-    try:
-        import torch
-        if torch.cuda.is_available():
-            tensor = torch.as_tensor(cupy.asnumpy(frames[:len(subset)]), device="cuda")
-
-            def torch_median():
-                windows = tensor.unfold(0, k, 1)  # (n, pixels, k)
-                return windows.kthvalue(k // 2 + 1, dim=-1).values
-
-            seconds = time_device(torch_median, repeats=3)
-            rows.append({"label": "torch unfold+kthvalue", "events": len(tensor) - k + 1,
-                         "k": k, "seconds": seconds})
-    except ImportError:
-        pass
+    ndimage = importlib.import_module("cupyx.scipy.ndimage")
+    peer_frames = min(len(stack), peer_frames)
+    subset = cupy.asarray(stack[:peer_frames])
+    seconds = median_seconds(lambda: ndimage.median_filter(subset, size=(k, 1, 1)),
+                             peer_repeats)
+    rows.append({"label": "cupyx median_filter(size=(k,1,1))", "events": peer_frames, "k": k,
+                 "seconds": seconds})
+    rows += torch_rows(stack, k, min(events, peer_frames - k + 1), peer_repeats)
     for row in rows:
         row["pix_per_s"] = row["events"] * PIXELS / row["seconds"]
         row["events_per_s"] = row["events"] / row["seconds"]
@@ -96,68 +134,193 @@ def kernel_rows(events: int, k: int) -> list[dict]:
     return rows
 
 
+def torch_rows(stack: np.ndarray, k: int, wanted: int, peer_repeats: int) -> list[dict]:
+    """torch's unfold + kthvalue on `wanted` windows of the same device, where they fit"""
+    try:
+        import torch
+    except ImportError:
+        print(f"k={k}: torch is not installed; its row is skipped", file=sys.stderr)
+        return []
+    if not torch.cuda.is_available():
+        print(f"k={k}: torch has no CUDA here; its row is skipped", file=sys.stderr)
+        return []
+    free, _ = torch.cuda.mem_get_info(0)
+    windows = torch_windows(free, k, wanted)
+    if windows < TORCH_MIN_WINDOWS:
+        print(f"k={k}: torch's copy of {TORCH_MIN_WINDOWS} windows needs "
+              f"{TORCH_MIN_WINDOWS * PIXELS * k / 2**30:.1f} GiB, more than "
+              f"{TORCH_MEMORY_SHARE:.0%} of the {free / 2**30:.1f} GiB free; its row is "
+              f"skipped", file=sys.stderr)
+        return []
+    try:
+        seconds = torch_seconds(stack[:windows + k - 1], k, peer_repeats)
+    finally:
+        torch.cuda.empty_cache()  # the next steps get the device's memory back
+    return [{"label": "torch unfold+kthvalue", "events": windows, "k": k, "seconds": seconds}]
+
+
+def torch_seconds(frames: np.ndarray, k: int, repeats: int) -> float:
+    """Median seconds of torch's unfold + kthvalue over every window of `frames`"""
+    import torch
+    tensor = torch.as_tensor(frames.reshape(len(frames), -1), device="cuda:0")
+    return median_seconds(  # (windows, pixels, k) -> (windows, pixels)
+        lambda: tensor.unfold(0, k, 1).kthvalue(k // 2 + 1, dim=-1).values, repeats)
+
+
+def run_case(case: dict) -> dict:
+    """One file-to-file measurement in this process, which runs nothing else"""
+    kind = case["kind"]
+    with tempfile.TemporaryDirectory(prefix="dcbg-bench-cuda-") as folder:
+        out = pathlib.Path(folder) / "out.rtdc"
+        if kind == "io_floor":
+            from iocases import io_floor, load_background
+            seconds = io_floor(pathlib.Path(case["file"]), load_background(case["bg"]), out,
+                               case["threads"])
+            stages = {}
+        else:
+            command = [sys.executable, "-m", "dcbg", "compute", case["file"], str(out),
+                       "--device", case["device"], "--num-cpus", str(case["num_cpus"])]
+            t0 = time.perf_counter()
+            done = subprocess.run(command, capture_output=True, text=True)
+            seconds = time.perf_counter() - t0
+            if done.returncode != 0:
+                raise SystemExit(f"error: {' '.join(command)} exited with code "
+                                 f"{done.returncode}:\n{done.stderr[-3000:]}")
+            stages = run_log_seconds(out)
+    events = case["events"]
+    # the floor runs in this process, a command in its only child
+    who = resource.RUSAGE_SELF if kind == "io_floor" else resource.RUSAGE_CHILDREN
+    peak = resource.getrusage(who).ru_maxrss
+    return {**case, "seconds": round(seconds, 3), "events_per_s": events / seconds,
+            "stages": stages, "rss_main_mib": round(peak / 1024)}
+
+
+def run_log_seconds(path: pathlib.Path) -> dict:
+    """Seconds per stage that the run log of an output records"""
+    import h5py
+
+    from dcbg.runlog import read_run_logs
+    with h5py.File(path) as h5:
+        return read_run_logs(h5)[-1][1]["seconds"]
+
+
+def write_background(recording: pathlib.Path, background: pathlib.Path):
+    """The recording's image_bg, computed on the GPU: what the I/O floor writes"""
+    command = [sys.executable, "-m", "dcbg", "compute", str(recording), str(background),
+               "--device", "cuda", "--force"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: {' '.join(command)} exited with code {done.returncode}:\n"
+                         f"{done.stderr[-3000:]}")
+
+
+def file_rows(recording: pathlib.Path, events: int, folder: pathlib.Path) -> list[dict]:
+    """The parallel I/O floor and both whole commands, each in a new process"""
+    cpus = os.cpu_count()
+    background = folder / "rec_bg.rtdc"
+    write_background(recording, background)
+    files = {"events": events, "file": str(recording), "bg": str(background),
+             "num_cpus": cpus, "k": 100}
+    module = pathlib.Path(__file__).stem
+    floor = run_isolated(module, {"kind": "io_floor", "threads": cpus, **files})
+    floor["label"] = f"parallel I/O floor .rtdc -> .rtdc, {cpus} threads (no median)"
+    rows = [floor]
+    for device in ("cuda", "cpu"):
+        row = run_isolated(module, {"kind": "command", "device": device, **files})
+        row["label"] = f"dcbg compute --device {device}, whole command, {cpus} CPUs"
+        row["ratio"] = row["events_per_s"] / floor["events_per_s"]
+        rows.append(row)
+    return rows
+
+
+def recording_events(path: pathlib.Path) -> int:
+    """Events of an existing recording"""
+    import h5py
+    with h5py.File(path) as h5:
+        return len(h5["events/image"])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--events", type=int, default=10000)
+    parser.add_argument("--case", help=argparse.SUPPRESS)
+    parser.add_argument("--events", type=int, default=10000,
+                        help="windows of the kernel runs (default 10000)")
     parser.add_argument("--kernel-sizes", default="10,100,1000")
-    parser.add_argument("--file-events", type=int, default=50000)
+    parser.add_argument("--file-events", type=int, default=20000,
+                        help="events of the synthetic recording (default 20000)")
+    parser.add_argument("--recording", type=pathlib.Path,
+                        help="use this .rtdc recording (80x320, zstd) instead of writing one")
+    parser.add_argument("--tiny", action="store_true",
+                        help="tiny sizes that run in seconds: checks the script, measures "
+                        "nothing (implies --no-append)")
+    parser.add_argument("--json", type=pathlib.Path, help="also write the rows to this file")
     parser.add_argument("--no-append", action="store_true")
     args = parser.parse_args()
-    from dcbg.engines.cuda import cuda_unavailable_reason, describe_cuda_devices
+    if args.case:
+        print(json.dumps(run_case(json.loads(args.case))))
+        return
+    peer_frames, peer_repeats = PEER_FRAMES, PEER_REPEATS
+    if args.tiny:
+        args.events, args.kernel_sizes = TINY["events"], TINY["kernel_sizes"]
+        args.file_events, args.no_append = TINY["file_events"], True
+        peer_frames, peer_repeats = TINY["peer_frames"], TINY["peer_repeats"]
+    from dcbg.cudaprobe import cuda_unavailable_reason, describe_cuda_devices
     reason = cuda_unavailable_reason(0)
     if reason:
         raise SystemExit(f"error: no CUDA device to benchmark: {reason}")
-    gpu = describe_cuda_devices()
-    rows = []
-    for k in (int(k) for k in args.kernel_sizes.split(",")):
-        rows += kernel_rows(args.events, k)
-    for row in rows:
+    device = ", ".join(f"{d['name']} ({d['memory_total'] / 2**30:.0f} GiB, driver {d['driver']})"
+                       for d in describe_cuda_devices()) or "unknown GPU"
+    results = {"device": device, "file": [], "stages": {}, "kernel": []}
+
+    def save():  # after each part, so that a benchmark stopped halfway keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+
+    with tempfile.TemporaryDirectory(prefix="dcbg-bench-gpu-") as scratch:
+        folder = pathlib.Path(scratch)
+        if args.recording:
+            recording, events = args.recording, recording_events(args.recording)
+        else:
+            from dcbg.synthetic import write_synthetic_rtdc
+            recording = write_synthetic_rtdc(folder / "rec.rtdc", args.file_events)
+            events = args.file_events
+        results["file"] = file_rows(recording, events, folder)
+    results["stages"] = results["file"][1]["stages"]
+    save()
+    print("file-to-file rows done", file=sys.stderr, flush=True)
+    kernel_sizes = [int(k) for k in args.kernel_sizes.split(",")]
+    stack = TiledStack(args.events + max(kernel_sizes))[:]  # every size takes a prefix
+    for k in kernel_sizes:
+        results["kernel"] += kernel_rows(stack[:args.events + k], k,
+                                         max(peer_frames, 2 * k), peer_repeats)
+        save()
+        print(f"kernel rows of k={k} done", file=sys.stderr, flush=True)
+    for row in results["kernel"]:
         row.setdefault("ratio", "")
 
-    cpus = os.cpu_count()
-    from dcbg.synthetic import write_synthetic_rtdc
-    scratch = tempfile.TemporaryDirectory(prefix="dcbg-bench-gpu-")
-    folder = pathlib.Path(scratch.name)
-    recording = write_synthetic_rtdc(folder / "rec.rtdc", args.file_events)
-    background = folder / "rec_bg.rtdc"
-    subprocess.run([sys.executable, "-m", "dcbg", "compute", str(recording), str(background),
-                    "--device", "cuda"], check=True, capture_output=True)
-    files = {"events": args.file_events, "file": str(recording), "bg": str(background),
-             "num_cpus": cpus, "k": 100}
-    floor = run_isolated("bench_cpu", {"kind": "io_floor", "threads": cpus, **files})
-    floor["label"] = f"parallel I/O floor .rtdc -> .rtdc, {cpus} threads (no median)"
-    file_rows = [floor]
-    for device in ("cuda", "cpu"):
-        row = run_isolated("bench_cpu", {"kind": "command", "device": device, **files})
-        row["label"] = f"dcbg compute --device {device}, whole command, {cpus} CPUs"
-        row["ratio"] = row["events_per_s"] / floor["events_per_s"]
-        file_rows.append(row)
-    stages = file_rows[1]["stages"]
-    scratch.cleanup()  # an error leaves it to the interpreter's exit
-
-    device = ", ".join(f"{d['name']} ({d['memory_total'] / 2**30:.0f} GiB, driver {d['driver']})"
-                       for d in gpu) or "unknown GPU"
-    kernel_table = table(rows, [("label", "run"), ("events", "N"), ("k", "k"),
-                                ("pix_per_s", "pixel-outputs/s"),
-                                ("ratio", "dcbg kernel ÷ peer")])
-    file_table = table(file_rows, [("label", "run"), ("events", "N"),
-                                   ("events_per_s", "events/s"),
-                                   ("ratio", "÷ parallel I/O floor"), ("seconds", "wall s"),
-                                   ("rss_main_mib", "peak RSS MiB")])
-    stage_table = table([{"stage": name, "seconds": value} for name, value in stages.items()],
+    kernel_table = table(results["kernel"], [("label", "run"), ("events", "N"), ("k", "k"),
+                                             ("pix_per_s", "pixel-outputs/s"),
+                                             ("ratio", "dcbg kernel ÷ peer")])
+    file_table = table(results["file"], [("label", "run"), ("events", "N"),
+                                         ("events_per_s", "events/s"),
+                                         ("ratio", "÷ parallel I/O floor"),
+                                         ("seconds", "wall s"), ("rss_main_mib", "peak RSS MiB")])
+    stage_table = table([{"stage": name, "seconds": value}
+                         for name, value in results["stages"].items()],
                         [("stage", "CUDA run, stage"), ("seconds", "s")])
     body = f"{kernel_table}\n\n{file_table}\n\n{stage_table}"
-    notes = ("Kernel rows: device memory in and out, median of CUDA-event timings; the dcbg "
-             "kernel's output equals the CPU engine's. File rows: zstd-5 in and out, wall "
-             "time of a new process (interpreter, imports, probe and run). Stages overlap, "
-             "so they add up to more than the total.")
+    notes = (f"Kernel rows: device memory in and out; the dcbg kernel's output equals the "
+             f"CPU engine's, its time is that of {LAUNCHES} launches back to back between "
+             f"two CUDA events (after a warm-up launch), the peers' the median of "
+             f"{peer_repeats} calls (one where a call takes over {SLOW_CALL_SECONDS} s). "
+             f"File rows: zstd-5 in and out, wall time of a new process (interpreter, "
+             f"imports, probe and run). Stages overlap, so they add up to more than the total.")
     if args.no_append:
-        print(body)
+        print(f"CUDA backend on {device}\n\n{body}\n\n{notes}")
     else:
         append_results(f"CUDA backend on {device}",
                        "python benchmarks/bench_cuda.py " + " ".join(sys.argv[1:]), body,
                        notes)
-
 
 if __name__ == "__main__":
     main()

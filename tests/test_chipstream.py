@@ -9,6 +9,7 @@ import pytest
 
 from dcbg.cli import main
 from dcbg.synthetic import write_synthetic_rtdc
+from helpers.files import folder_state
 
 pytest.importorskip("chipstream.cli", reason="ChipStream is not installed (extra 'chipstream')")
 
@@ -70,3 +71,19 @@ def test_without_chipstream_the_error_says_what_to_install(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ChipStream's command line is not installed")
     assert 'pip install "dcbg[chipstream]"' in err
+
+
+@pytest.mark.parametrize("options,code,message", [
+    (["--io-threads", "0"], 2, "argument --io-threads: must be at least 1, got 0"),
+    (["--device", "gpu"], 2, "argument --device: Unknown device 'gpu'"),
+    (["--device", "cuda:99"], 1, "error: CUDA device 99 cannot be used"),
+])
+def test_bad_dcbg_options_start_no_chipstream_job(tmp_path, options, code, message):
+    write_synthetic_rtdc(tmp_path / "rec.rtdc", 60, shape=(8, 16), seed=1)
+    before = folder_state(tmp_path)
+    run = subprocess.run([sys.executable, "-m", "dcbg", "chipstream", *options, "--", "-b",
+                          "rollmed", "rec.rtdc"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == code and message in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and run.stdout == ""
+    assert folder_state(tmp_path) == before

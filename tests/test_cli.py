@@ -1,5 +1,6 @@
 """The dcbg command line as a user types it"""
 import json
+import os
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ from dcbg import cpukernels
 from dcbg.cli import main
 from dcbg.reference import rolling_median_reference
 from dcbg.synthetic import write_synthetic_rtdc
-from helpers.files import folder_state
+from helpers.files import folder_state, write_images
 
 
 @pytest.fixture
@@ -164,8 +165,8 @@ def test_console_entry_point_owns_its_process(recording, tmp_path):
     (["-kb", "window=10"], 1, "Unknown PPID keyword 'window'"),
     (["--ppid", "rollmed:k100"], 1, "not of the form key=value"),
     (["--ppid", "k=100"], 1, "has no method code"),
-    (["--ppid", "sparsemed:k=100"], 1, "Unknown background method 'sparsemed'"),
-    (["-b", "sparsemed"], 2, "unknown method 'sparsemed'"),
+    (["--ppid", "sparsemed:k=100"], 2, "unknown background method 'sparsemed'"),
+    (["-b", "sparsemed"], 2, "unknown background method 'sparsemed'"),
     (["-c", "gzip"], 1, "Unknown compression 'gzip'"),
     (["{missing_folder}/out.rtdc"], 1, "Output folder .* does not exist"),
     (["{rec}"], 2, "is the input file; add --in-place"),
@@ -252,8 +253,9 @@ def test_integers_are_read_exactly(recording, capsys):
     assert main(["compute", str(recording), "--dry-run", "--force", "--ppid",
                  "rollmed:k=4^b=99999999999999999999999"]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "rollmed:k=4^b=99999999999999999999999"
-    assert main(["compute", str(recording), "--dry-run", "--force", "-kb", "b=1e4"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == "rollmed:k=100^b=10000"
+    assert main(["compute", str(recording), "--dry-run", "--force", "-kb", "k=10", "-kb",
+                 "b=1e4"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "rollmed:k=10^b=10000"
     assert main(["compute", str(recording), "--dry-run", "-kb", "b=1e30"]) == 1
     assert "not a valid int" in capsys.readouterr().err
 
@@ -263,3 +265,312 @@ def test_more_cpus_than_exist_are_capped_with_a_warning(recording, caplog):
                  "--device", "cpu", "--force"]) == 0
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 1 and "1000 CPU workers were asked for" in warnings[0]
+
+
+def usage_error(argv, capsys) -> str:
+    """Run a command that must be a usage error (exit 2); its stderr"""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    return capsys.readouterr().err
+
+
+def mapped_basin_file(raw, path, mapping):
+    """A features-only file whose events are `raw`'s frames `mapping`, as dclab writes it"""
+    import dclab
+    from dclab.rtdc_dataset.writer import RTDCWriter
+    with dclab.new_dataset(raw) as ds, RTDCWriter(path, mode="reset") as writer:
+        writer.store_metadata(ds.config.as_dict(pop_filtering=True))
+        writer.store_basin(basin_name="raw", basin_type="file", basin_format="hdf5",
+                           basin_locs=[raw], basin_descr="images", basin_map=mapping)
+        writer.store_feature("deform", np.linspace(0, 0.1, len(mapping)))
+    return path
+
+
+def test_info_counts_the_files_own_events_through_a_mapped_basin(tmp_path, capsys):
+    raw = write_synthetic_rtdc(tmp_path / "raw.rtdc", 80, shape=(10, 20), seed=3)
+    mapped = mapped_basin_file(raw, tmp_path / "mapped.rtdc", np.arange(0, 80, 3))
+    assert main(["info", str(mapped)]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"{mapped}: 27 events of 10x20 pixels (through mapped basin {raw}, 80 frames)"
+
+
+def moved_basin(folder):
+    """An output of dcbg whose input (holding the frames) was moved away"""
+    source = write_synthetic_rtdc(folder / "rec.rtdc", 40, shape=(6, 8), seed=4)
+    assert main(["compute", str(source), "-kb", "kernel_size=4", "--device", "cpu"]) == 0
+    source.rename(folder / "elsewhere.rtdc")
+    return folder / "rec_bg.rtdc", 40, "basin file", ["image_bg: PPID rollmed:k=4^b=10000",
+                                                      "(missing)", "log dcbg-background_"]
+
+
+def uint16_images(folder):
+    path = write_images(folder / "u16.rtdc", np.zeros((30, 4, 5), np.uint16),
+                        **{"experiment:sample": "beads"})
+    return path, 30, "is uint16", ["attributes: 1 (sample beads)"]
+
+
+def features_only(folder):
+    path = folder / "features.rtdc"
+    with h5py.File(path, "w") as h5:
+        h5.create_dataset("events/deform", data=np.linspace(0, 0.1, 25))
+    return path, 25, "has no events/image data", ["image_bg: none in this file"]
+
+
+@pytest.mark.parametrize("make", [moved_basin, uint16_images, features_only])
+def test_info_describes_a_file_whose_images_cannot_be_used(tmp_path, capsys, make):
+    path, events, why, shown = make(tmp_path)
+    capsys.readouterr()
+    assert main(["info", str(path)]) == 0
+    out, err = capsys.readouterr()
+    lines = out.splitlines()
+    assert lines[0] == f"{path}: {events} events" and err == ""
+    assert lines[1].startswith("images: cannot be used: ") and why in lines[1]
+    for text in shown:
+        assert any(text in line for line in lines), (text, out)
+
+
+@pytest.mark.parametrize("option", [["--device", "cpu"], ["--num-cpus", "2"],
+                                    ["--io-threads", "0"]])
+def test_info_refuses_options_it_does_not_use(recording, capsys, option):
+    err = usage_error(["info", str(recording), *option], capsys)
+    assert "dcbg info: error: unrecognized arguments" in err
+
+
+def test_chipstream_options_are_checked_before_chipstream_starts(tmp_path, monkeypatch,
+                                                                 capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "chipstream", None)  # a started ChipStream fails as missing
+    err = usage_error(["chipstream", "--io-threads", "0", "--", "data.rtdc"], capsys)
+    assert "dcbg chipstream: error: argument --io-threads: must be at least 1, got 0" in err
+    err = usage_error(["chipstream", "--device", "gpu", "--", "data.rtdc"], capsys)
+    assert "Unknown device 'gpu'" in err
+    assert main(["chipstream", "--device", "cuda:99", "--", "data.rtdc"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: CUDA device 99 cannot be used") and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+    from dcbg.chipstream import run_chipstream
+    with pytest.raises(ValueError, match="io_threads must be a positive integer"):
+        run_chipstream(["data.rtdc"], io_threads=0)
+
+
+def test_chipstream_arguments_before_the_separator_are_explained(capsys):
+    err = usage_error(["chipstream", "-b", "rollmed", "data.rtdc"], capsys)
+    assert err.startswith("usage: dcbg chipstream")
+    assert "unrecognized arguments: -b; put ChipStream's arguments after '--'" in err
+
+
+@pytest.fixture
+def previous_demo(tmp_path):
+    """A folder with the files of an earlier demo"""
+    folder = tmp_path / "demo"
+    folder.mkdir()
+    write_synthetic_rtdc(folder / "demo.rtdc", 30, shape=(6, 8), seed=1)
+    (folder / "demo_bg.rtdc").write_bytes(b"the earlier demo's background")
+    return folder
+
+
+@pytest.mark.parametrize("events", ["5", "-3", "99"])
+def test_demo_refuses_too_few_events_before_touching_the_previous_demo(previous_demo, capsys,
+                                                                       events):
+    before = folder_state(previous_demo)
+    err = usage_error(["demo", "--events", events, "--folder", str(previous_demo)], capsys)
+    assert ("dcbg demo: error: --events must be at least 100, the demo's kernel_size, "
+            f"got {events}") in err
+    assert "-kb" not in err and "Traceback" not in err
+    assert folder_state(previous_demo) == before
+
+
+def test_demo_checks_the_device_before_touching_the_previous_demo(previous_demo, capsys):
+    before = folder_state(previous_demo)
+    assert main(["demo", "--folder", str(previous_demo), "--device", "cuda:7"]) == 1
+    assert "CUDA device 7 cannot be used" in capsys.readouterr().err
+    assert folder_state(previous_demo) == before
+
+
+def test_demo_options_have_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["demo", "--help"])
+    assert exc.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--events EVENTS number of frames to synthesize, at least 100" in help_text
+
+
+def test_a_missing_input_is_reported_as_missing_input(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for argv, message in [
+        (["no_such_folder/rec.rtdc"], "Input file no_such_folder/rec.rtdc does not exist"),
+        (["~/dcbg-no-such-file.rtdc"], "a quoted '~' is not expanded"),
+        (["no_such_folder", "-r"], "Input folder no_such_folder does not exist"),
+        (["no_such_folder/rec.rtdc", "--dry-run"], "Input file no_such_folder/rec.rtdc does "
+                                                   "not exist"),
+    ]:
+        assert main(["compute", *argv, "--device", "cpu"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, err
+        assert "Output folder" not in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ppid", ""], "--ppid is empty"),
+    (["--ppid", " "], "--ppid is empty"),
+    (["-b", ""], "-b is empty"),
+    (["{out}", "-b", ""], "-b is empty"),
+    ([""], "PATH_OUT is empty"),
+])
+def test_empty_values_are_usage_errors(recording, tmp_path, capsys, argv, message):
+    before = folder_state(tmp_path)
+    argv = [a.format(out=tmp_path / "out.rtdc") for a in argv]
+    err = usage_error(["compute", str(recording), *argv, "--device", "cpu"], capsys)
+    assert err.startswith("usage: dcbg compute") and f"dcbg compute: error: {message}" in err
+    assert folder_state(tmp_path) == before
+
+
+def test_an_unknown_method_is_one_usage_error_from_b_and_from_ppid(recording, capsys):
+    errors = [usage_error(["compute", str(recording), *argv], capsys).splitlines()[-1]
+              for argv in (["-b", "sparsemed"], ["--ppid", "sparsemed:k=200"])]
+    assert errors[0] == errors[1] == (
+        "dcbg compute: error: unknown background method 'sparsemed'; the available methods "
+        "are rollmed")
+
+
+def two_days(folder):
+    """Two measurement days with recordings of the same name"""
+    for day, seed in (("day1", 1), ("day2", 2)):
+        (folder / day).mkdir()
+        write_synthetic_rtdc(folder / day / "M001_data.rtdc", 30, shape=(6, 8), seed=seed)
+    return folder
+
+
+def test_recursive_summary_names_files_relative_to_the_folder(tmp_path, capsys):
+    two_days(tmp_path)
+    assert main(["compute", str(tmp_path), "-r", "-kb", "kernel_size=4", "--device",
+                 "cpu"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split()[:2] for line in lines[lines.index(next(
+        line for line in lines if line.startswith("file "))) + 1:-1]]
+    assert rows == [["day1/M001_data.rtdc", "ok"], ["day2/M001_data.rtdc", "ok"]]
+
+
+def test_recursive_run_follows_linked_folders_once_and_takes_upper_case_names(tmp_path,
+                                                                              capsys):
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    two_days(elsewhere)
+    (archive / "linked").symlink_to(elsewhere)
+    (elsewhere / "day1" / "loop").symlink_to(elsewhere)  # a link cycle
+    write_synthetic_rtdc(archive / "M002.RTDC", 30, shape=(6, 8), seed=3)
+    assert main(["compute", str(archive), "-r", "-kb", "kernel_size=4", "--device",
+                 "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "3 of 3 files done, 90 events, 0 failed" in out
+    for output in (archive / "M002_bg.rtdc", elsewhere / "day1" / "M001_data_bg.rtdc",
+                   elsewhere / "day2" / "M001_data_bg.rtdc"):
+        assert image_bg(output)[1] == "rollmed:k=4^b=10000"
+
+
+def test_dry_run_checks_each_input_and_lists_the_skipped_ones(tmp_path, capsys):
+    write_synthetic_rtdc(tmp_path / "a.rtdc", 30, shape=(6, 8), seed=1)
+    (tmp_path / "a_bg.rtdc").write_bytes(b"an earlier output")
+    write_synthetic_rtdc(tmp_path / "b.rtdc", 30, shape=(6, 8), seed=2)
+    (tmp_path / "c.rtdc").write_text("not a recording")
+    write_synthetic_rtdc(tmp_path / "short.rtdc", 3, shape=(6, 8), seed=2)
+    before = folder_state(tmp_path)
+    assert main(["compute", str(tmp_path), "-r", "--dry-run", "-kb", "kernel_size=4",
+                 "--device", "cpu"]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines()[1:] == [
+        f"{tmp_path / 'a.rtdc'}: skipped: output exists; add --force to replace it",
+        f"{tmp_path / 'b.rtdc'} -> {tmp_path / 'b_bg.rtdc'}",
+        f"{tmp_path / 'c.rtdc'}: cannot be computed: {tmp_path / 'c.rtdc'} is not an HDF5 "
+        f"file, so it is no .rtdc recording; check the path.",
+        f"{tmp_path / 'short.rtdc'}: cannot be computed: The input has N=3 events, but the "
+        f"rolling median needs at least kernel_size=4; use a smaller kernel_size or a longer "
+        f"recording.",
+        "rollmed:k=4^b=10000"]
+    assert err == "error: 2 of 4 files cannot be computed; see the list above\n"
+    assert main(["compute", str(tmp_path / "c.rtdc"), "--dry-run", "--device", "cpu"]) == 1
+    assert "is not an HDF5 file" in capsys.readouterr().err
+    assert folder_state(tmp_path) == before
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--retries", "-1"], "argument --retries: must be at least 0, got -1"),
+    (["--dask", "local:0"], "--dask local:0 does not give a number of workers of at least 1"),
+    (["--dask", "bogus"], "--dask bogus is not a scheduler address; give it as "
+                          "tcp://HOST:PORT"),
+    (["--dask", "tcp://host"], "is not a scheduler address"),
+    (["--io-threads", "0"], "argument --io-threads: must be at least 1, got 0"),
+    (["--num-cpus", "-1"], "argument --num-cpus: must be at least 1, got -1"),
+    (["--device", "gpu"], "argument --device: Unknown device 'gpu'"),
+])
+def test_bad_batch_options_are_usage_errors(recording, capsys, argv, message):
+    err = usage_error(["compute", str(recording), *argv], capsys)
+    assert err.startswith("usage: dcbg compute") and message in err
+
+
+def test_more_io_threads_than_cpus_are_capped_with_a_warning(recording, tmp_path, caplog,
+                                                            monkeypatch):
+    from dcbg import jobs
+    from dcbg.system import available_cpus
+    monkeypatch.setattr(jobs, "_io_threads_warned", set())  # warned once per process
+    target = tmp_path / "out.rtdc"
+    assert main(["compute", str(recording), str(target), "-kb", "kernel_size=4",
+                 "--io-threads", "1000", "--device", "cpu"]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warnings == [f"1000 I/O threads were asked for, but this process may use "
+                        f"{available_cpus()} CPUs; starting {available_cpus()}"]
+    with h5py.File(target) as h5:
+        log = next(name for name in h5["logs"] if name.startswith("dcbg-background"))
+        record = json.loads("\n".join(line.decode() if isinstance(line, bytes) else line
+                                      for line in h5["logs"][log][:]))
+    assert record["io_threads"] == available_cpus()
+
+
+def closed_stdout_run(*argv, cwd=None):
+    """Run dcbg with a stdout whose reader has gone (as in ``dcbg … | head -0``)"""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        run = subprocess.run([sys.executable, "-m", "dcbg", *map(str, argv)], cwd=cwd,
+                             stdout=write_end, stderr=subprocess.PIPE, text=True,
+                             timeout=300)
+    finally:
+        os.close(write_end)
+    return run
+
+
+@pytest.mark.parametrize("with_file", [True, False])
+def test_a_closed_stdout_ends_info_quietly(recording, with_file):
+    run = closed_stdout_run("info", *([recording] if with_file else []))
+    assert run.returncode == 0 and run.stderr == ""
+
+
+def test_a_closed_stdout_does_not_stop_a_folder_run(tmp_path):
+    two_days(tmp_path)
+    run = closed_stdout_run("compute", tmp_path, "-r", "-kb", "kernel_size=4", "--device",
+                            "cpu")
+    assert run.returncode == 0 and "Broken pipe" not in run.stderr, run.stderr
+    for day in ("day1", "day2"):
+        assert image_bg(tmp_path / day / "M001_data_bg.rtdc")[1] == "rollmed:k=4^b=10000"
+
+
+def test_usage_errors_show_the_subcommands_usage(recording, capsys):
+    err = usage_error(["compute", str(recording.parent)], capsys)  # a folder without -r
+    assert err.startswith("usage: dcbg compute [-h]")
+    assert "dcbg compute: error: " in err and "add -r" in err
+
+
+def test_dry_run_refuses_an_output_that_the_input_reads_through_its_basin(recording, capsys):
+    assert main(["compute", str(recording), "-kb", "kernel_size=4", "--device", "cpu"]) == 0
+    output = recording.with_name("rec_bg.rtdc")
+    before = recording.read_bytes()
+    capsys.readouterr()
+    assert main(["compute", str(output), str(recording), "--force", "--dry-run",
+                 "-kb", "kernel_size=4", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: Output {recording} is") and "through its basins" in err
+    assert recording.read_bytes() == before

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from dcbg.cli import main
-from dcbg.jobs import FileResult, JobSettings, run_on_dask, summary_table
+from dcbg.jobs import FileResult, JobSettings, check_dask_address, run_on_dask, summary_table
 from dcbg.reference import rolling_median_reference
 from dcbg.synthetic import write_synthetic_rtdc
 
@@ -44,8 +44,9 @@ def test_cli_on_a_local_dask_cluster(archive, capsys):
     table = lines[next(i for i, line in enumerate(lines) if line.startswith("file  ")):]
     assert table[0].split()[:3] == ["file", "status", "events"]
     rows = {line.split()[0]: line for line in table[1:-1]}
-    assert set(rows) == {"a.rtdc", "b.rtdc", "c.rtdc", "broken.rtdc"}
-    assert "FAILED" in rows["broken.rtdc"] and "truncated or damaged" in rows["broken.rtdc"]
+    assert set(rows) == {"a.rtdc", "b.rtdc", "day2/c.rtdc", "day2/broken.rtdc"}
+    assert "FAILED" in rows["day2/broken.rtdc"]
+    assert "truncated or damaged" in rows["day2/broken.rtdc"]
     assert rows["b.rtdc"].split()[1:3] == ["ok", "120"]
     assert table[-1] == "3 of 4 files done, 260 events, 1 failed"
 
@@ -82,3 +83,25 @@ def test_summary_table_layout():
     assert lines[1].split() == ["a.rtdc", "ok", "1000", "2.00", "500", "cpu", "h1"]
     assert lines[2].split() == ["b.rtdc", "FAILED", "h2", "bad", "file"]
     assert lines[-1] == "1 of 2 files done, 1000 events, 1 failed"
+
+
+@pytest.mark.parametrize("address", ["local:0", "local:-1", "local:x", "bogus", "tcp://host",
+                                     "host:port"])
+def test_bad_dask_addresses_are_refused_before_any_cluster_starts(address):
+    settings = JobSettings("rollmed", {"kernel_size": 4, "batch_size": 10})
+    with pytest.raises(ValueError, match=f"--dask {address} "):
+        run_on_dask([], settings, address)
+
+
+@pytest.mark.parametrize("address", ["local", "local:3", "tcp://localhost:8786",
+                                     "scheduler.lab:8786", "tls://[::1]:8786"])
+def test_valid_dask_addresses_pass(address):
+    assert check_dask_address(address) == address
+
+
+def test_summary_table_names_files_relative_to_the_folder():
+    results = [FileResult("/x/day1/a.rtdc", "/x/day1/a_bg.rtdc", True, 10, 1.0, "cpu"),
+               FileResult("/x/day2/a.rtdc", "/x/day2/a_bg.rtdc", True, 10, 1.0, "cpu"),
+               FileResult("/elsewhere/b.rtdc", "/elsewhere/b_bg.rtdc", True, 10, 1.0, "cpu")]
+    names = [line.split()[0] for line in summary_table(results, "/x").splitlines()[1:-1]]
+    assert names == ["day1/a.rtdc", "day2/a.rtdc", "b.rtdc"]

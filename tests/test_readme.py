@@ -107,7 +107,7 @@ def test_readme_has_the_expected_examples():
     for heading in ("Quick start", "Your own recording, from install to a picture",
                     "Command line", "Python", "Inside dcnum pipelines",
                     "Many recordings on a Dask cluster", "GPU install", "Docker",
-                    "ChipStream with dcbg's background"):
+                    "ChipStream with dcbg's background", "As an array library"):
         assert heading in headings
     quick = dict(BASH_BLOCKS)["Quick start"].splitlines()
     assert len(quick) == 2, "Quick start is exactly two commands"
@@ -156,6 +156,8 @@ def test_python_block(workspace, heading, code):
         assert out[0] == "rollmed:k=100^b=10000"
         assert out[2] == "{'kernel_size': 10, 'batch_size': 20}"
         assert "rollmed" in out[3]
+    elif heading == "As an array library":
+        assert run.stdout.splitlines() == ["(490, 80, 320) (500, 80, 320)", "(161, 80, 320)"]
     else:
         with h5py.File(workspace / "dcnum_out.rtdc") as h5:
             assert h5.attrs["pipeline:dcnum background"] == "rollmed:k=100^b=10000"

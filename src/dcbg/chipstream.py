@@ -15,8 +15,9 @@ from __future__ import annotations
 import logging
 import os
 
-from .base import IO_THREADS_ENV
-from .devices import DEVICE_ENV
+from .base import IO_THREADS_ENV, positive_int
+from .devices import DEVICE_ENV, select_device
+from .jobs import capped_io_threads
 
 logger = logging.getLogger(__name__)
 
@@ -39,13 +40,24 @@ def run_chipstream(arguments: list[str], device: str | None = None,
     device: str, optional
         dcbg's device for the background ("auto", "cpu", "cuda", ...).
     io_threads: int, optional
-        dcbg's chunk codec threads.
+        dcbg's chunk codec threads (no more than the CPUs, with a warning).
+
+    Both are checked before ChipStream starts, so a bad one starts nothing
+    and leaves nothing behind.
 
     Raises
     ------
+    ValueError
+        If `device` is no device name or `io_threads` no positive integer.
+    DeviceError
+        If the CUDA device asked for cannot be used.
     ChipStreamMissing
         If ChipStream or its command line is not installed.
     """
+    if io_threads is not None:
+        io_threads = capped_io_threads(positive_int("io_threads", io_threads))
+    if device is not None:
+        select_device(device)
     try:
         import chipstream  # noqa: F401 - sets up its process first, as its own script does
         from chipstream.cli.cli_main import chipstream_cli

@@ -11,6 +11,9 @@ stops the others; every file gets a :class:`FileResult`, and
 Errors that depend on the file (bad input, invalid arguments, an existing
 output) are final and reported at once; others (a dead worker process, a
 GPU fault, out of memory, a lost Dask worker) are retried.
+
+:func:`find_recordings` lists the recordings below a folder and
+:func:`check_input` checks one without computing it (``--dry-run``).
 """
 from __future__ import annotations
 
@@ -18,16 +21,34 @@ import dataclasses
 import logging
 import os
 import pathlib
+import re
 import socket
 import time
 import typing
 
 from .errors import InputDataError, InputFileError, OutputError, first_line
+from .system import available_cpus
 
 logger = logging.getLogger(__name__)
 
 FINAL_ERRORS = (InputDataError, InputFileError, OutputError, FileNotFoundError, ValueError)
 """Errors a retry cannot fix: they are reported, not raised"""
+
+RECORDING_SUFFIX = ".rtdc"
+"""File name ending of a recording, in any letter case"""
+
+OUTPUT_SUFFIX = "_bg.rtdc"
+"""File name ending of dcbg's default outputs, which a folder run does not take as inputs"""
+
+LOCAL_CLUSTER = "local"
+"""``--dask`` address of a cluster started on this machine (``local`` or ``local:N``)"""
+
+SCHEDULER_ADDRESS = re.compile(r"^(?:[a-z][a-z0-9+.-]*://)?(?P<host>[^/:]+|\[[0-9a-f:.]+\])"
+                               r":(?P<port>\d+)$", re.IGNORECASE)
+"""A Dask scheduler address: ``[protocol://]host:port`` (IPv6 hosts in brackets)"""
+
+_io_threads_warned: set[tuple[int, int]] = set()
+"""(asked, available) thread counts already warned about in this process"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +89,23 @@ class FileResult:
         return "FAILED" if not self.ok else "skipped" if self.skipped else "ok"
 
 
+def capped_io_threads(io_threads: int | None) -> int | None:
+    """`io_threads`, but no more than the CPUs this process may use (with a warning)
+
+    The codec threads decode and encode chunks, which keeps a CPU busy each;
+    reading a chunk's bytes holds h5py's lock, so threads beyond the CPUs
+    only wait. The warning is given once per process, not once per file.
+    """
+    available = available_cpus()
+    if io_threads is None or io_threads <= available:
+        return io_threads
+    if (io_threads, available) not in _io_threads_warned:
+        _io_threads_warned.add((io_threads, available))
+        logger.warning("%d I/O threads were asked for, but this process may use %d CPUs; "
+                       "starting %d", io_threads, available, available)
+    return available
+
+
 def compute_file(source, target, settings: JobSettings, progress=None,
                  report_final_errors: bool = True) -> FileResult:
     """Compute one file's background; final errors come back as a failed result
@@ -77,7 +115,8 @@ def compute_file(source, target, settings: JobSettings, progress=None,
     source, target: path-like
         Input .rtdc and output path (the same path writes in place).
     settings: JobSettings
-        Method, keywords, compression, device and CPU workers.
+        Method, keywords, compression, device, CPU workers and codec threads
+        (capped at this machine's CPUs, see :func:`capped_io_threads`).
     progress: callable, optional
         Context manager factory called with the Background instance while it
         runs (the command line's progress bar).
@@ -105,7 +144,7 @@ def compute_file(source, target, settings: JobSettings, progress=None,
             preload(select_device(settings.device))  # loads while the child probes
             probe_metadata(source)
         with cls(source, target, compress=settings.compress, num_cpus=settings.num_cpus,
-                 device=settings.device, io_threads=settings.io_threads,
+                 device=settings.device, io_threads=capped_io_threads(settings.io_threads),
                  **settings.kwargs) as background:
             if progress is None:
                 background.process()
@@ -120,6 +159,95 @@ def compute_file(source, target, settings: JobSettings, progress=None,
             raise
         return FileResult(str(source), str(target), False, seconds=time.perf_counter() - t0,
                           host=socket.gethostname(), message=first_line(error))
+
+
+def check_input(source, settings: JobSettings, target=None) -> int:
+    """Check that an input can be computed, without computing it; its number of events
+
+    Opens the file read-only and finds its frames as a computation does
+    (through basins and event mappings), then checks the event count
+    against the method's ``kernel_size`` where it has one, and the output
+    path `target` as the computation would. Nothing is written, not even
+    for an in-place run.
+
+    Raises
+    ------
+    FileNotFoundError, InputFileError, InputDataError, OutputError
+        As the computation would.
+    """
+    from .base import get_available_background_methods
+    from .ppid import keyword_defaults
+    from .rtdc.output import EXISTING, check_existing_output, plan_output
+    from .rtdc.reader import RTDCInput
+    from .windows import check_stack_length
+    with RTDCInput(source) as rtdc_in:
+        mapping = rtdc_in.image_mapping
+        events = len(mapping) if mapping is not None else rtdc_in.image.shape[0]
+    cls = get_available_background_methods()[settings.method]
+    kwargs = {**keyword_defaults(cls.check_user_kwargs), **settings.kwargs}
+    check_stack_length(events, kwargs.get("kernel_size", 1))
+    if target is not None and plan_output(target, source).kind == EXISTING:
+        check_existing_output(pathlib.Path(target), events)
+    return events
+
+
+def is_recording(path: pathlib.Path) -> bool:
+    """Whether a folder run takes `path` as an input
+
+    Names ending in ``.rtdc`` in any letter case count (instruments on some
+    systems write ``.RTDC``); dcbg's own outputs (``*_bg.rtdc``) and hidden
+    files (unfinished outputs among them) do not.
+    """
+    name = path.name.lower()
+    return (name.endswith(RECORDING_SUFFIX) and not name.endswith(OUTPUT_SUFFIX)
+            and not name.startswith(".") and path.is_file())
+
+
+def find_recordings(folder) -> list[pathlib.Path]:
+    """Every recording below `folder` (see :func:`is_recording`), sorted
+
+    Symbolic links to folders are followed, as users who link their
+    measurement days into one folder expect; a folder reached twice (a link
+    cycle, or two links to one folder) is searched once.
+    """
+    found = []
+    searched: set[tuple[int, int]] = set()
+    for root, folders, files in os.walk(folder, followlinks=True):
+        try:
+            status = os.stat(root)
+        except OSError:
+            folders[:] = []
+            continue
+        identity = (status.st_dev, status.st_ino)
+        if identity in searched:
+            folders[:] = []
+            continue
+        searched.add(identity)
+        folders.sort()
+        found += [path for path in (pathlib.Path(root, name) for name in files)
+                  if is_recording(path)]
+    return sorted(found)
+
+
+def check_dask_address(address: str) -> str:
+    """`address` if it names a Dask scheduler or a local cluster, else a ValueError
+
+    Valid are ``local``, ``local:N`` with N ≥ 1 workers, and
+    ``[protocol://]host:port`` such as ``tcp://localhost:8786``.
+    """
+    name, colon, count = address.partition(":")
+    if name == LOCAL_CLUSTER:
+        if colon and not (count.isdigit() and int(count) >= 1):
+            raise ValueError(
+                f"--dask {address} does not give a number of workers of at least 1; use "
+                f"'local' or 'local:N' with N >= 1.")
+        return address
+    if not SCHEDULER_ADDRESS.match(address):
+        raise ValueError(
+            f"--dask {address} is not a scheduler address; give it as tcp://HOST:PORT "
+            f"(e.g. tcp://localhost:8786), or 'local' / 'local:N' for a cluster on this "
+            f"machine.")
+    return address
 
 
 def run_sequential(jobs, settings: JobSettings, progress=None,
@@ -153,9 +281,7 @@ def start_local_cluster(spec: str, device: str):
     import dask
     from distributed import LocalCluster
 
-    _, _, count = spec.partition(":")
-    if count and not count.isdigit():
-        raise ValueError(f"--dask {spec}: use 'local' or 'local:N' with N a number of workers.")
+    _, _, count = check_dask_address(spec).partition(":")
     workers = int(count) if count else None
     dask.config.set({"distributed.worker.daemon": False})
     if device != "cpu":
@@ -204,7 +330,7 @@ def run_on_dask(jobs, settings: JobSettings, address: str, retries: int = 2,
         dask.config.set({"logging.distributed": "warning"})
         logging.getLogger("distributed").setLevel(logging.WARNING)
     cluster = None
-    if address == "local" or address.startswith("local:"):
+    if check_dask_address(address).partition(":")[0] == LOCAL_CLUSTER:
         cluster = start_local_cluster(address, settings.device)
         client = Client(cluster)
     else:
@@ -222,7 +348,9 @@ def run_on_dask(jobs, settings: JobSettings, address: str, retries: int = 2,
             index = futures[future]
             source, target = jobs[index]
             if future.status == "finished":
-                result = future.result()
+                # the paths as given, not the absolute ones the worker was sent
+                result = dataclasses.replace(future.result(), source=str(source),
+                                             target=str(target))
             else:
                 error = future.exception()
                 result = FileResult(str(source), str(target), False,
@@ -237,13 +365,34 @@ def run_on_dask(jobs, settings: JobSettings, address: str, retries: int = 2,
             cluster.close()
 
 
-def summary_table(results: list[FileResult]) -> str:
-    """A plain-text table of every file's outcome, with a total line"""
+def display_name(source, root=None) -> str:
+    """`source` relative to the folder `root` (its file name without one, or outside it)
+
+    Relative paths tell ``day1/M001_data.rtdc`` from ``day2/M001_data.rtdc``.
+    """
+    path = pathlib.Path(source)
+    if root is not None:
+        relative = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+        if relative != os.pardir and not relative.startswith(os.pardir + os.sep):
+            return relative
+    return path.name
+
+
+def summary_table(results: list[FileResult], root=None) -> str:
+    """A plain-text table of every file's outcome, with a total line
+
+    Parameters
+    ----------
+    results: list of FileResult
+        The files, in the order to list them.
+    root: path-like, optional
+        The folder of a folder run: files are named relative to it.
+    """
     rows = [("file", "status", "events", "seconds", "events/s", "device", "host", "error")]
     for result in results:
         done = result.status == "ok"
         rate = f"{result.events / result.seconds:,.0f}" if done and result.seconds else ""
-        rows.append((pathlib.Path(result.source).name, result.status,
+        rows.append((display_name(result.source, root), result.status,
                      str(result.events) if done else "",
                      f"{result.seconds:.2f}" if done else "", rate, result.device,
                      result.host, result.message))

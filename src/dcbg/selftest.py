@@ -1,0 +1,518 @@
+"""``dcbg selftest``: whether a device computes dcbg's medians exactly, and how fast
+
+On each chosen device the self-test
+
+1. loads the median kernel and times it: on the CPU the C (or numba) build,
+   on a GPU importing CuPy, compiling the CUDA kernel (or loading it from
+   CuPy's cache) and a first launch;
+2. computes synthetic stacks for kernel sizes that use every width of the
+   histogram counts (8, 16 and 32 bits): realistic 80×320 frames at
+   k = 10, 100 and 300, and k = 70,000 on tiny frames, where one
+   histogram bin can hold more than 65,535 frames;
+3. compares every window byte for byte with the CPU engine, and the first
+   windows with the definition (which sorts every window, so it checks few);
+4. measures pixel-outputs per second of the median alone (on a GPU the
+   kernel on device memory, timed with CUDA events), and events per second
+   file to file: a synthetic recording, zstd-compressed, in a temporary
+   folder, computed to a zstd-5 output as ``dcbg compute`` does.
+
+:func:`run_selftest` returns the results as :class:`SelftestRow` objects;
+:func:`table_header` and :func:`table_line` format them as one table, and
+the command line prints it and exits with 1 when any result differs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import tempfile
+import time
+import typing
+
+import numpy as np
+
+from .devices import ALL_DEVICES, DeviceChoice, parse_device, select_device
+from .engines import engine_for, preload, ready
+from .engines.base import count_dtype
+from .errors import first_line
+from .reference import rolling_median_windows_reference
+from .system import available_cpus
+from .windows import background_window_count
+
+DEFAULT_EVENTS = 4096
+"""Windows per 80×320 stack: enough to fill a GPU's SMs with threads"""
+
+DEFAULT_FILE_EVENTS = 10_000
+"""Events of the synthetic recording that is computed file to file"""
+
+DEFINITION_WINDOWS = 40
+"""Windows compared with the definition (it sorts each window: ~0.1 s at k=300)"""
+
+STACK_PERIOD = 1024
+"""Distinct synthetic frames of a stack; longer stacks repeat them (generating
+a realistic frame takes about a millisecond)"""
+
+KERNEL_REPEATS = 10
+"""Back-to-back kernel launches timed together on a GPU (after one warm-up)"""
+
+FILE_KERNEL_SIZE = 100
+"""kernel_size of the file-to-file run (a typical recording's)"""
+
+
+@dataclasses.dataclass(frozen=True)
+class StackCase:
+    """One stack the self-test computes on every device"""
+
+    kernel_size: int
+    """frames per window"""
+    shape: tuple[int, int]
+    """frame shape"""
+    windows: int
+    """windows computed (the stack has `kernel_size` frames more)"""
+    realistic: bool = True
+    """synthetic instrument frames; False: seeded random bytes with one saturated
+    pixel, for frames too small to look like anything"""
+
+    @property
+    def frames(self) -> int:
+        """frames of the stack"""
+        return self.windows + self.kernel_size
+
+    @property
+    def count_bits(self) -> int:
+        """width of the kernel's histogram counts at this kernel size"""
+        return 8 * count_dtype(self.kernel_size).itemsize
+
+
+def default_cases(events: int = DEFAULT_EVENTS) -> list[StackCase]:
+    """80×320 stacks of `events` windows at k = 10, 100, 300, and k = 70,000 on 2×3 frames"""
+    if events < 1:
+        raise ValueError(f"The self-test needs at least one window per stack, got "
+                         f"events={events}; give --events 1 or more.")
+    cases = [StackCase(k, (80, 320), events) for k in (10, 100, 300)]
+    cases.append(StackCase(70_000, (2, 3), 200, realistic=False))
+    return cases
+
+
+@dataclasses.dataclass
+class SelftestRow:
+    """One result of the self-test"""
+
+    device: str
+    """the device, as --device names it ("cpu", "cuda:0", "cuda:all")"""
+    check: str
+    """"load kernel", "median" or "file to file\""""
+    seconds: float
+    """wall time of the check"""
+    kernel_size: int | None = None
+    frames: int | None = None
+    shape: tuple[int, int] | None = None
+    count_bits: int | None = None
+    same_as_cpu: bool | None = None
+    """whether every window equals the CPU engine's (None: not compared)"""
+    same_as_definition: bool | None = None
+    """whether the compared windows equal the definition's (None: not compared)"""
+    definition_windows: int = 0
+    """windows compared with the definition"""
+    pixel_outputs_per_s: float | None = None
+    """median alone: windows × pixels per second"""
+    events_per_s: float | None = None
+    """file to file: events per second"""
+    note: str = ""
+    """what ran (the device's name, the kernel build) or what differs"""
+    error: str | None = None
+    """the error that stopped this check"""
+
+    @property
+    def passed(self) -> bool:
+        """no error, and nothing compared differs"""
+        return (self.error is None and self.same_as_cpu is not False
+                and self.same_as_definition is not False)
+
+    def as_dict(self) -> dict:
+        """The row as JSON-ready values"""
+        values = dataclasses.asdict(self)
+        values["passed"] = self.passed
+        return values
+
+
+def case_stack(case: StackCase, seed: int = 42) -> np.ndarray:
+    """The frames of `case`, shape ``(frames, *shape)``"""
+    from .synthetic import synthetic_stack
+    if not case.realistic:
+        rng = np.random.default_rng([seed, case.kernel_size])
+        stack = rng.integers(0, 256, (case.frames, *case.shape), dtype=np.uint8)
+        stack[:, 0, 0] = 255  # one bin holds the whole window: counts beyond 16 bits
+        return stack
+    base = synthetic_stack(min(case.frames, STACK_PERIOD), case.shape, seed)
+    return base[np.arange(case.frames) % len(base)]
+
+
+def difference(actual: np.ndarray, expected: np.ndarray) -> str | None:
+    """None when both are equal, else where they differ, in words"""
+    if actual.shape != expected.shape:
+        return f"shape {actual.shape} instead of {expected.shape}"
+    wrong = np.argwhere(actual != expected)
+    if not len(wrong):
+        return None
+    where = ", ".join(str(int(i)) for i in wrong[0])
+    return (f"{len(wrong)} of {expected.size} pixel-outputs differ, the first at "
+            f"(window, pixel) ({where})")
+
+
+def engine_medians(device: DeviceChoice, frames: np.ndarray, shape, kernel_size: int,
+                   num_cpus: int) -> tuple[np.ndarray, float, dict]:
+    """Every window of `frames` through the engine of `device`, as a run computes them
+
+    Returns the medians (one row per window), the wall seconds of the run
+    and the engine's seconds per stage. The batches are at most a third of
+    the windows, so the pipeline overlaps several of them.
+    """
+    windows = background_window_count(len(frames), kernel_size)
+    medians = np.empty((windows, frames.shape[1]), np.uint8)
+
+    def read_into(start, stop, out):
+        out[:stop - start] = frames[start:stop]
+
+    def write_at(offset, rows):
+        medians[offset:offset + len(rows)] = rows
+
+    batch_size = max(1, -(-windows // 3))
+    if device.kind == "cuda" and not device.split:
+        # a run's GPU batch is sized by memory alone; this one is capped to a third
+        from .engines.cuda import CUDARollingMedian
+        engine = CUDARollingMedian(shape, kernel_size, batch_size, device.index)
+    else:
+        engine = engine_for(device, shape, kernel_size, batch_size, num_cpus, windows)
+    with engine:
+        t0 = time.perf_counter()
+        engine.run(read_into, 0, windows, write_at)
+        seconds = time.perf_counter() - t0
+        stages = dict(engine.stage_seconds)
+    return medians, seconds, stages
+
+
+def cuda_kernel_medians(index: int, frames: np.ndarray, shape, kernel_size: int,
+                        windows: int, repeats: int = KERNEL_REPEATS
+                        ) -> tuple[np.ndarray, float]:
+    """The CUDA kernel alone on device memory: its medians and seconds per launch
+
+    One launch loads the launch plan and gives the medians; then `repeats`
+    launches run back to back between two CUDA events.
+    """
+    import cupy
+
+    from .engines.cuda import CUDARollingMedian
+    with cupy.cuda.Device(index):
+        engine = CUDARollingMedian(shape, kernel_size, windows, index)
+        try:
+            device_frames = cupy.asarray(frames)
+            device_medians = cupy.empty((windows, frames.shape[1]), np.uint8)
+            engine.launch(device_frames, device_medians, windows)
+            medians = cupy.asnumpy(device_medians)
+            stream = cupy.cuda.get_current_stream()
+            start = stream.record(cupy.cuda.Event(block=True))
+            for _ in range(repeats):
+                engine.launch(device_frames, device_medians, windows, stream)
+            end = stream.record(cupy.cuda.Event(block=True))
+            end.synchronize()
+            seconds = cupy.cuda.get_elapsed_time(start, end) / 1e3 / repeats
+        finally:
+            engine.close()
+    return medians, seconds
+
+
+class _Results:
+    """What the devices are compared with, computed once per case"""
+
+    def __init__(self, num_cpus: int):
+        self.num_cpus = num_cpus
+        self.cpu = select_device("cpu")
+        self._stacks: dict[StackCase, np.ndarray] = {}
+        self._cpu: dict[StackCase, tuple[np.ndarray, float, dict]] = {}
+        self._definition: dict[StackCase, np.ndarray] = {}
+        self._background: np.ndarray | None = None
+
+    def frames(self, case: StackCase) -> np.ndarray:
+        """The case's stack, flattened to one row per frame"""
+        if case not in self._stacks:
+            self._stacks[case] = case_stack(case).reshape(case.frames, -1)
+        return self._stacks[case]
+
+    def cpu_engine(self, case: StackCase) -> tuple[np.ndarray, float, dict]:
+        """The CPU engine's medians of the case, its seconds and its stages"""
+        if case not in self._cpu:
+            self._cpu[case] = engine_medians(self.cpu, self.frames(case), case.shape,
+                                             case.kernel_size, self.num_cpus)
+        return self._cpu[case]
+
+    def background(self, recording: pathlib.Path) -> np.ndarray:
+        """The recording's image_bg from the CPU engine on its frames read into memory"""
+        if self._background is None:
+            import h5py
+            import hdf5plugin  # noqa: F401 - registers the recording's zstd filter
+
+            with h5py.File(recording) as h5:
+                stack = h5["events/image"][:]
+            count, *shape = stack.shape
+            frames = stack.reshape(count, -1)
+            windows, _, _ = engine_medians(self.cpu, frames, shape, FILE_KERNEL_SIZE,
+                                           self.num_cpus)
+            background = np.empty_like(frames)
+            background[:len(windows)] = windows
+            background[len(windows):] = windows[-1]  # the last frames repeat the last window
+            self._background = background.reshape(stack.shape)
+        return self._background
+
+    def definition(self, case: StackCase) -> np.ndarray:
+        """The definition's medians of the case's first windows"""
+        if case not in self._definition:
+            windows = min(DEFINITION_WINDOWS, case.windows)
+            self._definition[case] = rolling_median_windows_reference(
+                self.frames(case)[:windows + case.kernel_size - 1], case.kernel_size)
+        return self._definition[case]
+
+
+def load_kernel_row(device: str) -> tuple[SelftestRow, DeviceChoice]:
+    """Choose `device` and load its kernel: the "load kernel" row and the choice"""
+    t0 = time.perf_counter()
+    choice = select_device(device)
+    if choice.kind == "cpu":
+        from . import cpukernels
+        from .engines.cpu import warm_up_kernel
+        warm_up_kernel()
+        note = f"{cpukernels.cpu_kernels().build} build of the CPU kernels"
+    else:
+        preload(choice)  # as a run does: the compile starts in the background …
+        ready(choice)  # … and a kernel that does not compile raises here
+        frames = np.arange(3 * 64, dtype=np.uint8).reshape(3, 64)
+        cuda_kernel_medians(choice.index, frames, (1, 64), 2, 1, repeats=1)
+        note = _gpu_name(choice.index)
+    seconds = time.perf_counter() - t0
+    return SelftestRow(str(choice), "load kernel", seconds, note=note), choice
+
+
+def _gpu_name(index: int) -> str:
+    from .cudaprobe import describe_cuda_devices
+    for device in describe_cuda_devices():
+        if device["cuda_index"] == index:
+            return f"{device['name']}, {device['memory_total'] / 2**30:.0f} GiB"
+    return f"CUDA device {index}"
+
+
+def median_row(device: DeviceChoice, case: StackCase, results: _Results) -> SelftestRow:
+    """Compute `case` on `device`, compare it, and measure the median alone"""
+    row = SelftestRow(str(device), "median", 0.0, case.kernel_size, case.frames, case.shape,
+                      case.count_bits)
+    frames = results.frames(case)
+    expected, cpu_seconds, cpu_stages = results.cpu_engine(case)
+    pixel_outputs = case.windows * frames.shape[1]
+    problems = []
+    if device.kind == "cpu":
+        medians, row.seconds = expected, cpu_seconds
+        median_seconds = cpu_stages.get("median", cpu_seconds)
+    else:
+        medians, row.seconds, _ = engine_medians(device, frames, case.shape,
+                                                 case.kernel_size, results.num_cpus)
+        kernel, median_seconds = cuda_kernel_medians(device.index, frames, case.shape,
+                                                     case.kernel_size, case.windows)
+        for label, actual in (("the engine", medians), ("the kernel alone", kernel)):
+            problem = difference(actual, expected)
+            if problem:
+                problems.append(f"{label} differs from the CPU engine: {problem}")
+        row.same_as_cpu = not problems
+    definition = results.definition(case)
+    row.definition_windows = len(definition)
+    problem = difference(medians[:len(definition)], definition)
+    row.same_as_definition = problem is None
+    if problem:
+        problems.append(f"differs from the definition: {problem}")
+    if case.realistic and median_seconds > 0:
+        row.pixel_outputs_per_s = pixel_outputs / median_seconds
+    row.note = "; ".join(problems) or ("" if case.realistic else
+                                       f"{case.shape[0]}x{case.shape[1]} frames: counts "
+                                       f"beyond 16 bits, not a speed test")
+    return row
+
+
+def file_row(device: str, recording: pathlib.Path, expected: np.ndarray, num_cpus: int,
+             folder: pathlib.Path) -> SelftestRow:
+    """Compute the recording file to file on `device` and compare its image_bg"""
+    import h5py
+
+    from .rollmed import BackgroundRollMed
+    output = folder / f"background-{device.replace(':', '-')}.rtdc"
+    count, *shape = expected.shape
+    t0 = time.perf_counter()
+    with BackgroundRollMed(recording, output, kernel_size=FILE_KERNEL_SIZE,
+                           batch_size=10_000, compress=True, num_cpus=num_cpus,
+                           device=device) as background:
+        background.process()
+    seconds = time.perf_counter() - t0
+    with h5py.File(output) as h5:
+        image_bg = h5["events/image_bg"][:]
+    output.unlink()
+    problem = difference(image_bg.reshape(count, -1), expected.reshape(count, -1))
+    return SelftestRow(device, "file to file", seconds, FILE_KERNEL_SIZE, count,
+                       tuple(shape), 8 * count_dtype(FILE_KERNEL_SIZE).itemsize,
+                       same_as_cpu=problem is None, events_per_s=count / seconds,
+                       note=f"zstd in, zstd-5 out; {problem}" if problem else
+                       "zstd in, zstd-5 out")
+
+
+def device_requests(device: str) -> tuple[list[str], str | None]:
+    """The single devices to test for a --device value, and the split one, if any
+
+    "cuda:all" tests each GPU on its own, then one recording split across
+    all of them. Each device is chosen (and its kernel compiled) in its own
+    "load kernel" check, which times it.
+    """
+    _, index = parse_device(device)
+    if index != ALL_DEVICES:
+        return [device], None
+    from .cudaprobe import cuda_device_count
+    count = cuda_device_count()
+    if count == 0:
+        select_device(device)  # raises the error that says why
+    return [f"cuda:{index}" for index in range(count)], device
+
+
+def run_selftest(device: str = "auto", events: int = DEFAULT_EVENTS,
+                 file_events: int = DEFAULT_FILE_EVENTS, num_cpus: int | None = None,
+                 cases: typing.Sequence[StackCase] | None = None,
+                 on_row: typing.Callable[[SelftestRow], None] | None = None
+                 ) -> list[SelftestRow]:
+    """Check and measure dcbg's median on a device (see the module's description)
+
+    Parameters
+    ----------
+    device: str
+        "auto", "cpu", "cuda", "cuda:N" or "cuda:all" (every GPU on its own,
+        then one recording split across them).
+    events: int
+        Windows per 80×320 stack (ignored when `cases` is given).
+    file_events: int
+        Events of the synthetic recording computed file to file; 0 skips it.
+    num_cpus: int, optional
+        CPU workers (default: all available).
+    cases: sequence of StackCase, optional
+        The stacks to compute (default: :func:`default_cases`).
+    on_row: callable, optional
+        Called with each row as soon as it is done.
+
+    Returns
+    -------
+    rows: list of SelftestRow
+        The "load kernel", "median" and "file to file" rows of every device.
+        A check that raised has its error in its row, and the device's
+        remaining checks are skipped.
+
+    Raises
+    ------
+    ValueError
+        If `device` is no device name, or a size is too small.
+    dcbg.errors.DeviceError
+        If a GPU was asked for and cannot be used.
+    """
+    if file_events and file_events <= FILE_KERNEL_SIZE:
+        raise ValueError(f"The file-to-file check computes kernel_size={FILE_KERNEL_SIZE} "
+                         f"and needs more events than that, got {file_events}; give "
+                         f"--file-events 0 to skip it, or {FILE_KERNEL_SIZE + 1} or more.")
+    cases = list(default_cases(events) if cases is None else cases)
+    singles, split = device_requests(device)
+    results = _Results(num_cpus or available_cpus())
+    rows: list[SelftestRow] = []
+
+    def add(row: SelftestRow):
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+
+    with tempfile.TemporaryDirectory(prefix="dcbg-selftest-") as scratch:
+        folder = pathlib.Path(scratch)
+        recording = None
+        for request in singles + ([split] if split else []):
+            name = request
+            if request != split:
+                row, choice = load_kernel_row(request)  # an unusable device raises here
+                name = row.device
+                add(row)
+            check, t0 = "file to file", time.perf_counter()
+            try:
+                if request != split:
+                    for case in cases:
+                        check, t0 = "median", time.perf_counter()
+                        add(median_row(choice, case, results))
+                if file_events:
+                    check, t0 = "file to file", time.perf_counter()
+                    if recording is None:  # written once the first device is known to work
+                        from .synthetic import write_synthetic_rtdc
+                        recording = write_synthetic_rtdc(folder / "recording.rtdc",
+                                                         file_events)
+                    add(file_row(name, recording, results.background(recording),
+                                 results.num_cpus, folder))
+            except Exception as error:  # noqa: BLE001 - reported in its row
+                add(SelftestRow(name, check, time.perf_counter() - t0,
+                                kernel_size=case.kernel_size if check == "median" else None,
+                                error=first_line(error)))
+    return rows
+
+
+COLUMNS = (("device", 8), ("check", 12), ("frames", 16), ("k", 6), ("counts", 7),
+           ("= CPU", 8), ("= definition", 13), ("pixel-outputs/s", 16), ("events/s", 10),
+           ("seconds", 8))
+
+
+def table_header() -> str:
+    """The header of the self-test's table"""
+    return " ".join(title.ljust(width) for title, width in COLUMNS) + " note"
+
+
+def table_line(row: SelftestRow) -> str:
+    """One row of the self-test's table"""
+    def verdict(same, extra=""):
+        return "-" if same is None else ("same" + extra if same else "DIFFERS")
+
+    frames = "-" if row.frames is None else f"{row.frames}x{row.shape[0]}x{row.shape[1]}"
+    cells = (row.device, row.check, frames,
+             "-" if row.kernel_size is None else str(row.kernel_size),
+             "-" if row.count_bits is None else f"{row.count_bits}-bit",
+             verdict(row.same_as_cpu),
+             verdict(row.same_as_definition, f" ({row.definition_windows})"),
+             "-" if row.pixel_outputs_per_s is None else f"{row.pixel_outputs_per_s:.3g}",
+             "-" if row.events_per_s is None else f"{row.events_per_s:,.0f}",
+             f"{row.seconds:.2f}")
+    note = f"ERROR: {row.error}" if row.error else row.note
+    return " ".join(cell.ljust(width) for cell, (_, width) in zip(cells, COLUMNS,
+                                                                  strict=True)) + " " + note
+
+
+def verdict(rows: typing.Sequence[SelftestRow]) -> str:
+    """The self-test's last line: passed, or which checks failed"""
+    failed = [row for row in rows if not row.passed]
+    if not rows:
+        return "selftest FAILED: nothing was checked"
+    if not failed:
+        widths = sorted({row.count_bits for row in rows if row.count_bits})
+        return (f"selftest passed: {len(rows)} checks, every median equals the CPU "
+                f"engine's and the definition's (counts of {', '.join(map(str, widths))} "
+                f"bits)")
+    names = "; ".join(f"{row.device} {row.check}"
+                      + (f" k={row.kernel_size}" if row.kernel_size else "")
+                      for row in failed)
+    return f"selftest FAILED: {len(failed)} of {len(rows)} checks ({names}); see the table"
+
+
+def passed(rows: typing.Sequence[SelftestRow]) -> bool:
+    """Whether the self-test passed: something was checked and nothing failed"""
+    return bool(rows) and all(row.passed for row in rows)
+
+
+def summary(rows: typing.Sequence[SelftestRow]) -> dict:
+    """The self-test's results as JSON-ready values: verdict, rows and the GPUs"""
+    from ._version import __version__
+    from .cudaprobe import describe_cuda_devices
+    return {"dcbg": __version__, "passed": passed(rows), "verdict": verdict(rows),
+            "gpus": [{key: device[key] for key in ("cuda_index", "name", "memory_total",
+                                                    "driver")}
+                     for device in describe_cuda_devices()],
+            "rows": [row.as_dict() for row in rows]}
