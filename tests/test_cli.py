@@ -514,9 +514,9 @@ def test_bad_batch_options_are_usage_errors(recording, capsys, argv, message):
 
 def test_more_io_threads_than_cpus_are_capped_with_a_warning(recording, tmp_path, caplog,
                                                             monkeypatch):
-    from dcbg import jobs
+    from dcbg import settings
     from dcbg.system import available_cpus
-    monkeypatch.setattr(jobs, "_io_threads_warned", set())  # warned once per process
+    monkeypatch.setattr(settings, "_warned", set())  # warned once per process
     target = tmp_path / "out.rtdc"
     assert main(["compute", str(recording), str(target), "-kb", "kernel_size=4",
                  "--io-threads", "1000", "--device", "cpu"]) == 0

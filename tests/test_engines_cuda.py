@@ -235,11 +235,11 @@ def test_small_gpu_splits_batches_without_changing_the_result(fake_gpu, tmp_path
 
 def test_device_batch_follows_memory_not_the_methods_batch(fake_gpu):
     fake_gpu(free_bytes=141 * 2**30)
-    assert CUDARollingMedian((80, 320), 100, 800_000, 0, host_bytes=64 * 2**30).batch_size \
+    assert CUDARollingMedian((80, 320), 100, 800_000, 0, host_bytes=64 * 2**30).batch_windows \
         == cudamemory.DEVICE_BATCH_LIMIT
     budget = 50 * 2**20  # page-locked host memory for about 400 frames
     engine = CUDARollingMedian((80, 320), 100, 800_000, 0, host_bytes=budget)
-    assert (5 * engine.batch_size + 2 * 100) * 80 * 320 <= budget
+    assert (5 * engine.batch_windows + 2 * 100) * 80 * 320 <= budget
 
 
 def test_files_share_pinned_buffers_compile_and_gpu_description(fake_gpu, tmp_path):
@@ -252,7 +252,7 @@ def test_files_share_pinned_buffers_compile_and_gpu_description(fake_gpu, tmp_pa
                                     batch_size=150, device="auto") as bg:
             assert bg.device.kind == "cuda"
             bg.process()
-            assert {"read", "upload", "kernel", "download", "write", "total"} <= set(
+            assert {"read", "upload", "median", "download", "write", "total"} <= set(
                 bg.stage_seconds)
         with h5py.File(source) as h5:
             expected = rolling_median_reference(h5["events/image"][:], 20)
@@ -370,16 +370,16 @@ def test_engines_sharing_a_gpu_share_its_memory(fake_gpu, monkeypatch):
                                     / cudamemory.DEVICE_MEMORY_FRACTION))
     monkeypatch.setattr(cudamemory, "pinned_memory_budget", lambda: 64 * 2**30)
     single = CUDARollingMedian((80, 320), 100, 10000, 0)
-    assert single.batch_size == 1000
+    assert single.batch_windows == 1000
     readings = state.memory_readings
     split = SplitRollingMedian((80, 320), 100, 10000, [0])
-    assert [engine.batch_size for engine in split.engines] == [475, 475]
+    assert [engine.batch_windows for engine in split.engines] == [475, 475]
     assert state.memory_readings == readings + 1  # one reading, shared
     # the ranges share the host's page-locked memory budget too
     budget = (5 * 300 + 2 * 100) * pixels
     monkeypatch.setattr(cudamemory, "pinned_memory_budget", lambda: budget)
     split = SplitRollingMedian((80, 320), 100, 10000, [0])
-    assert [engine.batch_size for engine in split.engines] == [130, 130]
+    assert [engine.batch_windows for engine in split.engines] == [130, 130]
 
 
 def test_split_ranges_and_a_failing_range(fake_gpu, tmp_path, monkeypatch):

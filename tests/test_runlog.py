@@ -51,6 +51,9 @@ def test_warnings_of_the_run_are_in_its_log(tmp_path):
         bg.process()
     with h5py.File(tmp_path / "out.rtdc") as h5:
         (_, record), = read_run_logs(h5)
-    assert record["io_threads"] == 3 and record["workers"] == too_many
-    assert len(record["warnings"]) == 1
-    assert f"{too_many} CPU workers were asked for" in record["warnings"][0]
+    # 8x16 frames are one pixel slice: one worker starts, whatever was asked for
+    assert record["workers"] == 1 and record["worker_kind"] == "threads"
+    assert record["io_threads"] == min(3, available_cpus())
+    # the codec threads are capped (and warned about, once per process) as the run starts
+    others = [text for text in record["warnings"] if "I/O threads" not in text]
+    assert len(others) == 1 and f"{too_many} CPU workers were asked for" in others[0]

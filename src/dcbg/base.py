@@ -4,11 +4,10 @@ from __future__ import annotations
 import abc
 import concurrent.futures
 import logging
-import os
 import pathlib
 import time
 
-from . import engines, ppid, runlog
+from . import engines, ppid, runlog, settings
 from .devices import DeviceChoice, select_device
 from .errors import InputDataError, sigterm_raises
 from .rtdc.basins import write_output_basins
@@ -23,28 +22,8 @@ from .rtdc.output import (
     plan_output,
 )
 from .rtdc.reader import ImageSource, RTDCInput, check_input_path
-from .rtdc.writer import ImageBgWriter, compression_kwargs, copy_metadata
-from .system import available_cpus, mp_spawn
-
-IO_THREADS_ENV = "DCBG_IO_THREADS"
-"""Environment variable giving the default number of chunk codec threads"""
-
-
-def positive_int(name: str, value) -> int:
-    """`value` if it is a positive int, else a ValueError naming `name`"""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
-    return value
-
-
-def default_io_threads() -> int:
-    """Codec threads when none are asked for: ``DCBG_IO_THREADS``, else every CPU"""
-    text = os.environ.get(IO_THREADS_ENV, "").strip()
-    if not text:
-        return available_cpus()
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"{IO_THREADS_ENV} must be a positive integer, got {text!r}.")
-    return int(text)
+from .rtdc.writer import ImageBgWriter, copy_metadata
+from .system import mp_spawn
 
 
 class Background(abc.ABC):
@@ -95,20 +74,17 @@ class Background(abc.ABC):
         """keyword arguments of the method (all of them, defaults filled in)"""
         self.kwargs.update(kwargs)
 
-        self.num_cpus = positive_int("num_cpus",
-                                     available_cpus() if num_cpus is None else num_cpus)
-        """number of CPU workers"""
+        self.num_cpus = settings.num_cpus_setting(num_cpus)
+        """number of CPU workers asked for (the CPU engine starts no more than CPUs)"""
 
-        self.io_threads = positive_int("io_threads", default_io_threads()
-                                       if io_threads is None else io_threads)
+        self.io_threads = settings.io_threads_setting(io_threads)
         """number of threads that decode and encode HDF5 chunks"""
 
-        compression_kwargs(compress)  # reject a bad setting before any work
-        self.compress = compress
-        """compression of image_bg (see :func:`dcbg.rtdc.writer.compression_kwargs`)"""
+        self.compress = settings.parse_compression(compress)
+        """compression of image_bg as parsed: zstd-1 … zstd-9, or none"""
 
         self.device: DeviceChoice = select_device(device)
-        """the device that computes the background"""
+        """the device that computes the background (chosen here unless given as chosen)"""
         engines.preload(self.device)
 
         self.output_path = pathlib.Path(output_path)
@@ -137,6 +113,9 @@ class Background(abc.ABC):
 
         self.stage_seconds: dict[str, float] = {}
         """seconds spent per stage in the last run (read, median, write, total)"""
+
+        self.engine_facts: dict = {}
+        """what computed the last run: workers started, batch sizes (see the run log)"""
 
         self.run_record: dict | None = None
         """the run log the last :meth:`process` stored in the output"""
@@ -278,7 +257,7 @@ class Background(abc.ABC):
                 self.writer.finish()
                 self.writer.set_ppid(self.get_ppid())
                 self.stage_seconds["total"] = time.perf_counter() - t0
-                record = runlog.run_record(self.get_ppid(), self.device, self.num_cpus,
+                record = runlog.run_record(self.get_ppid(), self.device, self.engine_facts,
                                            self.io_threads, start, self.image_count,
                                            self.stage_seconds, warnings.messages)
                 self.run_record = record

@@ -15,9 +15,8 @@ from __future__ import annotations
 import logging
 import os
 
-from .base import IO_THREADS_ENV, positive_int
 from .devices import DEVICE_ENV, select_device
-from .jobs import capped_io_threads
+from .settings import IO_THREADS_ENV, io_threads_setting
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +54,7 @@ def run_chipstream(arguments: list[str], device: str | None = None,
         If ChipStream or its command line is not installed.
     """
     if io_threads is not None:
-        io_threads = capped_io_threads(positive_int("io_threads", io_threads))
+        io_threads = io_threads_setting(io_threads)
     if device is not None:
         select_device(device)
     try:

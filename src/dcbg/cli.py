@@ -30,8 +30,8 @@ from .ppid import ppid_to_kwargs, split_ppid
 from .rtdc.hdf5 import GENERATION_ATTRIBUTE, PPID_ATTRIBUTE
 from .rtdc.output import check_output_path
 from .rtdc.reader import check_input_path
-from .rtdc.writer import compression_kwargs
 from .selftest import DEFAULT_EVENTS, DEFAULT_FILE_EVENTS
+from .settings import DEFAULT_COMPRESSION, parse_compression
 from .system import skip_numba_blas_probe
 
 DEMO_EVENTS = 5000
@@ -272,7 +272,7 @@ SKIPPED_MESSAGE = "output exists; add --force to replace it"
 
 def cmd_compute(args) -> int:
     cls, kwargs = method_and_kwargs(args)
-    compression_kwargs(args.compress)  # reject bad values before any work
+    args.compress = parse_compression(args.compress)  # before any work
     if args.dask:
         try:
             check_dask_address(args.dask)
@@ -377,8 +377,8 @@ def cmd_demo(args) -> int:
     source = folder / "demo.rtdc"
     target = default_output(source)
     settings = JobSettings(BackgroundRollMed.get_ppid_code(),
-                           {"kernel_size": DEMO_KERNEL_SIZE, "batch_size": 10000}, "zstd-5",
-                           args.device, args.num_cpus, args.io_threads)
+                           {"kernel_size": DEMO_KERNEL_SIZE, "batch_size": 10000},
+                           DEFAULT_COMPRESSION, args.device, args.num_cpus, args.io_threads)
     height, width = DEFAULT_SHAPE
     emit(f"Synthesizing {args.events} frames of {height}x{width} in {source} …")
     handle, partial = tempfile.mkstemp(prefix=f".{source.name}.", suffix=".partial",
@@ -604,8 +604,8 @@ def build_parser() -> argparse.ArgumentParser:
                          metavar="KEY=VALUE", help="method keyword, e.g. kernel_size=100")
     compute.add_argument("--ppid",
                          help="method and keywords as a PPID, e.g. rollmed:k=100^b=10000")
-    compute.add_argument("-c", "--compression", dest="compress", default="zstd-5",
-                         help="zstd-1 … zstd-9 or none (default zstd-5)")
+    compute.add_argument("-c", "--compression", dest="compress", default=DEFAULT_COMPRESSION,
+                         help=f"zstd-1 … zstd-9 or none (default {DEFAULT_COMPRESSION})")
     compute.add_argument("--in-place", action="store_true",
                          help="write image_bg into the input file")
     compute.add_argument("--force", action="store_true", help="replace existing outputs")

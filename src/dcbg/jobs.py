@@ -27,7 +27,7 @@ import time
 import typing
 
 from .errors import InputDataError, InputFileError, OutputError, first_line
-from .system import available_cpus
+from .settings import DEFAULT_COMPRESSION
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +47,6 @@ SCHEDULER_ADDRESS = re.compile(r"^(?:[a-z][a-z0-9+.-]*://)?(?P<host>[^/:]+|\[[0-
                                r":(?P<port>\d+)$", re.IGNORECASE)
 """A Dask scheduler address: ``[protocol://]host:port`` (IPv6 hosts in brackets)"""
 
-_io_threads_warned: set[tuple[int, int]] = set()
-"""(asked, available) thread counts already warned about in this process"""
-
-
 @dataclasses.dataclass(frozen=True)
 class JobSettings:
     """How every file of a batch is computed (picklable, sent to Dask workers)"""
@@ -59,7 +55,7 @@ class JobSettings:
     """PPID code of the background method, e.g. "rollmed\""""
     kwargs: dict
     """keyword arguments of the method"""
-    compress: str | bool = "zstd-5"
+    compress: str | bool = DEFAULT_COMPRESSION
     device: str = "auto"
     num_cpus: int | None = None
     io_threads: int | None = None
@@ -89,23 +85,6 @@ class FileResult:
         return "FAILED" if not self.ok else "skipped" if self.skipped else "ok"
 
 
-def capped_io_threads(io_threads: int | None) -> int | None:
-    """`io_threads`, but no more than the CPUs this process may use (with a warning)
-
-    The codec threads decode and encode chunks, which keeps a CPU busy each;
-    reading a chunk's bytes holds h5py's lock, so threads beyond the CPUs
-    only wait. The warning is given once per process, not once per file.
-    """
-    available = available_cpus()
-    if io_threads is None or io_threads <= available:
-        return io_threads
-    if (io_threads, available) not in _io_threads_warned:
-        _io_threads_warned.add((io_threads, available))
-        logger.warning("%d I/O threads were asked for, but this process may use %d CPUs; "
-                       "starting %d", io_threads, available, available)
-    return available
-
-
 def compute_file(source, target, settings: JobSettings, progress=None,
                  report_final_errors: bool = True) -> FileResult:
     """Compute one file's background; final errors come back as a failed result
@@ -116,7 +95,7 @@ def compute_file(source, target, settings: JobSettings, progress=None,
         Input .rtdc and output path (the same path writes in place).
     settings: JobSettings
         Method, keywords, compression, device, CPU workers and codec threads
-        (capped at this machine's CPUs, see :func:`capped_io_threads`).
+        (see :mod:`dcbg.settings`).
     progress: callable, optional
         Context manager factory called with the Background instance while it
         runs (the command line's progress bar).
@@ -144,7 +123,7 @@ def compute_file(source, target, settings: JobSettings, progress=None,
             preload(select_device(settings.device))  # loads while the child probes
             probe_metadata(source)
         with cls(source, target, compress=settings.compress, num_cpus=settings.num_cpus,
-                 device=settings.device, io_threads=capped_io_threads(settings.io_threads),
+                 device=settings.device, io_threads=settings.io_threads,
                  **settings.kwargs) as background:
             if progress is None:
                 background.process()

@@ -102,5 +102,6 @@ class BackgroundRollMed(Background):
                                   self._count_written)
             finally:
                 self.stage_seconds.update(engine.stage_seconds)
+                self.engine_facts = engine.facts()
         self.writer.write_repeated(windows, last, count - windows)
         self._count_written(count - windows)

@@ -47,11 +47,10 @@ class WarningCollector(logging.Handler):
         logging.getLogger("dcbg").removeHandler(self)
 
 
-def device_details(device, num_cpus: int) -> dict:
+def device_details(device) -> dict:
     """What a log should say about the device: name, driver, CUDA and CuPy versions"""
     if device.kind != "cuda":
-        return {"device": "cpu", "workers": num_cpus,
-                "processor": platform.processor() or platform.machine()}
+        return {"device": "cpu", "processor": platform.processor() or platform.machine()}
     from .cudaprobe import describe_cuda_device, runtime_versions
     details = {"device": str(device)}
     info = describe_cuda_device(device.index)
@@ -62,13 +61,19 @@ def device_details(device, num_cpus: int) -> dict:
     return details
 
 
-def run_record(ppid: str, device, num_cpus: int, io_threads: int, start: str, events: int,
-               stage_seconds: dict, warnings: list[str]) -> dict:
-    """The log of one run as a dict"""
+def run_record(ppid: str, device, engine_facts: dict, io_threads: int, start: str,
+               events: int, stage_seconds: dict, warnings: list[str]) -> dict:
+    """The log of one run as a dict
+
+    `engine_facts` says what computed it (:meth:`dcbg.engines.Engine.facts`):
+    the CPU workers started and their kind, the batch of windows (on a GPU
+    the device batch, on several GPUs one per range).
+    """
     return {
         "software": f"dcbg {__version__}",
         "ppid": ppid,
-        **device_details(device, num_cpus),
+        **device_details(device),
+        **engine_facts,
         "io_threads": io_threads,
         "cpu_kernels": cpukernels.cpu_kernels().build,
         "host": socket.gethostname(),

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 
 from .rtdc.writer import create_image_dataset
+from .settings import DEFAULT_COMPRESSION
 
 DEFAULT_SHAPE = (80, 320)
 BLOCK = 256
@@ -75,7 +76,7 @@ def synthetic_stack(count: int, shape=DEFAULT_SHAPE, seed: int = 42) -> np.ndarr
 
 
 def write_synthetic_rtdc(path, count: int, shape=DEFAULT_SHAPE, seed: int = 42,
-                         compression="zstd-5", events_per_chunk: int | None = None
+                         compression=DEFAULT_COMPRESSION, events_per_chunk: int | None = None
                          ) -> pathlib.Path:
     """Write a synthetic recording as an instrument would, zstd-compressed
 
@@ -93,7 +94,7 @@ def write_synthetic_rtdc(path, count: int, shape=DEFAULT_SHAPE, seed: int = 42,
     seed: int
         Seed; the same seed gives the same bytes.
     compression: str
-        See :func:`dcbg.rtdc.writer.compression_kwargs`.
+        See :func:`dcbg.settings.parse_compression`.
     events_per_chunk: int, optional
         HDF5 chunk length of ``events/image`` (default: about 1 MiB).
     """

@@ -34,18 +34,19 @@ class Engine(abc.ABC):
         Shape of one frame.
     kernel_size: int
         Number of frames per window.
-    batch_size: int
-        Largest number of windows computed at once; an engine may use
-        smaller batches (to overlap its stages or to fit its memory), which
-        never changes the result.
+    batch_windows: int
+        Most windows the engine computes at once (its batch; on a GPU, the
+        device batch). Not the method's ``batch_size`` keyword, which only
+        names the run in its PPID and bounds the CPU engine's batches; the
+        result never depends on either.
     """
 
-    def __init__(self, image_shape, kernel_size: int, batch_size: int):
+    def __init__(self, image_shape, kernel_size: int, batch_windows: int):
         self.image_shape = tuple(image_shape)
         self.pixels = int(np.prod(self.image_shape))
         self.kernel_size = kernel_size
-        self.batch_size = batch_size
-        """windows per batch in this engine"""
+        self.batch_windows = batch_windows
+        """most windows per batch in this engine"""
         self.stage_seconds: dict[str, float] = {}
         """seconds spent per stage (read, median, write) in the last run"""
 
@@ -54,6 +55,10 @@ class Engine(abc.ABC):
 
     def __exit__(self, *exc):
         self.close()
+
+    def facts(self) -> dict:
+        """What ran, for the run log: workers started, batch sizes (JSON values)"""
+        return {"batch_windows": self.batch_windows}
 
     @abc.abstractmethod
     def close(self):

@@ -343,11 +343,16 @@ class CPURollingMedian(Engine):
         self.num_cpus = max(1, min(num_cpus, available, self.pixels // MIN_PIXELS_PER_JOB))
         """number of workers: as asked, but no more than CPUs and jobs for them"""
         if windows >= PROCESS_MIN_WINDOWS:
-            self.workers = ProcessWorkers(self.pixels, kernel_size, self.batch_size,
+            self.workers = ProcessWorkers(self.pixels, kernel_size, self.batch_windows,
                                           self.num_cpus)
         else:
             self.workers = ThreadWorkers(self.pixels, kernel_size, self.num_cpus)
         self._started = False
+
+    def facts(self) -> dict:
+        """The workers started (as many as CPUs and pixel slices allow), their kind, the batch"""
+        return {"workers": self.num_cpus, "worker_kind": self.workers.kind,
+                "batch_windows": self.batch_windows}
 
     @staticmethod
     def plan_batch(batch_size: int, kernel_size: int, windows: int) -> int:
@@ -374,7 +379,7 @@ class CPURollingMedian(Engine):
 
     def run(self, read_into, first, stop, write_at, on_written=None) -> np.ndarray:
         """Compute all batches, reading ahead and writing behind in threads"""
-        batches = plan_windows(first, stop, self.kernel_size, self.batch_size)
+        batches = plan_windows(first, stop, self.kernel_size, self.batch_windows)
         rows = max(batch.input_size for batch in batches)
         out_rows = max(batch.output_size for batch in batches)
         prefetcher = Prefetcher(read_into, batches,

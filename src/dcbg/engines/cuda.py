@@ -48,10 +48,10 @@ class CUDARollingMedian(Engine):
         Shape of one frame.
     kernel_size: int
         Number of events in each window.
-    batch_size: int
+    windows: int
         Most windows a device batch needs (the windows of the run); the
-        device batch, :attr:`batch_size`, is sized by device and host memory
-        within it (see :func:`~dcbg.engines.cudamemory.device_batch_size`).
+        device batch, :attr:`batch_windows`, is sized by device and host
+        memory within it (see :func:`~dcbg.engines.cudamemory.device_batch_size`).
     device_index: int
         CUDA device ordinal.
     memory_share: float
@@ -75,12 +75,12 @@ class CUDARollingMedian(Engine):
         If not even a batch of one window fits.
     """
 
-    def __init__(self, image_shape, kernel_size, batch_size, device_index=0,
+    def __init__(self, image_shape, kernel_size, windows, device_index=0,
                  memory_share: float = 1.0, free_bytes: int | None = None,
                  host_share: float = 1.0, host_bytes: int | None = None):
         import cupy
 
-        super().__init__(image_shape, kernel_size, batch_size)
+        super().__init__(image_shape, kernel_size, windows)
         self.cupy = cupy
         self.device_index = device_index
         self.kernels = cudakernel.kernels_or_device_error(device_index)
@@ -92,10 +92,10 @@ class CUDARollingMedian(Engine):
                         info["driver"])
         free = cudamemory.free_device_memory(device_index) if free_bytes is None else free_bytes
         host = cudamemory.pinned_memory_budget() if host_bytes is None else host_bytes
-        self.batch_size = cudamemory.device_batch_size(
-            batch_size, kernel_size, self.pixels, free, host, memory_share, host_share)
+        self.batch_windows = cudamemory.device_batch_size(
+            windows, kernel_size, self.pixels, free, host, memory_share, host_share)
         logger.info("Device batches of %d windows (%.0f MiB free on the device, share %.2f; "
-                    "%s of page-locked host memory, share %.2f)", self.batch_size,
+                    "%s of page-locked host memory, share %.2f)", self.batch_windows,
                     free / 2**20, memory_share,
                     "no limit" if host is None else f"{host / 2**20:.0f} MiB", host_share)
         self.launcher = cudakernel.Launcher(device_index, self.pixels, kernel_size,
@@ -147,11 +147,11 @@ class CUDARollingMedian(Engine):
 
         self.stage_seconds = {}
         while True:
-            batches = plan_windows(first + written, stop, self.kernel_size, self.batch_size)
+            batches = plan_windows(first + written, stop, self.kernel_size, self.batch_windows)
             try:
                 return self._run_batches(read_into, batches, counted_write, on_written)
             except (cupy.cuda.memory.OutOfMemoryError, cudamemory.PinnedMemoryError) as error:
-                smaller = self.batch_size // 2
+                smaller = self.batch_windows // 2
                 if smaller < 1:
                     raise MemoryError(
                         f"CUDA device {self.device_index} is out of memory even for one "
@@ -160,9 +160,9 @@ class CUDARollingMedian(Engine):
                 self._release_memory()
                 logger.warning("CUDA device %d ran out of memory with batches of %d frames "
                                "(%s); going on from frame %d with batches of %d",
-                               self.device_index, self.batch_size, first_line(error),
+                               self.device_index, self.batch_windows, first_line(error),
                                first + written, smaller)
-                self.batch_size = smaller
+                self.batch_windows = smaller
             except (cupy.cuda.runtime.CUDARuntimeError,
                     cupy.cuda.driver.CUDADriverError) as error:
                 raise DeviceError(
@@ -179,7 +179,7 @@ class CUDARollingMedian(Engine):
 
     def _run_batches(self, read_into, batches, write_at, on_written) -> np.ndarray:
         cupy = self.cupy
-        rows, out_rows = self.batch_size + self.kernel_size - 1, self.batch_size
+        rows, out_rows = self.batch_windows + self.kernel_size - 1, self.batch_windows
         pinned_in_count, pinned_out_count = cudamemory.PINNED_BUFFERS
         with cupy.cuda.Device(self.device_index):
             streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(3)]
@@ -248,7 +248,7 @@ class CUDARollingMedian(Engine):
                 start = compute.record()
                 self.launch(device_in[slot], device_out[slot], batch.output_size, compute)
                 kernel_done[slot] = compute.record()
-                timings.append(("kernel", start, kernel_done[slot]))
+                timings.append(("median", start, kernel_done[slot]))
 
                 buffer = writer.acquire()
                 download.wait_event(kernel_done[slot])

@@ -36,25 +36,30 @@ class SplitRollingMedian(Engine):
     ----------
     image_shape: tuple of int
         Shape of one frame.
-    kernel_size, batch_size: int
+    kernel_size, windows: int
         As for :class:`~dcbg.engines.cuda.CUDARollingMedian` (per device).
     indices: sequence of int
         CUDA device ordinals.
     """
 
-    def __init__(self, image_shape, kernel_size, batch_size, indices):
-        super().__init__(image_shape, kernel_size, batch_size)
+    def __init__(self, image_shape, kernel_size, windows, indices):
+        super().__init__(image_shape, kernel_size, windows)
         self.indices = list(indices)
         ranges = max(2, len(self.indices))
         devices = [self.indices[i % len(self.indices)] for i in range(ranges)]
         sharing = collections.Counter(devices)
         free = {index: cudamemory.free_device_memory(index) for index in sharing}
         host = cudamemory.pinned_memory_budget()
-        self.engines = [CUDARollingMedian(image_shape, kernel_size, batch_size, index,
+        self.engines = [CUDARollingMedian(image_shape, kernel_size, windows, index,
                                           memory_share=1 / sharing[index],
                                           free_bytes=free[index], host_share=1 / ranges,
                                           host_bytes=host)
                         for index in devices]
+
+    def facts(self) -> dict:
+        """The ranges that ran at once and the device batch of each"""
+        return {"ranges": len(self.engines),
+                "batch_windows": [engine.batch_windows for engine in self.engines]}
 
     def close(self):
         for engine in self.engines:
@@ -87,10 +92,11 @@ class SplitRollingMedian(Engine):
             thread.start()
         for thread in threads:
             thread.join()
+        # The ranges ran at the same time: a stage took as long as its longest range.
         self.stage_seconds = {}
         for engine in self.engines:
             for stage, seconds in engine.stage_seconds.items():
-                self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+                self.stage_seconds[stage] = max(self.stage_seconds.get(stage, 0.0), seconds)
         real = [error for error in errors if not isinstance(error, _Cancelled)]
         if errors:
             raise (real or errors)[0]

@@ -16,6 +16,7 @@ import numpy as np
 
 from ..errors import OutputWriteError, is_disk_full, write_failure_reason
 from ..ppid import DCNUM_PPID_GENERATION
+from ..settings import parse_compression, zstd_level
 from .chunks import ChunkCodec
 from .hdf5 import (
     GENERATION_ATTRIBUTE,
@@ -29,23 +30,16 @@ CHUNK_BYTES = 1024**2
 """Target size of one HDF5 chunk of image_bg (dcnum's choice)"""
 
 
-def compression_kwargs(compression: str | bool | None) -> dict:
-    """h5py dataset keywords for a compression setting
+def compression_filters(compression) -> dict:
+    """h5py dataset keywords for a compression setting (:func:`~dcbg.settings.parse_compression`)
 
-    `compression` is True (zstd level 5), False/None/"none", or "zstd-N"
-    with N from 1 to 9 (hdf5plugin's Zstandard filter). Every chunk also
-    carries a Fletcher-32 checksum.
+    Zstandard is hdf5plugin's filter 32015; every chunk also carries a
+    Fletcher-32 checksum.
     """
-    if compression is True:
-        compression = "zstd-5"
-    if compression in (False, None, "none"):
+    level = zstd_level(parse_compression(compression))
+    if level is None:
         return {"fletcher32": True}
-    if isinstance(compression, str) and compression.startswith("zstd-"):
-        level = compression[5:]
-        if level.isdigit() and 1 <= int(level) <= 9:
-            return {**hdf5plugin.Zstd(clevel=int(level)), "fletcher32": True}
-    raise ValueError(
-        f"Unknown compression '{compression}'; use 'zstd-1' to 'zstd-9' or 'none'.")
+    return {**hdf5plugin.Zstd(clevel=level), "fletcher32": True}
 
 
 def chunk_events(image_shape) -> int:
@@ -60,7 +54,7 @@ def create_image_dataset(group: h5py.Group, name: str, image_shape, count: int,
     dataset = group.create_dataset(
         name, shape=(count, *image_shape), maxshape=(None, *image_shape), dtype=np.uint8,
         chunks=(chunk_length or chunk_events(image_shape), *image_shape),
-        **compression_kwargs(compression))
+        **compression_filters(compression))
     set_image_attributes(dataset)
     return dataset
 
@@ -83,7 +77,7 @@ class ImageBgWriter:
     count: int
         Number of frames of the dataset.
     compression: bool or str
-        See :func:`compression_kwargs`.
+        See :func:`dcbg.settings.parse_compression`.
     target: path-like, optional
         The output file as the user named it, for error messages (the group
         may live in a temporary file).
