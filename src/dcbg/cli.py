@@ -733,10 +733,26 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     except Exception as error:
         if args.verbose:
             raise
-        print(f"error: {first_line(error)}", file=sys.stderr)
+        print(f"error: {in_command_line_terms(first_line(error))}", file=sys.stderr)
         return 1
     finally:
         flush_stdout()
+
+
+API_TO_OPTIONS = (
+    ('device="cpu" or "auto"', "--device cpu or auto"),
+    ('device="cpu"', "--device cpu"),
+    ("CPU workers (num_cpus)", "CPU workers (--num-cpus)"),
+    ("The Dask address ", "--dask "),
+)
+"""How the library's advice (its keyword arguments) reads on the command line (its options)"""
+
+
+def in_command_line_terms(message: str) -> str:
+    """A library message with its keyword arguments said as the command's options"""
+    for api, option in API_TO_OPTIONS:
+        message = message.replace(api, option)
+    return message
 
 
 def console_main() -> int:

@@ -103,7 +103,8 @@ def cuda_unavailable_reason(index: int = 0) -> str | None:
 def unusable_device_error(index: int, reason: str) -> DeviceError:
     """The error for a CUDA device that was asked for and cannot be used"""
     return DeviceError(
-        f"CUDA device {index} cannot be used: {reason}; or use --device cpu or auto.")
+        f"CUDA device {index} cannot be used: {reason}; or use device=\"cpu\" or "
+        f"\"auto\".")
 
 
 def kernel_cache_folder() -> pathlib.Path:

@@ -119,7 +119,7 @@ def select_device(device: str = "auto") -> DeviceChoice:
         if count == 0 or any(reasons):
             reason = next(r for r in reasons if r)
             raise DeviceError(
-                f"CUDA devices cannot be used: {reason}; or use --device cpu or auto.")
+                f"CUDA devices cannot be used: {reason}; or use device=\"cpu\" or \"auto\".")
         return DeviceChoice("cuda", 0, f"requested, split across {count} device(s)",
                             tuple(range(count)))
     if kind == "cuda":

@@ -218,12 +218,12 @@ def check_dask_address(address: str) -> str:
     if name == LOCAL_CLUSTER:
         if colon and not (count.isdigit() and int(count) >= 1):
             raise ValueError(
-                f"--dask {address} does not give a number of workers of at least 1; use "
+                f"The Dask address {address} does not give a number of workers of at least 1; use "
                 f"'local' or 'local:N' with N >= 1.")
         return address
     if not SCHEDULER_ADDRESS.match(address):
         raise ValueError(
-            f"--dask {address} is not a scheduler address; give it as tcp://HOST:PORT "
+            f"The Dask address {address} is not a scheduler address; give it as tcp://HOST:PORT "
             f"(e.g. tcp://localhost:8786), or 'local' / 'local:N' for a cluster on this "
             f"machine.")
     return address

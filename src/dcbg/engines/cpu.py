@@ -244,7 +244,7 @@ class ProcessWorkers:
         if report is not None:
             raise WorkerFailure(
                 f"A CPU worker failed while computing the median; the cause is below. "
-                f"Re-run with --verbose and report it if it persists.\n{report}")
+                f"Report it with the cause if it persists.\n{report}")
         dead = [(self.started[worker.index], worker) for worker in self.workers
                 if worker.exitcode is not None]
         for started, worker in sorted(dead, key=lambda item: -item[0]):
@@ -252,7 +252,7 @@ class ProcessWorkers:
                 raise WorkerFailure(
                     f"CPU worker process {worker.pid} died with exit code {worker.exitcode} "
                     f"while computing the median (often: out of memory); retry with a "
-                    f"smaller batch_size or fewer --num-cpus.")
+                    f"smaller batch_size or fewer CPU workers (num_cpus).")
             guard = (" The script that started dcbg has no 'if __name__ == "
                      "\"__main__\":' guard: worker processes import the main script, "
                      "so put the code that runs dcbg under that guard."

@@ -155,8 +155,8 @@ class CUDARollingMedian(Engine):
                 if smaller < 1:
                     raise MemoryError(
                         f"CUDA device {self.device_index} is out of memory even for one "
-                        f"frame ({first_line(error)}); free GPU memory or use --device "
-                        f"cpu.") from error
+                        f"frame ({first_line(error)}); free GPU memory or use "
+                        f"device=\"cpu\".") from error
                 self._release_memory()
                 logger.warning("CUDA device %d ran out of memory with batches of %d frames "
                                "(%s); going on from frame %d with batches of %d",
@@ -168,7 +168,7 @@ class CUDARollingMedian(Engine):
                 raise DeviceError(
                     f"CUDA device {self.device_index} failed while computing the median "
                     f"({first_line(error)}); no output was kept; check the GPU with "
-                    f"nvidia-smi, or run with --device cpu.") from error
+                    f"nvidia-smi, or use device=\"cpu\".") from error
 
     def _release_memory(self):
         cudamemory.pinned_buffers.release(self.device_index)

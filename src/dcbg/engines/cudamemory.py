@@ -91,7 +91,7 @@ def device_batch_size(windows: int, kernel_size: int, pixels: int, free_device_b
         raise MemoryError(
             f"The GPU has {free_device_bytes / 2**20:.0f} MiB free, too little for frames of "
             f"{pixels} pixels with kernel_size={kernel_size}; free GPU memory or use "
-            f"--device cpu.")
+            f"device=\"cpu\".")
     if host_bytes is not None:
         inputs, outputs = PINNED_BUFFERS
         rows = int(host_bytes * host_share) // pixels
@@ -101,7 +101,7 @@ def device_batch_size(windows: int, kernel_size: int, pixels: int, free_device_b
                 f"Only {host_bytes * host_share / 2**20:.0f} MiB of host memory may be "
                 f"page-locked (a share of the available memory), too little for frames of "
                 f"{pixels} pixels with kernel_size={kernel_size}; close other programs or "
-                f"use --device cpu.")
+                f"use device=\"cpu\".")
         batch = min(batch, fitting)
     return max(1, min(batch, windows, DEVICE_BATCH_LIMIT, BUFFER_BYTES_LIMIT // pixels))
 
