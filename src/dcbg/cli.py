@@ -287,7 +287,9 @@ def cmd_compute(args) -> int:
         existing = [job for job in jobs if job[1].is_file() and not args.force]
         if existing and not args.recursive:
             raise OutputExistsError(f"{existing[0][1]} exists; add --force to replace it")
-    settings = JobSettings(cls.get_ppid_code(), kwargs, args.compress, args.device,
+    # Chosen once for every file here; a Dask worker chooses for its own GPUs.
+    device = args.device if args.dask else select_device(args.device)
+    settings = JobSettings(cls.get_ppid_code(), kwargs, args.compress, device,
                            args.num_cpus, args.io_threads)
     if args.dry_run:
         return dry_run(args, jobs, existing, settings, select_ppid)
@@ -332,8 +334,7 @@ def dry_run(args, jobs, existing, settings: JobSettings, select_ppid: str) -> in
     if args.dask:
         emit(f"dask: {args.dask} (one task per file, {args.retries} retries)")
     else:
-        device = select_device(args.device)
-        emit(f"device: {device} ({device.reason})")
+        emit(f"device: {settings.device} ({settings.device.reason})")
     unusable = 0
     for source, target in jobs:
         if (source, target) in existing:
@@ -369,7 +370,7 @@ def cmd_demo(args) -> int:
     if args.events < DEMO_KERNEL_SIZE:
         raise UsageError(f"--events must be at least {DEMO_KERNEL_SIZE}, the demo's "
                          f"kernel_size, got {args.events}")
-    select_device(args.device)  # an unusable device fails before any file is written
+    device = select_device(args.device)  # an unusable device fails before any file is written
     folder = pathlib.Path(args.folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--folder {folder} is a file; give a folder for the demo's files")
@@ -378,7 +379,7 @@ def cmd_demo(args) -> int:
     target = default_output(source)
     settings = JobSettings(BackgroundRollMed.get_ppid_code(),
                            {"kernel_size": DEMO_KERNEL_SIZE, "batch_size": 10000},
-                           DEFAULT_COMPRESSION, args.device, args.num_cpus, args.io_threads)
+                           DEFAULT_COMPRESSION, device, args.num_cpus, args.io_threads)
     height, width = DEFAULT_SHAPE
     emit(f"Synthesizing {args.events} frames of {height}x{width} in {source} …")
     handle, partial = tempfile.mkstemp(prefix=f".{source.name}.", suffix=".partial",

@@ -33,9 +33,6 @@ DEVICE_ENV = "DCBG_DEVICE"
 ALL_DEVICES = "all"
 """The index part of the device string that splits a recording across all GPUs"""
 
-_warned: set[str] = set()
-
-
 @dataclasses.dataclass(frozen=True)
 class DeviceChoice:
     """The device a computation runs on, and why"""
@@ -93,10 +90,12 @@ def select_device(device: str = "auto") -> DeviceChoice:
 
     Parameters
     ----------
-    device: str
+    device: str or DeviceChoice
         "auto", "cpu", "cuda", "cuda:N" or "cuda:all" (one recording split
         into event ranges across every device). With "auto", the environment
-        variable ``DCBG_DEVICE`` (same values) takes precedence.
+        variable ``DCBG_DEVICE`` (same values) takes precedence. A device
+        chosen before (a :class:`DeviceChoice`) is returned as it is, so that
+        a command that runs many files chooses once.
 
     Raises
     ------
@@ -106,6 +105,8 @@ def select_device(device: str = "auto") -> DeviceChoice:
         If CUDA was asked for explicitly and cannot be used (whether the
         kernel compiles is known later, see :func:`dcbg.engines.ready`).
     """
+    if isinstance(device, DeviceChoice):
+        return device  # chosen already: decided once, handed on
     kind, index = parse_device(device)
     if kind == "auto" and os.environ.get(DEVICE_ENV, "").strip():
         kind, index = parse_device(os.environ[DEVICE_ENV])
@@ -128,9 +129,8 @@ def select_device(device: str = "auto") -> DeviceChoice:
             raise cudaprobe.unusable_device_error(index, reason)
         return DeviceChoice("cuda", index, "requested")
     choice, warning = auto_choice()
-    if warning is not None and warning not in _warned:
-        _warned.add(warning)  # once per process, not once per file of a folder
+    if warning is not None:
         logger.warning(warning)
-    elif warning is None:
+    else:
         logger.info("Using the %s backend: %s", choice.kind.upper(), choice.reason)
     return choice

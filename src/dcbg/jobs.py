@@ -26,6 +26,7 @@ import socket
 import time
 import typing
 
+from .devices import DeviceChoice
 from .errors import InputDataError, InputFileError, OutputError, first_line
 from .settings import DEFAULT_COMPRESSION
 
@@ -56,7 +57,9 @@ class JobSettings:
     kwargs: dict
     """keyword arguments of the method"""
     compress: str | bool = DEFAULT_COMPRESSION
-    device: str = "auto"
+    device: str | DeviceChoice = "auto"
+    """a device name (chosen where the file is computed, as on a Dask worker), or a
+    device chosen once for every file"""
     num_cpus: int | None = None
     io_threads: int | None = None
 
@@ -119,11 +122,12 @@ def compute_file(source, target, settings: JobSettings, progress=None,
     cls = get_available_background_methods()[settings.method]
     t0 = time.perf_counter()
     try:
+        device = select_device(settings.device)
         if pathlib.Path(source).is_file():
-            preload(select_device(settings.device))  # loads while the child probes
+            preload(device)  # loads while the child probes
             probe_metadata(source)
         with cls(source, target, compress=settings.compress, num_cpus=settings.num_cpus,
-                 device=settings.device, io_threads=settings.io_threads,
+                 device=device, io_threads=settings.io_threads,
                  **settings.kwargs) as background:
             if progress is None:
                 background.process()
