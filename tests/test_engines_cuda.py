@@ -9,8 +9,8 @@ import pytest
 import dcbg
 from dcbg import cudaprobe, devices, engines
 from dcbg.engines import cudakernel, cudamemory
+from dcbg.engines.batches import partition
 from dcbg.engines.cuda import CUDARollingMedian
-from dcbg.pipeline import partition
 from dcbg.reference import rolling_median_reference
 from dcbg.runlog import read_run_logs
 from dcbg.synthetic import write_synthetic_rtdc

@@ -8,8 +8,8 @@ from hypothesis.extra.numpy import arrays
 
 import dcbg
 from dcbg import ppid
+from dcbg.engines.batches import plan_windows
 from dcbg.engines.cpu import compute_median_for_slice
-from dcbg.pipeline import plan_windows
 from dcbg.reference import rolling_median_reference
 from dcbg.windows import background_window_count
 

@@ -93,7 +93,7 @@ def write_frames(path, compression, threads, frames=FRAMES):
         writer.write_at(0, frames[:37])
         writer.write_at(37, frames[37:100])
         writer.write_repeated(150, frames[150], len(frames) - 150)
-        writer.finish()
+        writer.check_complete()
         writer.set_ppid("rollmed:k=4^b=10")
 
 
@@ -146,4 +146,4 @@ def test_writer_refuses_frames_outside_the_dataset_and_reports_missing_ones(tmp_
             writer.write_at(25, np.zeros((10, 20), np.uint8))
         writer.write_at(0, np.zeros((20, 20), np.uint8))
         with pytest.raises(RuntimeError, match="misses frames from 0 on"):
-            writer.finish()
+            writer.check_complete()

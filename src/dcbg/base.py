@@ -254,7 +254,7 @@ class Background(abc.ABC):
                 self.image_proc.value = 0
                 self.stage_seconds = {}
                 self.process_approach()
-                self.writer.finish()
+                self.writer.check_complete()
                 self.writer.set_ppid(self.get_ppid())
                 self.stage_seconds["total"] = time.perf_counter() - t0
                 record = runlog.run_record(self.get_ppid(), self.device, self.engine_facts,

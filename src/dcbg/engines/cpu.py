@@ -38,9 +38,9 @@ import numpy as np
 
 from .. import cpukernels
 from ..errors import WorkerFailure
-from ..pipeline import Prefetcher, WriterThread, partition, plan_windows
 from ..system import available_cpus, mp_spawn, skip_numba_blas_probe
 from .base import Engine, count_dtype
+from .batches import Prefetcher, WriterThread, partition, plan_windows
 
 logger = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ import numpy as np
 
 from .. import cudaprobe
 from ..errors import DeviceError, first_line
-from ..pipeline import Prefetcher, WriterThread, plan_windows
 from . import cudakernel, cudamemory
 from .base import Engine
+from .batches import Prefetcher, WriterThread, plan_windows
 
 logger = logging.getLogger(__name__)
 

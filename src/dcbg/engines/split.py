@@ -7,9 +7,9 @@ import threading
 
 import numpy as np
 
-from ..pipeline import partition
 from . import cudamemory
 from .base import Engine
+from .batches import partition
 from .cuda import CUDARollingMedian
 
 logger = logging.getLogger(__name__)

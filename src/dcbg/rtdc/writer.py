@@ -153,7 +153,7 @@ class ImageBgWriter:
             else:
                 self.write_at(lo, block[:hi - lo])
 
-    def finish(self):
+    def check_complete(self):
         """Check that every frame was written
 
         Raises
