@@ -71,3 +71,38 @@ def test_gpu_split_across_all_devices_matches_one_device(tmp_path):
     single = background(stack, tmp_path, "cuda:0", kernel_size=100, batch_size=700)
     assert np.array_equal(split, single)
     assert np.array_equal(split[:199], rolling_median_reference(stack[:299], 100)[:199])
+
+
+@pytest.mark.parametrize("kernel_size", [1, 7, 100, 300])
+def test_gpu_arrays_equal_the_definition_and_the_cpu(kernel_size):
+    import cupy
+
+    from dcbg.reference import rolling_median_windows_reference
+    stack = np.random.default_rng(kernel_size).integers(0, 256, (kernel_size + 60, 9, 13),
+                                                          dtype=np.uint8)
+    frames = cupy.asarray(stack)
+    stream = cupy.cuda.Stream()
+    with stream:
+        medians = dcbg.rolling_median(frames, kernel_size)
+        background = dcbg.rolling_median_background(frames[:, :, ::2], kernel_size)
+        got = cupy.asnumpy(medians), cupy.asnumpy(background)
+    assert np.array_equal(got[0], rolling_median_windows_reference(stack, kernel_size))
+    assert np.array_equal(got[0], dcbg.rolling_median(stack, kernel_size, device="cpu"))
+    assert np.array_equal(got[1], rolling_median_reference(stack[:, :, ::2], kernel_size))
+
+
+def test_readme_gpu_examples_run():
+    """The README's CuPy and torch examples (CI has no GPU and no torch: they run here)"""
+    pytest.importorskip("torch", reason="torch is not installed")
+    import pathlib
+    import subprocess
+    import sys
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = readme.split("```python gpu\n")[1:]
+    assert blocks, "the README shows the GPU array examples"
+    for block in blocks:
+        code = block.split("```")[0]
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+        assert run.stdout.strip() == "(1901, 80, 320) torch.Size([2000, 80, 320])"
