@@ -117,6 +117,15 @@ def kernel_rows(stack: np.ndarray, k: int, peer_frames: int, peer_repeats: int) 
                          f"no timing recorded; run dcbg selftest --device cuda")
     seconds = elapsed_seconds(lambda: engine.launch(frames, medians, events), LAUNCHES)
     rows = [{"label": "dcbg CUDA kernel", "events": events, "k": k, "seconds": seconds}]
+    import dcbg
+    device_stack = frames.reshape(stack.shape)
+    result = cupy.empty((events + 1, *SHAPE), np.uint8)
+    dcbg.rolling_median(device_stack, k, out=result)  # plans it; the timed calls reuse it
+    if not np.array_equal(cupy.asnumpy(result[:events]).reshape(events, -1), expected):
+        raise SystemExit(f"error: dcbg.rolling_median disagrees with the CPU engine at k={k}")
+    seconds = elapsed_seconds(lambda: dcbg.rolling_median(device_stack, k, out=result), LAUNCHES)
+    rows.append({"label": "dcbg.rolling_median(CuPy array, out=)", "events": events + 1,
+                 "k": k, "seconds": seconds})
 
     ndimage = importlib.import_module("cupyx.scipy.ndimage")
     peer_frames = min(len(stack), peer_frames)
