@@ -8,8 +8,9 @@ In one run, each measurement in a fresh interpreter (so peak memory is its own),
 the fastest of `--repeat` runs for those under a minute:
 
 1. per core: µs per 80×320 frame to decode the input, encode the background
-   and compute the median (k=100), and from them a projection for a 16-core
-   GPU host (labelled as such);
+   and compute the median (k = 10, 100, 1000; also in ns per pixel-output and
+   as a fraction of the encode), and from them a projection for a 16-core GPU
+   host (labelled as such);
 2. I/O on a zstd-5 .rtdc of `--events` realistic frames: read, write and the
    I/O floor (read + write, no median) with 1 codec thread and with all, and
    the one-thread h5py floor (the same read and write through h5py alone);
@@ -35,7 +36,16 @@ import time
 import warnings
 
 from common import TiledStack, append_results, peak_rss_mib, run_isolated, table
-from iocases import h5py_floor, io_floor, load_background, per_frame_costs, read_all, write_all
+from iocases import (
+    BATCH,
+    MEDIAN_KERNEL_SIZES,
+    h5py_floor,
+    io_floor,
+    load_background,
+    per_frame_costs,
+    read_all,
+    write_all,
+)
 
 PIXELS = 80 * 320
 PROJECTED_CORES = 16
@@ -49,6 +59,20 @@ def run_log_seconds(path: pathlib.Path) -> dict:
     from dcbg.runlog import read_run_logs
     with h5py.File(path) as h5:
         return read_run_logs(h5)[-1][1]["seconds"]
+
+
+def per_core_cost_table(costs: dict) -> str:
+    """The per-core costs of a frame as a markdown table, the median's against the encode's"""
+    rows = [{"stage": stage, "us": costs[stage]} for stage in ("decode", "encode")]
+    for kernel_size in MEDIAN_KERNEL_SIZES:
+        us = costs[f"median_k{kernel_size}"]
+        rows.append({"stage": f"median, k={kernel_size}", "us": us,
+                     "ns": f"{us * 1e3 / costs['pixels']:.2f}",
+                     "ratio": f"{us / costs['encode']:.2f}"})
+    rows.append({"stage": "decode + encode (a GPU run's CPU work)",
+                 "us": costs["decode"] + costs["encode"]})
+    return table(rows, [("stage", "one core, per 80x320 frame"), ("us", "µs"),
+                        ("ns", "ns per pixel-output"), ("ratio", "÷ encode")])
 
 
 def run_case(case: dict) -> dict:
@@ -209,14 +233,14 @@ def main():
                ("ratio", "ratio to peer"), ("seconds", "wall s"), ("runs", "runs"),
                ("rss_main_mib", "peak RSS main MiB"), ("rss_worker_mib", "peak RSS worker MiB")]
     io_core = costs["decode"] + costs["encode"]
-    cost_table = table([{"stage": stage, "us": costs[stage]} for stage in
-                        ("decode", "encode", "median")] +
-                       [{"stage": "decode + encode (a GPU run's CPU work)", "us": io_core}],
-                       [("stage", "one core, per 80x320 frame"), ("us", "µs")])
+    cost_table = per_core_cost_table(costs)
     projection = PROJECTED_CORES * 1e6 / io_core
     notes = (
-        f"Per-core costs (one thread each; decode: zstd-5 + Fletcher-32 input chunks, "
-        f"encode: zstd-5 + Fletcher-32 background chunks, median: k=100):\n\n{cost_table}\n\n"
+        f"Per-core costs (one thread each, the fastest of 3 passes; decode: zstd-5 + "
+        f"Fletcher-32 input chunks, encode: zstd-5 + Fletcher-32 background chunks, median: "
+        f"one batch of {BATCH} windows on the '{costs['median_implementation']}' kernel; "
+        f"÷ encode: the median's cost over the encode's, measured in the same run):"
+        f"\n\n{cost_table}\n\n"
         f"**Projection, not a measurement:** on a {PROJECTED_CORES}-core GPU host, where the "
         f"median runs on the GPU, the parallel I/O floor would be about "
         f"{PROJECTED_CORES} × 1e6 / {io_core:.0f} µs ≈ {projection:,.0f} events/s if the "

@@ -12,7 +12,6 @@ import dcbg
 from dcbg import cpukernels
 from dcbg.engines.base import count_dtype
 from dcbg.engines.cpu import compute_median_for_slice
-from dcbg.reference import rolling_median_reference
 from helpers import host_kernel as hk
 
 SOURCE_TREE = pathlib.Path(__file__).resolve().parents[1] / "src"
@@ -38,8 +37,9 @@ def test_an_unknown_build_is_named():
 
 
 def window_medians(frames, kernel_size, count):
-    """The element of rank k//2 of each of the first `count` windows, by sorting"""
-    return np.stack([np.sort(frames[t:t + kernel_size], axis=0)[kernel_size // 2]
+    """The element of rank k//2 of each of the first `count` windows, by selection"""
+    rank = kernel_size // 2
+    return np.stack([np.partition(frames[t:t + kernel_size], rank, axis=0)[rank]
                      for t in range(count)])
 
 
@@ -96,22 +96,37 @@ def test_c_kernel_names_what_is_wrong(cpu_build, change, message):
 
 
 def check_c_reads_stay_inside():
-    """Column ranges at both edges of buffers with unreadable neighbours (a child process)"""
-    kernel = cpukernels.load_build("C").rolling_median_columns
+    """Column ranges at both edges of buffers with unreadable neighbours (a child process)
+
+    Every implementation of the C median, on noise (the window kernel reads
+    whole windows of pixels and turns to the histogram kernel) and on a
+    ramp (windows move every step), with ranges narrower than a vector, of
+    whole vectors and ending in a vector that overlaps the one before it.
+    """
+    from dcbg.cpukernels import _compiled
     rng = np.random.default_rng(8)
     pixels = 37
-    for kernel_size in (1, 2, 7, 256):
-        for output_size in (1, 2, 5):
-            stack = rng.integers(0, 256, (output_size + kernel_size - 1, pixels), np.uint8)
-            expected = window_medians(stack, kernel_size, output_size)
-            for edge in ("end", "start"):
-                print(kernel_size, output_size, edge, flush=True)
-                frames = hk.guarded_copy(stack, edge)
-                medians = hk.guarded_copy(np.zeros_like(expected), edge)
-                for start, stop in ((0, 5), (5, pixels)):
-                    counts = np.zeros((stop - start, 256), count_dtype(kernel_size))
-                    kernel(frames, medians, kernel_size, output_size, start, stop, counts)
-                assert np.array_equal(medians, expected)
+    for implementation in _compiled.median_implementations():
+        for kernel_size in (1, 2, 7, 19, 40, 256):
+            for output_size in (1, 2, 5, 40):
+                rows = output_size + kernel_size - 1
+                noise = rng.integers(0, 256, (rows, pixels), np.uint8)
+                ramp = (np.arange(rows)[:, None] * 5 + np.arange(pixels)).astype(np.uint8)
+                for name, stack in (("noise", noise), ("ramp", ramp)):
+                    expected = window_medians(stack, kernel_size, output_size)
+                    for edge in ("end", "start"):
+                        print(implementation, kernel_size, output_size, name, edge, flush=True)
+                        frames = hk.guarded_copy(stack, edge)
+                        medians = hk.guarded_copy(np.zeros_like(expected), edge)
+                        for ranges in (((0, 5), (5, pixels)), ((0, pixels),),
+                                       ((0, 16), (16, 32), (32, pixels))):
+                            medians[...] = 0
+                            for start, stop in ranges:
+                                counts = np.zeros((stop - start, 256), count_dtype(kernel_size))
+                                _compiled.rolling_median_columns(
+                                    frames, medians, kernel_size, output_size, start, stop,
+                                    counts, implementation=implementation)
+                            assert np.array_equal(medians, expected)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs mmap and mprotect")
@@ -124,7 +139,8 @@ def test_c_kernel_reads_stay_inside_its_arrays(cpu_build):
     # -11 (SIGSEGV) is an access outside the arrays
     last_case = (run.stdout.splitlines() or [""])[-1]
     assert run.returncode == 0, (
-        f"exit {run.returncode} in the case (kernel_size output_size edge) = ({last_case})\n"
+        f"exit {run.returncode} in the case (implementation kernel_size output_size stack "
+        f"edge) = ({last_case})\n"
         f"{run.stderr[-3000:]}")
 
 
@@ -133,8 +149,151 @@ def test_each_build_gives_the_definitions_bytes_on_instrument_frames(cpu_build):
     from dcbg.synthetic import synthetic_stack
     stack = synthetic_stack(140, (80, 320), 4)
     frames = stack.reshape(len(stack), -1)
-    expected = rolling_median_reference(stack, 100)[:40].reshape(40, -1)
+    expected = window_medians(frames, 100, 40)
     out = np.zeros_like(expected)
     counts = np.zeros((frames.shape[1], 256), np.uint8)
     cpu_build.rolling_median_columns(frames, out, 100, 40, 0, frames.shape[1], counts)
     assert np.array_equal(out, expected)
+
+
+def c_median_implementations() -> list[str]:
+    """The implementations of the C median this CPU runs (none without the C build)"""
+    try:
+        from dcbg.cpukernels import _compiled
+    except ImportError:
+        return []
+    return list(_compiled.median_implementations())
+
+
+def c_median(frames, kernel_size, count, ranges, implementation, count_type=None):
+    """The C median of `count` windows over the column ranges, into a poisoned output
+
+    Columns outside the ranges keep the poison in the result; dirty counts.
+    """
+    from dcbg.cpukernels import _compiled
+    out = np.full((count, frames.shape[1]), POISON, np.uint8)
+    for start, stop in ranges:
+        counts = np.full((stop - start, 256), 3, count_type or count_dtype(kernel_size))
+        _compiled.rolling_median_columns(frames, out, kernel_size, count, start, stop, counts,
+                                         implementation=implementation)
+    return out
+
+
+POISON = 0xAB
+
+
+def only_in(ranges, medians):
+    """`medians` with the columns outside `ranges` poisoned"""
+    inside = np.zeros(medians.shape[1], bool)
+    for start, stop in ranges:
+        inside[start:stop] = True
+    return np.where(inside, medians, np.uint8(POISON))
+
+
+def median_test_stack(kind, rows, pixels, rng):
+    """Frames (rows x pixels) on which a median moves in different ways"""
+    time = np.arange(rows)[:, None]
+    if kind == "noise":  # medians jump across the grey scale: the window kernel gives up
+        return rng.integers(0, 256, (rows, pixels), dtype=np.uint8)
+    if kind == "levels":  # few and neighbouring levels, with the extremes
+        return rng.choice(np.array([0, 1, 2, 130, 254, 255], np.uint8), (rows, pixels))
+    if kind == "extremes":
+        return rng.choice(np.array([0, 255], np.uint8), (rows, pixels))
+    if kind == "ramp":  # every median moves on, past any window of levels
+        return ((time * 3 + np.arange(pixels)) % 256).astype(np.uint8)
+    if kind == "steps":  # long plateaus and far jumps, up and down
+        level = np.where(time // 7 % 3 == 1, 250, np.where(time // 7 % 3 == 2, 3, 120))
+        return (level + rng.integers(-2, 3, (rows, pixels))).clip(0, 255).astype(np.uint8)
+    from dcbg.synthetic import synthetic_stack  # instrument-like frames, whose medians wander
+    stack = synthetic_stack(rows, (pixels // 10, 10), seed=rows)
+    return np.ascontiguousarray(stack.reshape(rows, -1))
+
+
+RANGES = ((0, 70),), ((3, 40), (40, 61), (61, 70)), ((5, 21), (60, 70))
+"""Column ranges of 70 pixels: whole and partial vectors of 8 to 32 lanes, and a remainder"""
+
+
+@pytest.mark.parametrize("implementation", c_median_implementations())
+@pytest.mark.parametrize("kernel_size", [1, 2, 3, 10, 19, 20, 64, 255, 256, 301])
+@pytest.mark.parametrize("kind", ["noise", "levels", "extremes", "ramp", "steps", "instrument"])
+def test_each_c_median_implementation_gives_the_definitions_bytes(implementation, kernel_size,
+                                                                  kind):
+    """Every implementation (SIMD and scalar) on every kind of median movement"""
+    rng = np.random.default_rng(kernel_size)
+    count = 25
+    frames = median_test_stack(kind, count + kernel_size - 1, 70, rng)
+    expected = window_medians(frames, kernel_size, count)
+    for ranges in RANGES:
+        got = c_median(frames, kernel_size, count, ranges, implementation)
+        assert np.array_equal(got, only_in(ranges, expected))
+
+
+@pytest.mark.parametrize("implementation", c_median_implementations())
+@pytest.mark.parametrize("kernel_size", [40, 300])
+def test_c_median_turns_to_the_histogram_kernel_mid_batch(implementation, kernel_size):
+    """Columns whose medians become noise part-way take the histogram kernel from there
+
+    Instrument frames, then noise in every column but a few; counts wider
+    than needed. The window kernel gives up on a vector at a step of its
+    own and the histogram kernel continues on that vector's columns.
+    """
+    rng = np.random.default_rng(kernel_size)
+    count = 150
+    frames = median_test_stack("instrument", count + kernel_size - 1, 70, rng)
+    noise = kernel_size // 2 + 30
+    frames[noise:, 6:] = rng.integers(0, 256, (len(frames) - noise, 64), dtype=np.uint8)
+    expected = window_medians(frames, kernel_size, count)
+    for ranges in RANGES:
+        for count_type in (count_dtype(kernel_size), np.uint32):
+            got = c_median(frames, kernel_size, count, ranges, implementation, count_type)
+            assert np.array_equal(got, only_in(ranges, expected))
+
+
+@pytest.mark.parametrize("implementation", c_median_implementations())
+def test_c_median_counts_to_65535_in_16_bit_lanes(implementation):
+    """The largest kernel the window kernel takes: one level holds every element"""
+    kernel_size = 65535
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (kernel_size + 2, 20), dtype=np.uint8)
+    frames[:, 0] = 255
+    frames[:, 1] = np.where(np.arange(len(frames)) % 2, 0, 255)
+    frames[:, 2] = 0
+    expected = window_medians(frames, kernel_size, 3)
+    got = c_median(frames, kernel_size, 3, [(0, 20)], implementation)
+    assert np.array_equal(got, expected)
+
+
+@pytest.mark.parametrize("kernel_size", [10, 100, 300])
+def test_c_median_implementations_agree_on_instrument_frames(kernel_size):
+    """Realistic 80x320 frames, all pixels in one call, through each implementation"""
+    from dcbg.synthetic import synthetic_stack
+    implementations = c_median_implementations()
+    if not implementations:
+        pytest.skip("the C build of the CPU kernels is not installed")
+    count = 20
+    stack = synthetic_stack(count + kernel_size - 1, (80, 320), 4)
+    frames = stack.reshape(len(stack), -1)
+    expected = window_medians(frames, kernel_size, count)
+    for implementation in implementations:
+        got = c_median(frames, kernel_size, count, [(0, frames.shape[1])], implementation)
+        assert np.array_equal(got, expected), implementation
+
+
+@C_BUILD_ONLY
+def test_c_median_lists_its_implementations_and_refuses_unknown_ones(cpu_build):
+    from dcbg.cpukernels import _compiled
+    implementations = _compiled.median_implementations()
+    assert implementations[-1] == "scalar"
+    assert set(implementations) <= {"avx2", "simd128", "scalar"}
+    assert cpukernels.median_implementation() == implementations[0]
+    assert f"median: {implementations[0]}" in cpukernels.describe_build()
+    frames = np.zeros((3, 4), np.uint8)
+    with pytest.raises(ValueError, match="Unknown median implementation 'fortran'"):
+        _compiled.rolling_median_columns(frames, np.zeros((1, 4), np.uint8), 3, 1, 0, 4,
+                                         np.zeros((4, 256), np.uint8), implementation="fortran")
+
+
+def test_numba_build_names_itself_as_the_median_implementation(monkeypatch):
+    kernels = cpukernels.CPUKernels("numba", None, None)
+    monkeypatch.setattr(cpukernels, "cpu_kernels", lambda: kernels)
+    assert cpukernels.median_implementation() == "numba"

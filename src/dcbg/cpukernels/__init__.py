@@ -2,7 +2,9 @@
 
 - ``rolling_median_columns``: the rolling median of a range of pixel columns
   (a 256-bin histogram per pixel and a pointer to its median bin, see
-  :mod:`dcbg.engines.cpu`).
+  :mod:`dcbg.engines.cpu`; the C build's fastest kernel keeps, per pixel,
+  only the counts of a few grey levels around the median and steps 16 or 32
+  pixels at once with SIMD instructions, see :func:`median_implementation`).
 - ``fletcher32``: HDF5's Fletcher-32 chunk checksum (see
   :mod:`dcbg.rtdc.chunks`). HDF5 reads the data as big-endian 16-bit words
   (an odd last byte is the high byte of a last word), keeps two running sums
@@ -63,12 +65,28 @@ def cpu_kernels() -> CPUKernels:
         return load_build("numba")
 
 
+def median_implementation() -> str:
+    """Which implementation of the median the kernels of this process run
+
+    For the C build the fastest of those ``_compiled.median_implementations()``
+    lists for this CPU: ``"avx2"`` (32-byte vectors, on CPUs with AVX2),
+    ``"simd128"`` (16-byte vectors, any x86-64 or ARM64 CPU) or ``"scalar"``
+    (the histogram kernel, where the compiler had no vector extensions). All
+    give the same bytes. For numba's build: ``"numba"``.
+    """
+    if cpu_kernels().build != "C":
+        return "numba"
+    from . import _compiled
+    return _compiled.median_implementations()[0]
+
+
 def describe_build() -> str:
     """Which build this process runs, and for numba's, how to get the C one"""
     if cpu_kernels().build == "C":
-        return "C (compiled when dcbg was installed)"
+        return f"C (compiled when dcbg was installed; median: {median_implementation()})"
     return ("numba (the C build is missing: reinstall dcbg where a C compiler and the "
             "Python headers are present, and each run starts 0.5-1 s sooner)")
 
 
-__all__ = ["BUILDS", "CPUKernels", "cpu_kernels", "describe_build", "load_build"]
+__all__ = ["BUILDS", "CPUKernels", "cpu_kernels", "describe_build", "load_build",
+           "median_implementation"]

@@ -1,8 +1,9 @@
 """dcbg's two CPU kernels compiled by numba: the build used where the C one was not installed
 
-The same loops as ``compiled.c``, with the same results. numba compiles them
-on first use and caches the machine code; a process pays 0.5–1 s to import
-numba and load that cache, which the C build does not.
+The loops of ``compiled.c``'s histogram kernel and checksum, with the same
+results as every kernel there. numba compiles them on first use and caches
+the machine code; a process pays 0.5–1 s to import numba and load that cache,
+which the C build does not.
 """
 from __future__ import annotations
 
