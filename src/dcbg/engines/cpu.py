@@ -1,11 +1,13 @@
-"""CPU engine: a histogram median per pixel, on threads or on RawArray worker processes
+"""CPU engine: a running median per pixel, on threads or on RawArray worker processes
 
-Frames are uint8, so every pixel keeps a 256-bin histogram of its window and
-a pointer to the median bin; moving the window by one frame changes one
-count up and one down, and the pointer walks to the new median in a step or
-two. The cost per frame does not depend on the kernel size. The kernel is
-compiled (C, or numba's JIT where the install had no compiler: see
-:mod:`dcbg.cpukernels`) and releases the GIL.
+Frames are uint8, so a pixel's window is a histogram of 256 grey levels and
+its median a pointer into it; moving the window by one frame changes one
+count up and one down, and the pointer moves by at most one rank. The C
+build keeps per pixel only the counts of a few levels around the median and
+updates 16 or 32 pixels at once with SIMD instructions, reading a pixel's
+window only when its median leaves those levels; numba's build walks the
+whole histogram. The cost per frame hardly depends on the kernel size. The
+kernels are compiled (see :mod:`dcbg.cpukernels`) and release the GIL.
 
 Two kinds of workers run it on slices of pixels ("jobs"):
 
