@@ -133,14 +133,23 @@ static int implementation_runs[IMPLEMENTATIONS] = {1, 0, 0};
 /* The window kernel needs the vector extensions of Clang or GCC 9 and later
  * (__builtin_convertvector), and 16-byte vectors in hardware (SSE2, NEON):
  * compilers emulate missing ones with scalar code slower than the histogram.
- * GCC for Windows does not align its stack for 32-byte vectors, so it builds
- * no AVX2 kernel. */
+ * The AVX2 kernel also needs __builtin_cpu_supports to choose it at run time
+ * (in Clang where it has the builtin, and not in MSVC mode, whose headers declare the AVX
+ * types only when the whole file targets AVX and whose linker lacks the CPU
+ * model); GCC for Windows, Cygwin's included, does not align its stack for
+ * 32-byte vectors. Where a condition fails, the build has the other kernels. */
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9)
 #if defined(__SSE2__) || defined(__ARM_NEON) || defined(__aarch64__)
 #define HAVE_SIMD128 1
 #endif
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__clang__) || !defined(_WIN32))
+#if (defined(__x86_64__) || defined(__i386__)) && !defined(_MSC_VER)
+#if defined(__clang__)
+#if __has_builtin(__builtin_cpu_supports)
 #define HAVE_AVX2 1
+#endif
+#elif !defined(_WIN32) && !defined(__CYGWIN__)
+#define HAVE_AVX2 1
+#endif
 #endif
 #endif
 
@@ -175,7 +184,7 @@ static int implementation_runs[IMPLEMENTATIONS] = {1, 0, 0};
  * lanes. Compares give -1 in the lanes where they hold.
  */
 #define KEY_OF_ZERO(LANE_T) ((LANE_T)(sizeof(LANE_T) == 1 ? 0x80 : 0))
-#define MAX_LEVELS 12
+#define MAX_LEVELS 12 /* the most levels a window kernel keeps (the moved[] of move_window) */
 #define WINDOW_CHUNK 16  /* steps a vector of pixels takes while its state stays in registers */
 #define RESCAN_BUDGET 1  /* elements read per pixel and step before the histogram takes over */
 #define RESCAN_OVERHEAD 16  /* a read window's cost beyond its elements, in elements */
@@ -253,6 +262,7 @@ typedef SIGNED_T NAME##_signed __attribute__((vector_size(VECTOR_BYTES)));      
 typedef uint8_t NAME##_bytes __attribute__((vector_size(VECTOR_BYTES / sizeof(LANE_T)))); \
 typedef LANE_T __attribute__((may_alias)) NAME##_lane; /* a lane of a state vector */    \
 enum { NAME##_LANES = VECTOR_BYTES / sizeof(LANE_T), NAME##_SLOTS = LEVELS + 2 };       \
+typedef char NAME##_levels_fit[(LEVELS) <= MAX_LEVELS ? 1 : -1]; /* moved[] holds them */ \
                                                                                         \
 /* the keys of the pixels at `pixel` and on */                                          \
 TARGET static inline NAME##_lanes                                                       \
