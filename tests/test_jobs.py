@@ -89,7 +89,7 @@ def test_summary_table_layout():
                                      "host:port"])
 def test_bad_dask_addresses_are_refused_before_any_cluster_starts(address):
     settings = JobSettings("rollmed", {"kernel_size": 4, "batch_size": 10})
-    with pytest.raises(ValueError, match=f"--dask {address} "):
+    with pytest.raises(ValueError, match=f"The Dask address {address} "):
         run_on_dask([], settings, address)
 
 

@@ -277,7 +277,7 @@ def cmd_compute(args) -> int:
         try:
             check_dask_address(args.dask)
         except ValueError as error:
-            raise UsageError(str(error)) from None
+            raise UsageError(in_command_line_terms(str(error))) from None
     select_ppid = cls.get_ppid_from_ppkw(kwargs)
     jobs = collect_jobs(args)
     existing = []
