@@ -64,7 +64,7 @@ def parse_device(device: str) -> tuple[str, int | str | None]:
         return text, None
     if text == "cuda":
         return "cuda", 0
-    if text.startswith("cuda:") and text[5:].isdigit():
+    if text.startswith("cuda:") and text[5:].isascii() and text[5:].isdigit():
         return "cuda", int(text[5:])
     if text == f"cuda:{ALL_DEVICES}":
         return "cuda", ALL_DEVICES
@@ -109,7 +109,10 @@ def select_device(device: str = "auto") -> DeviceChoice:
         return device  # chosen already: decided once, handed on
     kind, index = parse_device(device)
     if kind == "auto" and os.environ.get(DEVICE_ENV, "").strip():
-        kind, index = parse_device(os.environ[DEVICE_ENV])
+        try:
+            kind, index = parse_device(os.environ[DEVICE_ENV])
+        except ValueError as error:
+            raise ValueError(f"{DEVICE_ENV}: {error}") from None
         if kind != "auto":
             logger.info("%s=%s selects the device", DEVICE_ENV, os.environ[DEVICE_ENV])
     if kind == "cpu":
