@@ -5,6 +5,7 @@ import abc
 import concurrent.futures
 import logging
 import pathlib
+import threading
 import time
 
 from . import engines, ppid, runlog, settings
@@ -23,7 +24,25 @@ from .rtdc.output import (
 )
 from .rtdc.reader import ImageSource, RTDCInput, check_input_path
 from .rtdc.writer import ImageBgWriter, copy_metadata
-from .system import mp_spawn
+
+
+class Progress:
+    """A fraction in [0, 1] that threads add to and read, like dcnum's ``image_proc``
+
+    It has what dcnum's code uses of its ``multiprocessing.Value("d")``,
+    ``value`` and ``get_lock()``, without the process-shared lock, whose
+    resource tracker is a Python process of its own started with every run:
+    dcbg's progress is counted in the process that runs it.
+    """
+
+    def __init__(self):
+        self.value = 0.0
+        """the fraction done"""
+        self._lock = threading.Lock()
+
+    def get_lock(self) -> threading.Lock:
+        """The lock to hold while reading and changing :attr:`value` together"""
+        return self._lock
 
 
 class Background(abc.ABC):
@@ -90,8 +109,8 @@ class Background(abc.ABC):
         self.output_path = pathlib.Path(output_path)
         """path of the output file"""
 
-        self.image_proc = mp_spawn.Value("d", 0)
-        """fraction of images that have been processed (safe to poll)"""
+        self.image_proc = Progress()
+        """fraction of images that have been processed (safe to poll from any thread)"""
 
         self.hdin: RTDCInput | None = None
         """the open input .rtdc file (None for array input)"""
