@@ -247,6 +247,15 @@ def input_with_basins(tmp_path):
     return source, raw, mapping
 
 
+def output_of(source, tmp_path):
+    """A new output in project/out/ that write_output_basins gave the basins of `source`"""
+    output = tmp_path / "project" / "out" / "result.rtdc"
+    output.parent.mkdir()
+    with h5py.File(source) as src, h5py.File(output, "w") as dst:
+        write_output_basins(dst, src, source, output)
+    return output
+
+
 def output_definitions(path):
     with h5py.File(path) as h5:
         return {d["name"]: d for d in read_basin_definitions(h5)}
@@ -254,12 +263,10 @@ def output_definitions(path):
 
 def test_output_basins_reach_the_input_and_its_own_file_basins(input_with_basins, tmp_path):
     source, raw, mapping = input_with_basins
-    output = tmp_path / "project" / "out" / "result.rtdc"
-    output.parent.mkdir()
-    with h5py.File(source) as src, h5py.File(output, "w") as dst:
-        write_output_basins(dst, src, source, output)
-        assert np.array_equal(dst["events/basinmap0"][:], mapping)
-        assert list(dst["events"]) == ["basinmap0"]
+    output = output_of(source, tmp_path)
+    with h5py.File(output) as h5:
+        assert np.array_equal(h5["events/basinmap0"][:], mapping)
+        assert list(h5["events"]) == ["basinmap0"]
     definitions = output_definitions(output)
     assert sorted(definitions) == ["features.rtdc", "old", "raw"]
     assert definitions["features.rtdc"] == {
@@ -282,10 +289,7 @@ def test_output_basins_reach_the_input_and_its_own_file_basins(input_with_basins
 
 def test_output_basins_keep_working_when_the_folder_moves(input_with_basins, tmp_path):
     source, raw, _ = input_with_basins
-    output = tmp_path / "project" / "out" / "result.rtdc"
-    output.parent.mkdir()
-    with h5py.File(source) as src, h5py.File(output, "w") as dst:
-        write_output_basins(dst, src, source, output)
+    output_of(source, tmp_path)
     shutil.move(tmp_path / "project", tmp_path / "moved")
     moved = tmp_path / "moved" / "out" / "result.rtdc"
     with h5py.File(moved) as h5:
