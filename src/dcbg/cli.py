@@ -29,7 +29,7 @@ from .jobs import (
 from .ppid import ppid_to_kwargs, split_ppid
 from .rtdc.hdf5 import GENERATION_ATTRIBUTE, PPID_ATTRIBUTE
 from .rtdc.output import check_output_path
-from .rtdc.reader import check_input_path
+from .rtdc.reader import check_input_path, missing_input
 from .selftest import DEFAULT_EVENTS, DEFAULT_FILE_EVENTS
 from .settings import DEFAULT_COMPRESSION, parse_compression
 from .system import skip_numba_blas_probe
@@ -113,9 +113,7 @@ def device_option(text: str) -> str:
 def check_input_folder(path: pathlib.Path) -> pathlib.Path:
     """Refuse a missing input folder as missing, naming a quoted ``~`` as the cause"""
     if not path.exists():
-        hint = (" (a quoted '~' is not expanded: write the full path)"
-                if str(path).startswith("~") else "")
-        raise FileNotFoundError(f"Input folder {path} does not exist{hint}; check the path.")
+        raise missing_input(path, "folder")
     return path
 
 
@@ -438,7 +436,7 @@ def describe_images(path: pathlib.Path) -> tuple[str | None, str | None]:
     try:
         with RTDCInput(path) as rtdc_in:
             image, mapping = rtdc_in.image, rtdc_in.image_mapping
-            events = image.shape[0] if mapping is None else len(mapping)
+            events = rtdc_in.event_count
             where = ""
             if mapping is not None:
                 where = f" (through mapped basin {rtdc_in.image_path}, {image.shape[0]} frames)"

@@ -164,8 +164,7 @@ def check_input(source, settings: JobSettings, target=None) -> int:
     from .rtdc.reader import RTDCInput
     from .windows import check_stack_length
     with RTDCInput(source) as rtdc_in:
-        mapping = rtdc_in.image_mapping
-        events = len(mapping) if mapping is not None else rtdc_in.image.shape[0]
+        events = rtdc_in.event_count
     cls = get_available_background_methods()[settings.method]
     kwargs = {**keyword_defaults(cls.check_user_kwargs), **settings.kwargs}
     check_stack_length(events, kwargs.get("kernel_size", 1))

@@ -22,13 +22,18 @@ from .hdf5 import READ_ERRORS, damaged_file_error, open_hdf5
 
 logger = logging.getLogger(__name__)
 
+def missing_input(path: pathlib.Path, what: str = "file") -> FileNotFoundError:
+    """The error for an input file or folder that does not exist, naming a quoted ``~``"""
+    hint = (" (a quoted '~' is not expanded: write the full path)"
+            if str(path).startswith("~") else "")
+    return FileNotFoundError(f"Input {what} {path} does not exist{hint}; check the path.")
+
+
 def check_input_path(path) -> pathlib.Path:
     """Refuse an input path that does not exist or is a folder"""
     path = pathlib.Path(path)
     if not path.exists():
-        hint = (" (a quoted '~' is not expanded: write the full path)"
-                if str(path).startswith("~") else "")
-        raise FileNotFoundError(f"Input file {path} does not exist{hint}; check the path.")
+        raise missing_input(path)
     if path.is_dir():
         raise IsADirectoryError(
             f"Input {path} is a folder; give an .rtdc file inside it.")
@@ -74,6 +79,11 @@ class RTDCInput:
         except BaseException:
             self.close()
             raise
+
+    @property
+    def event_count(self) -> int:
+        """The file's own number of events (through a mapped basin: the mapping's length)"""
+        return self.image.shape[0] if self.image_mapping is None else len(self.image_mapping)
 
     @property
     def identifier(self) -> str | None:
