@@ -96,15 +96,16 @@ def rolling_median_background(frames, kernel_size: int, *, device: str = "auto",
 def _compute(frames, kernel_size, device, out, background: bool):
     kernel_size = _check_kernel_size(kernel_size)
     on_gpu = _gpu_array(frames)
-    if on_gpu is not None:
-        from .engines.cuda import rolling_median_on_gpu
-        return rolling_median_on_gpu(on_gpu, kernel_size, out, background)
-    stack = _host_stack(frames)
+    stack = _check_frames(on_gpu if on_gpu is not None else _host_stack(frames))
     count, image_shape = stack.shape[0], tuple(stack.shape[1:])
     windows = (background_window_count if background else window_count)(count, kernel_size)
-    rows = count if background else windows
-    out = _host_out(out, (rows, *image_shape), stack)
-    _stream_through_engine(stack, image_shape, kernel_size, windows, rows, device, out)
+    shape = (count if background else windows, *image_shape)
+    _check_out(out, shape)
+    if on_gpu is not None:
+        from .engines.cuda import rolling_median_on_gpu
+        return rolling_median_on_gpu(stack, kernel_size, windows, shape, out)
+    out = _host_out(out, shape, stack)
+    _stream_through_engine(stack, image_shape, kernel_size, windows, shape[0], device, out)
     return out
 
 
@@ -170,7 +171,7 @@ def _dlpack_kind(frames) -> int | None:
 
 
 def _host_stack(frames):
-    """`frames` as something with shape, dtype and slicing, checked to be uint8 frames"""
+    """`frames` as something with shape, dtype and slicing"""
     if _dlpack_kind(frames) == DLPACK_CPU:  # a torch or JAX array in host memory
         frames = np.from_dlpack(frames)
     if not (hasattr(frames, "shape") and hasattr(frames, "dtype")
@@ -181,27 +182,38 @@ def _host_stack(frames):
             raise TypeError(
                 f"frames must be an array of uint8 frames (NumPy, CuPy, an h5py dataset, "
                 f"a memory map, a torch or JAX array), got {type(frames).__name__}.")
+    return frames
+
+
+def _check_frames(frames):
+    """`frames` (on the host or a GPU) if they are uint8 with an axis of events"""
     if np.dtype(frames.dtype) != np.uint8:
         raise TypeError(
             f"frames must be uint8, got {np.dtype(frames.dtype)}; convert them first, e.g. "
-            f"with frames.astype(numpy.uint8) after scaling to 0…255.")
+            f"with frames.astype('uint8') after scaling to 0…255.")
     if len(frames.shape) == 0:
         raise ValueError("frames must have at least one axis (the events), got a scalar.")
     return frames
 
 
+def _check_out(out, shape: tuple):
+    """Refuse an array `out` of another shape or dtype (where it lives is checked later)"""
+    if out is None or not (hasattr(out, "shape") and hasattr(out, "dtype")):
+        return
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out must have the shape {shape}, got {tuple(out.shape)}.")
+    if np.dtype(out.dtype) != np.uint8:
+        raise TypeError(f"out must be uint8, got {np.dtype(out.dtype)}.")
+
+
 def _host_out(out, shape: tuple, frames):
-    """A checked `out`, or a new NumPy array of `shape`"""
+    """`out` if it is an array in host memory (see :func:`_check_out`), or a new one"""
     if out is None:
         return np.empty(shape, np.uint8)
     if not (hasattr(out, "shape") and hasattr(out, "dtype") and hasattr(out, "__setitem__")):
         raise TypeError(
             f"out must be a NumPy array, memory map or h5py dataset, got "
             f"{type(out).__name__}.")
-    if tuple(out.shape) != shape:
-        raise ValueError(f"out must have the shape {shape}, got {tuple(out.shape)}.")
-    if np.dtype(out.dtype) != np.uint8:
-        raise TypeError(f"out must be uint8, got {np.dtype(out.dtype)}.")
     if (isinstance(out, np.ndarray) and isinstance(frames, np.ndarray)
             and np.may_share_memory(out, frames)):
         raise ValueError("out overlaps frames; give an array of its own, since later windows "

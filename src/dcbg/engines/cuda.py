@@ -290,7 +290,7 @@ class CUDARollingMedian(Engine):
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
 
-def rolling_median_on_gpu(frames, kernel_size: int, out, background: bool):
+def rolling_median_on_gpu(frames, kernel_size: int, windows: int, shape: tuple, out):
     """Rolling medians of frames in GPU memory, computed where they are
 
     One launch on the caller's current stream of the frames' device: no
@@ -300,14 +300,17 @@ def rolling_median_on_gpu(frames, kernel_size: int, out, background: bool):
     Parameters
     ----------
     frames: cupy.ndarray
-        uint8 frames, events along the first axis.
+        uint8 frames, events along the first axis (checked by the caller).
     kernel_size: int
         Frames per window.
+    windows: int
+        Windows to compute, from the first on.
+    shape: tuple of int
+        Shape of the result: `windows` rows, or more, which repeat the
+        last window (dcnum's background).
     out: cupy.ndarray or None
-        Where the result goes (same device, uint8, the result's shape).
-    background: bool
-        True for dcnum's background (one row per frame), False for one row
-        per window.
+        Where the result goes (uint8 of `shape`, checked by the caller; it must
+        be on the frames' device).
 
     Returns
     -------
@@ -316,26 +319,11 @@ def rolling_median_on_gpu(frames, kernel_size: int, out, background: bool):
     """
     import cupy
 
-    from ..windows import background_window_count, window_count
-
-    if frames.dtype != np.uint8:
-        raise TypeError(f"frames must be uint8, got {frames.dtype}; convert them first, e.g. "
-                        f"with frames.astype(cupy.uint8) after scaling to 0…255.")
-    if frames.ndim == 0:
-        raise ValueError("frames must have at least one axis (the events), got a scalar.")
-    count, image_shape = frames.shape[0], tuple(frames.shape[1:])
-    windows = (background_window_count if background else window_count)(count, kernel_size)
-    shape = (count if background else windows, *image_shape)
-    pixels = int(np.prod(image_shape, dtype=np.int64))
+    count = frames.shape[0]
+    pixels = int(np.prod(shape[1:], dtype=np.int64))
     device = frames.device.id
-    if out is not None:
-        if getattr(out, "shape", None) is None or tuple(out.shape) != shape:
-            raise ValueError(f"out must have the shape {shape}, got "
-                             f"{tuple(getattr(out, 'shape', ()))}.")
-        if out.dtype != np.uint8:
-            raise TypeError(f"out must be uint8, got {out.dtype}.")
-        if not isinstance(out, cupy.ndarray) or out.device.id != device:
-            raise TypeError(f"out must be a CuPy array on GPU {device}, where the frames are.")
+    if out is not None and (not isinstance(out, cupy.ndarray) or out.device.id != device):
+        raise TypeError(f"out must be a CuPy array on GPU {device}, where the frames are.")
     launcher = cudakernel.launcher_for(device, pixels, kernel_size)
     with cupy.cuda.Device(device):
         stream = cupy.cuda.get_current_stream()
