@@ -102,20 +102,20 @@ def kernel_rows(stack: np.ndarray, k: int, peer_frames: int, peer_repeats: int) 
     import cupy
 
     from dcbg.devices import select_device
-    from dcbg.engines.cuda import CUDARollingMedian
+    from dcbg.engines.cudakernel import launcher_for
     from dcbg.selftest import engine_medians
 
     events = len(stack) - k
     flat = stack.reshape(len(stack), -1)
     frames = cupy.asarray(flat)
     medians = cupy.empty((events, PIXELS), np.uint8)
-    engine = CUDARollingMedian(SHAPE, k, events, 0)
-    engine.launch(frames, medians, events)  # plans the launch; the timed ones reuse it
+    launcher = launcher_for(0, PIXELS, k)
+    launcher.launch(frames, medians, events)  # plans the launch; the timed ones reuse it
     expected, _, _ = engine_medians(select_device("cpu"), flat, SHAPE, k, os.cpu_count())
     if not np.array_equal(cupy.asnumpy(medians), expected):
         raise SystemExit(f"error: the CUDA kernel disagrees with the CPU engine at k={k}; "
                          f"no timing recorded; run dcbg selftest --device cuda")
-    seconds = elapsed_seconds(lambda: engine.launch(frames, medians, events), LAUNCHES)
+    seconds = elapsed_seconds(lambda: launcher.launch(frames, medians, events), LAUNCHES)
     rows = [{"label": "dcbg CUDA kernel", "events": events, "k": k, "seconds": seconds}]
     import dcbg
     device_stack = frames.reshape(stack.shape)

@@ -56,7 +56,7 @@ def sanitize(device_index: int) -> int:
 
     from dcbg.devices import select_device
     from dcbg.engines.cpu import compute_median_for_slice
-    from dcbg.engines.cuda import CUDARollingMedian
+    from dcbg.engines.cudakernel import launcher_for
     from dcbg.selftest import engine_medians
 
     # Every array gets its own allocation, not a slice of CuPy's pool, so
@@ -71,13 +71,13 @@ def sanitize(device_index: int) -> int:
         frames[:, 0] = 255  # one bin holds the whole window
         expected = np.empty((windows, pixels), np.uint8)
         compute_median_for_slice(frames, expected, kernel_size, windows, slice(0, pixels))
+        launcher = launcher_for(device_index, pixels, kernel_size)
         with cupy.cuda.Device(device_index):
-            engine = CUDARollingMedian(shape, kernel_size, windows, device_index)
             device_frames = cupy.asarray(frames[:windows + kernel_size - 1])
             device_medians = cupy.empty((windows, pixels), np.uint8)
-            engine.launch(device_frames, device_medians, windows)
+            launcher.launch(device_frames, device_medians, windows)
             launched = cupy.asnumpy(device_medians)
-            plan = engine.plan(windows)
+            plan = launcher.plan(windows)
         piped, _, _ = engine_medians(device, frames, shape, kernel_size, 1)
         for what, medians in (("one launch", launched), ("the pipeline", piped)):
             same = np.array_equal(medians, expected)

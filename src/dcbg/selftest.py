@@ -201,23 +201,20 @@ def cuda_kernel_medians(index: int, frames: np.ndarray, shape, kernel_size: int,
     """
     import cupy
 
-    from .engines.cuda import CUDARollingMedian
+    from .engines.cudakernel import launcher_for
+    launcher = launcher_for(index, frames.shape[1], kernel_size)
     with cupy.cuda.Device(index):
-        engine = CUDARollingMedian(shape, kernel_size, windows, index)
-        try:
-            device_frames = cupy.asarray(frames)
-            device_medians = cupy.empty((windows, frames.shape[1]), np.uint8)
-            engine.launch(device_frames, device_medians, windows)
-            medians = cupy.asnumpy(device_medians)
-            stream = cupy.cuda.get_current_stream()
-            start = stream.record(cupy.cuda.Event(block=True))
-            for _ in range(repeats):
-                engine.launch(device_frames, device_medians, windows, stream)
-            end = stream.record(cupy.cuda.Event(block=True))
-            end.synchronize()
-            seconds = cupy.cuda.get_elapsed_time(start, end) / 1e3 / repeats
-        finally:
-            engine.close()
+        device_frames = cupy.asarray(frames)
+        device_medians = cupy.empty((windows, frames.shape[1]), np.uint8)
+        launcher.launch(device_frames, device_medians, windows)
+        medians = cupy.asnumpy(device_medians)
+        stream = cupy.cuda.get_current_stream()
+        start = stream.record(cupy.cuda.Event(block=True))
+        for _ in range(repeats):
+            launcher.launch(device_frames, device_medians, windows, stream)
+        end = stream.record(cupy.cuda.Event(block=True))
+        end.synchronize()
+        seconds = cupy.cuda.get_elapsed_time(start, end) / 1e3 / repeats
     return medians, seconds
 
 
