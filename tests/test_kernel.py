@@ -311,7 +311,7 @@ def test_kernels_compile_through_cupys_own_nvrtc_path():
     """
     python = cupy_python()
     if python is None:
-        pytest.skip("no CuPy here; CI sets DCBG_CUDA_PYTHON to a venv from dcbg[cuda12]")
+        pytest.skip("no CuPy here; CI sets DCBG_CUDA_PYTHON to a venv with the cuda12 extra")
     script = pathlib.Path(__file__).with_name("helpers") / "cupy_compile.py"
     run = subprocess.run([python, str(script), "--arch", "sm_80", "--arch", "sm_90"],
                          capture_output=True, text=True, timeout=600)

@@ -19,14 +19,13 @@ import os
 import pathlib
 import re
 
-from .errors import DeviceError, first_line
+from .errors import DeviceError, first_line, install_advice
 
 MIN_CUPY_MAJOR = 13
 """Oldest CuPy major dcbg runs with (asynchronous downloads need ``get(blocking=False)``)"""
 
-FIX_INSTALL = ("install the extra for your driver's CUDA major (see nvidia-smi): "
-               "pip install \"dcbg[cuda12]\" or \"dcbg[cuda13]\", which brings CuPy, NVRTC "
-               "and the CUDA headers")
+FIX_INSTALL = ("install the extra for your driver's CUDA major (see nvidia-smi), which brings "
+               f"CuPy, NVRTC and the CUDA headers: {install_advice('cuda12', 'cuda13')}")
 """What to do when CuPy, NVRTC or the CUDA headers are missing"""
 
 DEFAULT_KERNEL_CACHE = "~/.cupy/kernel_cache"
