@@ -56,6 +56,7 @@ def sanitize(device_index: int) -> int:
 
     from dcbg.devices import select_device
     from dcbg.engines.cpu import compute_median_for_slice
+    from dcbg.engines.cudacontext import on_device
     from dcbg.engines.cudakernel import launcher_for
     from dcbg.selftest import engine_medians
 
@@ -72,7 +73,7 @@ def sanitize(device_index: int) -> int:
         expected = np.empty((windows, pixels), np.uint8)
         compute_median_for_slice(frames, expected, kernel_size, windows, slice(0, pixels))
         launcher = launcher_for(device_index, pixels, kernel_size)
-        with cupy.cuda.Device(device_index):
+        with on_device(device_index):
             device_frames = cupy.asarray(frames[:windows + kernel_size - 1])
             device_medians = cupy.empty((windows, pixels), np.uint8)
             launcher.launch(device_frames, device_medians, windows)

@@ -5,7 +5,7 @@ import pytest
 
 import dcbg
 from dcbg.cudaprobe import cuda_device_count, cuda_unavailable_reason, visible_nvidia_gpus
-from dcbg.engines import cudamemory
+from dcbg.engines import cudakernel, cudamemory
 from dcbg.reference import rolling_median_reference
 from helpers.data import stack_cases
 
@@ -26,6 +26,7 @@ def background(stack, tmp_path, device, device_batch=None, **kwargs):
     with pytest.MonkeyPatch.context() as monkeypatch:
         if device_batch is not None:
             monkeypatch.setattr(cudamemory, "DEVICE_BATCH_LIMIT", device_batch)
+            monkeypatch.setattr(cudakernel.Launcher, "windows_to_fill", lambda self: 0)
         with dcbg.BackgroundRollMed(stack, out, device=device, **kwargs) as bg:
             bg.process()
     with h5py.File(out) as h5:

@@ -36,8 +36,13 @@ def load(library) -> ctypes.CDLL:
     lib.dcbg_host_launch.restype = ctypes.c_int
     lib.dcbg_host_launch.argtypes = [
         ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int,
         ctypes.c_int]
+    lib.dcbg_host_launch_rows.restype = ctypes.c_int
+    lib.dcbg_host_launch_rows.argtypes = [
+        ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+        ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong,
+        ctypes.c_int, ctypes.c_int]
     return lib
 
 
