@@ -223,6 +223,16 @@ def test_planning_is_bounded_and_the_grid_fits_cuda():
         assert len(set(candidates)) == len(candidates)
 
 
+@pytest.mark.parametrize("ci,werror", [("true", True), ("1", True), ("", False),
+                                        ("false", False), (None, False)])
+def test_shim_warnings_are_errors_only_in_ci(monkeypatch, ci, werror):
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    assert ("-Werror" in hk.compile_flags()) == werror
+
+
 def test_histograms_are_used_through_their_count_type_only(tmp_path):
     """Counts zeroed as 32-bit words and used as 8- or 16-bit ones break C++'s aliasing
     rules, which let the compiler reorder the zeroing after the counting"""
