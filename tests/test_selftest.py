@@ -111,6 +111,18 @@ def test_command_prints_one_table_and_writes_json(tmp_path, capsys):
     assert {row["count_bits"] for row in data["rows"]} >= {8, 16, 32}
 
 
+@pytest.mark.parametrize("where", ["missing_folder/report.json", "."])
+def test_a_json_path_that_cannot_be_written_fails_before_the_selftest(tmp_path, capsys,
+                                                                       where):
+    code = main(["selftest", "--device", "cpu", "--events", "2", "--file-events", "0",
+                 "--num-cpus", "1", "--json", str(tmp_path / where)])
+    captured = capsys.readouterr()
+    assert code == 1  # as dcbg compute treats an output in a missing folder
+    assert captured.out == ""  # nothing was computed
+    assert captured.err.startswith("error: Output ")
+    assert len(captured.err.strip().splitlines()) == 1 and "Errno" not in captured.err
+
+
 def test_cuda_all_checks_each_gpu_then_the_split(fake_gpu):
     fake_gpu(device_count=2)
     rows = run_selftest("cuda:all", cases=TINY[:1], file_events=150, num_cpus=1)

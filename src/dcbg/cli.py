@@ -562,6 +562,8 @@ def cmd_info(args) -> int:
 
 def cmd_selftest(args) -> int:
     from . import selftest
+    if args.json:
+        check_output_path(args.json)  # before minutes of work, not after them
     emit(f"dcbg {__version__} selftest, --device {args.device}: load the kernel, compare "
          f"with the CPU engine and the definition, measure")
     emit(selftest.table_header())
