@@ -44,6 +44,10 @@ OUTPUT_SUFFIX = "_bg.rtdc"
 LOCAL_CLUSTER = "local"
 """``--dask`` address of a cluster started on this machine (``local`` or ``local:N``)"""
 
+SCHEDULER_CONNECT_SECONDS = 5
+"""How long a run tries to reach a Dask scheduler: long enough for one started just before
+(``dask scheduler &`` then ``dcbg compute``), short enough that a wrong address fails soon"""
+
 SCHEDULER_ADDRESS = re.compile(r"^(?:[a-z][a-z0-9+.-]*://)?(?P<host>[^/:]+|\[[0-9a-f:.]+\])"
                                r":(?P<port>\d+)$", re.IGNORECASE)
 """A Dask scheduler address: ``[protocol://]host:port`` (IPv6 hosts in brackets)"""
@@ -316,7 +320,7 @@ def run_on_dask(jobs, settings: JobSettings, address: str, retries: int = 2,
         cluster = start_local_cluster(address, settings.device)
         client = Client(cluster)
     else:
-        client = Client(address, timeout="30s")
+        client = connect_to_scheduler(address)
     try:
         futures = {}
         for index, (source, target) in enumerate(jobs):
@@ -345,6 +349,22 @@ def run_on_dask(jobs, settings: JobSettings, address: str, retries: int = 2,
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def connect_to_scheduler(address: str):
+    """A Dask client of the scheduler at `address`, or an OSError naming the address
+
+    Connecting is retried for :data:`SCHEDULER_CONNECT_SECONDS` (Dask's own
+    default waits 30 s where nothing listens).
+    """
+    from distributed import Client
+    try:
+        return Client(address, timeout=f"{SCHEDULER_CONNECT_SECONDS}s")
+    except OSError as error:
+        raise ConnectionError(
+            f"No Dask scheduler answered at {address} within {SCHEDULER_CONNECT_SECONDS} s; "
+            f"start one there (dask scheduler) or give the address of a running one."
+        ) from error
 
 
 def display_name(source, root=None) -> str:
