@@ -1,6 +1,7 @@
 """The dcbg command line as a user types it"""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 
 from dcbg import cpukernels
-from dcbg.cli import main
+from dcbg.cli import COMPUTE_EXAMPLES, main
+from dcbg.ppid import keyword_defaults
 from dcbg.reference import rolling_median_reference
+from dcbg.rollmed import BackgroundRollMed
 from dcbg.synthetic import write_synthetic_rtdc
 from helpers.files import folder_state, write_images
 
@@ -108,6 +111,29 @@ def test_usage_errors_exit_2(recording, capsys):
     assert exc.value.code == 2
 
 
+def test_compute_help_names_the_keywords_their_defaults_and_examples_that_work(
+        tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compute", "--help"])
+    assert exc.value.code == 0
+    help_text = capsys.readouterr().out
+    defaults = keyword_defaults(BackgroundRollMed.check_user_kwargs)
+    assert defaults == {"kernel_size": 100, "batch_size": 10000}
+    assert "rollmed: kernel_size=100, batch_size=10000" in help_text  # the method's own
+    assert "defaults of rollmed: kernel_size=100, batch_size=10000" in " ".join(
+        help_text.split())  # -kb's own help, wrapped
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_rtdc("measurement.rtdc", 210, shape=(4, 6), seed=6)
+    (tmp_path / "archive" / "day1").mkdir(parents=True)
+    write_synthetic_rtdc("archive/day1/a.rtdc", 110, shape=(4, 6), seed=7)
+    for command, meaning in COMPUTE_EXAMPLES:
+        assert f"  {command}\n      {meaning}\n" in help_text + "\n"
+        words = shlex.split(command)
+        assert words[:2] == ["dcbg", "compute"]
+        assert main(words[1:]) == 0, (command, capsys.readouterr().err)
+    assert (tmp_path / "out.rtdc").is_file() and (tmp_path / "measurement_bg.rtdc").is_file()
+
+
 def test_demo_and_info_as_console_script(tmp_path):
     run = subprocess.run([sys.executable, "-m", "dcbg", "demo", "--events", "300",
                           "--folder", str(tmp_path), "--device", "cpu"],
@@ -162,7 +188,14 @@ def test_console_entry_point_owns_its_process(recording, tmp_path):
     (["-kb", "kernel_size=2.5"], 1, "not a valid int"),
     (["-kb", "kernel_size=ten"], 1, "not a valid int"),
     (["-kb", "kernel_size=10", "-kb", "batch_size=10"], 1, "larger than kernel_size"),
-    (["-kb", "window=10"], 1, "Unknown PPID keyword 'window'"),
+    (["-kb", "window=10"], 1, "Unknown -kb keyword 'window'; the keywords of rollmed and their "
+                              "defaults are kernel_size=100, batch_size=10000"),
+    (["-kb", "kernal_size=200"], 1, "Unknown -kb keyword 'kernal_size' (did you mean "
+                                    "kernel_size?)"),
+    # too few events is said first: kernel_size=20000 breaks batch_size's rule as well
+    (["-kb", "kernel_size=20000"], 1, "N=60 events"),
+    (["-kb", "kernel_size=100", "-kb", "batch_size=50"], 1, "N=60 events"),
+    (["-kb", "kernel_size=40", "-kb", "batch_size=20"], 1, "batch_size must be larger"),
     (["--ppid", "rollmed:k100"], 1, "not of the form key=value"),
     (["--ppid", "k=100"], 1, "has no method code"),
     (["--ppid", "sparsemed:k=100"], 2, "unknown background method 'sparsemed'"),

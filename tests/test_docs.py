@@ -13,7 +13,7 @@ import sys
 import pytest
 
 import dcbg
-from dcbg.cli import build_parser
+from dcbg.cli import COMPUTE_EXAMPLES, build_parser, default_keywords
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -64,3 +64,15 @@ def test_command_line_page_shows_every_subcommand(docs_build):
     text = page_text(built(docs_build) / "cli.html")
     missing = [name for name in subcommands if f"dcbg {name} [-h]" not in text]
     assert not missing, f"subcommands missing from the generated command line: {missing}"
+
+
+def test_command_line_page_names_the_method_keywords_and_examples(docs_build):
+    page = (built(docs_build) / "cli.html").read_text()
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+    # the typography of dashes and quotes is not what this test is about
+    text = text.replace("\u2013", "--").replace("\u201c", '"').replace("\u201d", '"')
+    for code, cls in dcbg.get_available_background_methods().items():
+        assert f"{code}: {default_keywords(cls)}" in text
+    assert "rollmed: kernel_size=100, batch_size=10000" in text
+    for command, meaning in COMPUTE_EXAMPLES:
+        assert f"{command} {meaning}" in text

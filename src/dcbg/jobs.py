@@ -153,8 +153,8 @@ def check_input(source, settings: JobSettings, target=None) -> int:
 
     Opens the file read-only and finds its frames as a computation does
     (through basins and event mappings), then checks the event count
-    against the method's ``kernel_size`` where it has one, and the output
-    path `target` as the computation would. Nothing is written, not even
+    (:meth:`dcbg.Background.check_event_count`) and the output path
+    `target` as the computation would. Nothing is written, not even
     for an in-place run.
 
     Raises
@@ -166,12 +166,11 @@ def check_input(source, settings: JobSettings, target=None) -> int:
     from .ppid import keyword_defaults
     from .rtdc.output import EXISTING, check_existing_output, plan_output
     from .rtdc.reader import RTDCInput
-    from .windows import check_stack_length
     with RTDCInput(source) as rtdc_in:
         events = rtdc_in.event_count
     cls = get_available_background_methods()[settings.method]
-    kwargs = {**keyword_defaults(cls.check_user_kwargs), **settings.kwargs}
-    check_stack_length(events, kwargs.get("kernel_size", 1))
+    cls.check_event_count(events, {**keyword_defaults(cls.check_user_kwargs),
+                                   **settings.kwargs})
     if target is not None and plan_output(target, source).kind == EXISTING:
         check_existing_output(pathlib.Path(target), events)
     return events
