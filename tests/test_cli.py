@@ -140,8 +140,7 @@ def test_demo_and_info_as_console_script(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "300 events" in run.stdout and "rollmed:k=100^b=10000" in run.stdout
-    assert run.stdout.strip().splitlines()[-1] == (
-        f"Look at it: dcbg preview {tmp_path / 'demo_bg.rtdc'}")
+    assert f"  dcbg preview {tmp_path / 'demo_bg.rtdc'} " in run.stdout
     data, _ = image_bg(tmp_path / "demo_bg.rtdc")
     assert np.array_equal(data, rolling_median_reference(images(tmp_path / "demo.rtdc"), 100))
     info = subprocess.run([sys.executable, "-m", "dcbg", "info"], capture_output=True,
@@ -220,7 +219,7 @@ def test_bad_arguments_through_the_cli(tmp_path, capsys, argv, code, message):
     assert folder_state(tmp_path) == before
 
 
-def test_demo_writes_into_a_folder_of_the_current_one(tmp_path):
+def test_demo_writes_into_a_folder_of_the_current_one(tmp_path, monkeypatch, capsys):
     for _ in range(2):  # a second demo reuses the folder
         run = subprocess.run([sys.executable, "-m", "dcbg", "demo", "--events", "150",
                               "--device", "cpu"], cwd=tmp_path, capture_output=True,
@@ -228,7 +227,16 @@ def test_demo_writes_into_a_folder_of_the_current_one(tmp_path):
         assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in (tmp_path / "dcbg-demo").iterdir()) == ["demo.rtdc",
                                                                           "demo_bg.rtdc"]
-    assert "Look at it: dcbg preview dcbg-demo/demo_bg.rtdc" in run.stdout
+    # the demo ends with commands that work as printed, in the folder it ran in
+    commands = [line.strip() for line in run.stdout.splitlines() if line.startswith("  dcbg ")]
+    assert [command.split()[1] for command in commands] == ["preview", "info", "compute"]
+    assert "dcbg compute dcbg-demo/demo.rtdc --force" in commands[-1]
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        words = shlex.split(command, comments=True)
+        assert main(words[1:]) == 0, (command, capsys.readouterr().err)
+    assert (tmp_path / "dcbg-demo" / "demo_bg_preview.png").stat().st_size > 10_000
+    assert image_bg(tmp_path / "dcbg-demo" / "demo_bg.rtdc")[1] == "rollmed:k=100^b=10000"
 
 
 def test_recursive_run_skips_existing_outputs_and_processes_new_files(tmp_path, capsys):

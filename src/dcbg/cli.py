@@ -7,6 +7,7 @@ import gc
 import logging
 import os
 import pathlib
+import shlex
 import sys
 import tempfile
 import threading
@@ -416,8 +417,31 @@ def cmd_demo(args) -> int:
         pathlib.Path(partial).unlink(missing_ok=True)
     emit(result_line(compute_file(source, target, settings, progress_bar,
                                   report_final_errors=False)))
-    emit(f"Look at it: dcbg preview {target}")
+    emit("Next steps, each works as printed:")
+    for command, meaning in demo_next_commands(source, target):
+        emit(f"  {command:<{DEMO_COMMAND_WIDTH}} # {meaning}")
+    emit(f"For your own recording, use its path in place of {quoted(source)}")
+    emit("(without --force, an existing output is kept and the command stops).")
     return 0
+
+
+DEMO_COMMAND_WIDTH = 44
+"""Width of the commands the demo prints last, so that their comments line up"""
+
+
+def quoted(path: pathlib.Path) -> str:
+    """A path as a shell takes it"""
+    return shlex.quote(str(path))
+
+
+def demo_next_commands(source: pathlib.Path, target: pathlib.Path) -> list[tuple[str, str]]:
+    """The commands the demo ends with, each working as printed (command, what it does)"""
+    return [
+        (f"dcbg preview {quoted(target)}", "PNG of frames, backgrounds, corrected frames"),
+        (f"dcbg info {quoted(target)}", "the output's PPID, run log and basin"),
+        (f"dcbg compute {quoted(source)} --force",
+         f"compute again; --force replaces {target.name}"),
+    ]
 
 
 CHIPSTREAM_EXAMPLE = "dcbg chipstream --device cpu -- -b rollmed -kb kernel_size=100 data.rtdc"
