@@ -8,6 +8,7 @@ import logging
 import os
 import pathlib
 import shlex
+import shutil
 import sys
 import tempfile
 import threading
@@ -609,6 +610,34 @@ def cmd_info(args) -> int:
     return 0
 
 
+class StatusLine:
+    """What runs now, in one line on a terminal's stderr, erased before the next output
+
+    Off where stderr is no terminal (a log file, a pipe), which would keep
+    every state; there the lines of the output say how far a run has got.
+    """
+
+    def __init__(self):
+        self.stream = sys.stderr
+        self.enabled = self.stream.isatty()
+        self.shown = False
+
+    def show(self, text: str):
+        """Replace the line by `text`"""
+        if self.enabled:
+            width = max(10, shutil.get_terminal_size().columns - 1)  # no wrap, \r reaches it
+            self.stream.write(f"\r\x1b[K{f'{text} …'[:width]}")
+            self.stream.flush()
+            self.shown = True
+
+    def clear(self):
+        """Erase the line"""
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
 def cmd_selftest(args) -> int:
     from . import selftest
     if args.json:
@@ -616,9 +645,18 @@ def cmd_selftest(args) -> int:
     emit(f"dcbg {__version__} selftest, --device {args.device}: load the kernel, compare "
          f"with the CPU engine and the definition, measure")
     emit(selftest.table_header())
-    rows = selftest.run_selftest(args.device, events=args.events, file_events=args.file_events,
-                                 num_cpus=args.num_cpus,
-                                 on_row=lambda row: emit(selftest.table_line(row)))
+    status = StatusLine()
+
+    def show_row(row):
+        status.clear()
+        emit(selftest.table_line(row))
+
+    try:
+        rows = selftest.run_selftest(args.device, events=args.events,
+                                     file_events=args.file_events, num_cpus=args.num_cpus,
+                                     on_row=show_row, on_step=status.show)
+    finally:
+        status.clear()
     if args.json:
         import json
         pathlib.Path(args.json).write_text(json.dumps(selftest.summary(rows), indent=1))
