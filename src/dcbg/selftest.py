@@ -52,9 +52,9 @@ DEFINITION_WINDOWS = (8, 40)
 """Fewest and most windows of a stack compared with the definition"""
 
 DEFINITION_FRAME_PIXELS = 1 << 25
-"""Pixel-frames the definition partially sorts per stack, where that allows more than the
-fewest windows (about 0.3 s on one CPU): 13 windows at k=100 on 80×320 frames, the fewest
-at k=300, the most at k=10"""
+"""Frames × pixels the definition partially sorts per stack (about 0.3 s on one CPU),
+within :data:`DEFINITION_WINDOWS`: 13 windows at k=100 on 80×320 frames, the fewest at
+k=300, the most at k=10"""
 
 STACK_PERIOD = 1024
 """Distinct synthetic frames of a stack and of the file-to-file recording; longer ones
