@@ -143,6 +143,71 @@ def test_a_gpu_out_that_overlaps_the_frames_is_refused(fake_gpu):
                           rolling_median_windows_reference(stack, 4))
 
 
+FRAMES_AT = 100
+"""Byte where the frames start in the mapped file: not a page boundary, as after a header"""
+
+
+def mapped_frames(path, stack):
+    """`stack` written into a file at FRAMES_AT, with room after it; its memory map"""
+    path.write_bytes(bytes(FRAMES_AT + 2 * stack.nbytes))
+    frames = np.memmap(path, np.uint8, "r+", FRAMES_AT, stack.shape)
+    frames[:] = stack
+    return frames
+
+
+@pytest.mark.parametrize("out_at, overlaps", [
+    (FRAMES_AT, True),  # the same bytes
+    (FRAMES_AT + 7 * 3 * 4 - 1, True),  # the frames' last byte is out's first
+    (FRAMES_AT - 5 * 3 * 4 + 1, True),  # out's last byte is the frames' first
+    (FRAMES_AT + 7 * 3 * 4, False),  # right after the frames
+    (0, False),  # before them, up to their first byte
+])
+def test_two_memory_maps_of_one_file_are_refused_where_their_bytes_overlap(tmp_path, out_at,
+                                                                           overlaps):
+    stack = np.random.default_rng(5).integers(0, 256, (7, 3, 4), dtype=np.uint8)
+    path = tmp_path / "frames.bin"
+    frames = mapped_frames(path, stack)
+    out = np.memmap(path, np.uint8, "r+", out_at, (5, 3, 4))
+    if overlaps:
+        with pytest.raises(ValueError, match="out overlaps frames"):
+            dcbg.rolling_median(frames, 3, device="cpu", out=out)
+        assert np.array_equal(frames, stack)  # nothing was written
+    else:
+        dcbg.rolling_median(frames, 3, device="cpu", out=out)
+        assert np.array_equal(out, rolling_median_windows_reference(stack, 3))
+        assert np.array_equal(frames, stack)
+
+
+def test_views_of_memory_maps_are_placed_in_their_file(tmp_path):
+    stack = np.random.default_rng(6).integers(0, 256, (12, 2, 5), dtype=np.uint8)
+    path = tmp_path / "frames.bin"
+    mapped_frames(path, stack)
+    whole = np.memmap(path, np.uint8, "r+")  # the whole file, header and room included
+    frames = whole[FRAMES_AT:FRAMES_AT + stack.nbytes].reshape(stack.shape)
+    other = np.memmap(path, np.uint8, "r+")
+    background = dcbg.rolling_median_background
+    for overlapping in (other[FRAMES_AT + 10:FRAMES_AT + 10 + stack.nbytes],
+                        np.asarray(other)[FRAMES_AT:][::-1][-stack.nbytes:]):
+        with pytest.raises(ValueError, match="out overlaps frames"):
+            background(frames, 4, device="cpu", out=overlapping.reshape(stack.shape))
+    beside = other[FRAMES_AT + stack.nbytes:FRAMES_AT + 2 * stack.nbytes].reshape(stack.shape)
+    background(frames[:, :, ::-1], 4, device="cpu", out=beside)  # a view with negative strides
+    assert np.array_equal(beside, rolling_median_reference(stack[:, :, ::-1], 4))
+
+
+def test_memory_maps_of_different_files_and_copy_on_write_outs_are_accepted(tmp_path):
+    stack = np.random.default_rng(7).integers(0, 256, (9, 4), dtype=np.uint8)
+    frames = mapped_frames(tmp_path / "frames.bin", stack)
+    expected = rolling_median_windows_reference(stack, 2)
+    elsewhere = mapped_frames(tmp_path / "out.bin", np.zeros_like(stack))[:8]
+    dcbg.rolling_median(frames, 2, device="cpu", out=elsewhere)
+    assert np.array_equal(elsewhere, expected)
+    # writes to a copy-on-write map stay in memory: the frames' bytes in the file do not change
+    private = np.memmap(tmp_path / "frames.bin", np.uint8, "c", FRAMES_AT, (8, 4))
+    dcbg.rolling_median(frames, 2, device="cpu", out=private)
+    assert np.array_equal(private, expected) and np.array_equal(frames, stack)
+
+
 class CudaTensor:
     """A CUDA array of another library (as torch's): __cuda_array_interface__ over GPU memory"""
 

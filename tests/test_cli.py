@@ -1,6 +1,7 @@
 """The dcbg command line as a user types it"""
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -9,8 +10,10 @@ import numpy as np
 import pytest
 
 from dcbg import cpukernels
-from dcbg.cli import main
+from dcbg.cli import COMPUTE_EXAMPLES, main
+from dcbg.ppid import keyword_defaults
 from dcbg.reference import rolling_median_reference
+from dcbg.rollmed import BackgroundRollMed
 from dcbg.synthetic import write_synthetic_rtdc
 from helpers.files import folder_state, write_images
 
@@ -108,14 +111,36 @@ def test_usage_errors_exit_2(recording, capsys):
     assert exc.value.code == 2
 
 
+def test_compute_help_names_the_keywords_their_defaults_and_examples_that_work(
+        tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["compute", "--help"])
+    assert exc.value.code == 0
+    help_text = capsys.readouterr().out
+    defaults = keyword_defaults(BackgroundRollMed.check_user_kwargs)
+    assert defaults == {"kernel_size": 100, "batch_size": 10000}
+    assert "rollmed: kernel_size=100, batch_size=10000" in help_text  # the method's own
+    assert "defaults of rollmed: kernel_size=100, batch_size=10000" in " ".join(
+        help_text.split())  # -kb's own help, wrapped
+    monkeypatch.chdir(tmp_path)
+    write_synthetic_rtdc("measurement.rtdc", 210, shape=(4, 6), seed=6)
+    (tmp_path / "archive" / "day1").mkdir(parents=True)
+    write_synthetic_rtdc("archive/day1/a.rtdc", 110, shape=(4, 6), seed=7)
+    for command, meaning in COMPUTE_EXAMPLES:
+        assert f"  {command}\n      {meaning}\n" in help_text + "\n"
+        words = shlex.split(command)
+        assert words[:2] == ["dcbg", "compute"]
+        assert main(words[1:]) == 0, (command, capsys.readouterr().err)
+    assert (tmp_path / "out.rtdc").is_file() and (tmp_path / "measurement_bg.rtdc").is_file()
+
+
 def test_demo_and_info_as_console_script(tmp_path):
     run = subprocess.run([sys.executable, "-m", "dcbg", "demo", "--events", "300",
                           "--folder", str(tmp_path), "--device", "cpu"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "300 events" in run.stdout and "rollmed:k=100^b=10000" in run.stdout
-    assert run.stdout.strip().splitlines()[-1] == (
-        f"Look at it: dcbg preview {tmp_path / 'demo_bg.rtdc'}")
+    assert f"  dcbg preview {tmp_path / 'demo_bg.rtdc'} " in run.stdout
     data, _ = image_bg(tmp_path / "demo_bg.rtdc")
     assert np.array_equal(data, rolling_median_reference(images(tmp_path / "demo.rtdc"), 100))
     info = subprocess.run([sys.executable, "-m", "dcbg", "info"], capture_output=True,
@@ -162,7 +187,14 @@ def test_console_entry_point_owns_its_process(recording, tmp_path):
     (["-kb", "kernel_size=2.5"], 1, "not a valid int"),
     (["-kb", "kernel_size=ten"], 1, "not a valid int"),
     (["-kb", "kernel_size=10", "-kb", "batch_size=10"], 1, "larger than kernel_size"),
-    (["-kb", "window=10"], 1, "Unknown PPID keyword 'window'"),
+    (["-kb", "window=10"], 1, "Unknown -kb keyword 'window'; the keywords of rollmed and their "
+                              "defaults are kernel_size=100, batch_size=10000"),
+    (["-kb", "kernal_size=200"], 1, "Unknown -kb keyword 'kernal_size' (did you mean "
+                                    "kernel_size?)"),
+    # too few events is said first: kernel_size=20000 breaks batch_size's rule as well
+    (["-kb", "kernel_size=20000"], 1, "N=60 events"),
+    (["-kb", "kernel_size=100", "-kb", "batch_size=50"], 1, "N=60 events"),
+    (["-kb", "kernel_size=40", "-kb", "batch_size=20"], 1, "batch_size must be larger"),
     (["--ppid", "rollmed:k100"], 1, "not of the form key=value"),
     (["--ppid", "k=100"], 1, "has no method code"),
     (["--ppid", "sparsemed:k=100"], 2, "unknown background method 'sparsemed'"),
@@ -187,7 +219,7 @@ def test_bad_arguments_through_the_cli(tmp_path, capsys, argv, code, message):
     assert folder_state(tmp_path) == before
 
 
-def test_demo_writes_into_a_folder_of_the_current_one(tmp_path):
+def test_demo_writes_into_a_folder_of_the_current_one(tmp_path, monkeypatch, capsys):
     for _ in range(2):  # a second demo reuses the folder
         run = subprocess.run([sys.executable, "-m", "dcbg", "demo", "--events", "150",
                               "--device", "cpu"], cwd=tmp_path, capture_output=True,
@@ -195,7 +227,16 @@ def test_demo_writes_into_a_folder_of_the_current_one(tmp_path):
         assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in (tmp_path / "dcbg-demo").iterdir()) == ["demo.rtdc",
                                                                           "demo_bg.rtdc"]
-    assert "Look at it: dcbg preview dcbg-demo/demo_bg.rtdc" in run.stdout
+    # the demo ends with commands that work as printed, in the folder it ran in
+    commands = [line.strip() for line in run.stdout.splitlines() if line.startswith("  dcbg ")]
+    assert [command.split()[1] for command in commands] == ["preview", "info", "compute"]
+    assert "dcbg compute dcbg-demo/demo.rtdc --force" in commands[-1]
+    monkeypatch.chdir(tmp_path)
+    for command in commands:
+        words = shlex.split(command, comments=True)
+        assert main(words[1:]) == 0, (command, capsys.readouterr().err)
+    assert (tmp_path / "dcbg-demo" / "demo_bg_preview.png").stat().st_size > 10_000
+    assert image_bg(tmp_path / "dcbg-demo" / "demo_bg.rtdc")[1] == "rollmed:k=100^b=10000"
 
 
 def test_recursive_run_skips_existing_outputs_and_processes_new_files(tmp_path, capsys):

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 import dcbg
-from dcbg.cli import build_parser
+from dcbg.cli import COMPUTE_EXAMPLES, build_parser, default_keywords
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,9 +41,13 @@ def built(docs_build) -> pathlib.Path:
     return folder
 
 
+BLOCK_END = re.compile(r"</(?:p|dt|dd|li|div|pre|h[1-6]|td|th|tr)>|<br\s*/?>")
+"""Tags that end a block: a reader sees a break there, where inline tags show nothing"""
+
+
 def page_text(page: pathlib.Path) -> str:
-    """What a reader sees of an HTML page: its text, without tags"""
-    return html.unescape(re.sub(r"<[^>]+>", "", page.read_text()))
+    """What a reader sees of an HTML page: its text, without tags, blocks apart"""
+    return html.unescape(re.sub(r"<[^>]+>", "", BLOCK_END.sub(" ", page.read_text())))
 
 
 def test_docs_build_without_warnings(docs_build):
@@ -126,3 +130,15 @@ def test_no_en_dash_starts_a_word(docs_build):
         text = page_text(page)
         glued = re.findall(r"\S{0,20}(?<![\w.])\u2013[A-Za-z]\S{0,20}", text)
         assert not glued, f"{page.name} shows en-dashes where the source has '--': {glued}"
+
+
+def test_command_line_page_names_the_method_keywords_and_examples(docs_build):
+    page = (built(docs_build) / "cli.html").read_text()
+    text = " ".join(html.unescape(re.sub(r"<[^>]+>", " ", page)).split())
+    # the typography of dashes and quotes is not what this test is about
+    text = text.replace("\u2013", "--").replace("\u201c", '"').replace("\u201d", '"')
+    for code, cls in dcbg.get_available_background_methods().items():
+        assert f"{code}: {default_keywords(cls)}" in text
+    assert "rollmed: kernel_size=100, batch_size=10000" in text
+    for command, meaning in COMPUTE_EXAMPLES:
+        assert f"{command} {meaning}" in text

@@ -1,8 +1,11 @@
 """Many recordings on a Dask LocalCluster (loopback), one task per file"""
+import socket
+
 import h5py
 import numpy as np
 import pytest
 
+from dcbg import jobs
 from dcbg.cli import main
 from dcbg.jobs import FileResult, JobSettings, check_dask_address, run_on_dask, summary_table
 from dcbg.reference import rolling_median_reference
@@ -97,6 +100,29 @@ def test_bad_dask_addresses_are_refused_before_any_cluster_starts(address):
                                      "scheduler.lab:8786", "tls://[::1]:8786"])
 def test_valid_dask_addresses_pass(address):
     assert check_dask_address(address) == address
+
+
+def closed_port() -> int:
+    """A port of this machine that nothing listens on (bound once, then released)"""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_an_address_where_no_scheduler_listens_fails_soon_naming_it(tmp_path, monkeypatch,
+                                                                     capsys):
+    monkeypatch.setattr(jobs, "SCHEDULER_CONNECT_SECONDS", 1)  # 5 s for users, here shorter
+    address = f"tcp://127.0.0.1:{closed_port()}"
+    settings = JobSettings("rollmed", {"kernel_size": 4, "batch_size": 10})
+    with pytest.raises(ConnectionError, match=f"No Dask scheduler answered at {address} "
+                                              f"within 1 s; start one there"):
+        run_on_dask([], settings, address)
+    recording = write_synthetic_rtdc(tmp_path / "rec.rtdc", 30, shape=(6, 8))
+    assert main(["compute", str(recording), "--dask", address, "-kb", "kernel_size=4"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: No Dask scheduler answered at {address} within 1 s")
+    assert len(err.strip().splitlines()) == 1
+    assert not recording.with_name("rec_bg.rtdc").exists()
 
 
 def test_summary_table_names_files_relative_to_the_folder():

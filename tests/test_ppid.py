@@ -1,7 +1,10 @@
+import pickle
+
 import pytest
 
 import dcbg
 from dcbg import ppid
+from dcbg.errors import UnknownKeywordError
 
 
 def example_method(*, kernel_size: int = 100, keep_going: bool = False,
@@ -69,6 +72,14 @@ def test_get_ppid_of_instance(tmp_path):
 def test_decode_errors(text, message):
     with pytest.raises(ValueError, match=message):
         dcbg.Background.get_ppkw_from_ppid(text)
+
+
+def test_an_unknown_keyword_carries_what_it_concerns_across_processes():
+    with pytest.raises(UnknownKeywordError) as caught:
+        ppid.ppid_to_kwargs(dcbg.BackgroundRollMed.check_user_kwargs, "kernal_size=10")
+    for error in (caught.value, pickle.loads(pickle.dumps(caught.value))):  # as Dask sends it
+        assert (error.keyword, error.known) == ("kernal_size", ("kernel_size", "batch_size"))
+        assert str(error).startswith("Unknown PPID keyword 'kernal_size'")
 
 
 def test_available_methods():

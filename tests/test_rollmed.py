@@ -157,6 +157,9 @@ def test_golden_index_covers_every_recording_with_images(shared_data):
     ({"kernel_size": 3}, ValueError, "positive even integer"),
     ({"kernel_size": "100"}, ValueError, "must be an integer"),
     ({"kernel_size": 10, "batch_size": 4}, ValueError, "larger than kernel_size"),
+    # too few frames (50) is said before the batch_size rule they break as well
+    ({"kernel_size": 20000}, errors.InputDataError, "N=50 events"),
+    ({"kernel_size": 60, "batch_size": 30}, errors.InputDataError, "N=50 events"),
     ({"kernel": 10}, errors.UnknownKeywordError, "no keyword 'kernel'"),
     ({"kernel": 10}, TypeError, "no keyword 'kernel'"),
     ({"kernel_size": 4, "compress": "gzip"}, ValueError, "Unknown compression 'gzip'"),

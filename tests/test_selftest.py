@@ -1,13 +1,18 @@
 """``dcbg selftest`` on the CPU and on the stand-in GPU: it passes where the medians are
 right, and fails (exit code 1) where a kernel, the engine or the definition disagree"""
+import io
 import json
 import sys
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from dcbg import cpukernels, selftest
 from dcbg.cli import main
+from dcbg.reference import rolling_median_windows_reference, window_medians_by_partition
 from dcbg.selftest import StackCase, run_selftest
 from helpers import host_kernel as hk
 from helpers.fake_cupy import CUDARuntimeError
@@ -87,6 +92,106 @@ def test_a_cpu_kernel_that_differs_from_the_definition_fails(monkeypatch):
     assert not selftest.passed(rows)
 
 
+def test_a_wrong_window_far_from_the_start_fails_the_definition_check(monkeypatch):
+    kernels = cpukernels.cpu_kernels()
+
+    def wrong(frames, out, kernel_size, output_size, start, stop, counts):
+        kernels.rolling_median_columns(frames, out, kernel_size, output_size, start, stop,
+                                       counts)
+        out[output_size - 1, start] ^= 1  # the last window of every batch
+
+    monkeypatch.setattr(cpukernels, "cpu_kernels",
+                        lambda: kernels._replace(rolling_median_columns=wrong))
+    rows = run_selftest("cpu", cases=[StackCase(10, (8, 40), 200)], file_events=0,
+                        num_cpus=1)
+    assert rows[-1].same_as_definition is False
+    window = int(rows[-1].note.split("(window, pixel) (")[1].split(",")[0])
+    assert window >= 40  # beyond the first windows, which once were all it compared
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.data())
+def test_the_partition_twin_equals_the_definition(data):
+    count = data.draw(st.integers(1, 30))
+    values = data.draw(st.sampled_from([st.integers(0, 255), st.sampled_from([0, 255]),
+                                        st.sampled_from([7, 8])]))
+    stack = data.draw(arrays(np.uint8, (count, *data.draw(st.sampled_from([(), (2, 3)]))),
+                             elements=values))
+    kernel_size = data.draw(st.integers(1, count))
+    starts = data.draw(st.lists(st.integers(0, count - kernel_size), max_size=6))
+    expected = rolling_median_windows_reference(stack, kernel_size)[starts]
+    assert np.array_equal(window_medians_by_partition(stack, kernel_size, starts), expected)
+
+
+def test_definition_windows_cover_every_count_width_and_the_stacks_ends():
+    cases = selftest.default_cases()
+    starts = {case.kernel_size: selftest.definition_starts(case) for case in cases}
+    assert {case.count_bits for case in cases} == {8, 16, 32}
+    for case in cases:
+        chosen = starts[case.kernel_size]
+        assert chosen[0] == 0 and chosen[-1] == case.windows - 1  # the first and last windows
+        assert list(chosen[:4]) == [0, 1, 2, 3]  # medians that follow one another
+        assert len(chosen) >= selftest.DEFINITION_WINDOWS[0]
+    # each window costs k times the pixels: fewer of them where k is large
+    assert len(starts[300]) < len(starts[100]) < len(starts[10])
+    with pytest.raises(ValueError, match="from 0 to 3"):
+        window_medians_by_partition(np.zeros((5, 2), np.uint8), 2, [4])
+
+
+def test_each_row_comes_when_done_after_saying_what_runs():
+    events = []
+    rows = run_selftest("cpu", cases=TINY, file_events=150, num_cpus=1,
+                        on_row=lambda row: events.append(("row", row.check, row.kernel_size)),
+                        on_step=lambda text: events.append(("step", text)))
+    assert selftest.passed(rows)
+    assert events[:2] == [("step", "cpu: loading the median kernel"),
+                          ("row", "load kernel", None)]
+    for case in TINY:
+        row = events.index(("row", "median", case.kernel_size))
+        steps = [event[1] for event in events[:row] if event[0] == "step"]
+        assert steps[-1].startswith(f"k={case.kernel_size}: comparing ")
+        assert f"k={case.kernel_size}: computing {case.frames} frames of " in " ".join(steps)
+    file_steps = [event[1] for event in events[events.index(("row", "median", 70_000)):]
+                  if event[0] == "step"]
+    assert file_steps[0] == "file to file: writing a synthetic recording of 150 events"
+    assert events[-1] == ("row", "file to file", 100)
+
+
+def test_a_periodic_recording_repeats_the_synthetic_stack(tmp_path):
+    import h5py
+
+    from dcbg.synthetic import synthetic_stack, write_synthetic_rtdc
+    path = write_synthetic_rtdc(tmp_path / "periodic.rtdc", 600, shape=(4, 6), period=256)
+    with h5py.File(path) as h5:
+        image = h5["events/image"][:]
+    assert np.array_equal(image, synthetic_stack(256, (4, 6))[np.arange(600) % 256])
+    with pytest.raises(ValueError, match="multiple of 256"):
+        write_synthetic_rtdc(tmp_path / "other.rtdc", 600, shape=(4, 6), period=300)
+
+
+class Terminal(io.StringIO):
+    """stderr as a terminal shows it"""
+
+    def isatty(self):
+        return True
+
+
+def test_command_shows_what_runs_on_a_terminal_only(monkeypatch, capsys):
+    argv = ["selftest", "--device", "cpu", "--events", "2", "--file-events", "120",
+            "--num-cpus", "1"]
+    assert main(argv) == 0
+    assert capsys.readouterr().err == ""  # a log file keeps no erased lines
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(argv) == 0
+    shown = terminal.getvalue()
+    assert "\r\x1b[Kcpu: loading the median kernel …" in shown
+    assert "\r\x1b[Kk=300: comparing 2 windows with the definition …" in shown
+    assert shown.endswith("\r\x1b[K")  # erased before the verdict
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and out.splitlines()[-1].startswith("selftest passed")
+
+
 def test_command_exits_1_and_shows_the_difference(fake_gpu, monkeypatch, capsys):
     fake_gpu()
     corrupt_kernel(monkeypatch, "dcbg_rollmed_count8")
@@ -109,6 +214,18 @@ def test_command_prints_one_table_and_writes_json(tmp_path, capsys):
     data = json.loads(report.read_text())
     assert data["passed"] is True and len(data["rows"]) == 6
     assert {row["count_bits"] for row in data["rows"]} >= {8, 16, 32}
+
+
+@pytest.mark.parametrize("where", ["missing_folder/report.json", "."])
+def test_a_json_path_that_cannot_be_written_fails_before_the_selftest(tmp_path, capsys,
+                                                                       where):
+    code = main(["selftest", "--device", "cpu", "--events", "2", "--file-events", "0",
+                 "--num-cpus", "1", "--json", str(tmp_path / where)])
+    captured = capsys.readouterr()
+    assert code == 1  # as dcbg compute treats an output in a missing folder
+    assert captured.out == ""  # nothing was computed
+    assert captured.err.startswith("error: Output ")
+    assert len(captured.err.strip().splitlines()) == 1 and "Errno" not in captured.err
 
 
 def test_cuda_all_checks_each_gpu_then_the_split(fake_gpu):

@@ -16,7 +16,15 @@ device:
 """
 from __future__ import annotations
 
+import mmap
+import os
+
 import numpy as np
+
+try:
+    from numpy.lib.array_utils import byte_bounds
+except ImportError:  # NumPy 1
+    byte_bounds = np.byte_bounds
 
 from .engines.base import frame_pixels
 from .windows import background_window_count, window_count
@@ -49,7 +57,12 @@ def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None):
     out: array-like, optional
         Where to put the result: an array of shape ``(N - kernel_size + 1,
         ...)`` and dtype uint8 (NumPy array, memory map or h5py dataset for
-        host input; a CuPy array on the same GPU for GPU input).
+        host input; a CuPy array on the same GPU for GPU input). It must not
+        share storage with `frames`, since later windows still read frames
+        that earlier results would overwrite: an `out` that overlaps them in
+        memory, or in the file both map (two memory maps of one file), is
+        refused; overlaps dcbg cannot see (an h5py dataset in the file of a
+        memory map, say) give wrong results.
 
     Returns
     -------
@@ -85,7 +98,8 @@ def rolling_median_background(frames, kernel_size: int, *, device: str = "auto",
     frames, kernel_size, device:
         As for :func:`rolling_median`.
     out: array-like, optional
-        As for :func:`rolling_median`, of the shape of `frames`.
+        As for :func:`rolling_median` (it must not share storage with
+        `frames`), of the shape of `frames`.
 
     Returns
     -------
@@ -217,8 +231,8 @@ def _host_out(out, shape: tuple, frames):
         raise TypeError(
             f"out must be a NumPy array, memory map or h5py dataset, got "
             f"{type(out).__name__}.")
-    if (isinstance(out, np.ndarray) and isinstance(frames, np.ndarray)
-            and np.may_share_memory(out, frames)):
+    if isinstance(out, np.ndarray) and isinstance(frames, np.ndarray) and (
+            np.may_share_memory(out, frames) or _same_file_bytes(out, frames)):
         raise overlap_error()
     return out
 
@@ -227,6 +241,39 @@ def overlap_error() -> ValueError:
     """The error for an `out` that shares memory with the frames (host or GPU)"""
     return ValueError("out overlaps frames; give an array of its own, since later windows "
                       "still read the frames that earlier results would overwrite.")
+
+
+def _same_file_bytes(out: np.ndarray, frames: np.ndarray) -> bool:
+    """Whether `out` and `frames` map overlapping bytes of one file (memory maps or their views)
+
+    Two memory maps of one file are separate arrays in memory, so
+    ``np.may_share_memory`` does not see that writing one changes the other.
+    """
+    written, read = _mapped_bytes(out), _mapped_bytes(frames)
+    if written is None or read is None or written[0] != read[0] or written[3] == "c":
+        return False  # not both in one file, or out is copy-on-write: its writes stay in memory
+    return written[1] < read[2] and read[1] < written[2]
+
+
+def _mapped_bytes(array: np.ndarray) -> tuple[tuple[int, int], int, int, str] | None:
+    """The file a memory-mapped array is in (device, inode), its first and end byte there
+    and the memory map's mode; None where it is no memory map of a named file or view of one
+    """
+    if array.size == 0:
+        return None
+    root = array
+    while isinstance(root.base, np.ndarray):
+        root = root.base
+    # the array numpy.memmap made over the mapping, `offset` bytes into the file
+    if not (isinstance(root, np.memmap) and isinstance(root.base, mmap.mmap) and root.filename):
+        return None
+    try:
+        info = os.stat(root.filename)
+    except OSError:
+        return None
+    low, high = byte_bounds(array)
+    start = root.offset + low - byte_bounds(root)[0]
+    return (info.st_dev, info.st_ino), start, start + high - low, root.mode
 
 
 __all__ = ["rolling_median", "rolling_median_background"]

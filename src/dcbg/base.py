@@ -87,7 +87,7 @@ class Background(abc.ABC):
     def __init__(self, input_data, output_path, compress=True, num_cpus=None, device="auto",
                  io_threads=None, **kwargs):
         self.logger = logging.getLogger(f"dcbg.{self.__class__.__name__}")
-        self.check_user_kwargs(**kwargs)
+        self.check_kwargs(kwargs, input_data)
 
         self.kwargs = ppid.keyword_defaults(self.check_user_kwargs)
         """keyword arguments of the method (all of them, defaults filled in)"""
@@ -180,9 +180,66 @@ class Background(abc.ABC):
 
     def validate_input(self):
         """Check that the input suits the method before any file is created"""
-        if self.image_count == 0:
+        self.check_event_count(self.image_count, self.kwargs)
+
+    @classmethod
+    def check_event_count(cls, events: int, kwargs: dict):
+        """Refuse an input of `events` events that the method cannot compute with `kwargs`
+
+        Parameters
+        ----------
+        events: int
+            The input's number of events.
+        kwargs: dict
+            The method's keyword arguments, all of them.
+
+        Raises
+        ------
+        InputDataError
+            If the input has too few events (here: none).
+        """
+        if events == 0:
             raise InputDataError(
                 "The input has no events (N=0); a background needs frames.")
+
+    @classmethod
+    def check_kwargs(cls, kwargs: dict, input_data=None):
+        """Check the method's keyword arguments (:meth:`check_user_kwargs`) for an input
+
+        Where the keywords break a rule and the input has too few events for
+        them, the input's error is raised: no keyword value makes a short
+        recording long enough, and the value that suits it may satisfy the
+        rule too (kernel_size=20000 on 5,000 events also breaks
+        ``batch_size > kernel_size`` with the default batch_size).
+
+        Parameters
+        ----------
+        kwargs: dict
+            The method's keyword arguments; those left out take their defaults.
+        input_data: path-like or array-like, optional
+            The input as :class:`Background` takes it; opened read-only, and
+            only where a keyword breaks a rule.
+
+        Raises
+        ------
+        InputDataError
+            If a keyword breaks a rule and the input has too few events.
+        ValueError
+            If a keyword breaks a rule.
+        """
+        try:
+            cls.check_user_kwargs(**kwargs)
+            return
+        except ValueError as error:
+            keyword_error = error
+        if input_data is not None:
+            events = input_event_count(input_data)
+            try:
+                cls.check_event_count(
+                    events, {**ppid.keyword_defaults(cls.check_user_kwargs), **kwargs})
+            except TypeError:
+                pass  # a keyword of the wrong type, which its own error names
+        raise keyword_error
 
     def _open_output(self):
         if self.in_place:
@@ -301,6 +358,14 @@ class Background(abc.ABC):
     @abc.abstractmethod
     def process_approach(self):
         """Compute the background and write every frame with :attr:`writer`"""
+
+
+def input_event_count(input_data) -> int:
+    """The number of events of an input as :class:`Background` takes it (path or stack)"""
+    if isinstance(input_data, (str, pathlib.Path)):
+        with RTDCInput(input_data) as rtdc_in:
+            return rtdc_in.event_count
+    return len(ImageSource(input_data))
 
 
 def get_available_background_methods() -> dict[str, type[Background]]:

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import gc
 import logging
 import os
 import pathlib
+import shlex
+import shutil
 import sys
 import tempfile
 import threading
@@ -13,7 +16,7 @@ import threading
 from ._version import __version__
 from .base import Background, get_available_background_methods
 from .devices import DEVICE_ENV, auto_choice, parse_device, select_device
-from .errors import OutputExistsError, first_line, sigterm_raises
+from .errors import OutputExistsError, UnknownKeywordError, first_line, sigterm_raises
 from .jobs import (
     FileResult,
     JobSettings,
@@ -26,7 +29,7 @@ from .jobs import (
     run_sequential,
     summary_table,
 )
-from .ppid import ppid_to_kwargs, split_ppid
+from .ppid import format_value, keyword_defaults, ppid_to_kwargs, split_ppid
 from .rtdc.hdf5 import GENERATION_ATTRIBUTE, PPID_ATTRIBUTE
 from .rtdc.output import check_output_path
 from .rtdc.reader import check_input_path, missing_input
@@ -128,11 +131,32 @@ def keyword_entries(items: list[str]) -> list[tuple[str, str]]:
     return entries
 
 
+def default_keywords(cls: type[Background]) -> str:
+    """The method's keywords with their defaults, as -kb takes them
+
+    e.g. "kernel_size=100, batch_size=10000", from the signature of its
+    ``check_user_kwargs``.
+    """
+    return ", ".join(f"{name}={format_value(value)}"
+                     for name, value in keyword_defaults(cls.check_user_kwargs).items())
+
+
+def unknown_kb_keyword(code: str, error: UnknownKeywordError) -> UnknownKeywordError:
+    """The error for a -kb keyword the method does not have, said in -kb's terms"""
+    close = difflib.get_close_matches(error.keyword or "", error.known, n=1)
+    guess = f" (did you mean {close[0]}?)" if close else ""
+    cls = get_available_background_methods()[code]
+    return UnknownKeywordError(
+        f"Unknown -kb keyword '{error.keyword}'{guess}; the keywords of {code} and their "
+        f"defaults are {default_keywords(cls)}.", error.keyword, error.known)
+
+
 def method_and_kwargs(args) -> tuple[type[Background], dict]:
     """The background class and its keyword arguments from -b/-kb/--ppid
 
     -kb entries are read exactly like the keyword part of a PPID, so both
-    refuse unknown and repeated keywords with the same message.
+    refuse unknown and repeated keywords. The keywords' rules are checked
+    later, with the input (:meth:`dcbg.Background.check_kwargs`).
     """
     methods = get_available_background_methods()
     if args.ppid is not None and not args.ppid.strip():
@@ -156,11 +180,12 @@ def method_and_kwargs(args) -> tuple[type[Background], dict]:
     if args.ppid:
         kwargs = Background.get_ppkw_from_ppid(args.ppid)
     else:
-        kwargs = ppid_to_kwargs(methods[code].check_user_kwargs,
-                                "^".join(f"{k}={v}" for k, v in keyword_entries(args.kb)))
-    cls = methods[code]
-    cls.check_user_kwargs(**kwargs)
-    return cls, kwargs
+        try:
+            kwargs = ppid_to_kwargs(methods[code].check_user_kwargs,
+                                    "^".join(f"{k}={v}" for k, v in keyword_entries(args.kb)))
+        except UnknownKeywordError as error:
+            raise unknown_kb_keyword(code, error) from None
+    return methods[code], kwargs
 
 
 def default_output(path_in: pathlib.Path) -> pathlib.Path:
@@ -278,6 +303,8 @@ def cmd_compute(args) -> int:
             raise UsageError(in_command_line_terms(str(error))) from None
     select_ppid = cls.get_ppid_from_ppkw(kwargs)
     jobs = collect_jobs(args)
+    # one input: too few events for kernel_size is said before a keyword rule
+    cls.check_kwargs(kwargs, None if args.recursive else jobs[0][0])
     existing = []
     if not args.in_place:
         if not args.recursive:
@@ -391,8 +418,31 @@ def cmd_demo(args) -> int:
         pathlib.Path(partial).unlink(missing_ok=True)
     emit(result_line(compute_file(source, target, settings, progress_bar,
                                   report_final_errors=False)))
-    emit(f"Look at it: dcbg preview {target}")
+    emit("Next steps, each works as printed:")
+    for command, meaning in demo_next_commands(source, target):
+        emit(f"  {command:<{DEMO_COMMAND_WIDTH}} # {meaning}")
+    emit(f"For your own recording, use its path in place of {quoted(source)}")
+    emit("(without --force, an existing output is kept and the command stops).")
     return 0
+
+
+DEMO_COMMAND_WIDTH = 44
+"""Width of the commands the demo prints last, so that their comments line up"""
+
+
+def quoted(path: pathlib.Path) -> str:
+    """A path as a shell takes it"""
+    return shlex.quote(str(path))
+
+
+def demo_next_commands(source: pathlib.Path, target: pathlib.Path) -> list[tuple[str, str]]:
+    """The commands the demo ends with, each working as printed (command, what it does)"""
+    return [
+        (f"dcbg preview {quoted(target)}", "PNG of frames, backgrounds, corrected frames"),
+        (f"dcbg info {quoted(target)}", "the output's PPID, run log and basin"),
+        (f"dcbg compute {quoted(source)} --force",
+         f"compute again; --force replaces {target.name}"),
+    ]
 
 
 CHIPSTREAM_EXAMPLE = "dcbg chipstream --device cpu -- -b rollmed -kb kernel_size=100 data.rtdc"
@@ -560,14 +610,53 @@ def cmd_info(args) -> int:
     return 0
 
 
+class StatusLine:
+    """What runs now, in one line on a terminal's stderr, erased before the next output
+
+    Off where stderr is no terminal (a log file, a pipe), which would keep
+    every state; there the lines of the output say how far a run has got.
+    """
+
+    def __init__(self):
+        self.stream = sys.stderr
+        self.enabled = self.stream.isatty()
+        self.shown = False
+
+    def show(self, text: str):
+        """Replace the line by `text`"""
+        if self.enabled:
+            width = max(10, shutil.get_terminal_size().columns - 1)  # no wrap, \r reaches it
+            self.stream.write(f"\r\x1b[K{f'{text} …'[:width]}")
+            self.stream.flush()
+            self.shown = True
+
+    def clear(self):
+        """Erase the line"""
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = False
+
+
 def cmd_selftest(args) -> int:
     from . import selftest
+    if args.json:
+        check_output_path(args.json)  # before minutes of work, not after them
     emit(f"dcbg {__version__} selftest, --device {args.device}: load the kernel, compare "
          f"with the CPU engine and the definition, measure")
     emit(selftest.table_header())
-    rows = selftest.run_selftest(args.device, events=args.events, file_events=args.file_events,
-                                 num_cpus=args.num_cpus,
-                                 on_row=lambda row: emit(selftest.table_line(row)))
+    status = StatusLine()
+
+    def show_row(row):
+        status.clear()
+        emit(selftest.table_line(row))
+
+    try:
+        rows = selftest.run_selftest(args.device, events=args.events,
+                                     file_events=args.file_events, num_cpus=args.num_cpus,
+                                     on_row=show_row, on_step=status.show)
+    finally:
+        status.clear()
     if args.json:
         import json
         pathlib.Path(args.json).write_text(json.dumps(selftest.summary(rows), indent=1))
@@ -575,7 +664,39 @@ def cmd_selftest(args) -> int:
     return 0 if selftest.passed(rows) else 1
 
 
+COMPUTE_EXAMPLES = (
+    ("dcbg compute measurement.rtdc --dry-run",
+     "check the input and the output path, print the PPID, compute nothing"),
+    ("dcbg compute measurement.rtdc",
+     "writes measurement_bg.rtdc beside it, with the default keywords"),
+    ("dcbg compute measurement.rtdc out.rtdc -kb kernel_size=200 -kb batch_size=20000",
+     "a longer window; batch_size must stay larger than kernel_size"),
+    ('dcbg compute measurement.rtdc --ppid "rollmed:k=100^b=10000" --force',
+     "the method and its keywords as one PPID; --force replaces an existing output"),
+    ("dcbg compute archive -r", "every .rtdc below the folder archive, one after another"),
+)
+"""Examples at the end of `dcbg compute --help` (command, what it does), in an order in
+which each works after the ones before it"""
+
+
+def compute_epilog() -> str:
+    """The end of `dcbg compute --help`: the method keywords and examples
+
+    It reads as the terminal shows it and as reStructuredText, which
+    sphinx-argparse makes of it on the documentation's command-line page:
+    each title with its indented lines is a definition list there.
+    """
+    methods = get_available_background_methods()
+    lines = ["method keywords (-kb KEY=VALUE, once per keyword) and their defaults:"]
+    lines += [f"  {code}: {default_keywords(cls)}" for code, cls in sorted(methods.items())]
+    lines += ["", "examples:"]
+    for command, meaning in COMPUTE_EXAMPLES:
+        lines += [f"  {command}", f"      {meaning}"]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    methods = get_available_background_methods()
     parser = argparse.ArgumentParser(
         prog="dcbg", description="Rolling-median background images for RT-DC recordings.")
     parser.add_argument("--version", action="version", version=f"dcbg {__version__}")
@@ -592,7 +713,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "$DCBG_IO_THREADS or all CPUs available; never more than there are)")
         p.add_argument("--verbose", action="store_true", help="log details, show tracebacks")
 
-    compute = sub.add_parser("compute", help="compute image_bg for a file or folder")
+    compute = sub.add_parser(
+        "compute", help="compute image_bg for a file or folder",
+        description="Compute events/image_bg, the rolling-median background, of an .rtdc "
+        "file\nor of every .rtdc below a folder.", epilog=compute_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     compute.add_argument("path_in", metavar="PATH_IN",
                          help="input .rtdc file (or, with -r, a folder of them)")
     compute.add_argument("path_out", metavar="PATH_OUT", nargs="?",
@@ -600,7 +725,9 @@ def build_parser() -> argparse.ArgumentParser:
     compute.add_argument("-b", "--background-method", dest="method",
                          help=f"background method (default: {DEFAULT_METHOD})")
     compute.add_argument("-kb", "--kwargs-background", dest="kb", action="append", default=[],
-                         metavar="KEY=VALUE", help="method keyword, e.g. kernel_size=100")
+                         metavar="KEY=VALUE", help="a method keyword, once per keyword ("
+                         + "; ".join(f"defaults of {code}: {default_keywords(cls)}"
+                                     for code, cls in sorted(methods.items())) + ")")
     compute.add_argument("--ppid",
                          help="method and keywords as a PPID, e.g. rollmed:k=100^b=10000")
     compute.add_argument("-c", "--compression", dest="compress", default=DEFAULT_COMPRESSION,

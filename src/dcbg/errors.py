@@ -29,7 +29,19 @@ class UnknownKeywordError(ValueError, TypeError):
     """A keyword argument the background method does not have
 
     It is also a TypeError, which Python raises for unexpected keywords.
+
+    Attributes
+    ----------
+    keyword: str or None
+        The keyword as it was given.
+    known: tuple of str
+        The method's keywords.
     """
+
+    def __init__(self, message: str, keyword: str | None = None, known=()):
+        super().__init__(message)
+        self.keyword = keyword
+        self.known = tuple(known)
 
 
 class OutputError(OSError):

@@ -44,6 +44,10 @@ OUTPUT_SUFFIX = "_bg.rtdc"
 LOCAL_CLUSTER = "local"
 """``--dask`` address of a cluster started on this machine (``local`` or ``local:N``)"""
 
+SCHEDULER_CONNECT_SECONDS = 5
+"""How long a run tries to reach a Dask scheduler: long enough for one started just before
+(``dask scheduler &`` then ``dcbg compute``), short enough that a wrong address fails soon"""
+
 SCHEDULER_ADDRESS = re.compile(r"^(?:[a-z][a-z0-9+.-]*://)?(?P<host>[^/:]+|\[[0-9a-f:.]+\])"
                                r":(?P<port>\d+)$", re.IGNORECASE)
 """A Dask scheduler address: ``[protocol://]host:port`` (IPv6 hosts in brackets)"""
@@ -149,8 +153,8 @@ def check_input(source, settings: JobSettings, target=None) -> int:
 
     Opens the file read-only and finds its frames as a computation does
     (through basins and event mappings), then checks the event count
-    against the method's ``kernel_size`` where it has one, and the output
-    path `target` as the computation would. Nothing is written, not even
+    (:meth:`dcbg.Background.check_event_count`) and the output path
+    `target` as the computation would. Nothing is written, not even
     for an in-place run.
 
     Raises
@@ -162,12 +166,11 @@ def check_input(source, settings: JobSettings, target=None) -> int:
     from .ppid import keyword_defaults
     from .rtdc.output import EXISTING, check_existing_output, plan_output
     from .rtdc.reader import RTDCInput
-    from .windows import check_stack_length
     with RTDCInput(source) as rtdc_in:
         events = rtdc_in.event_count
     cls = get_available_background_methods()[settings.method]
-    kwargs = {**keyword_defaults(cls.check_user_kwargs), **settings.kwargs}
-    check_stack_length(events, kwargs.get("kernel_size", 1))
+    cls.check_event_count(events, {**keyword_defaults(cls.check_user_kwargs),
+                                   **settings.kwargs})
     if target is not None and plan_output(target, source).kind == EXISTING:
         check_existing_output(pathlib.Path(target), events)
     return events
@@ -327,7 +330,7 @@ def run_on_dask(jobs, settings: JobSettings, address: str, retries: int = 2,
         cluster = start_local_cluster(address, settings.device)
         client = Client(cluster)
     else:
-        client = Client(address, timeout="30s")
+        client = connect_to_scheduler(address)
     try:
         futures = {}
         for index, (source, target) in enumerate(jobs):
@@ -356,6 +359,22 @@ def run_on_dask(jobs, settings: JobSettings, address: str, retries: int = 2,
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def connect_to_scheduler(address: str):
+    """A Dask client of the scheduler at `address`, or an OSError naming the address
+
+    Connecting is retried for :data:`SCHEDULER_CONNECT_SECONDS` (Dask's own
+    default waits 30 s where nothing listens).
+    """
+    from distributed import Client
+    try:
+        return Client(address, timeout=f"{SCHEDULER_CONNECT_SECONDS}s")
+    except OSError as error:
+        raise ConnectionError(
+            f"No Dask scheduler answered at {address} within {SCHEDULER_CONNECT_SECONDS} s; "
+            f"start one there (dask scheduler) or give the address of a running one."
+        ) from error
 
 
 def display_name(source, root=None) -> str:

@@ -171,7 +171,7 @@ def resolve_keyword(key: str, names: list[str]) -> str:
     matches = [name for name in names if name.startswith(key)]
     if len(matches) != 1:
         raise UnknownKeywordError(
-            f"Unknown PPID keyword '{key}'; valid keywords are {names}.")
+            f"Unknown PPID keyword '{key}'; valid keywords are {names}.", key, names)
     return matches[0]
 
 

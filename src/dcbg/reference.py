@@ -2,6 +2,9 @@
 
 These are the yardsticks every backend is compared with byte for byte. They
 sort every window and are therefore slow; use them on small stacks only.
+:func:`window_medians_by_partition` is their twin for chosen windows of large
+stacks (``dcbg selftest``): it partially sorts each window, and the tests
+prove it equal to :func:`rolling_median_windows_reference`.
 """
 from __future__ import annotations
 
@@ -60,3 +63,38 @@ def rolling_median_windows_reference(stack, kernel_size: int) -> np.ndarray:
     count = window_count(len(stack), kernel_size)
     return np.stack([np.sort(stack[j:j + kernel_size], axis=0)[kernel_size // 2]
                      for j in range(count)])
+
+
+def window_medians_by_partition(stack, kernel_size: int, starts) -> np.ndarray:
+    """Median of the windows starting at `starts`, by partial sorting
+
+    Row ``i`` is, per pixel, ``sorted(stack[j:j+k])[k//2]`` with
+    ``j = starts[i]``, as in :func:`rolling_median_windows_reference`:
+    ``np.partition`` puts that element in place without sorting the rest,
+    which takes about half the time of a sort and lets a check cover
+    windows anywhere in a long stack.
+
+    Parameters
+    ----------
+    stack: array-like of uint8, shape (N, ...)
+        Frames; the first axis enumerates them.
+    kernel_size: int
+        Number of frames in each window.
+    starts: sequence of int
+        First frame of each window, from 0 to ``N - kernel_size``.
+
+    Returns
+    -------
+    medians: np.ndarray
+        Shape ``(len(starts), ...)``, dtype of `stack`.
+    """
+    stack = np.asarray(stack)
+    count = window_count(len(stack), kernel_size)
+    starts = [int(j) for j in starts]
+    if any(not 0 <= j < count for j in starts):
+        raise ValueError(f"Window starts must be from 0 to {count - 1}, got {starts}.")
+    if not starts:
+        return np.empty((0, *stack.shape[1:]), stack.dtype)
+    middle = kernel_size // 2
+    return np.stack([np.partition(stack[j:j + kernel_size], middle, axis=0)[middle]
+                     for j in starts])

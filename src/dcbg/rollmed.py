@@ -86,8 +86,10 @@ class BackgroundRollMed(Background):
                 f"batch_size must be larger than kernel_size ({kernel_size}), "
                 f"got {batch_size}.")
 
-    def validate_input(self):
-        check_stack_length(self.image_count, self.kernel_size)
+    @classmethod
+    def check_event_count(cls, events: int, kwargs: dict):
+        """Refuse an input with fewer events than `kernel_size`"""
+        check_stack_length(events, kwargs["kernel_size"])
 
     def process_approach(self):
         """Compute every window on the chosen device, then repeat the last one"""

@@ -9,8 +9,10 @@ On each chosen device the self-test
    histogram counts (8, 16 and 32 bits): realistic 80×320 frames at
    k = 10, 100 and 300, and k = 70,000 on tiny frames, where one
    histogram bin can hold more than 65,535 frames;
-3. compares every window byte for byte with the CPU engine, and the first
-   windows with the definition (which sorts every window, so it checks few);
+3. compares every window byte for byte with the CPU engine, and some
+   windows with the definition (a partial sort of each, so it checks few):
+   the first ones, whose medians follow one another, and some spread to the
+   stack's end; fewer at large k, where each costs more;
 4. measures pixel-outputs per second of the median alone (on a GPU the
    kernel on device memory, timed with CUDA events), and events per second
    file to file: a synthetic recording, zstd-compressed, in a temporary
@@ -18,7 +20,9 @@ On each chosen device the self-test
 
 :func:`run_selftest` returns the results as :class:`SelftestRow` objects;
 :func:`table_header` and :func:`table_line` format them as one table, and
-the command line prints it and exits with 1 when any result differs.
+the command line prints it and exits with 1 when any result differs. Before
+each step that takes a while, `on_step` is told what is being done (the
+command line shows it on a terminal).
 """
 from __future__ import annotations
 
@@ -34,7 +38,7 @@ from .devices import ALL_DEVICES, DeviceChoice, parse_device, select_device
 from .engines import engine_for, preload, ready
 from .engines.base import count_dtype
 from .errors import first_line
-from .reference import rolling_median_windows_reference
+from .reference import window_medians_by_partition
 from .system import available_cpus
 from .windows import background_window_count
 
@@ -44,12 +48,17 @@ DEFAULT_EVENTS = 4096
 DEFAULT_FILE_EVENTS = 10_000
 """Events of the synthetic recording that is computed file to file"""
 
-DEFINITION_WINDOWS = 40
-"""Windows compared with the definition (it sorts each window: ~0.1 s at k=300)"""
+DEFINITION_WINDOWS = (8, 40)
+"""Fewest and most windows of a stack compared with the definition"""
+
+DEFINITION_FRAME_PIXELS = 1 << 25
+"""Frames × pixels the definition partially sorts per stack (about 0.3 s on one CPU),
+within :data:`DEFINITION_WINDOWS`: 13 windows at k=100 on 80×320 frames, the fewest at
+k=300, the most at k=10"""
 
 STACK_PERIOD = 1024
-"""Distinct synthetic frames of a stack; longer stacks repeat them (generating
-a realistic frame takes about a millisecond)"""
+"""Distinct synthetic frames of a stack and of the file-to-file recording; longer ones
+repeat them (generating a realistic frame takes about a millisecond)"""
 
 KERNEL_REPEATS = 10
 """Back-to-back kernel launches timed together on a GPU (after one warm-up)"""
@@ -135,26 +144,57 @@ class SelftestRow:
         return values
 
 
-def case_stack(case: StackCase, seed: int = 42) -> np.ndarray:
-    """The frames of `case`, shape ``(frames, *shape)``"""
+def case_stack(case: StackCase, seed: int = 42, base: np.ndarray | None = None
+               ) -> np.ndarray:
+    """The frames of `case`, shape ``(frames, *shape)``
+
+    A realistic stack repeats `base`, by default the first
+    :data:`STACK_PERIOD` frames of :func:`dcbg.synthetic.synthetic_stack`.
+    """
     from .synthetic import synthetic_stack
     if not case.realistic:
         rng = np.random.default_rng([seed, case.kernel_size])
         stack = rng.integers(0, 256, (case.frames, *case.shape), dtype=np.uint8)
         stack[:, 0, 0] = 255  # one bin holds the whole window: counts beyond 16 bits
         return stack
-    base = synthetic_stack(min(case.frames, STACK_PERIOD), case.shape, seed)
+    if base is None:
+        base = synthetic_stack(STACK_PERIOD, case.shape, seed)
     return base[np.arange(case.frames) % len(base)]
 
 
-def difference(actual: np.ndarray, expected: np.ndarray) -> str | None:
-    """None when both are equal, else where they differ, in words"""
+def definition_starts(case: StackCase) -> np.ndarray:
+    """The windows of `case` compared with the definition (their first frames)
+
+    Half of them are the first windows, each a step from the one before;
+    the others are spread evenly up to the last window, over the batches of
+    the engines. How many depends on the cost of a window
+    (:data:`DEFINITION_FRAME_PIXELS`).
+    """
+    fewest, most = DEFINITION_WINDOWS
+    pixels = case.shape[0] * case.shape[1]
+    count = min(case.windows, max(fewest, min(most, DEFINITION_FRAME_PIXELS
+                                                // (case.kernel_size * pixels))))
+    first = count // 2
+    spread = np.linspace(first, case.windows - 1, count - first).round().astype(np.int64)
+    return np.unique(np.concatenate([np.arange(first), spread]))
+
+
+def difference(actual: np.ndarray, expected: np.ndarray,
+               windows: np.ndarray | None = None) -> str | None:
+    """None when both are equal, else where they differ, in words
+
+    `windows` gives the window of each row where the rows are not all
+    windows in order.
+    """
     if actual.shape != expected.shape:
         return f"shape {actual.shape} instead of {expected.shape}"
     wrong = np.argwhere(actual != expected)
     if not len(wrong):
         return None
-    where = ", ".join(str(int(i)) for i in wrong[0])
+    first = [int(i) for i in wrong[0]]
+    if windows is not None:
+        first[0] = int(windows[first[0]])
+    where = ", ".join(map(str, first))
     return (f"{len(wrong)} of {expected.size} pixel-outputs differ, the first at "
             f"(window, pixel) ({where})")
 
@@ -220,32 +260,50 @@ def cuda_kernel_medians(index: int, frames: np.ndarray, shape, kernel_size: int,
 
 
 class _Results:
-    """What the devices are compared with, computed once per case"""
+    """What the devices are compared with, computed once per case
 
-    def __init__(self, num_cpus: int):
+    `say` is called with what is being done before each step that takes a
+    while.
+    """
+
+    def __init__(self, num_cpus: int, say: typing.Callable[[str], None]):
         self.num_cpus = num_cpus
+        self.say = say
         self.cpu = select_device("cpu")
         self._stacks: dict[StackCase, np.ndarray] = {}
+        self._bases: dict[tuple[int, int], np.ndarray] = {}
+        """realistic frames by shape, which the stacks of every kernel size repeat"""
         self._cpu: dict[StackCase, tuple[np.ndarray, float, dict]] = {}
-        self._definition: dict[StackCase, np.ndarray] = {}
+        self._definition: dict[StackCase, tuple[np.ndarray, np.ndarray]] = {}
         self._background: np.ndarray | None = None
 
     def frames(self, case: StackCase) -> np.ndarray:
         """The case's stack, flattened to one row per frame"""
         if case not in self._stacks:
-            self._stacks[case] = case_stack(case).reshape(case.frames, -1)
+            base = None
+            if case.realistic:
+                if case.shape not in self._bases:
+                    from .synthetic import synthetic_stack
+                    self.say(f"synthesizing {STACK_PERIOD} frames of {case.shape[0]}x"
+                             f"{case.shape[1]}")
+                    self._bases[case.shape] = synthetic_stack(STACK_PERIOD, case.shape)
+                base = self._bases[case.shape]
+            self._stacks[case] = case_stack(case, base=base).reshape(case.frames, -1)
         return self._stacks[case]
 
     def cpu_engine(self, case: StackCase) -> tuple[np.ndarray, float, dict]:
         """The CPU engine's medians of the case, its seconds and its stages"""
         if case not in self._cpu:
-            self._cpu[case] = engine_medians(self.cpu, self.frames(case), case.shape,
+            frames = self.frames(case)
+            self.say(f"k={case.kernel_size}: computing {describe_stack(case)} on cpu")
+            self._cpu[case] = engine_medians(self.cpu, frames, case.shape,
                                              case.kernel_size, self.num_cpus)
         return self._cpu[case]
 
     def background(self, recording: pathlib.Path) -> np.ndarray:
         """The recording's image_bg from the CPU engine on its frames read into memory"""
         if self._background is None:
+            self.say("file to file: computing the recording's background on cpu, in memory")
             import h5py
             import hdf5plugin  # noqa: F401 - registers the recording's zstd filter
 
@@ -261,13 +319,21 @@ class _Results:
             self._background = background.reshape(stack.shape)
         return self._background
 
-    def definition(self, case: StackCase) -> np.ndarray:
-        """The definition's medians of the case's first windows"""
+    def definition(self, case: StackCase) -> tuple[np.ndarray, np.ndarray]:
+        """The windows of the case compared with the definition, and their medians"""
         if case not in self._definition:
-            windows = min(DEFINITION_WINDOWS, case.windows)
-            self._definition[case] = rolling_median_windows_reference(
-                self.frames(case)[:windows + case.kernel_size - 1], case.kernel_size)
+            starts = definition_starts(case)
+            frames = self.frames(case)
+            self.say(f"k={case.kernel_size}: comparing {len(starts)} windows with the "
+                     f"definition")
+            self._definition[case] = starts, window_medians_by_partition(
+                frames, case.kernel_size, starts)
         return self._definition[case]
+
+
+def describe_stack(case: StackCase) -> str:
+    """The size of a stack in words, e.g. "4396 frames of 80x320"."""
+    return f"{case.frames} frames of {case.shape[0]}x{case.shape[1]}"
 
 
 def load_kernel_row(device: str) -> tuple[SelftestRow, DeviceChoice]:
@@ -309,6 +375,7 @@ def median_row(device: DeviceChoice, case: StackCase, results: _Results) -> Self
         medians, row.seconds = expected, cpu_seconds
         median_seconds = cpu_stages.get("median", cpu_seconds)
     else:
+        results.say(f"k={case.kernel_size}: computing {describe_stack(case)} on {device}")
         medians, row.seconds, _ = engine_medians(device, frames, case.shape,
                                                  case.kernel_size, results.num_cpus)
         kernel, median_seconds = cuda_kernel_medians(device.index, frames, case.shape,
@@ -318,9 +385,9 @@ def median_row(device: DeviceChoice, case: StackCase, results: _Results) -> Self
             if problem:
                 problems.append(f"{label} differs from the CPU engine: {problem}")
         row.same_as_cpu = not problems
-    definition = results.definition(case)
-    row.definition_windows = len(definition)
-    problem = difference(medians[:len(definition)], definition)
+    starts, definition = results.definition(case)
+    row.definition_windows = len(starts)
+    problem = difference(medians[starts], definition, starts)
     row.same_as_definition = problem is None
     if problem:
         problems.append(f"differs from the definition: {problem}")
@@ -377,7 +444,8 @@ def device_requests(device: str) -> tuple[list[str], str | None]:
 def run_selftest(device: str = "auto", events: int = DEFAULT_EVENTS,
                  file_events: int = DEFAULT_FILE_EVENTS, num_cpus: int | None = None,
                  cases: typing.Sequence[StackCase] | None = None,
-                 on_row: typing.Callable[[SelftestRow], None] | None = None
+                 on_row: typing.Callable[[SelftestRow], None] | None = None,
+                 on_step: typing.Callable[[str], None] | None = None
                  ) -> list[SelftestRow]:
     """Check and measure dcbg's median on a device (see the module's description)
 
@@ -396,6 +464,9 @@ def run_selftest(device: str = "auto", events: int = DEFAULT_EVENTS,
         The stacks to compute (default: :func:`default_cases`).
     on_row: callable, optional
         Called with each row as soon as it is done.
+    on_step: callable, optional
+        Called with what is being done (e.g. "k=300: comparing 8 windows
+        with the definition") before each step that takes a while.
 
     Returns
     -------
@@ -417,7 +488,8 @@ def run_selftest(device: str = "auto", events: int = DEFAULT_EVENTS,
                          f"--file-events 0 to skip it, or {FILE_KERNEL_SIZE + 1} or more.")
     cases = list(default_cases(events) if cases is None else cases)
     singles, split = device_requests(device)
-    results = _Results(num_cpus or available_cpus())
+    say = on_step if on_step is not None else (lambda text: None)
+    results = _Results(num_cpus or available_cpus(), say)
     rows: list[SelftestRow] = []
 
     def add(row: SelftestRow):
@@ -431,6 +503,7 @@ def run_selftest(device: str = "auto", events: int = DEFAULT_EVENTS,
         for request in singles + ([split] if split else []):
             name = request
             if request != split:
+                say(f"{request}: loading the median kernel")
                 row, choice = load_kernel_row(request)  # an unusable device raises here
                 name = row.device
                 add(row)
@@ -444,10 +517,13 @@ def run_selftest(device: str = "auto", events: int = DEFAULT_EVENTS,
                     check, t0 = "file to file", time.perf_counter()
                     if recording is None:  # written once the first device is known to work
                         from .synthetic import write_synthetic_rtdc
+                        say(f"file to file: writing a synthetic recording of {file_events} "
+                            f"events")
                         recording = write_synthetic_rtdc(folder / "recording.rtdc",
-                                                         file_events)
-                    add(file_row(name, recording, results.background(recording),
-                                 results.num_cpus, folder))
+                                                         file_events, period=STACK_PERIOD)
+                    expected = results.background(recording)
+                    say(f"file to file: computing the recording on {name}")
+                    add(file_row(name, recording, expected, results.num_cpus, folder))
             except Exception as error:  # noqa: BLE001 - reported in its row
                 add(SelftestRow(name, check, time.perf_counter() - t0,
                                 kernel_size=case.kernel_size if check == "median" else None,

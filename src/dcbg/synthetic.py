@@ -76,8 +76,8 @@ def synthetic_stack(count: int, shape=DEFAULT_SHAPE, seed: int = 42) -> np.ndarr
 
 
 def write_synthetic_rtdc(path, count: int, shape=DEFAULT_SHAPE, seed: int = 42,
-                         compression=DEFAULT_COMPRESSION, events_per_chunk: int | None = None
-                         ) -> pathlib.Path:
+                         compression=DEFAULT_COMPRESSION, events_per_chunk: int | None = None,
+                         period: int | None = None) -> pathlib.Path:
     """Write a synthetic recording as an instrument would, zstd-compressed
 
     The file has ``events/image``, the scalar features ``frame``, ``time``
@@ -97,8 +97,15 @@ def write_synthetic_rtdc(path, count: int, shape=DEFAULT_SHAPE, seed: int = 42,
         See :func:`dcbg.settings.parse_compression`.
     events_per_chunk: int, optional
         HDF5 chunk length of ``events/image`` (default: about 1 MiB).
+    period: int, optional
+        Repeat the first `period` frames (a multiple of 256) instead of
+        generating every frame, which takes about a millisecond each; they
+        are the frames of :func:`synthetic_stack` of that length.
     """
     path = pathlib.Path(path)
+    if period is not None and (period < BLOCK or period % BLOCK):
+        raise ValueError(f"period must be a multiple of {BLOCK}, got {period}.")
+    repeated: dict[int, np.ndarray] = {}  # the blocks of one period, where frames repeat
     scene = background_pattern(shape, seed)
     frame_rate = 4000.0
     with h5py.File(path, "w", libver="latest") as h5:
@@ -126,7 +133,13 @@ def write_synthetic_rtdc(path, count: int, shape=DEFAULT_SHAPE, seed: int = 42,
                                      events_per_chunk)
         for i, start in enumerate(range(0, count, BLOCK)):
             stop = min(start + BLOCK, count)
-            image[start:stop] = synthetic_block(i, stop - start, shape, seed, scene)
+            if period is None:
+                image[start:stop] = synthetic_block(i, stop - start, shape, seed, scene)
+                continue
+            index = i % (period // BLOCK)
+            if index not in repeated:
+                repeated[index] = synthetic_block(index, BLOCK, shape, seed, scene)
+            image[start:stop] = repeated[index][:stop - start]
         frames = np.arange(count, dtype=np.float64) * 3 + 1
         events.create_dataset("frame", data=frames)
         events.create_dataset("time", data=frames / frame_rate)
