@@ -15,7 +15,7 @@ from dcbg.engines import cpu
 from dcbg.rtdc import reader
 from dcbg.synthetic import synthetic_stack, write_synthetic_rtdc
 from helpers.files import dataset_digests, folder_state
-from helpers.processes import alive, start_slow_run
+from helpers.processes import alive, slow_run, start_slow_run, wait_for_session_end
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
 
@@ -104,3 +104,65 @@ def test_killed_main_process_leaves_no_orphans_and_a_rerun_works(tmp_path):
     assert main(["compute", str(rec), str(out), "-kb", "kernel_size=10", "--device", "cpu",
                  "--num-cpus", "1"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.rtdc", "rec.rtdc"]
+
+
+def test_signal_while_workers_start_stops_the_ones_started(monkeypatch):
+    workers = cpu.ProcessWorkers(pixels=600, kernel_size=4, batch_size=10, num_cpus=2)
+    start = cpu.WorkerRollMed.start
+
+    def start_then_signal(worker):
+        start(worker)
+        os.kill(os.getpid(), signal.SIGTERM)  # one worker runs, the other is yet to start
+
+    monkeypatch.setattr(cpu.WorkerRollMed, "start", start_then_signal)
+    with errors.sigterm_raises(), pytest.raises(errors.Terminated):
+        workers.start()
+    assert multiprocessing.active_children() == []
+
+
+STOPPED = {signal.SIGINT: "error: interrupted", signal.SIGTERM: "error: terminated by SIGTERM"}
+"""The command line's line on stderr after a signal, up to its common end"""
+
+STOPPED_END = "; the unfinished output was removed and the input is unchanged"
+
+WAKES = ([("cli", wake, signal.SIGINT if wake % 2 else signal.SIGTERM) for wake in range(1, 7)]
+         + [("rolling_median", wake, signal.SIGINT) for wake in range(1, 4)])
+"""(what runs, which wake-up of a thread by the main thread gets the signal, the signal);
+a batch wakes the reader, the writer and the workers' job hand-out in turn, so the first
+six wake-ups meet each with SIGINT and with SIGTERM"""
+
+
+@pytest.mark.parametrize("mode,wake,sig", WAKES)
+def test_signal_while_the_main_thread_wakes_a_thread_ends_the_run(tmp_path, mode, wake, sig):
+    """The signal raises between releasing a sleeping thread and forgetting its waiter
+
+    That loses the next wake-up of the same condition; the run must end all
+    the same, within seconds, with its message and no file or process left.
+    """
+    data = tmp_path / "data"
+    data.mkdir()
+    rec = write_synthetic_rtdc(data / "rec.rtdc", 600, shape=(20, 40), seed=6)
+    before = folder_state(data)
+    if mode == "cli":
+        args = ["cli", "compute", rec, data / "out.rtdc", "-kb", "kernel_size=10", "-kb",
+                "batch_size=20", "--num-cpus", "2", "--device", "cpu"]
+    else:
+        args = ["rolling_median", 600]
+    marker = tmp_path / "run.pids"
+    proc = slow_run(marker, "--signal-at-wake", wake, sig.name, *args, new_session=True)
+    signalled = marker.with_suffix(".signalled")
+    deadline = time.monotonic() + 120
+    while not signalled.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert signalled.exists(), f"the run ended before the wake-up: {proc.communicate()}"
+    end = wait_for_session_end(proc, float(signalled.read_text()) + 10)
+    assert end.returncode is not None, f"the run still ran 10 s after the signal: {end}"
+    assert not end.left, "a worker process outlived the run"
+    if mode == "cli":
+        assert end.returncode == 1, end
+        assert end.stderr == STOPPED[sig] + STOPPED_END + "\n"
+    else:
+        assert end.returncode == -signal.SIGINT, end  # the KeyboardInterrupt reached the top
+        assert end.stderr.rstrip().endswith("KeyboardInterrupt"), end.stderr
+    assert folder_state(data) == before, "no partial output, no lock, input intact"
+
