@@ -3,9 +3,11 @@ import multiprocessing
 import os
 import signal
 import sys
+import tempfile
 import threading
 import time
 
+import h5py
 import pytest
 
 import dcbg
@@ -118,6 +120,47 @@ def test_signal_while_workers_start_stops_the_ones_started(monkeypatch):
     with errors.sigterm_raises(), pytest.raises(errors.Terminated):
         workers.start()
     assert multiprocessing.active_children() == []
+
+
+def test_signal_while_the_output_is_created_leaves_no_file(tmp_path, monkeypatch):
+    mkstemp = tempfile.mkstemp
+
+    def signal_then_mkstemp(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # the lock file exists, the output not yet
+        return mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", signal_then_mkstemp)
+    with dcbg.BackgroundRollMed(synthetic_stack(60, shape=(8, 8), seed=2), tmp_path / "o.rtdc",
+                                kernel_size=10, num_cpus=1, device="cpu") as bg:
+        with pytest.raises(errors.Terminated):
+            bg.process()
+    assert not list(tmp_path.iterdir()), "no lock, no partial output"
+
+
+def test_signal_while_an_in_place_run_commits_keeps_a_whole_background(tmp_path, monkeypatch):
+    rec = write_synthetic_rtdc(tmp_path / "rec.rtdc", 200, shape=(10, 20), seed=3)
+    settings = {"kernel_size": 10, "batch_size": 50, "num_cpus": 1, "device": "cpu"}
+    with dcbg.BackgroundRollMed(rec, rec, **settings) as bg:
+        bg.process()
+
+    def events_digests():
+        return {name: digest for name, digest in dataset_digests(rec).items()
+                if name.startswith("events/")}
+
+    before = events_digests()
+    delete = h5py.Group.__delitem__
+
+    def delete_then_signal(group, name):
+        delete(group, name)
+        if name.endswith("image_bg"):  # the old background is gone, the new one not yet in
+            monkeypatch.setattr(h5py.Group, "__delitem__", delete)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(h5py.Group, "__delitem__", delete_then_signal)
+    with dcbg.BackgroundRollMed(rec, rec, **settings) as bg:
+        with pytest.raises(errors.Terminated):
+            bg.process()
+    assert events_digests() == before, "the same settings give the same, complete background"
 
 
 STOPPED = {signal.SIGINT: "error: interrupted", signal.SIGTERM: "error: terminated by SIGTERM"}
