@@ -1,22 +1,29 @@
 """Run dcbg with a slowed-down reader, so a test can hit it mid-run
 
-Usage: ``python slow_run.py MARKER [--read-delay SECONDS] [--signal-at-wake N SIGNAL] MODE
-ARGS…`` where MODE is
-``cli ARGS…`` (the command line), ``api INPUT OUTPUT`` (BackgroundRollMed with
-kernel_size=10, batch_size=20, 2 CPU workers) or ``rolling_median FRAMES``
-(:func:`dcbg.rolling_median` of FRAMES random 20×40 frames, kernel_size=10). The CPU
-engine uses worker processes whatever the input's length, so that tests see them. Each
-batch read sleeps 0.1 s (or SECONDS); after the third batch the reader writes the process
-ids of the main process and its CPU workers to MARKER, so the test knows the run is under
-way and which processes must be gone afterwards.
+Usage: ``python slow_run.py MARKER [OPTIONS] MODE ARGS…`` where MODE is ``cli ARGS…`` (the
+command line), ``api INPUT OUTPUT`` (BackgroundRollMed with kernel_size=10, batch_size=20,
+2 CPU workers) or ``rolling_median FRAMES`` (:func:`dcbg.rolling_median` of FRAMES random
+20×40 frames, kernel_size=10). The CPU engine uses worker processes whatever the input's
+length, so that tests see them. Each batch read sleeps 0.1 s; after the third batch the
+reader writes the process ids of the main process and its CPU workers to MARKER, so the test
+knows the run is under way and which processes must be gone afterwards.
 
-``--signal-at-wake N SIGNAL`` sends SIGNAL (SIGINT, SIGTERM) to this process at the moment
-its main thread has woken a sleeping thread for the N-th time, between the two steps of
-waking in ``threading.Condition.notify``: after the waiter's lock is released, before the
-waiter is forgotten. A signal whose handler raises there leaves the waiter behind, and the
-next wake-up of that condition is lost. The test finds the signal's time (monotonic clock)
-in MARKER with the suffix ".signalled".
+OPTIONS:
+
+``--read-delay SECONDS``
+    Each batch read sleeps SECONDS instead.
+``--signal-at-wake N SIGNAL``
+    Send SIGNAL (SIGINT, SIGTERM) to this process at the moment its main thread has woken
+    a sleeping thread for the N-th time, between the two steps of waking in
+    ``threading.Condition.notify``: after the waiter's lock is released, before the waiter
+    is forgotten. A signal whose handler raises there leaves the waiter behind, and the
+    next wake-up of that condition is lost. The test finds the signal's time (monotonic
+    clock) in MARKER with the suffix ".signalled".
+``--slow-wakes SECONDS``
+    Pause the main thread at that moment of every wake-up, as a busy machine does when the
+    woken thread takes the main thread's core, so that signals at random times meet it.
 """
+import functools
 import multiprocessing
 import os
 import pathlib
@@ -32,13 +39,11 @@ DELAY = 0.1
 """Seconds each batch read sleeps, unless --read-delay says otherwise"""
 
 
-def signal_at_wake(wake: int, signum: int, record: pathlib.Path):
-    """Make the main thread's `wake`-th wake-up of a thread send `signum` to this process"""
-    wakes = 0
+def after_each_wake(hook):
+    """Call `hook` each time the main thread has woken a thread, before it forgets the waiter"""
 
     def notify(self, n=1):
-        # threading.Condition.notify, with the signal placed where one hurts most
-        nonlocal wakes
+        # threading.Condition.notify, with the hook placed where a signal hurts most
         if not self._is_owned():
             raise RuntimeError("cannot notify on un-acquired lock")
         waiters = self._waiters
@@ -51,18 +56,29 @@ def signal_at_wake(wake: int, signum: int, record: pathlib.Path):
             else:
                 n -= 1
                 if threading.current_thread() is threading.main_thread():
-                    wakes += 1
-                    if wakes == wake:
-                        partial = record.with_name(record.name + ".tmp")
-                        partial.write_text(repr(time.monotonic()))
-                        partial.replace(record)
-                        os.kill(os.getpid(), signum)  # its handler runs right after this call
+                    hook()
             try:
                 waiters.remove(waiter)
             except ValueError:
                 pass
 
     threading.Condition.notify = notify
+
+
+def signal_at_wake(wake: int, signum: int, record: pathlib.Path):
+    """Make the main thread's `wake`-th wake-up of a thread send `signum` to this process"""
+    wakes = 0
+
+    def count():
+        nonlocal wakes
+        wakes += 1
+        if wakes == wake:
+            partial = record.with_name(record.name + ".tmp")
+            partial.write_text(repr(time.monotonic()))
+            partial.replace(record)
+            os.kill(os.getpid(), signum)  # its handler runs right after this call
+
+    after_each_wake(count)
 
 
 class SlowFrames:
@@ -89,12 +105,17 @@ def main():
     marker = pathlib.Path(sys.argv[1])
     args = sys.argv[2:]
     delay = DELAY
-    if args[0] == "--read-delay":
-        delay = float(args[1])
-        args = args[2:]
-    if args[0] == "--signal-at-wake":
-        signal_at_wake(int(args[1]), signal.Signals[args[2]], marker.with_suffix(".signalled"))
-        args = args[3:]
+    while args[0].startswith("--"):
+        option, args = args[0], args[1:]
+        if option == "--read-delay":
+            delay, args = float(args[0]), args[1:]
+        elif option == "--slow-wakes":
+            after_each_wake(functools.partial(time.sleep, float(args[0])))
+            args = args[1:]
+        else:  # --signal-at-wake
+            signal_at_wake(int(args[0]), signal.Signals[args[1]],
+                           marker.with_suffix(".signalled"))
+            args = args[2:]
     mode, args = args[0], args[1:]
     reads = []
 
