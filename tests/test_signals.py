@@ -1,8 +1,10 @@
 """Signals, killed processes and dead workers: the run ends in seconds and leaves nothing"""
 import multiprocessing
 import os
+import pathlib
 import random
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -108,6 +110,35 @@ def test_killed_main_process_leaves_no_orphans_and_a_rerun_works(tmp_path):
     assert main(["compute", str(rec), str(out), "-kb", "kernel_size=10", "--device", "cpu",
                  "--num-cpus", "1"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.rtdc", "rec.rtdc"]
+
+
+def blocked_signals(pid: int) -> set[int]:
+    """The signals a process blocks (Linux)"""
+    status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    mask = int(status.split("SigBlk:")[1].split()[0], 16)
+    return {number for number in range(1, 65) if mask >> (number - 1) & 1}
+
+
+def test_a_deferred_signal_raises_when_the_outermost_block_ends():
+    steps = []
+    with errors.sigterm_raises():
+        handler = signal.getsignal(signal.SIGTERM)
+        with pytest.raises(errors.Terminated, match="terminated by SIGTERM"):
+            with errors.signals_deferred():
+                with errors.signals_deferred():
+                    child = subprocess.Popen(["sleep", "30"])
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    steps.append("inner block done")
+                steps.append("outer block done")
+        assert signal.getsignal(signal.SIGTERM) is handler
+    assert steps == ["inner block done", "outer block done"]
+    try:
+        assert {signal.SIGINT, signal.SIGTERM} <= blocked_signals(child.pid), \
+            "a process started in the block cannot be stopped halfway through its start"
+    finally:
+        child.kill()
+        child.wait()
+    assert not {signal.SIGINT, signal.SIGTERM} & blocked_signals(os.getpid())
 
 
 def test_signal_while_workers_start_stops_the_ones_started(monkeypatch):
