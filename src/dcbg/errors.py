@@ -131,8 +131,9 @@ def signals_deferred():
     whose action is the system's default ends the process then. Processes
     started in the block begin with both signals blocked, so a Ctrl-C in
     the terminal, which reaches every process of the job, cannot stop them
-    halfway through their start either. Only the main thread defers: Python
-    runs signal handlers nowhere else. Blocks may nest.
+    halfway through their start either; they unblock them once ready, as
+    the CPU workers do. Only the main thread defers: Python runs signal
+    handlers nowhere else. Blocks may nest.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
