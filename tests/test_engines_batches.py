@@ -1,31 +1,15 @@
 """Batch plans, and the reader and writer threads around an engine"""
+import queue
 import threading
+import time
 
 import numpy as np
 import pytest
 
 from dcbg.engines.batches import Batch, Prefetcher, WriterThread, partition, plan_windows
+from helpers.threads import finishes
 
 PIXELS = 3
-
-
-def finishes(function, seconds=20):
-    """Call `function` in a thread and return its result; fail instead of hanging the suite"""
-    result, raised = [], []
-
-    def call():
-        try:
-            result.append(function())
-        except BaseException as error:  # handed to the test below
-            raised.append(error)
-
-    thread = threading.Thread(target=call, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    assert not thread.is_alive(), f"{function} blocks for good"
-    if raised:
-        raise raised[0]
-    return result[0]
 
 
 def frames_of(start, stop):
@@ -165,6 +149,33 @@ def test_close_stops_a_reader_waiting_for_a_buffer():
     assert reader.calls == [(0, 11)]
 
 
+def lose_wake_ups(items: queue.Queue):
+    """Make puts to `items` wake no waiting thread
+
+    So it goes when a signal raises its exception in the main thread while
+    a put wakes a thread: the item is in the queue, the thread is never told.
+    """
+    items.not_empty.notify = lambda n=1: None
+
+
+def test_the_reader_finds_buffers_whose_wake_up_was_lost():
+    batches = plan_windows(0, 50, 2, 10)
+    prefetcher = Prefetcher(RecordingReader(), batches,
+                            [np.zeros((11, PIXELS), np.uint8) for _ in range(2)])
+    lose_wake_ups(prefetcher._free)
+
+    def consume():
+        starts = []
+        for batch, _ in prefetcher:
+            starts.append(batch.start)
+            time.sleep(0.01)  # the reader waits for this buffer by now
+            prefetcher.release()
+        prefetcher.close()
+        return starts
+
+    assert finishes(consume, seconds=10) == [batch.start for batch in batches]
+
+
 def test_close_before_anything_was_consumed():
     reader = RecordingReader()
     prefetcher = Prefetcher(reader, plan_windows(0, 50, 2, 10),
@@ -215,6 +226,18 @@ def test_writer_writes_in_submission_order_and_returns_buffers():
     returned = [finishes(writer.acquire) for _ in buffers]
     assert sorted(map(id, returned)) == sorted(map(id, buffers))
     assert writer.seconds >= 0
+
+
+def test_the_writer_finds_jobs_whose_wake_up_was_lost():
+    write_at = RecordingWriter()
+    writer = WriterThread(write_at, [np.zeros((4, PIXELS), np.uint8) for _ in range(2)])
+    lose_wake_ups(writer._jobs)
+    for offset in (0, 4, 8):
+        buffer = finishes(writer.acquire)
+        buffer[:] = frames_of(offset, offset + 4)
+        writer.submit(offset, buffer, 4)
+    finishes(writer.close, seconds=10)  # its stop sign gets no wake-up either
+    assert [offset for offset, _ in write_at.writes] == [0, 4, 8]
 
 
 def test_a_write_error_reaches_the_submitter_on_submit():

@@ -1,4 +1,5 @@
 """The CPU engine against the normative definition, byte for byte, and its workers"""
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -17,6 +18,8 @@ from dcbg.errors import WorkerFailure
 from dcbg.reference import rolling_median_reference
 from dcbg.synthetic import synthetic_stack
 from helpers.data import stack_cases
+from helpers.processes import alive
+from helpers.threads import finishes
 
 CASES = stack_cases()
 
@@ -161,6 +164,39 @@ def test_dead_worker_fails_fast():
             workers.compute(stack[:599], medians, 500)
     finally:
         workers.close()
+
+
+def test_more_jobs_than_the_queue_holds_are_exact_and_dead_workers_still_noticed(monkeypatch):
+    """A batch of 2400 one-pixel jobs: their queue's pipe holds about 1,000"""
+    monkeypatch.setattr(cpu, "PIXELS_PER_JOB", 1)
+    stack = synthetic_stack(60, shape=(40, 60), seed=1)
+    expected = rolling_median_reference(stack, 10).reshape(60, -1)
+    frames = stack.reshape(60, -1)
+    workers = cpu.ProcessWorkers(40 * 60, 10, 50, 2)
+    workers.start()
+    try:
+        medians = np.zeros((50, 40 * 60), np.uint8)
+        finishes(lambda: workers.compute(frames[:59], medians, 50), seconds=120)
+        assert np.array_equal(medians, expected[:50])
+        for worker in workers.workers:
+            os.kill(worker.pid, signal.SIGKILL)
+        with pytest.raises(WorkerFailure, match="died with exit code"):
+            finishes(lambda: workers.compute(frames[:59], medians, 50))
+    finally:
+        workers.close()
+
+
+def test_close_ends_workers_that_ignore_the_request_to_stop():
+    workers = cpu.ProcessWorkers(40 * 60, 10, 50, 2)
+    workers.start()
+    while not all(workers.started):
+        time.sleep(0.01)
+    pids = [worker.pid for worker in workers.workers]
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)  # deaf to everything but SIGKILL
+    finishes(workers.close)
+    assert not any(alive(pid) for pid in pids)
+    assert multiprocessing.active_children() == []
 
 
 def test_worker_that_dies_while_starting_names_the_main_guard(tmp_path):

@@ -10,7 +10,7 @@ import time
 
 from . import engines, ppid, runlog, settings
 from .devices import DeviceChoice, select_device
-from .errors import InputDataError, sigterm_raises
+from .errors import InputDataError, signals_deferred, sigterm_raises
 from .rtdc.basins import write_output_basins
 from .rtdc.output import (
     EXISTING,
@@ -257,6 +257,13 @@ class Background(abc.ABC):
                                     self.image_count, self.compress,
                                     target=self.output_path, pool=self.io_pool)
 
+    def _discard_output(self):
+        """Remove the unfinished output, all of it even if a second Ctrl-C comes meanwhile"""
+        if self._output is not None:
+            with signals_deferred():
+                self._output.abort()
+                self._output = None
+
     def __enter__(self):
         return self
 
@@ -265,9 +272,7 @@ class Background(abc.ABC):
 
     def close(self):
         """Close all files and stop the codec threads; an unfinished output is discarded"""
-        if self._output is not None:
-            self._output.abort()
-            self._output = None
+        self._discard_output()
         if self.hdin is not None:
             self.hdin.close()
             self.hdin = None
@@ -324,7 +329,8 @@ class Background(abc.ABC):
             try:
                 engines.ready(self.device)  # a failed kernel compile fails before any output
                 if self._output is None:
-                    self._open_output()
+                    with signals_deferred():  # an output is made whole, then discarded whole
+                        self._open_output()
                 start = runlog.utc_now()
                 t0 = time.perf_counter()
                 self.image_proc.value = 0
@@ -337,11 +343,12 @@ class Background(abc.ABC):
                                            self.io_threads, start, self.image_count,
                                            self.stage_seconds, warnings.messages)
                 self.run_record = record
-                self._output.commit(lambda h5: runlog.write_run_log(h5, record))
+                with signals_deferred():  # stopped halfway, a commit could lose both backgrounds
+                    self._output.commit(lambda h5: runlog.write_run_log(h5, record))
+                    self._output = None
                 self.image_proc.value = 1
             except BaseException:
-                if self._output is not None:
-                    self._output.abort()
+                self._discard_output()
                 raise
             finally:
                 self._output = None

@@ -123,6 +123,10 @@ def write_failure_reason(error: BaseException) -> str:
     return first_line(error)
 
 
+DEFERRABLE_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""The signals that stop a run, which :func:`signals_deferred` holds back"""
+
+
 def raise_terminated(signum, frame):
     """Signal handler turning SIGTERM into :class:`Terminated`"""
     raise Terminated(f"terminated by {signal.Signals(signum).name}")
@@ -152,3 +156,47 @@ def sigterm_raises():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Within the block, SIGINT and SIGTERM wait; they take effect as it ends
+
+    For the steps that must not stop halfway: creating, committing or
+    removing an output, starting a worker process. A signal that arrives
+    meanwhile raises its exception (KeyboardInterrupt, :class:`Terminated`)
+    when the block is done, so cleanup finds everything whole; a signal
+    whose action is the system's default ends the process then. Processes
+    started in the block begin with both signals blocked, so a Ctrl-C in
+    the terminal, which reaches every process of the job, cannot stop them
+    halfway through their start either; they unblock them once ready, as
+    the CPU workers do. Only the main thread defers: Python runs signal
+    handlers nowhere else. Blocks may nest.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived = []
+    deferring = True
+
+    def remember(signum, frame):
+        if deferring:
+            arrived.append((signum, frame))
+        else:  # the block is over, and this came while its handlers were being put back
+            handlers[signum](signum, frame)
+
+    handlers = {signum: signal.signal(signum, remember) for signum in DEFERRABLE_SIGNALS
+                if callable(signal.getsignal(signum))}
+    blocking = hasattr(signal, "pthread_sigmask")
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, DEFERRABLE_SIGNALS) if blocking else None
+    try:
+        yield
+    finally:
+        if blocking:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a blocked one is remembered now
+        deferring = False
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+        if arrived:
+            signum, frame = arrived[0]
+            handlers[signum](signum, frame)

@@ -5,6 +5,13 @@ computes the medians of the current one, a writer thread stores the
 previous one. Both threads rotate a fixed set of buffers, so memory stays
 flat in the number of events, and both hand their exceptions to the thread
 that consumes them.
+
+Where a thread waits for the main thread, it looks again now and then
+(:func:`next_item`): a Ctrl-C or SIGTERM raises its exception in the main
+thread, and when that happens while a ``queue.Queue.put`` wakes the waiting
+thread, the wake-up can be lost (the item is in the queue, the thread is
+never told), and the thread would wait forever for the last item, the one
+that tells it to stop.
 """
 from __future__ import annotations
 
@@ -45,6 +52,19 @@ def plan_windows(first: int, stop: int, kernel_size: int, batch_size: int) -> li
     """Batches of at most `batch_size` for the windows ``first … stop-1``"""
     return [Batch(index, start, min(batch_size, stop - start), kernel_size)
             for index, start in enumerate(range(first, stop, batch_size))]
+
+
+HANDOVER_POLL_SECONDS = 0.1
+"""How often a thread that waits for an item from the main thread looks again"""
+
+
+def next_item(items: queue.Queue):
+    """The next item of `items`, even if the put that brought it failed to wake this thread"""
+    while True:
+        try:
+            return items.get(timeout=HANDOVER_POLL_SECONDS)
+        except queue.Empty:
+            continue
 
 
 def partition(total: int, parts: int) -> list[tuple[int, int]]:
@@ -102,7 +122,7 @@ class Prefetcher:
     def _run(self):
         try:
             for batch in self._batches:
-                buffer = self._free.get()
+                buffer = next_item(self._free)
                 if self._stop.is_set():
                     return
                 frames = buffer[:batch.input_size]
@@ -164,7 +184,7 @@ class WriterThread:
 
     def _run(self):
         while True:
-            job = self._jobs.get()
+            job = next_item(self._jobs)
             if job is None:
                 return
             offset, buffer, count = job

@@ -17,7 +17,9 @@ Two kinds of workers run it on slices of pixels ("jobs"):
   take pixel slices from a job queue and count finished jobs in a shared
   counter. Each process pays a few tenths of a second to start (Python and
   numpy; a second with numba's build of the kernel), so they serve long
-  inputs.
+  inputs. The queue is a :class:`PipeQueue`, whose put and get run in the
+  caller's thread, and :meth:`ProcessWorkers.close` stops every worker
+  within seconds: a Ctrl-C or SIGTERM at any moment ends the process.
 - :class:`ThreadWorkers`: threads of this process run the same kernel on the
   batch buffers directly; they cost nothing to start and serve short inputs.
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
+import multiprocessing.connection
 import os
 import pathlib
 import queue
@@ -39,7 +42,7 @@ import traceback
 import numpy as np
 
 from .. import cpukernels
-from ..errors import WorkerFailure
+from ..errors import DEFERRABLE_SIGNALS, WorkerFailure, signals_deferred
 from ..system import available_cpus, mp_spawn, skip_numba_blas_probe
 from .base import Engine, count_dtype
 from .batches import Prefetcher, WriterThread, partition, plan_windows
@@ -66,6 +69,21 @@ threads: below it, starting processes would cost more than it could gain"""
 
 WORKER_POLL_SECONDS = 0.005
 """How often the main process checks the counter and the workers' health"""
+
+JOB_WAIT_SECONDS = 0.1
+"""How long an idle worker waits for a job before it checks that it should go on"""
+
+JOBS_IN_FLIGHT = 128
+"""Most jobs handed out and not yet finished: a job takes under 64 bytes in
+the queue's pipe, so 128 of them fit in its buffer on every system (8 KiB
+or more) and handing out a job never waits for a worker, dead or alive"""
+
+WORKER_STOP_SECONDS = 1.0
+"""How long :meth:`ProcessWorkers.close` waits at each step: for the
+workers to stop on their own, then after terminating and after killing them"""
+
+STOP = -1000
+"""Counter value that tells the workers to stop"""
 
 
 def compute_median_for_slice(shared_input, shared_output, kernel_size, output_size, job_slice):
@@ -105,6 +123,43 @@ def warm_up_kernel():
     compute_median_for_slice(frames, np.zeros((1, 1), np.uint8), 2, 1, slice(0, 1))
 
 
+class PipeQueue:
+    """A queue between processes that writes and reads its pipe in the caller's thread
+
+    :class:`multiprocessing.Queue` hands each item to a feeder thread. A
+    signal that raises its exception in the main thread while ``put()``
+    wakes that thread can leave it asleep for good, and the interpreter then
+    waits for it forever at exit. Here nothing runs behind the caller's
+    back: ``put()`` writes the item to the pipe, ``get()`` reads it, each
+    under a lock the processes share. Unlike
+    :class:`multiprocessing.SimpleQueue`, ``get()`` gives up after a
+    timeout, so a worker can look whether it should go on. A put waits
+    while the pipe is full; keep the items in it small and few (see
+    :data:`JOBS_IN_FLIGHT`).
+    """
+
+    def __init__(self):
+        self._reader, self._writer = mp_spawn.Pipe(duplex=False)
+        self._read_lock = mp_spawn.Lock()
+        self._write_lock = mp_spawn.Lock()
+
+    def put(self, item):
+        """Send `item` (pickled)"""
+        with self._write_lock:
+            self._writer.send(item)
+
+    def get(self, timeout: float):
+        """The next item; raises :class:`queue.Empty` if none came within `timeout` seconds"""
+        if not self._read_lock.acquire(timeout=timeout):
+            raise queue.Empty
+        try:
+            if not self._reader.poll(timeout):
+                raise queue.Empty
+            return self._reader.recv()
+        finally:
+            self._read_lock.release()
+
+
 class WorkerRollMed(mp_spawn.Process):
     """Worker process computing rolling medians for jobs from a queue
 
@@ -114,7 +169,8 @@ class WorkerRollMed(mp_spawn.Process):
     main process leaves no orphans). It sets ``started[index]`` once it is
     ready, and puts a traceback on `error_queue` before it exits with an
     error, so the main process can fail with the real cause. Ctrl-C is left
-    to the main process, which stops the workers in order.
+    to the main process, which stops the workers (see
+    :meth:`ProcessWorkers.close`).
     """
 
     def __init__(self, job_queue, counter, shared_input, shared_output, batch_size,
@@ -133,7 +189,11 @@ class WorkerRollMed(mp_spawn.Process):
 
     def run(self):
         """Main loop (ends when the counter turns negative or the parent is gone)"""
+        # Started with SIGINT and SIGTERM blocked (see ProcessWorkers.start): Ctrl-C is the
+        # main process's to handle, and terminate() must work again.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if hasattr(signal, "pthread_sigmask"):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, DEFERRABLE_SIGNALS)
         skip_numba_blas_probe()  # this process runs nothing but the kernel
         try:
             # Map the RawArrays here: mapping them in __init__ would copy them.
@@ -143,9 +203,11 @@ class WorkerRollMed(mp_spawn.Process):
                 self.batch_size, -1)
             warm_up_kernel()
             self.started[self.index] = 1
-            while self.counter.value >= 0:
+            # Read without the lock: a sibling killed while holding it must not stall this one.
+            finished = self.counter.get_obj()
+            while finished.value >= 0:
                 try:
-                    output_size, job_slice = self.queue.get(timeout=0.1)
+                    output_size, job_slice = self.queue.get(timeout=JOB_WAIT_SECONDS)
                 except queue.Empty:
                     if os.getppid() != self.parent_pid:
                         return
@@ -157,6 +219,16 @@ class WorkerRollMed(mp_spawn.Process):
         except BaseException:
             self.error_queue.put(traceback.format_exc())
             raise SystemExit(1) from None
+
+
+def wait_for_exits(processes: list, seconds: float) -> list:
+    """Wait up to `seconds` in all for `processes` to exit; return those still running"""
+    deadline = time.monotonic() + seconds
+    running = [process for process in processes if process.exitcode is None]
+    while running and (left := deadline - time.monotonic()) > 0:
+        multiprocessing.connection.wait([process.sentinel for process in running], left)
+        running = [process for process in running if process.exitcode is None]
+    return running
 
 
 def _main_script_lacks_guard() -> bool:
@@ -206,9 +278,9 @@ class ProcessWorkers:
         """numpy view on `shared_output_raw`, first axis enumerates events"""
         self.worker_counter = mp_spawn.Value("q", 0)
         """number of finished jobs in the current batch; negative stops workers"""
-        self.queue = mp_spawn.Queue()
+        self.queue = PipeQueue()
         """queue of ``(output_size, job_slice)`` jobs"""
-        self.error_queue = mp_spawn.Queue()
+        self.error_queue = PipeQueue()
         """tracebacks of workers that failed"""
         self.started = mp_spawn.RawArray("b", num_cpus)
         """per worker: 1 once it is ready to compute"""
@@ -218,29 +290,51 @@ class ProcessWorkers:
         """the worker processes"""
 
     def start(self):
-        """Spawn the worker processes (they start while the first batch is read)"""
+        """Spawn the worker processes (they start while the first batch is read)
+
+        A signal waits until a worker is started whole, which it then stops
+        with the others.
+        """
         self.workers = [WorkerRollMed(self.queue, self.worker_counter, self.shared_input_raw,
                                       self.shared_output_raw, self.batch_size,
                                       self.kernel_size, self.error_queue, self.started,
                                       index)
                         for index in range(self.num_cpus)]
-        for worker in self.workers:
-            worker.start()
+        try:
+            for worker in self.workers:
+                with signals_deferred():
+                    worker.start()
+        except BaseException:
+            self.close()
+            raise
 
     def close(self):
-        """Stop and join the worker processes"""
-        self.worker_counter.value = -1000
-        for worker in self.workers:
-            worker.join(timeout=5)
-            if worker.is_alive():
-                worker.terminate()
-                worker.join()
+        """Stop the worker processes within seconds, whatever they are doing
+
+        The workers are asked to stop; those still running after
+        :data:`WORKER_STOP_SECONDS` are terminated, and those still running
+        after as long again are killed. The request is written without the
+        counter's lock, which a worker killed while holding it would never
+        give back (a worker counting a job at that moment may overwrite it,
+        and is terminated).
+        """
+        self.worker_counter.get_obj().value = STOP
+        started = [worker for worker in self.workers if worker.pid is not None]
+        running = wait_for_exits(started, WORKER_STOP_SECONDS)
+        for stop_now in (WorkerRollMed.terminate, WorkerRollMed.kill):
+            for worker in running:
+                stop_now(worker)
+            running = wait_for_exits(running, WORKER_STOP_SECONDS)
+        for worker in running:
+            logger.warning("CPU worker process %d still runs after it was killed", worker.pid)
+        for worker in started:
+            worker.join(timeout=0)  # multiprocessing forgets the ones that exited
         self.workers = []
 
     def check(self):
         """Raise WorkerFailure if a worker reported an error or died"""
         try:
-            report = self.error_queue.get_nowait()
+            report = self.error_queue.get(timeout=0)
         except queue.Empty:
             report = None
         if report is not None:
@@ -267,10 +361,15 @@ class ProcessWorkers:
     def compute(self, frames: np.ndarray, medians: np.ndarray, output_size: int):
         """Medians of `output_size` windows of `frames` into `medians` (flattened rows)"""
         self.shared_input[:len(frames)] = frames
-        self.worker_counter.value = 0
-        for job in self.jobs:
-            self.queue.put((output_size, job))
-        while self.worker_counter.value < len(self.jobs):
+        # Read and reset without the lock: a worker killed while holding it must not
+        # keep check() from noticing; no worker counts between batches.
+        finished = self.worker_counter.get_obj()
+        finished.value = 0
+        handed_out = 0
+        while finished.value < len(self.jobs):
+            while handed_out < len(self.jobs) and handed_out - finished.value < JOBS_IN_FLIGHT:
+                self.queue.put((output_size, self.jobs[handed_out]))
+                handed_out += 1
             time.sleep(WORKER_POLL_SECONDS)
             self.check()
         medians[:output_size] = self.shared_output[:output_size]
