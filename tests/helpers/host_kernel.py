@@ -38,16 +38,35 @@ def load(library) -> ctypes.CDLL:
         ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int,
         ctypes.c_int]
+    lib.dcbg_host_launch_levels.restype = ctypes.c_int
+    lib.dcbg_host_launch_levels.argtypes = [
+        ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int,
+        ctypes.c_int, ctypes.c_uint, ctypes.c_uint]
+    lib.dcbg_host_window_bytes.restype = ctypes.c_int
+    lib.dcbg_host_window_bytes.argtypes = []
     return lib
 
 
 def launch(lib, plan, frames: np.ndarray, medians: np.ndarray, pixels: int,
-           output_size: int, kernel_size: int):
-    """Run one launch of the kernel on the CPU; frames/medians are C-contiguous"""
+           output_size: int, kernel_size: int, value_xor: int | None = None):
+    """Run one launch of the kernel on the CPU; frames/medians are C-contiguous
+
+    The window kernels (8- and 16-bit values) take `value_xor`, the uint8
+    kernel does not. For them, a plan's nonzero ``shared_mem`` is checked: a
+    block that writes shared memory beyond it fails the launch.
+    """
     assert frames.flags.c_contiguous and medians.flags.c_contiguous
-    rc = lib.dcbg_host_launch(plan.kernel.encode(), plan.grid[0], plan.grid[1], plan.block,
-                              frames.ctypes.data, medians.ctypes.data, pixels, output_size,
-                              kernel_size, plan.segment_length)
+    if value_xor is None:
+        rc = lib.dcbg_host_launch(plan.kernel.encode(), plan.grid[0], plan.grid[1], plan.block,
+                                  frames.ctypes.data, medians.ctypes.data, pixels, output_size,
+                                  kernel_size, plan.segment_length)
+    else:
+        rc = lib.dcbg_host_launch_levels(plan.kernel.encode(), plan.grid[0], plan.grid[1],
+                                         plan.block, frames.ctypes.data, medians.ctypes.data,
+                                         pixels, output_size, kernel_size,
+                                         plan.segment_length, value_xor,
+                                         getattr(plan, "shared_mem", 0))
     assert rc == 0, f"host launch failed with code {rc}"
 
 
