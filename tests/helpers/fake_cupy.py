@@ -179,11 +179,12 @@ class FakeKernel:
         return types.SimpleNamespace(ptr=(hash(self.name) & 0xFFFF) + (device << 16))
 
     def __call__(self, grid, block, args, shared_mem=0):
-        frames, medians, pixels, output_size, kernel_size, segment_length = args
+        # the window kernels (8- and 16-bit values) also take value_xor
+        frames, medians, pixels, output_size, kernel_size, segment_length, *value_xor = args
         assert current_streams(self.state), "launch inside `with stream:`"
         assert shared_mem <= 48 * 1024
         plan = types.SimpleNamespace(kernel=self.name, grid=grid, block=block[0],
-                                     segment_length=int(segment_length))
+                                     segment_length=int(segment_length), shared_mem=shared_mem)
         state = self.state
         with state.lock:
             fault = state.faults.pop(len(state.launches), None)
@@ -194,8 +195,10 @@ class FakeKernel:
             state.launch_devices.append(current_device(state))
             state.calls.append(("kernel", int(output_size)))
         source, target = frames.array, medians.array
+        extra = {"value_xor": int(value_xor[0])} if value_xor else {}
         current_stream(state).put(lambda: hk.launch(
-            state.lib, plan, source, target, int(pixels), int(output_size), int(kernel_size)))
+            state.lib, plan, source, target, int(pixels), int(output_size), int(kernel_size),
+            **extra))
 
 
 class FakeModule:

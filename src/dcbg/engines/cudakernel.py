@@ -19,6 +19,8 @@ import importlib.resources
 import threading
 import typing
 
+import numpy as np
+
 from .. import cudaprobe
 from .base import count_dtype
 
@@ -52,18 +54,69 @@ def kernel_source() -> str:
     return importlib.resources.files(__package__).joinpath(KERNEL_FILE).read_text()
 
 
-def kernel_name(kernel_size: int) -> str:
-    """Name of the kernel entry point for this kernel size (its count width)"""
-    return f"dcbg_rollmed_count{8 * count_dtype(kernel_size).itemsize}"
+WINDOW_BYTES = 128
+"""Shared memory of each thread of the window kernels (DCBG_WINDOW_BYTES in rollmed.cu):
+the counts of 128, 64 or 32 levels for kernel sizes up to 255, up to 65,535 and beyond"""
 
 
-KERNEL_NAMES = tuple(kernel_name(size) for size in (1, 256, 65536))
-"""Every entry point of rollmed.cu (count widths 8, 16 and 32 bits)"""
+@dataclasses.dataclass(frozen=True)
+class KernelFamily:
+    """The entry points of rollmed.cu for frames of one dtype"""
+
+    prefix: str
+    """names of the entry points without their ``_count8/16/32``"""
+    histogram: bool
+    """whether each thread counts all 256 levels (the uint8 kernel) instead of a window of
+    levels in :data:`WINDOW_BYTES`"""
+    warm_up_steps: float
+    """cost of each frame of a time segment's first window, in steps"""
+    value_xor: int | None
+    """bits flipped on load and store to order the values as unsigned ones; None for the
+    uint8 kernel, which takes no such argument"""
 
 
-def shared_bytes(block: int, kernel_size: int) -> int:
-    """Dynamic shared memory of a block: a 256-bin histogram per thread"""
-    return block * 256 * count_dtype(kernel_size).itemsize
+KERNEL_FAMILIES = {
+    np.dtype(np.uint8): KernelFamily("dcbg_rollmed", True, 1, None),
+    # The window kernels' first window takes a radix select and a pass that
+    # counts its levels: 3 passes for 16-bit values, 2 for 8-bit ones, each
+    # about half a step per frame (one load and one count where a step has
+    # two).
+    np.dtype(np.int8): KernelFamily("dcbg_rollmed_window8", False, 1, 0x80),
+    np.dtype(np.uint16): KernelFamily("dcbg_rollmed_window16", False, 1.5, 0),
+    np.dtype(np.int16): KernelFamily("dcbg_rollmed_window16", False, 1.5, 0x8000),
+}
+"""The kernel family of each dtype the GPU computes medians of"""
+
+
+def kernel_family(dtype) -> KernelFamily:
+    """The entry points for frames of `dtype`; TypeError for a dtype they do not take"""
+    family = KERNEL_FAMILIES.get(np.dtype(dtype))
+    if family is None:
+        supported = ", ".join(str(d) for d in KERNEL_FAMILIES)
+        raise TypeError(f"The GPU kernel takes frames of {supported}, not {np.dtype(dtype)}; "
+                        f"convert the frames to one of these dtypes.")
+    return family
+
+
+def kernel_name(kernel_size: int, dtype=np.uint8) -> str:
+    """Name of the kernel entry point for this kernel size (its count width) and dtype"""
+    return f"{kernel_family(dtype).prefix}_count{8 * count_dtype(kernel_size).itemsize}"
+
+
+KERNEL_NAMES = tuple(dict.fromkeys(kernel_name(size, dtype) for dtype in KERNEL_FAMILIES
+                                   for size in (1, 256, 65536)))
+"""Every entry point of rollmed.cu (per kernel family, count widths 8, 16 and 32 bits)"""
+
+
+def shared_bytes(block: int, kernel_size: int, dtype=np.uint8) -> int:
+    """Dynamic shared memory of a block: each thread's counts of its levels
+
+    A count of each of the 256 levels for uint8 frames, :data:`WINDOW_BYTES`
+    for the window kernels, whatever the count width.
+    """
+    if kernel_family(dtype).histogram:
+        return block * 256 * count_dtype(kernel_size).itemsize
+    return block * WINDOW_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +172,7 @@ def segment_candidates(pixel_blocks: int, resident: int, longest: int) -> list[i
 
 def plan_launch(pixels: int, output_size: int, kernel_size: int,
                 blocks_per_sm: typing.Callable[[str, int, int], int],
-                sm_count: int) -> LaunchPlan:
+                sm_count: int, dtype=np.uint8) -> LaunchPlan:
     """Plan a launch that keeps every SM busy until the end
 
     One thread per pixel and time segment. An 80×320 frame gives 25,600
@@ -145,12 +198,15 @@ def plan_launch(pixels: int, output_size: int, kernel_size: int,
         device reserves per block).
     sm_count: int
         Streaming multiprocessors of the device.
+    dtype: numpy.dtype, optional
+        Of the frames, which chooses the kernel family.
     """
-    name = kernel_name(kernel_size)
+    name = kernel_name(kernel_size, dtype)
+    warm_up = kernel_family(dtype).warm_up_steps * (kernel_size - 1)
     longest = min(MAX_GRID_Y, max(1, output_size // max(1, MIN_SEGMENT_WINDOWS * kernel_size)))
     best = None
     for block in BLOCK_SIZES:
-        shared = shared_bytes(block, kernel_size)
+        shared = shared_bytes(block, kernel_size, dtype)
         if shared > SHARED_BYTES_LIMIT:
             continue
         resident = max(1, blocks_per_sm(name, block, shared)) * sm_count
@@ -161,7 +217,7 @@ def plan_launch(pixels: int, output_size: int, kernel_size: int,
             waves = -(-pixel_blocks * used // resident)
             # Every wave holds all resident thread slots for the steps of
             # one block (its windows plus the warm-up), used or not.
-            cost = waves * resident * block * (length + kernel_size - 1)
+            cost = waves * resident * block * (length + warm_up)
             key = (cost, -resident * block, used)
             if best is None or key < best[0]:
                 best = (key, LaunchPlan(name, block, (pixel_blocks, used), length, shared,
@@ -271,13 +327,17 @@ class Launcher:
     kernels: dict, optional
         The compiled entry points (:func:`load_kernels`); compiled or
         waited for by default, a failure raised as a DeviceError.
+    dtype: numpy.dtype, optional
+        Of the frames and medians: uint8 (default), int8, uint16 or int16.
     """
 
     def __init__(self, device_index: int, pixels: int, kernel_size: int,
-                 kernels: dict | None = None):
+                 kernels: dict | None = None, dtype=np.uint8):
         self.device_index = device_index
         self.pixels = pixels
         self.kernel_size = kernel_size
+        self.dtype = np.dtype(dtype)
+        self.family = kernel_family(self.dtype)
         self.kernels = kernels_or_device_error(device_index) if kernels is None else kernels
         self.sm_count = multiprocessor_count(device_index)
         """streaming multiprocessors of the device"""
@@ -297,7 +357,7 @@ class Launcher:
         plan = self._plans.get(output_size)
         if plan is None:
             plan = plan_launch(self.pixels, output_size, self.kernel_size, self.blocks_per_sm,
-                               self.sm_count)
+                               self.sm_count, self.dtype)
             self._plans[output_size] = plan
         return plan
 
@@ -307,40 +367,42 @@ class Launcher:
         Parameters
         ----------
         frames: cupy.ndarray
-            C-contiguous ``(rows, pixels)`` uint8 with at least ``output_size
-            + kernel_size - 1`` rows, on this device.
+            C-contiguous ``(rows, pixels)`` of the launcher's dtype with at
+            least ``output_size + kernel_size - 1`` rows, on this device.
         medians: cupy.ndarray
-            C-contiguous ``(rows, pixels)`` uint8 receiving ``output_size``
-            rows.
+            C-contiguous ``(rows, pixels)`` of the launcher's dtype
+            receiving ``output_size`` rows.
         output_size: int
             Windows to compute.
         stream: cupy.cuda.Stream, optional
             Where the kernel runs; the device's current stream by default.
         """
         import cupy
-        import numpy as np
 
         plan = self.plan(output_size)
         kernel = self.kernels[plan.kernel]
         args = (frames, medians, np.int64(self.pixels), np.int32(output_size),
                 np.int32(self.kernel_size), np.int32(plan.segment_length))
+        if self.family.value_xor is not None:
+            args += (np.uint32(self.family.value_xor),)
         with cupy.cuda.Device(self.device_index):
             stream = stream if stream is not None else cupy.cuda.get_current_stream()
             with stream:
                 kernel(plan.grid, (plan.block,), args, shared_mem=plan.shared_mem)
 
 
-_launchers: dict[tuple[int, int, int], Launcher] = {}
-"""Launchers of this process by (device, pixels, kernel size), for arrays already on a GPU"""
+_launchers: dict[tuple[int, int, int, str], Launcher] = {}
+"""Launchers of this process by (device, pixels, kernel size, dtype), for arrays on a GPU"""
 
 
-def launcher_for(device_index: int, pixels: int, kernel_size: int) -> Launcher:
-    """The process's launcher for one device, frame size and kernel size"""
-    key = (device_index, pixels, kernel_size)
+def launcher_for(device_index: int, pixels: int, kernel_size: int,
+                 dtype=np.uint8) -> Launcher:
+    """The process's launcher for one device, frame size, kernel size and dtype"""
+    key = (device_index, pixels, kernel_size, np.dtype(dtype).str)
     with _compile_lock:
         launcher = _launchers.get(key)
     if launcher is None:
-        launcher = Launcher(device_index, pixels, kernel_size)
+        launcher = Launcher(device_index, pixels, kernel_size, dtype=dtype)
         with _compile_lock:
             launcher = _launchers.setdefault(key, launcher)
     return launcher
