@@ -310,8 +310,12 @@ def test_entry_points_and_their_shared_memory(host_kernel):
     assert cudakernel.WINDOW_BYTES == host_kernel.dcbg_host_window_bytes() == 128
     for kernel_size, count_bytes in ((255, 1), (256, 2), (65536, 4)):
         for dtype in WINDOW_DTYPES:  # 128, 64 or 32 levels
-            assert cudakernel.shared_bytes(64, kernel_size, dtype) == 64 * 128
-        assert cudakernel.shared_bytes(64, kernel_size) == 64 * 256 * count_bytes
+            name = cudakernel.kernel_name(kernel_size, dtype)
+            assert cudakernel.THREAD_SHARED_BYTES[name] == 128
+            assert cudakernel.block_sizes(name) == [(block, block * 128)
+                                                    for block in cudakernel.BLOCK_SIZES]
+        name = cudakernel.kernel_name(kernel_size)
+        assert cudakernel.THREAD_SHARED_BYTES[name] == 256 * count_bytes
     assert cudakernel.kernel_family(np.int16).value_xor == 0x8000
     assert cudakernel.kernel_family(np.int8).value_xor == 0x80
     assert cudakernel.kernel_family(np.uint16).value_xor == 0

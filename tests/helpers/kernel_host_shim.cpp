@@ -13,13 +13,15 @@ static dcbg_dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __device__
 #define __forceinline__ inline
 #define __shared__
+#define __align__(n) __attribute__((aligned(n)))
 
 #include "rollmed.cu"
 
 // Large enough for 1024 threads with 32-bit counts.
-unsigned int dcbg_shared_words[1024 * 256];
+alignas(4) unsigned char dcbg_shared_bytes[1024 * 256 * 4];
 
-typedef void (*dcbg_kernel)(const unsigned char*, unsigned char*, long long, int, int, int);
+typedef void (*dcbg_kernel)(const unsigned char*, unsigned char*, long long, long long, int,
+                            int);
 typedef void (*dcbg_levels_kernel)(const void*, void*, long long, int, int, int, unsigned int);
 
 // An entry point of the window kernels with its frames and medians untyped.
@@ -31,19 +33,20 @@ static void dcbg_untyped(const void* frames, void* medians, long long pixels, in
           kernel_size, segment_length, value_xor);
 }
 
-// Runs `run_thread` for every thread of the grid, one thread after another.
+// Runs `run_thread` for every thread of the blocks of rows first_y .. stop_y-1 of the
+// grid, one thread after another.
 template <typename RunThread>
-static void dcbg_run_grid(unsigned int grid_x, unsigned int grid_y, unsigned int block_x,
-                          RunThread run_thread) {
+static void dcbg_run_grid(unsigned int grid_x, unsigned int grid_y, unsigned int first_y,
+                          unsigned int stop_y, unsigned int block_x, RunThread run_thread) {
     gridDim.x = grid_x;
     gridDim.y = grid_y;
     blockDim.x = block_x;
-    for (unsigned int by = 0; by < grid_y; ++by) {
+    for (unsigned int by = first_y; by < stop_y && by < grid_y; ++by) {
         for (unsigned int bx = 0; bx < grid_x; ++bx) {
             blockIdx.x = bx;
             blockIdx.y = by;
             // Garbage in shared memory, as on a GPU: the kernel must zero it.
-            std::memset(dcbg_shared_words, 0xA5, sizeof(dcbg_shared_words));
+            std::memset(dcbg_shared_bytes, 0xA5, sizeof(dcbg_shared_bytes));
             for (unsigned int tx = 0; tx < block_x; ++tx) {
                 threadIdx.x = tx;
                 run_thread();
@@ -52,10 +55,14 @@ static void dcbg_run_grid(unsigned int grid_x, unsigned int grid_y, unsigned int
     }
 }
 
-extern "C" int dcbg_host_launch(const char* name, unsigned int grid_x, unsigned int grid_y,
-                                unsigned int block_x, const unsigned char* frames,
-                                unsigned char* medians, long long pixels, int output_size,
-                                int kernel_size, int segment_length) {
+// Runs the blocks of rows first_y .. stop_y-1 of the grid (all of them: 0 .. grid_y), so that
+// a test can run one segment of a grid too large to run whole.
+extern "C" int dcbg_host_launch_rows(const char* name, unsigned int grid_x,
+                                     unsigned int grid_y, unsigned int first_y,
+                                     unsigned int stop_y, unsigned int block_x,
+                                     const unsigned char* frames, unsigned char* medians,
+                                     long long pixels, long long output_size, int kernel_size,
+                                     int segment_length) {
     dcbg_kernel kernel;
     if (std::strcmp(name, "dcbg_rollmed_count8") == 0) {
         kernel = dcbg_rollmed_count8;
@@ -69,10 +76,18 @@ extern "C" int dcbg_host_launch(const char* name, unsigned int grid_x, unsigned 
     if (block_x > 1024) {
         return 2;
     }
-    dcbg_run_grid(grid_x, grid_y, block_x, [&] {
+    dcbg_run_grid(grid_x, grid_y, first_y, stop_y, block_x, [&] {
         kernel(frames, medians, pixels, output_size, kernel_size, segment_length);
     });
     return 0;
+}
+
+extern "C" int dcbg_host_launch(const char* name, unsigned int grid_x, unsigned int grid_y,
+                                unsigned int block_x, const unsigned char* frames,
+                                unsigned char* medians, long long pixels, long long output_size,
+                                int kernel_size, int segment_length) {
+    return dcbg_host_launch_rows(name, grid_x, grid_y, 0, grid_y, block_x, frames, medians,
+                                 pixels, output_size, kernel_size, segment_length);
 }
 
 #define DCBG_LEVELS_ENTRY(NAME, VALUE) {#NAME, dcbg_untyped<VALUE, NAME>}
@@ -105,16 +120,15 @@ extern "C" int dcbg_host_launch_levels(const char* name, unsigned int grid_x,
     if (kernel == nullptr) {
         return 1;
     }
-    if (block_x > 1024 || shared_bytes > sizeof(dcbg_shared_words)) {
+    if (block_x > 1024 || shared_bytes > sizeof(dcbg_shared_bytes)) {
         return 2;
     }
     bool beyond = false;
-    dcbg_run_grid(grid_x, grid_y, block_x, [&] {
+    dcbg_run_grid(grid_x, grid_y, 0, grid_y, block_x, [&] {
         kernel(frames, medians, pixels, output_size, kernel_size, segment_length, value_xor);
         if (shared_bytes > 0 && threadIdx.x + 1 == blockDim.x) {
-            const unsigned char* bytes = reinterpret_cast<unsigned char*>(dcbg_shared_words);
-            for (size_t i = shared_bytes; i < sizeof(dcbg_shared_words); ++i) {
-                beyond |= bytes[i] != 0xA5;
+            for (size_t i = shared_bytes; i < sizeof(dcbg_shared_bytes); ++i) {
+                beyond |= dcbg_shared_bytes[i] != 0xA5;
             }
         }
     });
