@@ -378,6 +378,130 @@ def test_launcher_runs_the_window_kernel_through_the_stand_in(fake_gpu, dtype):
         0, pixels, kernel_size, dtype) is not cudakernel.launcher_for(0, pixels, kernel_size)
 
 
+@pytest.mark.parametrize("dtype", WINDOW_DTYPES)
+def test_the_stand_in_runs_16_bit_and_signed_frames_as_the_engine_moves_them(fake_gpu, dtype):
+    """Device buffers, pinned buffers, uploads, launches and downloads of every window dtype"""
+    fake_gpu()
+    import cupy
+    import cupyx
+    rng = np.random.default_rng(5)
+    kernel_size, count, pixels = 7, 30, 45
+    stack = as_dtype(rng.integers(0, 65536, (kernel_size + count - 1, pixels)), dtype)
+    launcher = cudakernel.Launcher(0, pixels, kernel_size, dtype=dtype)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    frames = cupy.empty(stack.shape, dtype)
+    medians = cupy.empty((count, pixels), dtype)
+    pinned_in = cupyx.empty_pinned(stack.shape, dtype)
+    pinned_out = cupyx.empty_pinned((count, pixels), dtype)
+    pinned_in[...] = stack
+    frames.set(pinned_in, stream=stream)
+    launcher.launch(frames, medians, count, stream)
+    medians.get(stream=stream, out=pinned_out)
+    assert np.array_equal(pinned_out, definition(stack, kernel_size))
+
+
+def test_the_stand_in_refuses_arrays_of_another_element_size(fake_gpu):
+    """A 16-bit kernel reads its arrays as 16-bit values, whatever dtype they have"""
+    fake_gpu()
+    import cupy
+    kernel = cudakernel.load_kernels(0).functions["dcbg_rollmed_window16_count8"]
+    stream = cupy.cuda.Stream()
+
+    def arguments(dtype):
+        return (cupy.empty((4, 8), dtype), cupy.empty((1, 8), dtype), np.int64(8),
+                np.int64(1), np.int32(4), np.int32(1), np.uint32(0))
+
+    with stream:
+        kernel((1, 1), (32,), arguments(np.int16))
+        with pytest.raises(TypeError, match="argument 0 must hold elements of 2 bytes"):
+            kernel((1, 1), (32,), arguments(np.uint8))
+        with pytest.raises(TypeError, match="argument 3 must be int64"):
+            kernel((1, 1), (32,), arguments(np.uint16)[:3] + (np.int32(1),)
+                   + arguments(np.uint16)[4:])
+        with pytest.raises(TypeError, match="takes 7 arguments, got 6"):
+            kernel((1, 1), (32,), arguments(np.uint16)[:6])
+
+
+def check_window_segments_beyond_2_31_windows(library):
+    """One segment of a batch of more than 2^31 windows, run alone, for each window kernel
+
+    As test_kernel's check of the uint8 kernel: the pointers are offset back
+    by the segment's first window, so only a kernel that counts windows in
+    64 bits finds the rows of the small buffers. Runs in a child process.
+    """
+    lib = hk.load(library)
+    kernel_size, windows, pixels = 5, 9, 3
+    rng = np.random.default_rng(9)
+    for dtype in WINDOW_DTYPES:
+        stack = as_dtype(rng.integers(0, 65536, (windows + kernel_size - 1, pixels)), dtype)
+        expected = definition(stack, kernel_size)
+        name = cudakernel.kernel_name(kernel_size, dtype).encode()
+        value_xor = cudakernel.kernel_family(dtype).value_xor
+        for segment_length, segment in ((2**30 + 3, 1), (2**30 + 3, 2),
+                                        (cudakernel.INT_MAX, 3)):
+            first = segment * segment_length
+            offset = first * pixels * stack.itemsize
+            medians = np.zeros((windows, pixels), dtype)
+            rc = lib.dcbg_host_launch_levels(
+                name, 1, segment + 1, segment, segment + 1, 32, stack.ctypes.data - offset,
+                medians.ctypes.data - offset, pixels, first + windows, kernel_size,
+                segment_length, value_xor, 32 * cudakernel.WINDOW_BYTES)
+            assert rc == 0
+            assert np.array_equal(medians, expected), (np.dtype(dtype), segment_length,
+                                                       segment)
+            print(np.dtype(dtype), segment_length, segment, "ok", flush=True)
+
+
+def test_window_kernels_count_windows_beyond_2_31(host_kernel):
+    here = pathlib.Path(__file__).parent
+    run = subprocess.run(
+        [sys.executable, "-c", "import test_kernel16; "
+         f"test_kernel16.check_window_segments_beyond_2_31_windows({host_kernel._name!r})"],
+        cwd=here, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert run.stdout.count(" ok") == 3 * len(WINDOW_DTYPES)
+
+
+@pytest.mark.parametrize("dtype", WINDOW_DTYPES)
+def test_window_launch_arithmetic_beyond_2_31_windows(fake_gpu, dtype):
+    """Window counts past int32 reach the window kernels whole, after the same planning"""
+    fake_gpu()
+    windows = 3_000_000_000
+    for pixels, kernel_size, count in ((1, 3, windows), (2048 * 2048, 3, windows),
+                                       (1, 2**30, 2**33)):
+        plan = planned(pixels, count, kernel_size, dtype)
+        assert plan.segment_length <= cudakernel.INT_MAX
+        assert plan.grid[1] <= cudakernel.MAX_GRID_Y
+        assert plan.grid[1] * plan.segment_length >= count
+        assert (plan.grid[1] - 1) * plan.segment_length < count
+    launcher = cudakernel.Launcher(0, 1, 3, dtype=dtype)
+    arguments = launcher.arguments(None, None, windows, planned(1, windows, 3, dtype))
+    assert [type(value) for value in arguments[2:]] == [np.int64, np.int64, np.int32,
+                                                        np.int32, np.uint32]
+    assert int(arguments[3]) == windows
+    assert int(arguments[6]) == cudakernel.kernel_family(dtype).value_xor
+    with pytest.raises(ValueError, match="more than one GPU launch computes"):
+        planned(1, cudakernel.MAX_GRID_Y * cudakernel.INT_MAX + 1, 3, dtype)
+    with pytest.raises(ValueError, match="more than a GPU kernel takes"):
+        planned(1, 2**32, 2**31, dtype)
+
+
+@pytest.mark.parametrize("dtype", WINDOW_DTYPES)
+def test_batches_of_large_kernels_fill_the_gpu_by_the_window_kernels_occupancy(fake_gpu,
+                                                                               dtype):
+    """The window kernels keep more threads resident than the uint8 kernel (half its
+    shared memory or less): a batch of windows_to_fill windows fills their slots"""
+    fake_gpu()
+    kernel_size, pixels = 600, 80 * 320
+    launcher = cudakernel.Launcher(0, pixels, kernel_size, dtype=dtype)
+    plan = launcher.plan(launcher.windows_to_fill())
+    resident = launcher.blocks_per_sm(plan.kernel, plan.block, plan.shared_mem) * plan.block
+    threads = plan.grid[0] * plan.grid[1] * plan.block
+    assert threads >= 0.9 * resident * 132
+    uint8 = cudakernel.Launcher(0, pixels, kernel_size)
+    assert launcher.windows_to_fill() > uint8.windows_to_fill()
+
+
 def ptxas_usage(text):
     """{entry point: (its stack frame line, registers)} from nvcc --resource-usage"""
     usage = {}

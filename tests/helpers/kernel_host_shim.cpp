@@ -22,13 +22,15 @@ alignas(4) unsigned char dcbg_shared_bytes[1024 * 256 * 4];
 
 typedef void (*dcbg_kernel)(const unsigned char*, unsigned char*, long long, long long, int,
                             int);
-typedef void (*dcbg_levels_kernel)(const void*, void*, long long, int, int, int, unsigned int);
+typedef void (*dcbg_levels_kernel)(const void*, void*, long long, long long, int, int,
+                                   unsigned int);
 
 // An entry point of the window kernels with its frames and medians untyped.
 template <typename Value,
-          void (*Entry)(const Value*, Value*, long long, int, int, int, unsigned int)>
-static void dcbg_untyped(const void* frames, void* medians, long long pixels, int output_size,
-                         int kernel_size, int segment_length, unsigned int value_xor) {
+          void (*Entry)(const Value*, Value*, long long, long long, int, int, unsigned int)>
+static void dcbg_untyped(const void* frames, void* medians, long long pixels,
+                         long long output_size, int kernel_size, int segment_length,
+                         unsigned int value_xor) {
     Entry(static_cast<const Value*>(frames), static_cast<Value*>(medians), pixels, output_size,
           kernel_size, segment_length, value_xor);
 }
@@ -92,14 +94,17 @@ extern "C" int dcbg_host_launch(const char* name, unsigned int grid_x, unsigned 
 
 #define DCBG_LEVELS_ENTRY(NAME, VALUE) {#NAME, dcbg_untyped<VALUE, NAME>}
 
-// The window kernels of 8- and 16-bit values, which also take value_xor.
-// With shared_bytes > 0, a block that writes shared memory beyond its
-// shared_bytes fails the launch (code 3): the planner reserved less.
+// The window kernels of 8- and 16-bit values, which also take value_xor, for the
+// blocks of rows first_y .. stop_y-1 of the grid as dcbg_host_launch_rows. With
+// shared_bytes > 0, a block that writes shared memory beyond its shared_bytes
+// fails the launch (code 3): the planner reserved less.
 extern "C" int dcbg_host_launch_levels(const char* name, unsigned int grid_x,
-                                       unsigned int grid_y, unsigned int block_x,
+                                       unsigned int grid_y, unsigned int first_y,
+                                       unsigned int stop_y, unsigned int block_x,
                                        const void* frames, void* medians, long long pixels,
-                                       int output_size, int kernel_size, int segment_length,
-                                       unsigned int value_xor, unsigned int shared_bytes) {
+                                       long long output_size, int kernel_size,
+                                       int segment_length, unsigned int value_xor,
+                                       unsigned int shared_bytes) {
     static const struct {
         const char* name;
         dcbg_levels_kernel kernel;
@@ -124,7 +129,7 @@ extern "C" int dcbg_host_launch_levels(const char* name, unsigned int grid_x,
         return 2;
     }
     bool beyond = false;
-    dcbg_run_grid(grid_x, grid_y, 0, grid_y, block_x, [&] {
+    dcbg_run_grid(grid_x, grid_y, first_y, stop_y, block_x, [&] {
         kernel(frames, medians, pixels, output_size, kernel_size, segment_length, value_xor);
         if (shared_bytes > 0 && threadIdx.x + 1 == blockDim.x) {
             for (size_t i = shared_bytes; i < sizeof(dcbg_shared_bytes); ++i) {

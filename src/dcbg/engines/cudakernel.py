@@ -427,12 +427,11 @@ class Launcher:
         type, so a scalar of another type would be misread on the GPU. The
         window kernels also take the bits that order signed values.
         """
+        arguments = (frames, medians, np.int64(self.pixels), np.int64(output_size),
+                     np.int32(self.kernel_size), np.int32(plan.segment_length))
         if self.family.value_xor is None:
-            return (frames, medians, np.int64(self.pixels), np.int64(output_size),
-                    np.int32(self.kernel_size), np.int32(plan.segment_length))
-        return (frames, medians, np.int64(self.pixels), np.int32(output_size),
-                np.int32(self.kernel_size), np.int32(plan.segment_length),
-                np.uint32(self.family.value_xor))
+            return arguments
+        return (*arguments, np.uint32(self.family.value_xor))
 
 
 _launchers: dict[tuple[int, int, int, str], Launcher] = {}

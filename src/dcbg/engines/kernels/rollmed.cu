@@ -37,6 +37,13 @@ __device__ __forceinline__ Count* dcbg_bin(Count* counts, unsigned int bin) {
     return counts + ((bin / per_word) * blockDim.x * per_word + (bin % per_word));
 }
 
+// This thread's first count, in the first word that it owns.
+template <typename Count>
+__device__ __forceinline__ Count* dcbg_thread_counts() {
+    return reinterpret_cast<Count*>(dcbg_shared_bytes) +
+           threadIdx.x * (4u / (unsigned int)sizeof(Count));
+}
+
 // The window of one thread: its histogram, where its median is, and the
 // row pointers of its input and output streams.
 //
@@ -112,9 +119,7 @@ __device__ void dcbg_rolling_median(const unsigned char* __restrict__ frames,
     const int last = output_size - first < segment_length ? (int)(output_size - first)
                                                            : segment_length;
 
-    // This thread's first count, in the first word that it owns.
-    Count* counts = reinterpret_cast<Count*>(dcbg_shared_bytes) +
-                    threadIdx.x * (4u / (unsigned int)sizeof(Count));
+    Count* counts = dcbg_thread_counts<Count>();
     for (unsigned int bin = 0; bin < 256u; ++bin) {
         *dcbg_bin(counts, bin) = 0;
     }
@@ -431,22 +436,22 @@ template <typename Value, typename Count>
 __device__ void dcbg_rolling_median_levels(const Value* __restrict__ frames,
                                            Value* __restrict__ medians,
                                            long long pixels,
-                                           int output_size,
+                                           long long output_size,
                                            int kernel_size,
                                            int segment_length,
                                            unsigned int value_xor) {
     const long long pixel = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const int first = (int)blockIdx.y * segment_length;
+    const long long first = (long long)blockIdx.y * segment_length;
     if (pixel >= pixels || first >= output_size) {
         return;
     }
-    const int stop = first + segment_length;
-    const int last = stop < output_size ? stop : output_size;
+    // Windows of this segment; steps count from its first window.
+    const int last = output_size - first < segment_length ? (int)(output_size - first)
+                                                           : segment_length;
 
-    const long long start = (long long)first * pixels + pixel;
+    const long long start = first * pixels + pixel;
     DcbgLevelWindow<Value, Count> window;
-    window.counts = reinterpret_cast<Count*>(dcbg_shared_bytes) +
-                    threadIdx.x * (4u / (unsigned int)sizeof(Count));
+    window.counts = dcbg_thread_counts<Count>();
     window.ahead = frames + start + (long long)kernel_size * pixels;
     window.behind = frames + start;
     window.out = medians + start;
@@ -461,15 +466,15 @@ __device__ void dcbg_rolling_median_levels(const Value* __restrict__ frames,
     // are issued before the first window's passes, which hide them.
     int enter0 = 0, enter1 = 0, enter2 = 0, enter3 = 0;
     int leave0 = 0, leave1 = 0, leave2 = 0, leave3 = 0;
-    if (first + 1 < last) window.fetch(enter0, leave0);
-    if (first + 2 < last) window.fetch(enter1, leave1);
-    if (first + 3 < last) window.fetch(enter2, leave2);
-    if (first + 4 < last) window.fetch(enter3, leave3);
+    if (1 < last) window.fetch(enter0, leave0);
+    if (2 < last) window.fetch(enter1, leave1);
+    if (3 < last) window.fetch(enter2, leave2);
+    if (4 < last) window.fetch(enter3, leave3);
     window.start(frames + start);
     window.walk_and_store();
 
     const int refill_stop = last - 4;
-    int step = first + 1;
+    int step = 1;
     while (step < last) {
         window.step(enter0, leave0, step < refill_stop);
         if (++step == last) break;
@@ -487,8 +492,8 @@ __device__ void dcbg_rolling_median_levels(const Value* __restrict__ frames,
 #define DCBG_ROLLMED_LEVELS_ENTRY(NAME, VALUE, COUNT)                                      \
     extern "C" __global__ void NAME(const VALUE* __restrict__ frames,                     \
                                     VALUE* __restrict__ medians, long long pixels,        \
-                                    int output_size, int kernel_size, int segment_length, \
-                                    unsigned int value_xor) {                             \
+                                    long long output_size, int kernel_size,               \
+                                    int segment_length, unsigned int value_xor) {         \
         dcbg_rolling_median_levels<VALUE, COUNT>(frames, medians, pixels, output_size,    \
                                                  kernel_size, segment_length, value_xor); \
     }
