@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 
 from dcbg.engines import cudakernel
+from dcbg.errors import DeviceError
 from helpers import host_kernel as hk
 from test_kernel import H100_SMS, nvcc_compile, sm90_blocks_per_sm
 
@@ -404,7 +405,7 @@ def test_the_stand_in_refuses_arrays_of_another_element_size(fake_gpu):
     """A 16-bit kernel reads its arrays as 16-bit values, whatever dtype they have"""
     fake_gpu()
     import cupy
-    kernel = cudakernel.load_kernels(0).functions["dcbg_rollmed_window16_count8"]
+    kernel = cudakernel.load_kernels(0, np.uint16).functions["dcbg_rollmed_window16_count8"]
     stream = cupy.cuda.Stream()
 
     def arguments(dtype):
@@ -420,6 +421,44 @@ def test_the_stand_in_refuses_arrays_of_another_element_size(fake_gpu):
                    + arguments(np.uint16)[4:])
         with pytest.raises(TypeError, match="takes 7 arguments, got 6"):
             kernel((1, 1), (32,), arguments(np.uint16)[:6])
+
+
+def test_window_kernels_compile_as_their_own_module_on_first_use(fake_gpu):
+    """uint8 runs compile the uint8 kernel alone; the first 16-bit or int8 launcher of a
+    device compiles the window kernels, once for all their dtypes"""
+    state = fake_gpu(device_count=2)
+    uint8 = cudakernel.Launcher(0, 50, 9)
+    assert state.compile_options == [cudakernel.module_options("histogram")]
+    assert set(uint8.kernels.functions) == set(cudakernel.MODULE_KERNEL_NAMES["histogram"]) \
+        == {"dcbg_rollmed_count8", "dcbg_rollmed_count16", "dcbg_rollmed_count32"}
+    occupancy_asked = len(state.occupancy_devices)
+    assert occupancy_asked == sum(len(cudakernel.block_sizes(name))
+                                  for name in uint8.kernels.functions)
+    launchers = [cudakernel.Launcher(0, 50, 9, dtype=dtype) for dtype in WINDOW_DTYPES]
+    assert state.compile_options == [cudakernel.module_options(module)
+                                     for module in ("histogram", "window")]
+    assert all(launcher.kernels is launchers[0].kernels for launcher in launchers)
+    assert set(launchers[0].kernels.functions) == set(cudakernel.MODULE_KERNEL_NAMES["window"])
+    assert len(state.occupancy_devices) - occupancy_asked == 6 * len(cudakernel.BLOCK_SIZES)
+    assert cudakernel.Launcher(0, 80, 300, dtype=np.int16).kernels is launchers[0].kernels
+    assert state.compiled == 2
+    cudakernel.Launcher(1, 50, 9, dtype=np.uint16)  # each device compiles its own
+    assert state.compiled == 3 and set(state.occupancy_devices[-24:]) == {1}
+    assert sorted(cudakernel.KERNEL_NAMES) == sorted(
+        name for names in cudakernel.MODULE_KERNEL_NAMES.values() for name in names)
+
+
+def test_a_failed_window_kernel_compile_is_the_device_error_of_the_uint8_kernel(fake_gpu):
+    state = fake_gpu()
+    cudakernel.Launcher(0, 50, 9)  # the uint8 kernel compiled
+    state.compile_error = RuntimeError("nvrtc: error: failed to load libnvrtc.so.12")
+    for _ in range(2):  # the failed compile is kept, as the uint8 kernel's
+        with pytest.raises(DeviceError, match="CUDA device 0 cannot be used: .*cannot load "
+                                              "NVRTC") as raised:
+            cudakernel.Launcher(0, 50, 9, dtype=np.uint16)
+        assert raised.value.__cause__ is state.compile_error
+    assert state.compiled == 1
+    assert cudakernel.Launcher(0, 50, 9).kernels is cudakernel.load_kernels(0)
 
 
 def check_window_segments_beyond_2_31_windows(library):
@@ -512,15 +551,16 @@ def ptxas_usage(text):
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
-def test_every_entry_point_compiles_with_nvcc_without_local_memory(tmp_path, arch):
-    """The counts live in shared memory: no stack frame, no spills, in every entry point"""
+def test_the_window_module_compiles_with_nvcc_without_local_memory(tmp_path, arch):
+    """Its own entry points, all of them and no other; the counts live in shared memory: no
+    stack frame, no spills"""
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not installed")
-    run = nvcc_compile(tmp_path, arch)
+    run = nvcc_compile(tmp_path, arch, "window")
     assert run.returncode == 0, run.stderr
     usage = ptxas_usage(run.stdout + run.stderr)
-    assert set(cudakernel.KERNEL_NAMES) <= set(usage), usage
-    for name in cudakernel.KERNEL_NAMES:
+    assert set(usage) == set(cudakernel.MODULE_KERNEL_NAMES["window"]), usage
+    for name in usage:
         frame, _registers = usage[name]
         assert frame.startswith("0 bytes stack frame") and "0 bytes spill stores" in frame, (
             name, frame)

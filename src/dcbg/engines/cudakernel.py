@@ -1,17 +1,22 @@
 """The CUDA median kernel: its source, its compilation, and how to launch it
 
-The source is ``kernels/rollmed.cu`` beside this module. CuPy compiles it
-with NVRTC once per process and device, in a background thread that starts
-as soon as the device is known (:func:`start_compiling`), so that the
-compile overlaps opening the input; CuPy keeps the binary in its on-disk
-kernel cache (``CUPY_CACHE_DIR``), so later processes skip NVRTC.
+The source is ``kernels/rollmed.cu`` beside this module. It holds two
+kernel families, compiled as modules of their own (:data:`MODULE_MACROS`):
+the uint8 kernel and the window kernels of int8, uint16 and int16 frames,
+which take NVRTC longer than the uint8 kernel and which a run on uint8
+frames never needs. CuPy compiles each module with NVRTC once per process
+and device, in a background thread (:func:`start_compiling`): the uint8
+kernel's as soon as the device is known, so that the compile overlaps
+opening the input, the window kernels' when frames of their dtypes first
+come. CuPy keeps the binaries in its on-disk kernel cache
+(``CUPY_CACHE_DIR``), so later processes skip NVRTC.
 
 :func:`plan_launch` turns a batch into a grid of pixel blocks and time
 segments from CUDA's occupancy calculator. The calculator is a driver call
 that needs the device's context in the calling thread, which CuPy does not
 make for it; so the compile thread, which works in that context, asks it for
-every entry point and block size the planner considers and keeps the
-answers with the kernels (:class:`CompiledKernels`). CuPy is imported
+every entry point of its module and block size the planner considers and
+keeps the answers with the kernels (:class:`CompiledKernels`). CuPy is imported
 lazily: the planning functions work without it.
 """
 from __future__ import annotations
@@ -32,7 +37,11 @@ KERNEL_FILE = "kernels/rollmed.cu"
 """The kernel source, relative to this package"""
 
 COMPILE_OPTIONS = ("--std=c++14",)
-"""NVRTC options of the kernel (CuPy adds the architecture and include paths)"""
+"""NVRTC options of every module (CuPy adds the architecture and include paths)"""
+
+MODULE_MACROS = {"histogram": "DCBG_HISTOGRAM_KERNELS", "window": "DCBG_WINDOW_KERNELS"}
+"""The modules of rollmed.cu, each compiled on its own, and the macro that selects its
+entry points: the uint8 kernel's 256-bin histograms, the window kernels' counts"""
 
 SHARED_BYTES_LIMIT = 48 * 1024
 """Dynamic shared memory a block may use without opting in"""
@@ -81,6 +90,11 @@ class KernelFamily:
     """bits flipped on load and store to order the values as unsigned ones; None for the
     uint8 kernel, which takes no such argument"""
 
+    @property
+    def module(self) -> str:
+        """The module of rollmed.cu that holds these entry points (:data:`MODULE_MACROS`)"""
+        return "histogram" if self.histogram else "window"
+
 
 KERNEL_FAMILIES = {
     np.dtype(np.uint8): KernelFamily("dcbg_rollmed", True, 1, None),
@@ -121,6 +135,18 @@ window kernels whatever the count width"""
 KERNEL_NAMES = tuple(THREAD_SHARED_BYTES)
 """Every entry point of rollmed.cu (per kernel family, count widths 8, 16 and 32 bits)"""
 
+MODULE_KERNEL_NAMES = {
+    module: tuple(dict.fromkeys(kernel_name(size, dtype)
+                                for dtype, family in KERNEL_FAMILIES.items()
+                                if family.module == module for size in (1, 256, 65536)))
+    for module in MODULE_MACROS}
+"""The entry points of each module of rollmed.cu"""
+
+
+def module_options(module: str) -> tuple:
+    """NVRTC options of a module of rollmed.cu: its macro selects its entry points"""
+    return (*COMPILE_OPTIONS, f"-D{MODULE_MACROS[module]}")
+
 
 def block_sizes(name: str) -> list[tuple[int, int]]:
     """(threads, shared bytes) of each block the planner considers for an entry point"""
@@ -130,7 +156,8 @@ def block_sizes(name: str) -> list[tuple[int, int]]:
 
 @dataclasses.dataclass(frozen=True)
 class CompiledKernels:
-    """The entry points of rollmed.cu loaded on one device, and their occupancy there"""
+    """The entry points of a module of rollmed.cu loaded on one device, and their
+    occupancy there"""
 
     functions: dict
     """CuPy RawKernels by entry point name"""
@@ -262,59 +289,64 @@ def plan_launch(pixels: int, output_size: int, kernel_size: int,
 
 
 _compile_lock = threading.Lock()
-_compiles: dict[int, concurrent.futures.Future] = {}
-"""The compile of each device, started once per process"""
+_compiles: dict[tuple[int, str], concurrent.futures.Future] = {}
+"""The compile of each (device, module), started once per process"""
 
 
-def start_compiling(device_index: int) -> concurrent.futures.Future:
-    """Start compiling rollmed.cu for a device in the background, once per process
+def start_compiling(device_index: int, dtype=np.uint8) -> concurrent.futures.Future:
+    """Start compiling the kernels of `dtype` for a device in the background, once per process
 
-    Returns the future of :func:`load_kernels`' result; calling it again
-    returns the same future, also after the compile failed.
+    The module of rollmed.cu that holds them is compiled, so the dtypes of
+    one module share its compile. Returns the future of
+    :func:`load_kernels`' result; calling it again returns the same future,
+    also after the compile failed.
     """
+    module = kernel_family(dtype).module
     with _compile_lock:
-        future = _compiles.get(device_index)
+        future = _compiles.get((device_index, module))
         if future is None:
             future = concurrent.futures.Future()
-            _compiles[device_index] = future
-            threading.Thread(target=_compile_into, args=(future, device_index),
-                             name=f"dcbg-compile-cuda{device_index}", daemon=True).start()
+            _compiles[device_index, module] = future
+            suffix = "" if module == "histogram" else f"-{module}"
+            threading.Thread(target=_compile_into, args=(future, device_index, module),
+                             name=f"dcbg-compile-cuda{device_index}{suffix}",
+                             daemon=True).start()
     return future
 
 
-def load_kernels(device_index: int) -> CompiledKernels:
-    """The entry points of rollmed.cu on a device, with their occupancy there
+def load_kernels(device_index: int, dtype=np.uint8) -> CompiledKernels:
+    """The entry points for frames of `dtype` on a device, with their occupancy there
 
     Waits for the compile that :func:`start_compiling` started, or starts
     it. Raises what CuPy raised when the compile failed.
     """
-    return start_compiling(device_index).result()
+    return start_compiling(device_index, dtype).result()
 
 
-def kernels_or_device_error(device_index: int) -> CompiledKernels:
+def kernels_or_device_error(device_index: int, dtype=np.uint8) -> CompiledKernels:
     """:func:`load_kernels`, raising a failed compile as the DeviceError of an unusable device"""
     try:
-        return load_kernels(device_index)
+        return load_kernels(device_index, dtype)
     except Exception as error:  # noqa: BLE001 - NVRTC, headers, the cache, the context
         raise cudaprobe.unusable_device_error(
             device_index, cudaprobe.compile_problem(error)) from error
 
 
-def _compile_into(future: concurrent.futures.Future, device_index: int):
+def _compile_into(future: concurrent.futures.Future, device_index: int, module: str):
     try:
-        kernels = _compile(device_index)
+        kernels = _compile(device_index, module)
     except BaseException as error:  # handed to whoever waits for the kernels
         future.set_exception(error)
     else:
         future.set_result(kernels)
 
 
-def _compile(device_index: int) -> CompiledKernels:
+def _compile(device_index: int, module: str) -> CompiledKernels:
     import cupy
 
     use_device(device_index)  # this thread's only device: its context is current here
-    module = cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS)
-    functions = {name: module.get_function(name) for name in KERNEL_NAMES}
+    compiled = cupy.RawModule(code=kernel_source(), options=module_options(module))
+    functions = {name: compiled.get_function(name) for name in MODULE_KERNEL_NAMES[module]}
     occupancy = {}
     for name, kernel in functions.items():
         # CuPy loads a kernel per device and hands out the current device's copy;
@@ -350,8 +382,9 @@ class Launcher:
     kernel_size: int
         Frames per window.
     kernels: CompiledKernels, optional
-        The compiled entry points (:func:`load_kernels`); compiled or
-        waited for by default, a failure raised as a DeviceError.
+        The compiled entry points of the dtype (:func:`load_kernels`);
+        compiled or waited for by default, a failure raised as a
+        DeviceError.
     dtype: numpy.dtype, optional
         Of the frames and medians: uint8 (default), int8, uint16 or int16.
     """
@@ -363,7 +396,8 @@ class Launcher:
         self.kernel_size = kernel_size
         self.dtype = np.dtype(dtype)
         self.family = kernel_family(self.dtype)
-        self.kernels = kernels_or_device_error(device_index) if kernels is None else kernels
+        self.kernels = (kernels_or_device_error(device_index, self.dtype) if kernels is None
+                        else kernels)
         self.sm_count = multiprocessor_count(device_index)
         """streaming multiprocessors of the device"""
         self._plans: dict[int, LaunchPlan] = {}

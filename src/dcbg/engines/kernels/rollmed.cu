@@ -44,6 +44,18 @@ __device__ __forceinline__ Count* dcbg_thread_counts() {
            threadIdx.x * (4u / (unsigned int)sizeof(Count));
 }
 
+// The two kernel families are compiled as modules of their own, so that a
+// run on uint8 frames never waits for the window kernels: a compile with
+// -DDCBG_HISTOGRAM_KERNELS holds the uint8 kernel's entry points, one with
+// -DDCBG_WINDOW_KERNELS the window kernels'; one that names neither (the host
+// shim's) holds both.
+#if !defined(DCBG_HISTOGRAM_KERNELS) && !defined(DCBG_WINDOW_KERNELS)
+#define DCBG_HISTOGRAM_KERNELS
+#define DCBG_WINDOW_KERNELS
+#endif
+
+#if defined(DCBG_HISTOGRAM_KERNELS)
+
 // The window of one thread: its histogram, where its median is, and the
 // row pointers of its input and output streams.
 //
@@ -193,6 +205,9 @@ __device__ void dcbg_rolling_median(const unsigned char* __restrict__ frames,
 DCBG_ROLLMED_ENTRY(dcbg_rollmed_count8, unsigned char)
 DCBG_ROLLMED_ENTRY(dcbg_rollmed_count16, unsigned short)
 DCBG_ROLLMED_ENTRY(dcbg_rollmed_count32, unsigned int)
+#endif  // DCBG_HISTOGRAM_KERNELS
+
+#if defined(DCBG_WINDOW_KERNELS)
 // ---------------------------------------------------------------------------
 // Rolling median of 16-bit (and signed 8-bit) values: the window kernel.
 //
@@ -504,3 +519,4 @@ DCBG_ROLLMED_LEVELS_ENTRY(dcbg_rollmed_window16_count32, unsigned short, unsigne
 DCBG_ROLLMED_LEVELS_ENTRY(dcbg_rollmed_window8_count8, unsigned char, unsigned char)
 DCBG_ROLLMED_LEVELS_ENTRY(dcbg_rollmed_window8_count16, unsigned char, unsigned short)
 DCBG_ROLLMED_LEVELS_ENTRY(dcbg_rollmed_window8_count32, unsigned char, unsigned int)
+#endif  // DCBG_WINDOW_KERNELS
