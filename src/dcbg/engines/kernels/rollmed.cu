@@ -1,23 +1,38 @@
-// Rolling median over the time axis of a uint8 frame batch.
+// Rolling medians over the time axis of a batch of frames: element
+// kernel_size / 2 of each window of kernel_size frames, sorted.
 //
-// One thread owns one pixel within one time segment of the batch. Frames are
-// uint8, so the thread keeps a 256-bin histogram of its window and a pointer
-// to the median bin: sliding the window by one frame moves one count down
-// and one count up, and the pointer walks to the new median, usually a step
-// or two. Segments split a batch in time when a frame alone has too few
-// pixels to fill the GPU; each segment warms up its own window.
+// Two kernel families:
+// - The histogram kernel, for uint8 frames. A thread keeps a count of each
+//   of the 256 levels over its window and a pointer to the median level:
+//   sliding the window by one frame moves one count down and one count up,
+//   and the pointer walks to the new median, usually a step or two.
+// - The window kernels, for uint16, int16 and int8 frames. 65,536 levels
+//   rule out a count of each, so a thread counts a window of 128, 64 or 32
+//   consecutive levels that holds its median, walks the median as the
+//   histogram kernel does, and rescans its time window when the median
+//   leaves the counted levels. Signed values are loaded and stored with
+//   their sign bit flipped (value_xor), which orders them as unsigned ones.
+// Each family is compiled as a module of its own (DCBG_HISTOGRAM_KERNELS,
+// DCBG_WINDOW_KERNELS below), so a run on uint8 frames never waits for the
+// window kernels.
+//
+// In both, one thread owns one pixel within one time segment of the batch.
+// Segments split a batch in time when a frame alone has too few pixels to
+// fill the GPU; each segment warms up its own window (the window kernels by
+// a radix select of its median).
 //
 // Layout: frames[row * pixels + pixel], row-major, so a warp's loads and
-// stores of one row touch consecutive bytes.
+// stores of one row touch consecutive values.
 //
-// Histograms live in dynamic shared memory, interleaved by 32-bit word: the
+// Counts live in dynamic shared memory, interleaved by 32-bit word: the
 // word w of thread t sits at word index w * blockDim.x + t, so the 32 threads
 // of a warp always hit 32 different banks whatever bins they touch. A word
 // holds 4 uint8, 2 uint16 or 1 uint32 counts; the count type only has to hold
-// kernel_size, since a window never has more than kernel_size elements. The
-// memory is bytes that only ever hold counts: it is zeroed and used through
-// the count type alone, never through another (which C++'s aliasing rules
-// would let the compiler reorder).
+// kernel_size, since a window never has more than kernel_size elements. A
+// thread of the histogram kernel has 256 counts, one of the window kernels
+// DCBG_WINDOW_BYTES bytes of them. The memory is bytes that only ever hold
+// counts: it is zeroed and used through the count type alone, never through
+// another (which C++'s aliasing rules would let the compiler reorder).
 //
 // A batch may hold more than 2^31 windows: window indices are 64-bit, and
 // only counts within one segment (at most segment_length) are int.
@@ -44,17 +59,18 @@ __device__ __forceinline__ Count* dcbg_thread_counts() {
            threadIdx.x * (4u / (unsigned int)sizeof(Count));
 }
 
-// The two kernel families are compiled as modules of their own, so that a
-// run on uint8 frames never waits for the window kernels: a compile with
-// -DDCBG_HISTOGRAM_KERNELS holds the uint8 kernel's entry points, one with
-// -DDCBG_WINDOW_KERNELS the window kernels'; one that names neither (the host
-// shim's) holds both.
+// The kernel families a compile holds: with -DDCBG_HISTOGRAM_KERNELS the
+// histogram kernel's entry points, with -DDCBG_WINDOW_KERNELS the window
+// kernels'; a compile that names neither (the host shim's) holds both.
 #if !defined(DCBG_HISTOGRAM_KERNELS) && !defined(DCBG_WINDOW_KERNELS)
 #define DCBG_HISTOGRAM_KERNELS
 #define DCBG_WINDOW_KERNELS
 #endif
 
 #if defined(DCBG_HISTOGRAM_KERNELS)
+// ---------------------------------------------------------------------------
+// Rolling median of uint8 values: the histogram kernel.
+// ---------------------------------------------------------------------------
 
 // The window of one thread: its histogram, where its median is, and the
 // row pointers of its input and output streams.
