@@ -55,7 +55,9 @@ def test_cuda_backend_matches_definition(fake_gpu, device_batches, tmp_path, nam
     windows = max(len(stack) - kernel_size, 1)
     assert sum(launch[3] for launch in state.launches) == windows
     assert len(state.launches) == -(-windows // device_batch)
-    assert state.compiled == 1 and state.compile_options == [cudakernel.COMPILE_OPTIONS]
+    # the uint8 kernel's module only: the window kernels wait for frames of their dtypes
+    assert state.compiled == 1
+    assert state.compile_options == [cudakernel.module_options("histogram")]
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -430,11 +432,13 @@ def test_launch_plan_uses_occupancy_and_whole_waves(fake_gpu):
 
 
 def test_occupancy_is_asked_on_the_kernels_own_device(fake_gpu):
-    """Once, where the kernels are compiled, for every entry point and block size"""
+    """Once, where the kernels are compiled, for every entry point of the module and block
+    size"""
     state = fake_gpu(device_count=2)
     engine = CUDARollingMedian((80, 320), 100, 10000, 1)
     asked = len(state.occupancy_devices)
-    assert asked == sum(len(cudakernel.block_sizes(name)) for name in cudakernel.KERNEL_NAMES)
+    assert asked == sum(len(cudakernel.block_sizes(name))
+                        for name in cudakernel.MODULE_KERNEL_NAMES["histogram"])
     engine.plan(10000)
     engine.plan(777)
     assert len(state.occupancy_devices) == asked, "planning asks the driver no more"

@@ -305,11 +305,14 @@ def test_launch_arithmetic_beyond_2_31_windows(fake_gpu):
         planned(1, 2**32, 2**31)
 
 
-def nvcc_compile(tmp_path, arch):
+def nvcc_compile(tmp_path, arch, module):
+    """nvcc's build of one module of rollmed.cu, with the macro that dcbg's compile gives"""
     source = tmp_path / "rollmed.cu"
     source.write_text(cudakernel.kernel_source())
+    defines = [option for option in cudakernel.module_options(module)
+               if option.startswith("-D")]
     return subprocess.run(
-        ["nvcc", "-std=c++14", f"-arch={arch}", "-cubin", "--resource-usage",
+        ["nvcc", "-std=c++14", *defines, f"-arch={arch}", "-cubin", "--resource-usage",
          "-Werror", "all-warnings", str(source), "-o", str(tmp_path / f"{arch}.cubin")],
         capture_output=True, text=True)
 
@@ -318,11 +321,12 @@ def nvcc_compile(tmp_path, arch):
 def test_kernel_compiles_with_nvcc(tmp_path, arch):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc is not installed")
-    run = nvcc_compile(tmp_path, arch)
+    run = nvcc_compile(tmp_path, arch, "histogram")
     assert run.returncode == 0, run.stderr
     usage = run.stdout + run.stderr
     for name in ("dcbg_rollmed_count8", "dcbg_rollmed_count16", "dcbg_rollmed_count32"):
         assert name in usage
+    assert "window" not in usage, "the window kernels are a module of their own"
     # histograms belong in shared memory: no per-thread local arrays, no spills
     assert "bytes stack frame" in usage
     for line in usage.splitlines():
@@ -354,7 +358,8 @@ def find_nvrtc():
     return None
 
 
-def test_kernel_compiles_with_nvrtc():
+@pytest.mark.parametrize("module", sorted(cudakernel.MODULE_MACROS))
+def test_kernel_compiles_with_nvrtc(module):
     """NVRTC, as CuPy uses it: no implicit headers, so the source must stand alone"""
     import ctypes
     nvrtc = find_nvrtc()
@@ -364,7 +369,8 @@ def test_kernel_compiles_with_nvrtc():
     source = cudakernel.kernel_source().encode()
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(program), source, b"rollmed.cu", 0,
                                     None, None) == 0
-    options = [b"--std=c++14", b"-arch=sm_90"]
+    options = [*(option.encode() for option in cudakernel.module_options(module)),
+               b"-arch=sm_90"]
     option_array = (ctypes.c_char_p * len(options))(*options)
     result = nvrtc.nvrtcCompileProgram(program, len(options), option_array)
     size = ctypes.c_size_t()
@@ -398,5 +404,6 @@ def test_kernels_compile_through_cupys_own_nvrtc_path():
     run = subprocess.run([python, str(script), "--arch", "sm_80", "--arch", "sm_90"],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    for arch in ("sm_80", "sm_90"):
-        assert f"{arch}: OK cubin" in run.stdout, run.stdout
+    for arch in ("sm_80", "sm_90"):  # each module
+        assert run.stdout.count(f"{arch}: OK cubin") == len(cudakernel.MODULE_MACROS), \
+            run.stdout

@@ -3,8 +3,9 @@
 
     python cupy_compile.py [FILE.cu ...] [--arch sm_80 --arch sm_90] [--verbose]
 
-Without files it compiles every ``.cu`` of the installed dcbg with its own
-options and checks that each kernel entry point is in the binary. The source
+Without files it compiles each module of the installed dcbg's kernel source
+with its own options, as dcbg does, and checks that the binary holds the
+module's entry points and no other module's. The source
 goes through the call chain of ``cupy.RawModule(code=..., options=...)``:
 ``compile_with_cache`` assembles the options (CCCL, CuPy and CUDA header
 include paths, default standard), CuPy's compiler adds ``-ftz=true`` and the
@@ -183,8 +184,10 @@ def compile_for_arch(cupy, compiler, source: str, options: tuple, arch: str):
                              "(unsupported CuPy version?)")
 
 
-def check_one(cupy, compiler, path, source, options, arch, entries, verbose, nvrtc) -> bool:
-    """Compile one file for one arch and print its line; True where it compiled"""
+def check_one(cupy, compiler, path, source, options, arch, entries, verbose, nvrtc,
+              foreign=()) -> bool:
+    """Compile one file for one arch and print its line; True where it compiled with every
+    entry point of `entries` and none of `foreign`"""
     try:
         binary, kind, used = compile_for_arch(cupy, compiler, source, options, arch)
     except compiler.CompileException as exc:
@@ -204,45 +207,54 @@ def check_one(cupy, compiler, path, source, options, arch, entries, verbose, nvr
             f"CUDA majors disagree: CuPy built for CUDA {build_major}, NVRTC {nvrtc}, "
             f"headers {cudart // 1000}.{cudart % 1000 // 10} in {header_dir}; {FIX}")
     missing = [e for e in entries if e.encode() not in binary]
-    status = "OK" if not missing else f"MISSING ENTRY {', '.join(missing)}"
+    extra = [e for e in foreign if e.encode() in binary]
+    status = ("OK" if not missing and not extra else
+              " ".join([*([f"MISSING ENTRY {', '.join(missing)}"] if missing else []),
+                        *([f"FOREIGN ENTRY {', '.join(extra)}"] if extra else [])]))
     arch_opt = next(o for o in used if o.startswith("-arch="))
-    print(f"sm_{arch}: {status} {kind} {len(binary)} bytes ({path.name}, NVRTC {nvrtc}, "
+    defines = "".join(f" {o}" for o in options if o.startswith("-D"))
+    print(f"sm_{arch}: {status} {kind} {len(binary)} bytes ({path.name}{defines}, NVRTC {nvrtc}, "
           f"{arch_opt}, CUDA headers {cudart // 1000}.{cudart % 1000 // 10} in {header_dir})")
     if verbose:
         print(f"  NVRTC options: {' '.join(used)}")
-    return not missing
+    return not missing and not extra
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", type=pathlib.Path, nargs="*", metavar="FILE.cu",
-                        help="CUDA source(s) to compile (default: every kernel of dcbg)")
+                        help="CUDA source(s) to compile (default: every module of dcbg's "
+                             "kernel source)")
     parser.add_argument("--arch", action="append", type=parse_arch,
                         help="target architecture, e.g. sm_80 (repeatable; default sm_80, sm_90)")
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="print the full option list NVRTC got")
     args = parser.parse_args(argv)
     archs = args.arch or [parse_arch(a) for a in DEFAULT_ARCHS]
-    from host_kernel import kernel_files  # beside this script
+    from host_kernel import KERNEL_DIR  # beside this script
 
     from dcbg.engines import cudakernel
-    options = cudakernel.COMPILE_OPTIONS
-    files = args.files or kernel_files()
-    entries = list(cudakernel.KERNEL_NAMES) if not args.files else []
+    if args.files:  # (path, options, entry points it must hold, ones it must not)
+        compiles = [(path, cudakernel.COMPILE_OPTIONS, [], []) for path in args.files]
+    else:
+        compiles = [(KERNEL_DIR.parent / cudakernel.KERNEL_FILE,
+                     cudakernel.module_options(module), list(names),
+                     [name for name in cudakernel.KERNEL_NAMES if name not in names])
+                    for module, names in cudakernel.MODULE_KERNEL_NAMES.items()]
 
     try:
         cupy, compiler, (major, minor) = load_cupy()
         print(f"CuPy {cupy.__version__}, NVRTC {major}.{minor} from "
               f"{loaded_library('libnvrtc') or '?'}")
         failed = False
-        for path in files:
+        for path, options, entries, foreign in compiles:
             try:
                 source = path.read_text()
             except OSError as exc:
                 raise EnvironmentProblem(f"cannot read {path}: {exc}") from exc
             for arch in archs:
                 failed |= not check_one(cupy, compiler, path, source, options, arch,
-                                        entries, args.verbose, f"{major}.{minor}")
+                                        entries, args.verbose, f"{major}.{minor}", foreign)
         return 1 if failed else 0
     except EnvironmentProblem as exc:
         print(f"error: {exc}", file=sys.stderr)

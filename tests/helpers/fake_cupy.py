@@ -23,12 +23,16 @@ context on device 0, as CuPy's does. The occupancy calculator fails in a
 thread without a context. Work queued on a stream of another device than
 the one it runs on fails; uploads and downloads check shape, dtype and
 contiguity as ``ndarray.set``/``get`` do; kernels take grids and blocks as
-tuples only, arrays of the current device only, and scalars of the types
-the kernel's parameters have in the source.
+tuples only, arrays of the current device only (of elements of the size the
+kernel reads), and scalars of the types the kernel's parameters have in the
+source as the compile's options select it.
 """
 import collections
+import dataclasses
+import functools
 import random
 import re
+import subprocess
 import threading
 import types
 import weakref
@@ -260,12 +264,13 @@ class FakeKernel:
                 raise TypeError(f"Argument '{what}' has incorrect type (expected tuple, got "
                                 f"{type(value).__name__})")
         check_arguments(self.state, self.name, self.parameters, args)
-        frames, medians, pixels, output_size, kernel_size, segment_length = args
+        # the window kernels (8- and 16-bit values) also take value_xor
+        frames, medians, pixels, output_size, kernel_size, segment_length, *value_xor = args
         assert current_streams(self.state), "launch inside `with stream:`"
         assert shared_mem <= 48 * 1024
         ensure_context(self.state)
         plan = types.SimpleNamespace(kernel=self.name, grid=grid, block=block[0],
-                                     segment_length=int(segment_length))
+                                     segment_length=int(segment_length), shared_mem=shared_mem)
         state = self.state
         with state.lock:
             fault = state.faults.pop(len(state.launches), None)
@@ -276,54 +281,86 @@ class FakeKernel:
             state.launch_devices.append(current_device(state))
             state.calls.append(("kernel", int(output_size)))
         source, target = frames.array, medians.array
+        extra = {"value_xor": int(value_xor[0])} if value_xor else {}
         current_stream(state).put(lambda: hk.launch(
-            state.lib, plan, source, target, int(pixels), int(output_size), int(kernel_size)))
+            state.lib, plan, source, target, int(pixels), int(output_size), int(kernel_size),
+            **extra))
 
 
 class FakeModule:
     def __init__(self, state, code, options):
-        assert "dcbg_rollmed_count8" in code
         self.state = state
         if state.compile_error is not None:
             raise state.compile_error
         state.compiled += 1
         state.compile_options.append(tuple(options))
-        self.parameters = kernel_parameters(code)
+        self.parameters = kernel_parameters(code, tuple(options))
 
     def get_function(self, name):
-        return FakeKernel(self.state, name, self.parameters)
+        if name not in self.parameters:  # as the module load fails in CuPy
+            raise CUDADriverError(f"CUDA_ERROR_NOT_FOUND: named symbol not found ({name} is "
+                                  f"not an entry point of this module)")
+        return FakeKernel(self.state, name, self.parameters[name])
 
 
-C_TYPES = {"long long": np.int64, "int": np.int32, "unsigned int": np.uint32}
-"""numpy scalar types of the C parameter types a kernel may take by value"""
+C_TYPES = {"long long": np.int64, "int": np.int32, "unsigned int": np.uint32,
+           "unsigned short": np.uint16, "unsigned char": np.uint8}
+"""numpy types of the C types of a kernel's parameters (by value) and array elements"""
 
 
-def kernel_parameters(code: str) -> list:
-    """The parameters of the kernels' entry points in the source: "array" or a numpy type"""
-    match = re.search(r'extern "C" __global__ void NAME\(([^)]*)\)', code)
-    assert match, "the entry point macro of rollmed.cu"
-    parameters = []
-    for declaration in match.group(1).replace("\\", " ").split(","):
-        words = declaration.replace("__restrict__", " ").split()
-        if "*" in declaration:
-            parameters.append("array")
-        else:
-            parameters.append(C_TYPES[" ".join(word for word in words[:-1] if word != "const")])
-    return parameters
+@dataclasses.dataclass(frozen=True)
+class ArrayParameter:
+    """A pointer parameter of a kernel: a device array of elements of this size"""
+
+    element: type
+
+
+@functools.cache
+def kernel_parameters(code: str, options: tuple) -> dict:
+    """The parameters of each entry point in the compiled source, by name
+
+    The host compiler's preprocessor expands the source with the compile's
+    ``-D`` options, as NVRTC does, so that only the entry points the options
+    select are there, each with its parameters' types: an
+    :class:`ArrayParameter` or the numpy type of a parameter taken by value.
+    """
+    defines = [option for option in options if option.startswith("-D")]
+    expanded = subprocess.run([hk.compiler(), "-E", "-P", "-x", "c++", *defines, "-"],
+                              input=code, capture_output=True, text=True, check=True).stdout
+    entries = {}
+    for name, declarations in re.findall(r'extern "C" __global__ void (\w+)\(([^)]*)\)',
+                                         expanded):
+        parameters = []
+        for declaration in declarations.split(","):
+            words = [word for word in declaration.replace("*", " * ").split()
+                     if word not in ("const", "__restrict__")]
+            if "*" in words:
+                parameters.append(ArrayParameter(C_TYPES[" ".join(words[:words.index("*")])]))
+            else:
+                parameters.append(C_TYPES[" ".join(words[:-1])])
+        entries[name] = parameters
+    assert entries, "no entry point in the kernel source"
+    return entries
 
 
 def check_arguments(state, name: str, parameters: list, args: tuple):
     """Refuse what CUDA would misread: scalars of another size, arrays of another device
+    or of elements of another size
 
     CuPy passes a numpy scalar by value at its own size, whatever the
-    kernel's parameter is, so a mismatch reads garbage on a GPU.
+    kernel's parameter is, so a mismatch reads garbage on a GPU; an array
+    passes as a bare pointer, read as the parameter's element type.
     """
     if len(args) != len(parameters):
         raise TypeError(f"{name} takes {len(parameters)} arguments, got {len(args)}")
     for position, (parameter, argument) in enumerate(zip(parameters, args, strict=True)):
-        if parameter == "array":
+        if isinstance(parameter, ArrayParameter):
             if not isinstance(argument, FakeArray):
                 raise TypeError(f"{name}: argument {position} must be a device array")
+            if argument.dtype.itemsize != np.dtype(parameter.element).itemsize:
+                raise TypeError(f"{name}: argument {position} must hold elements of "
+                                f"{np.dtype(parameter.element).itemsize} bytes, as the "
+                                f"kernel's parameter, got {argument.dtype}")
             check_current_device(state, argument)
         elif type(argument) is not parameter:
             raise TypeError(f"{name}: argument {position} must be {parameter.__name__}, as "
@@ -507,13 +544,13 @@ def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1, seed=0, version="
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if state.largest_allocation is not None and size > state.largest_allocation:
             raise OutOfMemoryError(f"Out of memory allocating {size:,} bytes")
-        return allocate(state, np.full(shape, 0xCD, dtype))
+        return allocate(state, garbage(shape, dtype, 0xCD))
 
     def empty_pinned(shape, dtype):
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if state.largest_pinned is not None and size > state.largest_pinned:
             raise CUDARuntimeError("cudaErrorMemoryAllocation: out of memory")
-        return np.full(shape, 0xEF, dtype)
+        return garbage(shape, dtype, 0xEF)
 
     def mem_get_info():
         ensure_context(state)
@@ -590,7 +627,8 @@ def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1, seed=0, version="
     cupy.may_share_memory = lambda a, b, max_work=None: np.may_share_memory(a.array, b.array)
     cupy.from_dlpack = lambda data: data.device_array  # the test doubles of torch tensors
     cupy.ndarray = FakeArray
-    cupy.uint8 = np.uint8
+    for name in ("uint8", "int8", "uint16", "int16"):
+        setattr(cupy, name, getattr(np, name))
     cupy.RawModule = lambda code, options=(): FakeModule(state, code, options)
     cupy.get_default_memory_pool = Pool
     cupy.get_default_pinned_memory_pool = PinnedPool
@@ -608,6 +646,13 @@ def asnumpy(state, array: FakeArray) -> np.ndarray:
     state.calls.append(("device to host", array.shape))
     current_stream(state).synchronize()
     return array.array.copy()
+
+
+def garbage(shape, dtype, byte: int) -> np.ndarray:
+    """Memory that was never written: every byte `byte`, whatever the dtype"""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape, dtype=np.int64))
+    return np.full(size * dtype.itemsize, byte, np.uint8).view(dtype).reshape(shape)
 
 
 def asarray(state, data) -> FakeArray:

@@ -31,13 +31,18 @@ def compile_flags() -> list[str]:
     return ["-std=c++17", "-O2", "-Wall", *(["-Werror"] if werror else []), "-shared", "-fPIC"]
 
 
+def compiler() -> str | None:
+    """The host C++ compiler that builds the shim; None when there is none"""
+    return shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
+
+
 def build(folder: pathlib.Path) -> ctypes.CDLL | None:
     """Compile the shim into a shared library; None when no C++ compiler exists"""
-    compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
-    if compiler is None:
+    compiler_path = compiler()
+    if compiler_path is None:
         return None
     library = folder / "dcbg_kernel_host.so"
-    subprocess.run([compiler, *compile_flags(), f"-I{KERNEL_DIR}", str(SHIM), "-o",
+    subprocess.run([compiler_path, *compile_flags(), f"-I{KERNEL_DIR}", str(SHIM), "-o",
                     str(library)], check=True)
     return load(library)
 
@@ -55,16 +60,35 @@ def load(library) -> ctypes.CDLL:
         ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
         ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong,
         ctypes.c_int, ctypes.c_int]
+    lib.dcbg_host_launch_levels.restype = ctypes.c_int
+    lib.dcbg_host_launch_levels.argtypes = [
+        ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+        ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong,
+        ctypes.c_int, ctypes.c_int, ctypes.c_uint, ctypes.c_uint]
+    lib.dcbg_host_window_bytes.restype = ctypes.c_int
+    lib.dcbg_host_window_bytes.argtypes = []
     return lib
 
 
 def launch(lib, plan, frames: np.ndarray, medians: np.ndarray, pixels: int,
-           output_size: int, kernel_size: int):
-    """Run one launch of the kernel on the CPU; frames/medians are C-contiguous"""
+           output_size: int, kernel_size: int, value_xor: int | None = None):
+    """Run one launch of the kernel on the CPU; frames/medians are C-contiguous
+
+    The window kernels (8- and 16-bit values) take `value_xor`, the uint8
+    kernel does not. For them, a plan's nonzero ``shared_mem`` is checked: a
+    block that writes shared memory beyond it fails the launch.
+    """
     assert frames.flags.c_contiguous and medians.flags.c_contiguous
-    rc = lib.dcbg_host_launch(plan.kernel.encode(), plan.grid[0], plan.grid[1], plan.block,
-                              frames.ctypes.data, medians.ctypes.data, pixels, output_size,
-                              kernel_size, plan.segment_length)
+    if value_xor is None:
+        rc = lib.dcbg_host_launch(plan.kernel.encode(), plan.grid[0], plan.grid[1], plan.block,
+                                  frames.ctypes.data, medians.ctypes.data, pixels, output_size,
+                                  kernel_size, plan.segment_length)
+    else:
+        rc = lib.dcbg_host_launch_levels(plan.kernel.encode(), plan.grid[0], plan.grid[1], 0,
+                                         plan.grid[1], plan.block, frames.ctypes.data,
+                                         medians.ctypes.data, pixels, output_size,
+                                         kernel_size, plan.segment_length, value_xor,
+                                         getattr(plan, "shared_mem", 0))
     assert rc == 0, f"host launch failed with code {rc}"
 
 

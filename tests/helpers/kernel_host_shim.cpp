@@ -22,6 +22,40 @@ alignas(4) unsigned char dcbg_shared_bytes[1024 * 256 * 4];
 
 typedef void (*dcbg_kernel)(const unsigned char*, unsigned char*, long long, long long, int,
                             int);
+typedef void (*dcbg_levels_kernel)(const void*, void*, long long, long long, int, int,
+                                   unsigned int);
+
+// An entry point of the window kernels with its frames and medians untyped.
+template <typename Value,
+          void (*Entry)(const Value*, Value*, long long, long long, int, int, unsigned int)>
+static void dcbg_untyped(const void* frames, void* medians, long long pixels,
+                         long long output_size, int kernel_size, int segment_length,
+                         unsigned int value_xor) {
+    Entry(static_cast<const Value*>(frames), static_cast<Value*>(medians), pixels, output_size,
+          kernel_size, segment_length, value_xor);
+}
+
+// Runs `run_thread` for every thread of the blocks of rows first_y .. stop_y-1 of the
+// grid, one thread after another.
+template <typename RunThread>
+static void dcbg_run_grid(unsigned int grid_x, unsigned int grid_y, unsigned int first_y,
+                          unsigned int stop_y, unsigned int block_x, RunThread run_thread) {
+    gridDim.x = grid_x;
+    gridDim.y = grid_y;
+    blockDim.x = block_x;
+    for (unsigned int by = first_y; by < stop_y && by < grid_y; ++by) {
+        for (unsigned int bx = 0; bx < grid_x; ++bx) {
+            blockIdx.x = bx;
+            blockIdx.y = by;
+            // Garbage in shared memory, as on a GPU: the kernel must zero it.
+            std::memset(dcbg_shared_bytes, 0xA5, sizeof(dcbg_shared_bytes));
+            for (unsigned int tx = 0; tx < block_x; ++tx) {
+                threadIdx.x = tx;
+                run_thread();
+            }
+        }
+    }
+}
 
 // Runs the blocks of rows first_y .. stop_y-1 of the grid (all of them: 0 .. grid_y), so that
 // a test can run one segment of a grid too large to run whole.
@@ -44,21 +78,9 @@ extern "C" int dcbg_host_launch_rows(const char* name, unsigned int grid_x,
     if (block_x > 1024) {
         return 2;
     }
-    gridDim.x = grid_x;
-    gridDim.y = grid_y;
-    blockDim.x = block_x;
-    for (unsigned int by = first_y; by < stop_y && by < grid_y; ++by) {
-        for (unsigned int bx = 0; bx < grid_x; ++bx) {
-            blockIdx.x = bx;
-            blockIdx.y = by;
-            // Garbage in shared memory, as on a GPU: the kernel must zero it.
-            std::memset(dcbg_shared_bytes, 0xA5, sizeof(dcbg_shared_bytes));
-            for (unsigned int tx = 0; tx < block_x; ++tx) {
-                threadIdx.x = tx;
-                kernel(frames, medians, pixels, output_size, kernel_size, segment_length);
-            }
-        }
-    }
+    dcbg_run_grid(grid_x, grid_y, first_y, stop_y, block_x, [&] {
+        kernel(frames, medians, pixels, output_size, kernel_size, segment_length);
+    });
     return 0;
 }
 
@@ -69,3 +91,54 @@ extern "C" int dcbg_host_launch(const char* name, unsigned int grid_x, unsigned 
     return dcbg_host_launch_rows(name, grid_x, grid_y, 0, grid_y, block_x, frames, medians,
                                  pixels, output_size, kernel_size, segment_length);
 }
+
+#define DCBG_LEVELS_ENTRY(NAME, VALUE) {#NAME, dcbg_untyped<VALUE, NAME>}
+
+// The window kernels of 8- and 16-bit values, which also take value_xor, for the
+// blocks of rows first_y .. stop_y-1 of the grid as dcbg_host_launch_rows. With
+// shared_bytes > 0, a block that writes shared memory beyond its shared_bytes
+// fails the launch (code 3): the planner reserved less.
+extern "C" int dcbg_host_launch_levels(const char* name, unsigned int grid_x,
+                                       unsigned int grid_y, unsigned int first_y,
+                                       unsigned int stop_y, unsigned int block_x,
+                                       const void* frames, void* medians, long long pixels,
+                                       long long output_size, int kernel_size,
+                                       int segment_length, unsigned int value_xor,
+                                       unsigned int shared_bytes) {
+    static const struct {
+        const char* name;
+        dcbg_levels_kernel kernel;
+    } entries[] = {
+        DCBG_LEVELS_ENTRY(dcbg_rollmed_window16_count8, unsigned short),
+        DCBG_LEVELS_ENTRY(dcbg_rollmed_window16_count16, unsigned short),
+        DCBG_LEVELS_ENTRY(dcbg_rollmed_window16_count32, unsigned short),
+        DCBG_LEVELS_ENTRY(dcbg_rollmed_window8_count8, unsigned char),
+        DCBG_LEVELS_ENTRY(dcbg_rollmed_window8_count16, unsigned char),
+        DCBG_LEVELS_ENTRY(dcbg_rollmed_window8_count32, unsigned char),
+    };
+    dcbg_levels_kernel kernel = nullptr;
+    for (const auto& entry : entries) {
+        if (std::strcmp(name, entry.name) == 0) {
+            kernel = entry.kernel;
+        }
+    }
+    if (kernel == nullptr) {
+        return 1;
+    }
+    if (block_x > 1024 || shared_bytes > sizeof(dcbg_shared_bytes)) {
+        return 2;
+    }
+    bool beyond = false;
+    dcbg_run_grid(grid_x, grid_y, first_y, stop_y, block_x, [&] {
+        kernel(frames, medians, pixels, output_size, kernel_size, segment_length, value_xor);
+        if (shared_bytes > 0 && threadIdx.x + 1 == blockDim.x) {
+            for (size_t i = shared_bytes; i < sizeof(dcbg_shared_bytes); ++i) {
+                beyond |= dcbg_shared_bytes[i] != 0xA5;
+            }
+        }
+    });
+    return beyond ? 3 : 0;
+}
+
+// Shared memory per thread of the window kernels, which the launch planner must know.
+extern "C" int dcbg_host_window_bytes() { return DCBG_WINDOW_BYTES; }

@@ -1,17 +1,22 @@
 """The CUDA median kernel: its source, its compilation, and how to launch it
 
-The source is ``kernels/rollmed.cu`` beside this module. CuPy compiles it
-with NVRTC once per process and device, in a background thread that starts
-as soon as the device is known (:func:`start_compiling`), so that the
-compile overlaps opening the input; CuPy keeps the binary in its on-disk
-kernel cache (``CUPY_CACHE_DIR``), so later processes skip NVRTC.
+The source is ``kernels/rollmed.cu`` beside this module. It holds two
+kernel families, compiled as modules of their own (:data:`MODULE_MACROS`):
+the uint8 kernel and the window kernels of int8, uint16 and int16 frames,
+which take NVRTC longer than the uint8 kernel and which a run on uint8
+frames never needs. CuPy compiles each module with NVRTC once per process
+and device, in a background thread (:func:`start_compiling`): the uint8
+kernel's as soon as the device is known, so that the compile overlaps
+opening the input, the window kernels' when frames of their dtypes first
+come. CuPy keeps the binaries in its on-disk kernel cache
+(``CUPY_CACHE_DIR``), so later processes skip NVRTC.
 
 :func:`plan_launch` turns a batch into a grid of pixel blocks and time
 segments from CUDA's occupancy calculator. The calculator is a driver call
 that needs the device's context in the calling thread, which CuPy does not
 make for it; so the compile thread, which works in that context, asks it for
-every entry point and block size the planner considers and keeps the
-answers with the kernels (:class:`CompiledKernels`). CuPy is imported
+every entry point of its module and block size the planner considers and
+keeps the answers with the kernels (:class:`CompiledKernels`). CuPy is imported
 lazily: the planning functions work without it.
 """
 from __future__ import annotations
@@ -22,6 +27,8 @@ import importlib.resources
 import threading
 import typing
 
+import numpy as np
+
 from .. import cudaprobe
 from .base import count_dtype
 from .cudacontext import on_device, use_device
@@ -30,7 +37,11 @@ KERNEL_FILE = "kernels/rollmed.cu"
 """The kernel source, relative to this package"""
 
 COMPILE_OPTIONS = ("--std=c++14",)
-"""NVRTC options of the kernel (CuPy adds the architecture and include paths)"""
+"""NVRTC options of every module (CuPy adds the architecture and include paths)"""
+
+MODULE_MACROS = {"histogram": "DCBG_HISTOGRAM_KERNELS", "window": "DCBG_WINDOW_KERNELS"}
+"""The modules of rollmed.cu, each compiled on its own, and the macro that selects its
+entry points: the uint8 kernel's 256-bin histograms, the window kernels' counts"""
 
 SHARED_BYTES_LIMIT = 48 * 1024
 """Dynamic shared memory a block may use without opting in"""
@@ -59,30 +70,94 @@ def kernel_source() -> str:
     return importlib.resources.files(__package__).joinpath(KERNEL_FILE).read_text()
 
 
-def kernel_name(kernel_size: int) -> str:
-    """Name of the kernel entry point for this kernel size (its count width)"""
-    return f"dcbg_rollmed_count{8 * count_dtype(kernel_size).itemsize}"
+WINDOW_BYTES = 128
+"""Shared memory of each thread of the window kernels (DCBG_WINDOW_BYTES in rollmed.cu):
+the counts of 128, 64 or 32 levels for kernel sizes up to 255, up to 65,535 and beyond"""
 
 
-COUNT_BYTES = {kernel_name(size): count_dtype(size).itemsize for size in (1, 256, 65536)}
-"""Bytes of a histogram count of every entry point of rollmed.cu, by name"""
+@dataclasses.dataclass(frozen=True)
+class KernelFamily:
+    """The entry points of rollmed.cu for frames of one dtype"""
 
-KERNEL_NAMES = tuple(COUNT_BYTES)
-"""Every entry point of rollmed.cu (count widths 8, 16 and 32 bits)"""
+    prefix: str
+    """names of the entry points without their ``_count8/16/32``"""
+    histogram: bool
+    """whether each thread counts all 256 levels (the uint8 kernel) instead of a window of
+    levels in :data:`WINDOW_BYTES`"""
+    warm_up_steps: float
+    """cost of each frame of a time segment's first window, in steps"""
+    value_xor: int | None
+    """bits flipped on load and store to order the values as unsigned ones; None for the
+    uint8 kernel, which takes no such argument"""
+
+    @property
+    def module(self) -> str:
+        """The module of rollmed.cu that holds these entry points (:data:`MODULE_MACROS`)"""
+        return "histogram" if self.histogram else "window"
+
+
+KERNEL_FAMILIES = {
+    np.dtype(np.uint8): KernelFamily("dcbg_rollmed", True, 1, None),
+    # The window kernels' first window takes a radix select and a pass that
+    # counts its levels: 3 passes for 16-bit values, 2 for 8-bit ones, each
+    # about half a step per frame (one load and one count where a step has
+    # two).
+    np.dtype(np.int8): KernelFamily("dcbg_rollmed_window8", False, 1, 0x80),
+    np.dtype(np.uint16): KernelFamily("dcbg_rollmed_window16", False, 1.5, 0),
+    np.dtype(np.int16): KernelFamily("dcbg_rollmed_window16", False, 1.5, 0x8000),
+}
+"""The kernel family of each dtype the GPU computes medians of"""
+
+
+def kernel_family(dtype) -> KernelFamily:
+    """The entry points for frames of `dtype`; TypeError for a dtype they do not take"""
+    family = KERNEL_FAMILIES.get(np.dtype(dtype))
+    if family is None:
+        supported = ", ".join(str(d) for d in KERNEL_FAMILIES)
+        raise TypeError(f"The GPU kernel takes frames of {supported}, not {np.dtype(dtype)}; "
+                        f"convert the frames to one of these dtypes.")
+    return family
+
+
+def kernel_name(kernel_size: int, dtype=np.uint8) -> str:
+    """Name of the kernel entry point for this kernel size (its count width) and dtype"""
+    return f"{kernel_family(dtype).prefix}_count{8 * count_dtype(kernel_size).itemsize}"
+
+
+THREAD_SHARED_BYTES = {
+    kernel_name(size, dtype): (256 * count_dtype(size).itemsize
+                               if KERNEL_FAMILIES[dtype].histogram else WINDOW_BYTES)
+    for dtype in KERNEL_FAMILIES for size in (1, 256, 65536)}
+"""Dynamic shared memory of each thread of every entry point of rollmed.cu, by name: a
+count of each of the 256 levels in the uint8 kernel, :data:`WINDOW_BYTES` of counts in the
+window kernels whatever the count width"""
+
+KERNEL_NAMES = tuple(THREAD_SHARED_BYTES)
+"""Every entry point of rollmed.cu (per kernel family, count widths 8, 16 and 32 bits)"""
+
+MODULE_KERNEL_NAMES = {
+    module: tuple(dict.fromkeys(kernel_name(size, dtype)
+                                for dtype, family in KERNEL_FAMILIES.items()
+                                if family.module == module for size in (1, 256, 65536)))
+    for module in MODULE_MACROS}
+"""The entry points of each module of rollmed.cu"""
+
+
+def module_options(module: str) -> tuple:
+    """NVRTC options of a module of rollmed.cu: its macro selects its entry points"""
+    return (*COMPILE_OPTIONS, f"-D{MODULE_MACROS[module]}")
 
 
 def block_sizes(name: str) -> list[tuple[int, int]]:
-    """(threads, shared bytes) of each block the planner considers for an entry point
-
-    A block's dynamic shared memory is a 256-bin histogram per thread.
-    """
-    return [(block, block * 256 * COUNT_BYTES[name]) for block in BLOCK_SIZES
-            if block * 256 * COUNT_BYTES[name] <= SHARED_BYTES_LIMIT]
+    """(threads, shared bytes) of each block the planner considers for an entry point"""
+    return [(block, block * THREAD_SHARED_BYTES[name]) for block in BLOCK_SIZES
+            if block * THREAD_SHARED_BYTES[name] <= SHARED_BYTES_LIMIT]
 
 
 @dataclasses.dataclass(frozen=True)
 class CompiledKernels:
-    """The entry points of rollmed.cu loaded on one device, and their occupancy there"""
+    """The entry points of a module of rollmed.cu loaded on one device, and their
+    occupancy there"""
 
     functions: dict
     """CuPy RawKernels by entry point name"""
@@ -144,7 +219,7 @@ def segment_candidates(pixel_blocks: int, resident: int, longest: int) -> list[i
 
 def plan_launch(pixels: int, output_size: int, kernel_size: int,
                 blocks_per_sm: typing.Callable[[str, int, int], int],
-                sm_count: int) -> LaunchPlan:
+                sm_count: int, dtype=np.uint8) -> LaunchPlan:
     """Plan a launch that keeps every SM busy until the end
 
     One thread per pixel and time segment. An 80×320 frame gives 25,600
@@ -170,6 +245,8 @@ def plan_launch(pixels: int, output_size: int, kernel_size: int,
         device reserves per block).
     sm_count: int
         Streaming multiprocessors of the device.
+    dtype: numpy.dtype, optional
+        Of the frames, which chooses the kernel family.
 
     Raises
     ------
@@ -177,7 +254,8 @@ def plan_launch(pixels: int, output_size: int, kernel_size: int,
         If the kernel's int parameters cannot hold the kernel size or the
         windows of a segment.
     """
-    name = kernel_name(kernel_size)
+    name = kernel_name(kernel_size, dtype)
+    warm_up = kernel_family(dtype).warm_up_steps * (kernel_size - 1)
     if kernel_size > INT_MAX:
         raise ValueError(f"kernel_size={kernel_size} is more than a GPU kernel takes "
                          f"({INT_MAX}); use device=\"cpu\".")
@@ -199,7 +277,7 @@ def plan_launch(pixels: int, output_size: int, kernel_size: int,
             waves = -(-pixel_blocks * used // resident)
             # Every wave holds all resident thread slots for the steps of
             # one block (its windows plus the warm-up), used or not.
-            cost = waves * resident * block * (length + kernel_size - 1)
+            cost = waves * resident * block * (length + warm_up)
             key = (cost, -resident * block, used)
             if best is None or key < best[0]:
                 best = (key, LaunchPlan(name, block, (pixel_blocks, used), length, shared,
@@ -211,59 +289,64 @@ def plan_launch(pixels: int, output_size: int, kernel_size: int,
 
 
 _compile_lock = threading.Lock()
-_compiles: dict[int, concurrent.futures.Future] = {}
-"""The compile of each device, started once per process"""
+_compiles: dict[tuple[int, str], concurrent.futures.Future] = {}
+"""The compile of each (device, module), started once per process"""
 
 
-def start_compiling(device_index: int) -> concurrent.futures.Future:
-    """Start compiling rollmed.cu for a device in the background, once per process
+def start_compiling(device_index: int, dtype=np.uint8) -> concurrent.futures.Future:
+    """Start compiling the kernels of `dtype` for a device in the background, once per process
 
-    Returns the future of :func:`load_kernels`' result; calling it again
-    returns the same future, also after the compile failed.
+    The module of rollmed.cu that holds them is compiled, so the dtypes of
+    one module share its compile. Returns the future of
+    :func:`load_kernels`' result; calling it again returns the same future,
+    also after the compile failed.
     """
+    module = kernel_family(dtype).module
     with _compile_lock:
-        future = _compiles.get(device_index)
+        future = _compiles.get((device_index, module))
         if future is None:
             future = concurrent.futures.Future()
-            _compiles[device_index] = future
-            threading.Thread(target=_compile_into, args=(future, device_index),
-                             name=f"dcbg-compile-cuda{device_index}", daemon=True).start()
+            _compiles[device_index, module] = future
+            suffix = "" if module == "histogram" else f"-{module}"
+            threading.Thread(target=_compile_into, args=(future, device_index, module),
+                             name=f"dcbg-compile-cuda{device_index}{suffix}",
+                             daemon=True).start()
     return future
 
 
-def load_kernels(device_index: int) -> CompiledKernels:
-    """The entry points of rollmed.cu on a device, with their occupancy there
+def load_kernels(device_index: int, dtype=np.uint8) -> CompiledKernels:
+    """The entry points for frames of `dtype` on a device, with their occupancy there
 
     Waits for the compile that :func:`start_compiling` started, or starts
     it. Raises what CuPy raised when the compile failed.
     """
-    return start_compiling(device_index).result()
+    return start_compiling(device_index, dtype).result()
 
 
-def kernels_or_device_error(device_index: int) -> CompiledKernels:
+def kernels_or_device_error(device_index: int, dtype=np.uint8) -> CompiledKernels:
     """:func:`load_kernels`, raising a failed compile as the DeviceError of an unusable device"""
     try:
-        return load_kernels(device_index)
+        return load_kernels(device_index, dtype)
     except Exception as error:  # noqa: BLE001 - NVRTC, headers, the cache, the context
         raise cudaprobe.unusable_device_error(
             device_index, cudaprobe.compile_problem(error)) from error
 
 
-def _compile_into(future: concurrent.futures.Future, device_index: int):
+def _compile_into(future: concurrent.futures.Future, device_index: int, module: str):
     try:
-        kernels = _compile(device_index)
+        kernels = _compile(device_index, module)
     except BaseException as error:  # handed to whoever waits for the kernels
         future.set_exception(error)
     else:
         future.set_result(kernels)
 
 
-def _compile(device_index: int) -> CompiledKernels:
+def _compile(device_index: int, module: str) -> CompiledKernels:
     import cupy
 
     use_device(device_index)  # this thread's only device: its context is current here
-    module = cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS)
-    functions = {name: module.get_function(name) for name in KERNEL_NAMES}
+    compiled = cupy.RawModule(code=kernel_source(), options=module_options(module))
+    functions = {name: compiled.get_function(name) for name in MODULE_KERNEL_NAMES[module]}
     occupancy = {}
     for name, kernel in functions.items():
         # CuPy loads a kernel per device and hands out the current device's copy;
@@ -299,16 +382,22 @@ class Launcher:
     kernel_size: int
         Frames per window.
     kernels: CompiledKernels, optional
-        The compiled entry points (:func:`load_kernels`); compiled or
-        waited for by default, a failure raised as a DeviceError.
+        The compiled entry points of the dtype (:func:`load_kernels`);
+        compiled or waited for by default, a failure raised as a
+        DeviceError.
+    dtype: numpy.dtype, optional
+        Of the frames and medians: uint8 (default), int8, uint16 or int16.
     """
 
     def __init__(self, device_index: int, pixels: int, kernel_size: int,
-                 kernels: CompiledKernels | None = None):
+                 kernels: CompiledKernels | None = None, dtype=np.uint8):
         self.device_index = device_index
         self.pixels = pixels
         self.kernel_size = kernel_size
-        self.kernels = kernels_or_device_error(device_index) if kernels is None else kernels
+        self.dtype = np.dtype(dtype)
+        self.family = kernel_family(self.dtype)
+        self.kernels = (kernels_or_device_error(device_index, self.dtype) if kernels is None
+                        else kernels)
         self.sm_count = multiprocessor_count(device_index)
         """streaming multiprocessors of the device"""
         self._plans: dict[int, LaunchPlan] = {}
@@ -324,7 +413,7 @@ class Launcher:
         device keeps threads resident needs that many segments, each
         ``MIN_SEGMENT_WINDOWS * kernel_size`` windows long.
         """
-        name = kernel_name(self.kernel_size)
+        name = kernel_name(self.kernel_size, self.dtype)
         resident = max(self.blocks_per_sm(name, block, shared) * block
                        for block, shared in block_sizes(name)) * self.sm_count
         segments = -(-resident // self.pixels)
@@ -335,7 +424,7 @@ class Launcher:
         plan = self._plans.get(output_size)
         if plan is None:
             plan = plan_launch(self.pixels, output_size, self.kernel_size, self.blocks_per_sm,
-                               self.sm_count)
+                               self.sm_count, self.dtype)
             self._plans[output_size] = plan
         return plan
 
@@ -345,11 +434,11 @@ class Launcher:
         Parameters
         ----------
         frames: cupy.ndarray
-            C-contiguous ``(rows, pixels)`` uint8 with at least ``output_size
-            + kernel_size - 1`` rows, on this device.
+            C-contiguous ``(rows, pixels)`` of the launcher's dtype with at
+            least ``output_size + kernel_size - 1`` rows, on this device.
         medians: cupy.ndarray
-            C-contiguous ``(rows, pixels)`` uint8 receiving ``output_size``
-            rows.
+            C-contiguous ``(rows, pixels)`` of the launcher's dtype
+            receiving ``output_size`` rows.
         output_size: int
             Windows to compute.
         stream: cupy.cuda.Stream, optional
@@ -369,25 +458,28 @@ class Launcher:
         """The kernel's arguments, each of its parameter's C type
 
         CuPy passes a numpy scalar at its own size, whatever the parameter's
-        type, so a scalar of another type would be misread on the GPU.
+        type, so a scalar of another type would be misread on the GPU. The
+        window kernels also take the bits that order signed values.
         """
-        import numpy as np
-
-        return (frames, medians, np.int64(self.pixels), np.int64(output_size),
-                np.int32(self.kernel_size), np.int32(plan.segment_length))
-
-
-_launchers: dict[tuple[int, int, int], Launcher] = {}
-"""Launchers of this process by (device, pixels, kernel size), for arrays already on a GPU"""
+        arguments = (frames, medians, np.int64(self.pixels), np.int64(output_size),
+                     np.int32(self.kernel_size), np.int32(plan.segment_length))
+        if self.family.value_xor is None:
+            return arguments
+        return (*arguments, np.uint32(self.family.value_xor))
 
 
-def launcher_for(device_index: int, pixels: int, kernel_size: int) -> Launcher:
-    """The process's launcher for one device, frame size and kernel size"""
-    key = (device_index, pixels, kernel_size)
+_launchers: dict[tuple[int, int, int, str], Launcher] = {}
+"""Launchers of this process by (device, pixels, kernel size, dtype), for arrays on a GPU"""
+
+
+def launcher_for(device_index: int, pixels: int, kernel_size: int,
+                 dtype=np.uint8) -> Launcher:
+    """The process's launcher for one device, frame size, kernel size and dtype"""
+    key = (device_index, pixels, kernel_size, np.dtype(dtype).str)
     with _compile_lock:
         launcher = _launchers.get(key)
     if launcher is None:
-        launcher = Launcher(device_index, pixels, kernel_size)
+        launcher = Launcher(device_index, pixels, kernel_size, dtype=dtype)
         with _compile_lock:
             launcher = _launchers.setdefault(key, launcher)
     return launcher
