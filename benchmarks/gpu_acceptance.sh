@@ -219,7 +219,6 @@ export -f step_install step_nvidia_smi step_info step_selftest step_gpu_tests sa
 
 FAILED=0
 CURRENT=""       # the step running now
-STEP_PID=""      # its process (timeout, leading the step's process group)
 STEP_STARTED=""
 DONE=()          # the steps recorded so far
 
@@ -231,9 +230,16 @@ record() {  # NAME STATUS SECONDS EXIT_CODE NOTE
 
 stop_run() {  # the budget's end or the host: stop the step, record the rest, report
     trap - TERM INT HUP
-    if [ -n "$STEP_PID" ]; then
-        kill -TERM "$STEP_PID" 2>/dev/null
-        wait "$STEP_PID" 2>/dev/null
+    # The step's process may have started before its pid was kept: stop every job.
+    local running
+    running=$(jobs -p)
+    if [ -n "$running" ]; then
+        # shellcheck disable=SC2086 # one pid per word
+        kill -TERM $running 2>/dev/null
+        # shellcheck disable=SC2086
+        wait $running 2>/dev/null
+    fi
+    if [ -n "$CURRENT" ] && [[ " ${DONE[*]} " != *" $CURRENT "* ]]; then
         record "$CURRENT" timeout "$(awk "BEGIN {print $(date +%s.%N) - $STEP_STARTED}")" \
             143 "stopped at the run's time limit of ${BUDGET} s, or by the host"
     fi
@@ -258,15 +264,14 @@ run_step() {  # NAME TIMEOUT: run step_NAME under its timeout, log it, record it
         return
     fi
     [ "$limit" -gt "$left" ] && limit=$left
-    echo "== $name (at most ${limit} s)"
-    CURRENT=$name
+    # the step counts as running from here: a TERM from now on records it as stopped
     STEP_STARTED=$(date +%s.%N)
+    CURRENT=$name
+    echo "== $name (at most ${limit} s)"
     # in the background, so that a TERM is handled at once, not when the step ends
     timeout --kill-after=10 "$limit" bash -c "step_$name" >"$LOGS/$name.log" 2>&1 </dev/null &
-    STEP_PID=$!
-    wait "$STEP_PID"
+    wait $!
     rc=$?
-    STEP_PID=""
     finished=$(date +%s.%N)
     case $rc in
         0) status=ok ;;
@@ -277,6 +282,7 @@ run_step() {  # NAME TIMEOUT: run step_NAME under its timeout, log it, record it
     case $status in ok|"not present") ;; *) FAILED=1 ;; esac
     echo "   $status, $(awk "BEGIN {printf \"%.1f\", $finished - $STEP_STARTED}") s"
     record "$name" "$status" "$(awk "BEGIN {print $finished - $STEP_STARTED}")" "$rc" "$note"
+    CURRENT=""
 }
 
 run_step install 120
