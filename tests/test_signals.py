@@ -1,20 +1,25 @@
 """Signals, killed processes and dead workers: the run ends in seconds and leaves nothing"""
 import multiprocessing
 import os
+import re
 import signal
 import sys
 import threading
 import time
 
+import h5py
+import numpy as np
 import pytest
 
 import dcbg
 from dcbg import errors
 from dcbg.cli import main
 from dcbg.engines import cpu
-from dcbg.rtdc import reader
+from dcbg.reference import rolling_median_reference
+from dcbg.rtdc import output, reader
+from dcbg.runlog import read_run_logs
 from dcbg.synthetic import synthetic_stack, write_synthetic_rtdc
-from helpers.files import dataset_digests, folder_state
+from helpers.files import dataset_digests, folder_state, hidden_files
 from helpers.processes import alive, start_slow_run
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
@@ -104,3 +109,96 @@ def test_killed_main_process_leaves_no_orphans_and_a_rerun_works(tmp_path):
     assert main(["compute", str(rec), str(out), "-kb", "kernel_size=10", "--device", "cpu",
                  "--num-cpus", "1"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.rtdc", "rec.rtdc"]
+
+
+def compute(source, target, kernel_size):
+    with dcbg.BackgroundRollMed(source, target, kernel_size=kernel_size, batch_size=20,
+                                num_cpus=1, device="cpu") as bg:
+        bg.process()
+
+
+def signal_after(monkeypatch, module, name, sig, fail=None):
+    """Make the function `name` of `module` send `sig` to this process once it has run
+
+    With `fail`, it raises that instead of running, after sending the signal.
+    """
+    step = getattr(module, name)
+
+    def with_signal(*args, **kwargs):
+        result = step(*args, **kwargs) if fail is None else None
+        signal.raise_signal(sig)
+        if fail is not None:
+            raise fail
+        return result
+    monkeypatch.setattr(module, name, with_signal)
+
+
+def target_with_a_background(tmp_path, where):
+    """The input, and an output that holds an earlier background and its bg_off (not "new")"""
+    rec = write_synthetic_rtdc(tmp_path / "rec.rtdc", 200, shape=(20, 40), seed=5)
+    out = rec if where == "in-place" else tmp_path / "out.rtdc"
+    if where != "new":
+        compute(rec, out, kernel_size=4)
+        with h5py.File(out, "a") as h5:
+            h5["events/bg_off"] = np.ones(200)
+    return rec, out
+
+
+@pytest.mark.parametrize("where", ["new", "existing", "in-place"])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_commit_waits_until_the_background_is_stored(tmp_path, monkeypatch,
+                                                                         where, sig):
+    rec, out = target_with_a_background(tmp_path, where)
+    before = dataset_digests(out) if out.exists() else {}
+    if where == "new":
+        signal_after(monkeypatch, dcbg.runlog, "write_run_log", sig)
+    else:  # the old background is deleted, the new one not yet stored
+        signal_after(monkeypatch, output, "remove_stale_background", sig)
+    cause = "interrupted" if sig == signal.SIGINT else "terminated by SIGTERM"
+    with pytest.raises(errors.InterruptedAfterStoring,
+                       match=f"^{cause} while {re.escape(str(out))} was being finished; it "
+                             f"was stored whole, then the run stopped$"):
+        compute(rec, out, kernel_size=8)
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    with h5py.File(out) as h5, h5py.File(rec) as h5in:
+        assert np.array_equal(h5["events/image_bg"][:],
+                              rolling_median_reference(h5in["events/image"][:], 8))
+        assert "bg_off" not in h5["events"]
+        assert read_run_logs(h5)[-1][1]["ppid"] == "rollmed:k=8^b=20"
+    after = dataset_digests(out)
+    for name, digest in before.items():
+        if not name.startswith(("events/image_bg", "events/bg_off")):
+            assert after[name] == digest, name
+    assert not hidden_files(tmp_path)
+
+
+def test_a_signal_during_a_failing_commit_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    rec, out = target_with_a_background(tmp_path, "existing")
+    before = dataset_digests(out)
+    signal_after(monkeypatch, dcbg.runlog, "write_run_log", signal.SIGINT,
+                  fail=OSError("Can't write data (errno = 28, error message = 'No space "
+                               "left on device')"))
+    with pytest.raises(KeyboardInterrupt) as raised:
+        compute(rec, out, kernel_size=8)
+    monkeypatch.undo()
+    assert not isinstance(raised.value, errors.InterruptedAfterStoring)
+    assert isinstance(raised.value.__context__, errors.OutputWriteError)
+    assert dataset_digests(out) == before
+    assert not hidden_files(tmp_path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_the_command_line_says_the_output_was_stored_before_it_stopped(tmp_path, monkeypatch,
+                                                                       capsys, sig):
+    rec, _ = target_with_a_background(tmp_path, "in-place")
+    signal_after(monkeypatch, output, "remove_stale_background", sig)
+    assert main(["compute", str(rec), "--in-place", "-kb", "kernel_size=8", "-kb",
+                 "batch_size=20", "--device", "cpu", "--num-cpus", "1"]) == 1
+    cause = "interrupted" if sig == signal.SIGINT else "terminated by SIGTERM"
+    assert capsys.readouterr().err == (f"error: {cause} while {rec} was being finished; it "
+                                       f"was stored whole, then the run stopped\n")
+    monkeypatch.undo()
+    with h5py.File(rec) as h5:
+        assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=8^b=20"

@@ -60,6 +60,14 @@ class Terminated(KeyboardInterrupt):
     """The process received SIGTERM; raised so that cleanup runs as for Ctrl-C"""
 
 
+class InterruptedAfterStoring(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM came while a finished output was being stored
+
+    The output was stored whole first; then the run stopped as the signal
+    asked.
+    """
+
+
 def is_disk_full(error: BaseException) -> bool:
     """Whether an OSError (also h5py's, which carry errno only in the text) means ENOSPC"""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -114,3 +122,40 @@ def sigterm_raises():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def signals_deferred(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Within the block, Ctrl-C and SIGTERM wait; when it ends, they act as they would have
+
+    For a step that must not be cut short, such as storing a finished
+    background. The first signal that arrived is handed to the handler that
+    was in place once the block has ended (so Ctrl-C raises KeyboardInterrupt
+    there, even while an exception of the block is on its way). Only the
+    main thread can hold signals, as Python runs handlers there; in other
+    threads the block runs as it is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+
+    def hold(signum, frame):
+        received.append(signum)
+
+    previous = {signum: signal.getsignal(signum) for signum in signums}
+    # A handler installed outside Python (None) could not be put back.
+    previous = {signum: handler for signum, handler in previous.items() if handler is not None}
+    for signum in previous:
+        signal.signal(signum, hold)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(received[0])
