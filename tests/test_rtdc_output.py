@@ -15,6 +15,7 @@ import dcbg
 from dcbg import errors
 from dcbg.cli import main
 from dcbg.reference import rolling_median_reference
+from dcbg.rtdc import output
 from dcbg.rtdc.writer import ImageBgWriter
 from dcbg.synthetic import write_synthetic_rtdc
 from helpers.files import (
@@ -409,42 +410,62 @@ def fail_copies_into(monkeypatch, path, error, times=1, after_copying=True):
     return failed
 
 
-def prepared_target(recording, tmp_path, where):
+def prepared_target(recording, tmp_path, where, compress=True):
     """An output (or the input) that holds a background and a bg_off, and its digests"""
     out = recording if where == "in-place" else existing_output(tmp_path / "analysis.rtdc")
-    compute_bg(recording, out)
+    compute_bg(recording, out, compress=compress)
     with h5py.File(out, "a") as h5:
         h5["events/bg_off"] = np.linspace(0, 1, 200)
     return out, dataset_digests(out)
 
 
+def fail_after_writing_over(monkeypatch, error):
+    """Make the writing of the new chunks over the old image_bg fail once all are written"""
+    write_chunks_over = output.write_chunks_over
+    calls = []
+
+    def failing(old, new):
+        calls.append(old.name)
+        write_chunks_over(old, new)  # the old background's bytes are overwritten now
+        raise error
+    monkeypatch.setattr(output, "write_chunks_over", failing)
+    return calls
+
+
 @pytest.mark.parametrize("where", ["existing", "in-place"])
-@pytest.mark.parametrize("step", ["copy", "log"])
+@pytest.mark.parametrize("step", ["write-over", "copy", "log"])
 def test_a_failed_swap_puts_the_previous_background_back(recording, tmp_path, monkeypatch,
                                                          where, step):
-    out, before = prepared_target(recording, tmp_path, where)
-    if step == "copy":
+    """Either way of storing the new background fails: its chunks written over the old ones
+    (chunks of the same sizes, as uncompressed ones are) or the dataset copied in"""
+    compress = step != "write-over"
+    out, before = prepared_target(recording, tmp_path, where, compress=compress)
+    if step == "write-over":
+        failed = fail_after_writing_over(monkeypatch, DISK_FULL)
+    elif step == "copy":
         failed = fail_copies_into(monkeypatch, out, DISK_FULL)
     else:
+        failed = []
         write_run_log = dcbg.runlog.write_run_log
 
         def failing_log(h5, record):
-            write_run_log(h5, record)
+            failed.append(write_run_log(h5, record))
             raise DISK_FULL
         monkeypatch.setattr(dcbg.runlog, "write_run_log", failing_log)
     with dcbg.BackgroundRollMed(recording, out, kernel_size=8, batch_size=20, num_cpus=1,
-                                device="cpu") as bg:
+                                compress=compress, device="cpu") as bg:
         with pytest.raises(errors.OutputWriteError,
                            match="disk is full.*keeps its previous image_bg"):
             bg.process()
         monkeypatch.undo()
+        assert len(failed) == 1, "the failure came where it was injected"
         assert dataset_digests(out) == before
         assert not hidden_files(tmp_path)
-        if step == "copy":
-            assert failed == ["image_bg"]
         bg.process()  # the same instance runs again (in place: its input was reopened)
-    with h5py.File(out) as h5:
+    with h5py.File(out) as h5, h5py.File(recording) as h5in:
         assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=8^b=20"
+        assert np.array_equal(h5["events/image_bg"][:],
+                              rolling_median_reference(h5in["events/image"][:], 8))
         assert "bg_off" not in h5["events"]
 
 
@@ -489,3 +510,32 @@ def test_a_file_that_may_not_be_written_is_refused_before_computing(recording, t
     with pytest.raises(errors.InputFileError, match="no permission to write it"):
         dcbg.BackgroundRollMed(recording, out, kernel_size=4, device="cpu")
     assert folder_state(tmp_path) == before
+
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_an_image_bg_that_is_a_link_is_replaced_or_put_back_as_the_link(
+        recording, tmp_path, monkeypatch, fail):
+    """Only the link is replaced: the dataset it leads to stays, and so does a dangling bg_off"""
+    out = existing_output(tmp_path / "analysis.rtdc")
+    with h5py.File(out, "a") as h5:
+        h5.move("events/image_bg", "kept/background")
+        h5["events/image_bg"] = h5py.SoftLink("/kept/background")
+        del h5["events/bg_off"]
+        h5["events/bg_off"] = h5py.SoftLink("/nowhere")
+    before = dataset_digests(out)
+    if fail:
+        fail_copies_into(monkeypatch, out, DISK_FULL)
+        with pytest.raises(errors.OutputWriteError, match="keeps its previous image_bg"):
+            compute_bg(recording, out)
+        monkeypatch.undo()
+    else:
+        compute_bg(recording, out)
+    after = dataset_digests(out)
+    assert after["kept/background"] == before["kept/background"]
+    with h5py.File(out) as h5:
+        image_bg = h5["events"].get("image_bg", getlink=True)
+        bg_off = h5["events"].get("bg_off", getlink=True)
+        assert isinstance(image_bg, h5py.SoftLink if fail else h5py.HardLink)
+        assert isinstance(bg_off, h5py.SoftLink) if fail else bg_off is None
+    assert not hidden_files(tmp_path)

@@ -5,17 +5,17 @@ what an output path is: a new file, an existing file that gets a new
 ``image_bg``, or the input itself. It refuses a path that the input reads
 its data from through its basins, so a raw recording is never written over.
 
-Either way the background is written to a hidden temporary file beside the
+In every case the background is written to a hidden temporary file beside the
 target while it is computed (:class:`StagedOutput`); an
 :class:`OutputLock` keeps two runs from writing the same path. A new output
 is the temporary file, renamed to its name on success
 (:class:`NewOutputFile`). Into an existing file (the input itself, or an
 output that exists already, as dcnum's ``Background`` does it) the finished
-background is copied in one opening of the file that first deletes the old
-one, so that it takes the old one's space (:class:`ExistingOutputFile`);
-every other dataset stays as it is. Either way, a completed run removes the
-``image_bg`` and ``bg_off`` the output carried (as dcnum does): a ``bg_off``
-belongs to the background it was computed for.
+background is copied in one opening of the file, into the space of the old
+one (:class:`ExistingOutputFile`); every other dataset stays as it is.
+Either way, a completed run removes the ``image_bg`` and ``bg_off`` the
+output carried (as dcnum does): a ``bg_off`` belongs to the background it
+was computed for.
 """
 from __future__ import annotations
 
@@ -202,12 +202,80 @@ def permission_error(folder: pathlib.Path) -> OutputError:
         f"can write to, or change its permissions.")
 
 
-def remove_stale_background(h5: h5py.File):
-    """Delete the ``image_bg`` and ``bg_off`` a file carries (events and basin_events)"""
-    for group in FEATURE_GROUPS:
+def remove_stale_background(h5: h5py.File, keep: tuple[str, ...] = ()):
+    """Delete the ``image_bg`` and ``bg_off`` a file carries (events and basin_events)
+
+    Paths in `keep` (e.g. ``"events/image_bg"``) stay. A link that leads
+    nowhere is deleted too, so that the name is free for a new background.
+    """
+    for group_name, group, feature in list(_background_links(h5)):
+        if f"{group_name}/{feature}" not in keep:
+            del group[feature]
+
+
+def _background_links(h5: h5py.Group):
+    """(group name, group, feature) of every ``image_bg`` and ``bg_off`` link in `h5`"""
+    for group_name in FEATURE_GROUPS:
+        group = h5.get(group_name)
+        if not isinstance(group, h5py.Group):
+            continue
         for feature in REPLACED_FEATURES:
-            if group in h5 and feature in h5[group]:
-                del h5[group][feature]
+            if group.get(feature, getlink=True) is not None:
+                yield group_name, group, feature
+
+
+def stored_chunks(dataset: h5py.Dataset) -> list:
+    """The chunks a dataset has stored: h5py's records with chunk_offset, byte_offset, size"""
+    found = []
+    try:
+        dataset.id.chunk_iter(found.append)
+    except (AttributeError, NotImplementedError):  # HDF5 before 1.14 has no H5Dchunk_iter
+        found = [dataset.id.get_chunk_info(index)
+                 for index in range(dataset.id.get_num_chunks())]
+    return found
+
+
+def chunk_format(dataset: h5py.Dataset) -> tuple:
+    """What a dataset's stored chunks hold: its type, shape, chunk shape and filters"""
+    plist = dataset.id.get_create_plist()
+    filters = []
+    for index in range(plist.get_nfilters()):
+        code, flags, values, _ = plist.get_filter(index)
+        filters.append((code, flags, tuple(values)))
+    return (dataset.dtype, dataset.shape, dataset.maxshape, dataset.chunks, tuple(filters),
+            plist.get_external_count(), plist.get_layout())
+
+
+def fits_over(old, new: h5py.Dataset) -> bool:
+    """Whether each chunk of dataset `new` can be written over the same chunk of `old`
+
+    `old` must have the same type, shape, chunks and filters, be reached by
+    no other link (all of them would see the new data), and store the same
+    chunks, each of the same size as `new`'s: then HDF5 writes every new
+    chunk where the old one lies and allocates nothing. A re-run with the
+    same parameters gives such a background.
+    """
+    if not isinstance(old, h5py.Dataset) or h5py.h5o.get_info(old.id).rc != 1:
+        return False
+    if old.chunks is None or chunk_format(old) != chunk_format(new):
+        return False
+    sizes = {info.chunk_offset: info.size for info in stored_chunks(new)}
+    old_sizes = {info.chunk_offset: info.size for info in stored_chunks(old)}
+    return sizes == old_sizes
+
+
+def write_chunks_over(old: h5py.Dataset, new: h5py.Dataset):
+    """Write the chunks and attributes of `new` over those of `old` (see :func:`fits_over`)
+
+    The chunks are copied as they are stored, without decoding them.
+    """
+    for info in stored_chunks(new):
+        filter_mask, stored = new.id.read_direct_chunk(info.chunk_offset)
+        old.id.write_direct_chunk(info.chunk_offset, stored, filter_mask)
+    for name in list(old.attrs):
+        del old.attrs[name]
+    for name in new.attrs:
+        old.attrs.create(name, new.attrs[name], dtype=new.attrs.get_id(name).dtype)
 
 
 def copy_background(source: h5py.Group, destination: h5py.Group):
@@ -217,19 +285,13 @@ def copy_background(source: h5py.Group, destination: h5py.Group):
     `destination`; a soft or external link is copied as the link. HDF5
     copies a dataset's stored chunks as they are, without decoding them.
     """
-    for group_name in FEATURE_GROUPS:
-        group = source.get(group_name)
-        if not isinstance(group, h5py.Group):
-            continue
-        for feature in REPLACED_FEATURES:
-            if feature not in group:
-                continue
-            into = destination.require_group(group_name)
-            link = group.get(feature, getlink=True)
-            if isinstance(link, h5py.HardLink):
-                group.copy(feature, into)
-            else:
-                into[feature] = link
+    for group_name, group, feature in list(_background_links(source)):
+        into = destination.require_group(group_name)
+        link = group.get(feature, getlink=True)
+        if isinstance(link, h5py.HardLink):
+            group.copy(feature, into)
+        else:
+            into[feature] = link
 
 
 def _process_alive(pid: int) -> bool:
@@ -447,13 +509,16 @@ class ExistingOutputFile(StagedOutput):
     def commit(self, log: typing.Callable[[h5py.File], object] | None = None):
         """Replace the file's background by the finished one, add the run's log, close both files
 
-        Within one opening of the file, the old ``image_bg`` and ``bg_off``
-        are deleted and the new dataset copied in (HDF5 copies its stored
-        chunks as they are). HDF5 reuses the space of deleted datasets only
-        within the opening that deleted them, so the new background takes
-        the old one's place and a re-run leaves the file no larger than a
-        fresh run does. The old datasets are first copied into the temporary
-        file, and put back if the swap fails.
+        Within one opening of the file, the old ``bg_off`` is deleted and
+        the new background stored where the old ``image_bg`` was. Where each
+        new chunk has the size of the old one (a re-run with the same
+        parameters), it is written over it (:func:`write_chunks_over`);
+        otherwise the old dataset is deleted and the new one copied in,
+        into the space just freed (HDF5 reuses freed space only within the
+        opening that freed it). Either way the stored chunks are copied as
+        they are, and a re-run leaves the file no larger than a fresh run
+        does. The old datasets are first copied into the temporary file, and
+        put back if the swap fails.
 
         `log` is called with the file once the new background is in it, so
         that the run's log describes a background the file holds.
@@ -480,14 +545,12 @@ class ExistingOutputFile(StagedOutput):
             if isinstance(error, (OSError, RuntimeError)):  # h5py raises both for writes
                 raise self._failure(error) from error
             raise
-        logs_before = set(target["logs"]) if isinstance(target.get("logs"), h5py.Group) \
-            else None
+        logs = target.get("logs")
+        logs_before = set(logs) if isinstance(logs, h5py.Group) else None
         try:
-            remove_stale_background(target)
-            if PARTIAL_GROUP in target:  # left behind by earlier dcbg versions
+            if PARTIAL_GROUP in target:  # dead space that earlier dcbg builds left
                 del target[PARTIAL_GROUP]
-            target.copy(self.bg_group["image_bg"], target.require_group("events"),
-                        name="image_bg")
+            self._swap(target)
             if log is not None:
                 log(target)
             target.close()  # HDF5 writes the file's last metadata here
@@ -504,6 +567,20 @@ class ExistingOutputFile(StagedOutput):
                 raise self._failure(error) from error
             raise
         self._finish()
+
+    def _swap(self, target: h5py.File):
+        """Put the new background in the place of the old one (whose copy is saved)"""
+        new = self.bg_group["image_bg"]
+        events = target.require_group("events")
+        old = events.get("image_bg") if isinstance(
+            events.get("image_bg", getlink=True), h5py.HardLink) else None
+        if old is not None and fits_over(old, new):
+            remove_stale_background(target, keep=("events/image_bg",))
+            write_chunks_over(old, new)
+        else:
+            del old  # HDF5 frees a deleted dataset's space only once nothing holds it open
+            remove_stale_background(target)
+            events.copy(new, events, name="image_bg")
 
     def _failure(self, error: BaseException) -> OutputWriteError:
         """The error for a failed commit after which the file is as it was"""
