@@ -9,8 +9,10 @@ import dcbg
 from dcbg.synthetic import write_synthetic_rtdc
 from helpers.files import (
     assert_background_added,
+    assert_only_run_logs_added,
     dataset_digests,
     existing_output,
+    file_size_after_reruns,
     folder_state,
 )
 
@@ -95,3 +97,21 @@ def test_the_plugin_adds_image_bg_to_an_existing_output_as_dcnum_does(tmp_path, 
             source, out, kernel_size=4, batch_size=20, num_cpus=1) as bg:
         bg.process()
     assert_background_added(source, out, before)
+
+
+def test_reruns_through_the_plugin_do_not_grow_the_file(tmp_path, monkeypatch):
+    """dcnum's Background writes into an existing output; a re-run leaves no dead space"""
+    monkeypatch.setenv("DCBG_DEVICE", "cpu")
+    source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 300, shape=(80, 160), seed=25)
+    out = tmp_path / "rec_bg.rtdc"
+    dcbg.register_with_dcnum()
+    rollmed = get_available_background_methods()["rollmed"]
+
+    def run():
+        with rollmed(source, out, kernel_size=4, batch_size=20, num_cpus=1) as bg:
+            bg.process()
+
+    fresh, before, sizes = file_size_after_reruns(run, out)
+    assert max(sizes) <= 1.01 * fresh, (fresh, sizes)
+    assert_only_run_logs_added(before, dataset_digests(out), runs=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rec.rtdc", "rec_bg.rtdc"]

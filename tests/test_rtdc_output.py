@@ -15,13 +15,17 @@ import dcbg
 from dcbg import errors
 from dcbg.cli import main
 from dcbg.reference import rolling_median_reference
+from dcbg.rtdc import output
 from dcbg.rtdc.writer import ImageBgWriter
 from dcbg.synthetic import write_synthetic_rtdc
 from helpers.files import (
     assert_background_added,
+    assert_only_run_logs_added,
     dataset_digests,
     existing_output,
+    file_size_after_reruns,
     folder_state,
+    hidden_files,
 )
 from helpers.processes import start_slow_run
 
@@ -263,9 +267,9 @@ def test_in_place_on_a_read_only_file(recording, monkeypatch, capsys):
     assert "no permission to write it" in err and "damaged" not in err, err
 
 
-def compute_bg(source, target, **kwargs):
-    with dcbg.BackgroundRollMed(source, target, kernel_size=4, batch_size=20, num_cpus=1,
-                                device="cpu", **kwargs) as bg:
+def compute_bg(source, target, kernel_size=4, **kwargs):
+    with dcbg.BackgroundRollMed(source, target, kernel_size=kernel_size, batch_size=20,
+                                num_cpus=1, device="cpu", **kwargs) as bg:
         bg.process()
 
 
@@ -357,3 +361,181 @@ def test_hidden_names_fit_wherever_the_output_name_fits(tmp_path):
     too_long = tmp_path / ("x" * 256 + ".rtdc")
     with pytest.raises(errors.OutputError, match="longer than the 255 bytes"):
         compute_bg(source, too_long)
+
+
+RERUN_ARGS = ["-kb", "kernel_size=4", "-kb", "batch_size=20", "--device", "cpu",
+              "--num-cpus", "1"]
+
+
+@pytest.mark.parametrize("how", ["cli-force", "cli-in-place", "api"])
+def test_reruns_do_not_grow_the_file(tmp_path, how):
+    """A replaced image_bg leaves no dead space: HDF5 puts the new one where the old one was"""
+    rec = write_synthetic_rtdc(tmp_path / "rec.rtdc", 300, shape=(80, 160), seed=12)
+    out = rec if how == "cli-in-place" else tmp_path / "rec_bg.rtdc"
+
+    def run():
+        if how == "api":
+            compute_bg(rec, out)
+        else:
+            where = ["--in-place"] if how == "cli-in-place" else [str(out), "--force"]
+            assert main(["compute", str(rec), *where, *RERUN_ARGS]) == 0
+
+    fresh, before, sizes = file_size_after_reruns(run, out)
+    assert max(sizes) <= 1.01 * fresh, (fresh, sizes)
+    assert_only_run_logs_added(before, dataset_digests(out), runs=3)
+    with h5py.File(out) as h5, h5py.File(rec) as h5in:
+        assert np.array_equal(h5["events/image_bg"][:],
+                              rolling_median_reference(h5in["events/image"][:], 4))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"rec.rtdc", out.name})
+
+
+def fail_copies_into(monkeypatch, path, error, times=1, after_copying=True):
+    """Make h5py's copies into the file `path` fail (the first `times` of them)
+
+    With `after_copying`, the copy is made first, so that its data have
+    overwritten whatever HDF5 had freed in the file.
+    """
+    copy = h5py.Group.copy
+    failed = []
+
+    def failing(self, source, dest, name=None, **kwargs):
+        into = dest if isinstance(dest, h5py.Group) else self
+        if into.file.filename == str(path) and len(failed) < times:
+            failed.append(name)
+            if after_copying:
+                copy(self, source, dest, name=name, **kwargs)
+            raise error
+        return copy(self, source, dest, name=name, **kwargs)
+    monkeypatch.setattr(h5py.Group, "copy", failing)
+    return failed
+
+
+def prepared_target(recording, tmp_path, where, compress=True):
+    """An output (or the input) that holds a background and a bg_off, and its digests"""
+    out = recording if where == "in-place" else existing_output(tmp_path / "analysis.rtdc")
+    compute_bg(recording, out, compress=compress)
+    with h5py.File(out, "a") as h5:
+        h5["events/bg_off"] = np.linspace(0, 1, 200)
+    return out, dataset_digests(out)
+
+
+def fail_after_writing_over(monkeypatch, error):
+    """Make the writing of the new chunks over the old image_bg fail once all are written"""
+    write_chunks_over = output.write_chunks_over
+    calls = []
+
+    def failing(old, new):
+        calls.append(old.name)
+        write_chunks_over(old, new)  # the old background's bytes are overwritten now
+        raise error
+    monkeypatch.setattr(output, "write_chunks_over", failing)
+    return calls
+
+
+@pytest.mark.parametrize("where", ["existing", "in-place"])
+@pytest.mark.parametrize("step", ["write-over", "copy", "log"])
+def test_a_failed_swap_puts_the_previous_background_back(recording, tmp_path, monkeypatch,
+                                                         where, step):
+    """Either way of storing the new background fails: its chunks written over the old ones
+    (chunks of the same sizes, as uncompressed ones are) or the dataset copied in"""
+    compress = step != "write-over"
+    out, before = prepared_target(recording, tmp_path, where, compress=compress)
+    if step == "write-over":
+        failed = fail_after_writing_over(monkeypatch, DISK_FULL)
+    elif step == "copy":
+        failed = fail_copies_into(monkeypatch, out, DISK_FULL)
+    else:
+        failed = []
+        write_run_log = dcbg.runlog.write_run_log
+
+        def failing_log(h5, record):
+            failed.append(write_run_log(h5, record))
+            raise DISK_FULL
+        monkeypatch.setattr(dcbg.runlog, "write_run_log", failing_log)
+    with dcbg.BackgroundRollMed(recording, out, kernel_size=8, batch_size=20, num_cpus=1,
+                                compress=compress, device="cpu") as bg:
+        with pytest.raises(errors.OutputWriteError,
+                           match="disk is full.*keeps its previous image_bg"):
+            bg.process()
+        monkeypatch.undo()
+        assert len(failed) == 1, "the failure came where it was injected"
+        assert dataset_digests(out) == before
+        assert not hidden_files(tmp_path)
+        bg.process()  # the same instance runs again (in place: its input was reopened)
+    with h5py.File(out) as h5, h5py.File(recording) as h5in:
+        assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=8^b=20"
+        assert np.array_equal(h5["events/image_bg"][:],
+                              rolling_median_reference(h5in["events/image"][:], 8))
+        assert "bg_off" not in h5["events"]
+
+
+def test_a_swap_that_cannot_be_undone_keeps_the_previous_background_aside(
+        recording, tmp_path, monkeypatch):
+    out, before = prepared_target(recording, tmp_path, "existing")
+    fail_copies_into(monkeypatch, out, DISK_FULL, times=10, after_copying=False)
+    with pytest.raises(errors.OutputWriteError, match="could not be put back; it is kept in"
+                       ) as raised:
+        compute_bg(recording, out, kernel_size=8)
+    monkeypatch.undo()
+    kept, = [p for p in tmp_path.iterdir() if p.name.endswith(".dcbg-partial")]
+    assert str(kept) in str(raised.value)
+    with h5py.File(kept) as aside:
+        assert sorted(aside["previous_background/events"]) == ["bg_off", "image_bg"]
+    assert dataset_digests(kept)["previous_background/events/image_bg"] == \
+        before["events/image_bg"]
+    assert hidden_files(tmp_path) == [kept.name], "the lock is released"
+
+
+def test_the_leftover_of_an_earlier_in_place_run_is_removed(recording, tmp_path):
+    """Earlier dcbg builds made an in-place background in a group that a kill left behind"""
+    compute_bg(recording, recording)
+    with h5py.File(recording, "a") as h5:
+        h5.create_dataset("dcbg_partial/image_bg", data=np.ones((200, 80, 160), np.uint8))
+    before = {name: digest for name, digest in dataset_digests(recording).items()
+              if not name.startswith("dcbg_partial")}
+    compute_bg(recording, recording)
+    after = dataset_digests(recording)
+    assert "dcbg_partial" not in after
+    assert_only_run_logs_added(before, after, runs=1)
+
+
+@pytest.mark.parametrize("where", ["existing", "in-place"])
+def test_a_file_that_may_not_be_written_is_refused_before_computing(recording, tmp_path,
+                                                                    monkeypatch, where):
+    out = recording if where == "in-place" else existing_output(tmp_path / "analysis.rtdc")
+    before = folder_state(tmp_path)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+        False if str(path) == str(out) and mode == os.W_OK else access(path, mode, **kw)))
+    with pytest.raises(errors.InputFileError, match="no permission to write it"):
+        dcbg.BackgroundRollMed(recording, out, kernel_size=4, device="cpu")
+    assert folder_state(tmp_path) == before
+
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_an_image_bg_that_is_a_link_is_replaced_or_put_back_as_the_link(
+        recording, tmp_path, monkeypatch, fail):
+    """Only the link is replaced: the dataset it leads to stays, and so does a dangling bg_off"""
+    out = existing_output(tmp_path / "analysis.rtdc")
+    with h5py.File(out, "a") as h5:
+        h5.move("events/image_bg", "kept/background")
+        h5["events/image_bg"] = h5py.SoftLink("/kept/background")
+        del h5["events/bg_off"]
+        h5["events/bg_off"] = h5py.SoftLink("/nowhere")
+    before = dataset_digests(out)
+    if fail:
+        fail_copies_into(monkeypatch, out, DISK_FULL)
+        with pytest.raises(errors.OutputWriteError, match="keeps its previous image_bg"):
+            compute_bg(recording, out)
+        monkeypatch.undo()
+    else:
+        compute_bg(recording, out)
+    after = dataset_digests(out)
+    assert after["kept/background"] == before["kept/background"]
+    with h5py.File(out) as h5:
+        image_bg = h5["events"].get("image_bg", getlink=True)
+        bg_off = h5["events"].get("bg_off", getlink=True)
+        assert isinstance(image_bg, h5py.SoftLink if fail else h5py.HardLink)
+        assert isinstance(bg_off, h5py.SoftLink) if fail else bg_off is None
+    assert not hidden_files(tmp_path)

@@ -18,9 +18,11 @@ import dcbg
 from dcbg import errors
 from dcbg.cli import main
 from dcbg.engines import cpu
-from dcbg.rtdc import reader
+from dcbg.reference import rolling_median_reference
+from dcbg.rtdc import output, reader
+from dcbg.runlog import read_run_logs
 from dcbg.synthetic import synthetic_stack, write_synthetic_rtdc
-from helpers.files import dataset_digests, folder_state
+from helpers.files import dataset_digests, folder_state, hidden_files
 from helpers.processes import alive, slow_run, start_slow_run, wait_for_session_end
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
@@ -170,32 +172,6 @@ def test_signal_while_the_output_is_created_leaves_no_file(tmp_path, monkeypatch
     assert not list(tmp_path.iterdir()), "no lock, no partial output"
 
 
-def test_signal_while_an_in_place_run_commits_keeps_a_whole_background(tmp_path, monkeypatch):
-    rec = write_synthetic_rtdc(tmp_path / "rec.rtdc", 200, shape=(10, 20), seed=3)
-    settings = {"kernel_size": 10, "batch_size": 50, "num_cpus": 1, "device": "cpu"}
-    with dcbg.BackgroundRollMed(rec, rec, **settings) as bg:
-        bg.process()
-
-    def events_digests():
-        return {name: digest for name, digest in dataset_digests(rec).items()
-                if name.startswith("events/")}
-
-    before = events_digests()
-    delete = h5py.Group.__delitem__
-
-    def delete_then_signal(group, name):
-        delete(group, name)
-        if name.endswith("image_bg"):  # the old background is gone, the new one not yet in
-            monkeypatch.setattr(h5py.Group, "__delitem__", delete)
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(h5py.Group, "__delitem__", delete_then_signal)
-    with dcbg.BackgroundRollMed(rec, rec, **settings) as bg:
-        with pytest.raises(errors.Terminated):
-            bg.process()
-    assert events_digests() == before, "the same settings give the same, complete background"
-
-
 STOPPED = {signal.SIGINT: "error: interrupted", signal.SIGTERM: "error: terminated by SIGTERM"}
 """The command line's line on stderr after a signal, up to its common end"""
 
@@ -294,7 +270,10 @@ def test_interrupts_at_random_moments_end_every_run(tmp_path):
         assert not end.left, f"{what}: processes outlived the run by 10 s: {end}"
         assert end.returncode in (0, 1, -sig), f"{what}: {end}"
         if mode == "cli" and end.returncode == 1:
-            assert end.stderr == STOPPED[sig] + STOPPED_END + "\n", f"{what}: {end}"
+            # a signal during the commit stops the run after storing the output whole
+            stored = f" while {out} was being finished; it was stored whole, then the run stopped"
+            ending = stored if out.exists() else STOPPED_END
+            assert end.stderr == STOPPED[sig] + ending + "\n", f"{what}: {end}"
         stopped += end.returncode != 0
         if out.exists():
             with h5py.File(out) as h5:
@@ -302,3 +281,109 @@ def test_interrupts_at_random_moments_end_every_run(tmp_path):
             out.unlink()
         assert folder_state(data) == before, f"{what}: no partial output, no lock, input intact"
     assert stopped >= RANDOM_RUNS // 2, "most runs were still running when the signal came"
+
+
+def compute(source, target, kernel_size, compress=True):
+    with dcbg.BackgroundRollMed(source, target, kernel_size=kernel_size, batch_size=20,
+                                num_cpus=1, compress=compress, device="cpu") as bg:
+        bg.process()
+
+
+def signal_after(monkeypatch, module, name, sig, fail=None):
+    """Make the function `name` of `module` send `sig` to this process once it has run
+
+    With `fail`, it raises that instead of running, after sending the signal.
+    """
+    step = getattr(module, name)
+
+    def with_signal(*args, **kwargs):
+        result = step(*args, **kwargs) if fail is None else None
+        signal.raise_signal(sig)
+        if fail is not None:
+            raise fail
+        return result
+    monkeypatch.setattr(module, name, with_signal)
+
+
+def target_with_a_background(tmp_path, where, compress=True):
+    """The input, and an output that holds an earlier background and its bg_off (not "new")"""
+    rec = write_synthetic_rtdc(tmp_path / "rec.rtdc", 200, shape=(20, 40), seed=5)
+    out = rec if where == "in-place" else tmp_path / "out.rtdc"
+    if where != "new":
+        compute(rec, out, kernel_size=4, compress=compress)
+        with h5py.File(out, "a") as h5:
+            h5["events/bg_off"] = np.ones(200)
+    return rec, out
+
+
+COMMIT_STEPS = [
+    ("new", dcbg.runlog, "write_run_log", True),
+    # the old image_bg and bg_off are deleted, the new background not yet copied in
+    ("existing", output, "remove_stale_background", True),
+    ("in-place", output, "remove_stale_background", True),
+    # the old background's chunks are overwritten (uncompressed ones are of one size), the
+    # run log not yet written
+    ("existing", output, "write_chunks_over", False),
+    ("in-place", output, "write_chunks_over", False),
+]
+
+
+@pytest.mark.parametrize("where,module,step,compress", COMMIT_STEPS,
+                         ids=[f"{where}-{step}" for where, _, step, _ in COMMIT_STEPS])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_during_the_commit_waits_until_the_background_is_stored(tmp_path, monkeypatch,
+                                                                         where, module, step,
+                                                                         compress, sig):
+    rec, out = target_with_a_background(tmp_path, where, compress)
+    before = dataset_digests(out) if out.exists() else {}
+    signal_after(monkeypatch, module, step, sig)
+    cause = "interrupted" if sig == signal.SIGINT else "terminated by SIGTERM"
+    with pytest.raises(KeyboardInterrupt) as raised:  # any other kind would stop pytest
+        compute(rec, out, kernel_size=8, compress=compress)
+    monkeypatch.undo()
+    with h5py.File(out) as h5, h5py.File(rec) as h5in:
+        assert "image_bg" in h5["events"]
+        assert np.array_equal(h5["events/image_bg"][:],
+                              rolling_median_reference(h5in["events/image"][:], 8))
+        assert "bg_off" not in h5["events"]
+        assert read_run_logs(h5)[-1][1]["ppid"] == "rollmed:k=8^b=20"
+    after = dataset_digests(out)
+    for name, digest in before.items():
+        if not name.startswith(("events/image_bg", "events/bg_off")):
+            assert after[name] == digest, name
+    assert not hidden_files(tmp_path)
+    assert isinstance(raised.value, errors.InterruptedAfterStoring), repr(raised.value)
+    assert str(raised.value) == (f"{cause} while {out} was being finished; it was stored "
+                                 f"whole, then the run stopped")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_a_signal_during_a_failing_commit_leaves_the_file_as_it_was(tmp_path, monkeypatch):
+    rec, out = target_with_a_background(tmp_path, "existing")
+    before = dataset_digests(out)
+    signal_after(monkeypatch, dcbg.runlog, "write_run_log", signal.SIGINT,
+                  fail=OSError("Can't write data (errno = 28, error message = 'No space "
+                               "left on device')"))
+    with pytest.raises(KeyboardInterrupt) as raised:
+        compute(rec, out, kernel_size=8)
+    monkeypatch.undo()
+    assert not isinstance(raised.value, errors.InterruptedAfterStoring)
+    assert isinstance(raised.value.__context__, errors.OutputWriteError)
+    assert dataset_digests(out) == before
+    assert not hidden_files(tmp_path)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_the_command_line_says_the_output_was_stored_before_it_stopped(tmp_path, monkeypatch,
+                                                                       capsys, sig):
+    rec, _ = target_with_a_background(tmp_path, "in-place")
+    signal_after(monkeypatch, output, "remove_stale_background", sig)
+    assert main(["compute", str(rec), "--in-place", "-kb", "kernel_size=8", "-kb",
+                 "batch_size=20", "--device", "cpu", "--num-cpus", "1"]) == 1
+    cause = "interrupted" if sig == signal.SIGINT else "terminated by SIGTERM"
+    assert capsys.readouterr().err == (f"error: {cause} while {rec} was being finished; it "
+                                       f"was stored whole, then the run stopped\n")
+    monkeypatch.undo()
+    with h5py.File(rec) as h5:
+        assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=8^b=20"

@@ -10,15 +10,16 @@ import time
 
 from . import engines, ppid, runlog, settings
 from .devices import DeviceChoice, select_device
-from .errors import InputDataError, signals_deferred, sigterm_raises
+from .errors import InputDataError, InterruptedAfterStoring, signals_deferred, sigterm_raises
 from .rtdc.basins import write_output_basins
 from .rtdc.output import (
     EXISTING,
     INPUT,
+    NEW,
     ExistingOutputFile,
-    InPlaceOutput,
     NewOutputFile,
     OutputTarget,
+    StagedOutput,
     check_existing_output,
     plan_output,
 )
@@ -119,7 +120,8 @@ class Background(abc.ABC):
         """input h5py.File (None for array input); kept for dcnum's API"""
 
         self.h5out = None
-        """output h5py.File while :meth:`process` runs; kept for dcnum's API"""
+        """the file :meth:`process` writes while it runs (the output's hidden temporary
+        file, from which an existing output gets its new background); kept for dcnum's API"""
 
         self.paths_ref: list[pathlib.Path] = []
         """input files the output refers to through its basin; kept for dcnum's API"""
@@ -146,27 +148,28 @@ class Background(abc.ABC):
             self.io_threads, thread_name_prefix="dcbg-io")
         """threads shared by the reader and the writer for chunk codecs"""
 
-        self._output: NewOutputFile | InPlaceOutput | None = None
+        self.source: ImageSource | None = None
+        """batch-wise reader of the input frames"""
+
+        self.input_data = None
+        """the input image stack (h5py dataset or array-like)"""
+
+        self._output: StagedOutput | None = None
+        self._input_path = (pathlib.Path(input_data)
+                            if isinstance(input_data, (str, pathlib.Path)) else None)
         try:
-            mapping = None
-            input_path = (pathlib.Path(input_data)
-                          if isinstance(input_data, (str, pathlib.Path)) else None)
-            if input_path is not None:
-                check_input_path(input_path)  # before the output, which may sit beside it
-            self.target = plan_output(self.output_path, input_path)
+            if self._input_path is not None:
+                # before the output, which may sit beside it
+                check_input_path(self._input_path)
+            self.target = plan_output(self.output_path, self._input_path)
             self.in_place = self.target.kind == INPUT
-            if input_path is not None:
-                self.hdin = RTDCInput(input_path, mode="a" if self.in_place else "r")
-                self.h5in = self.hdin.h5
+            if self._input_path is not None:
+                self._open_input()
                 if not self.in_place:
-                    self.paths_ref.append(input_path)
-                source, mapping = self.hdin.image, self.hdin.image_mapping
+                    self.paths_ref.append(self._input_path)
             else:
-                source = input_data
-            self.source = ImageSource(source, pool=self.io_pool, mapping=mapping)
-            """batch-wise reader of the input frames"""
-            self.input_data = self.source.data
-            """the input image stack (h5py dataset or array-like)"""
+                self.source = ImageSource(input_data, pool=self.io_pool)
+                self.input_data = self.source.data
             self.image_shape = self.source.image_shape
             """shape of one frame"""
             self.image_count = len(self.source)
@@ -241,10 +244,22 @@ class Background(abc.ABC):
                 pass  # a keyword of the wrong type, which its own error names
         raise keyword_error
 
+    def _open_input(self):
+        """Open the input .rtdc file read-only and find its frames"""
+        self.hdin = RTDCInput(self._input_path)
+        self.h5in = self.hdin.h5
+        self.source = ImageSource(self.hdin.image, pool=self.io_pool,
+                                  mapping=self.hdin.image_mapping)
+        self.input_data = self.source.data
+
+    def _close_input(self):
+        if self.hdin is not None:
+            self.hdin.close()
+            self.hdin = None
+            self.h5in = None
+
     def _open_output(self):
-        if self.in_place:
-            self._output = InPlaceOutput(self.h5in)
-        elif self.target.kind == EXISTING:
+        if self.target.kind != NEW:  # an existing output, or the input itself
             self._output = ExistingOutputFile(self.output_path)
         else:
             self._output = NewOutputFile(self.output_path)
@@ -273,9 +288,7 @@ class Background(abc.ABC):
     def close(self):
         """Close all files and stop the codec threads; an unfinished output is discarded"""
         self._discard_output()
-        if self.hdin is not None:
-            self.hdin.close()
-            self.hdin = None
+        self._close_input()
         self.io_pool.shutdown(wait=True, cancel_futures=True)
 
     @staticmethod
@@ -318,12 +331,18 @@ class Background(abc.ABC):
     def process(self):
         """Compute the background and store it with its PPID
 
-        A new output file appears under its final name only when complete;
-        when writing into the input file or an existing output, the previous
-        ``image_bg`` (and the ``bg_off`` computed for it) stays until the new
-        background is complete and is removed then, as dcnum does. Any error, Ctrl-C or
-        SIGTERM (in the main thread) discards the unfinished output and
-        stops the workers.
+        The background is written to a hidden temporary file beside the
+        output while it is computed. A new output file is that file, renamed
+        to its final name when complete. Into the input file or an existing
+        output, the finished background is copied in place of the previous
+        ``image_bg`` (whose ``bg_off`` is removed with it, as dcnum does), so
+        a re-run does not grow the file; until then the file is not written
+        at all, and a failed swap puts the previous background back. Any
+        error, Ctrl-C or SIGTERM (in the main thread) before the commit
+        discards the unfinished background and stops the workers. Ctrl-C or
+        SIGTERM during the commit waits until the background is stored, then
+        raises :class:`~dcbg.errors.InterruptedAfterStoring` (a
+        KeyboardInterrupt).
         """
         with sigterm_raises(), runlog.WarningCollector() as warnings:
             try:
@@ -343,10 +362,7 @@ class Background(abc.ABC):
                                            self.io_threads, start, self.image_count,
                                            self.stage_seconds, warnings.messages)
                 self.run_record = record
-                with signals_deferred():  # stopped halfway, a commit could lose both backgrounds
-                    self._output.commit(lambda h5: runlog.write_run_log(h5, record))
-                    self._output = None
-                self.image_proc.value = 1
+                self._commit(record)
             except BaseException:
                 self._discard_output()
                 raise
@@ -356,6 +372,33 @@ class Background(abc.ABC):
                 self.writer = None
         self.logger.info("Background of %d frames computed in %.1f s",
                          self.image_count, time.perf_counter() - t0)
+
+    def _commit(self, record: dict):
+        """Store the finished background with the run log `record`, all or nothing
+
+        Ctrl-C and SIGTERM wait until it is stored: cut short, the swap into
+        an existing file could leave it without any background. In place,
+        the input (open read-only while computing) is closed for the commit,
+        since HDF5 opens a file either read-only or for writing, and opened
+        again after it.
+        """
+        try:
+            with signals_deferred():
+                if self.in_place:
+                    self._close_input()
+                try:
+                    self._output.commit(lambda h5: runlog.write_run_log(h5, record))
+                    self._output = None
+                    self.image_proc.value = 1
+                finally:
+                    if self.in_place:
+                        self._open_input()
+        except KeyboardInterrupt as error:
+            if self._output is not None:
+                raise  # the commit failed and discarded the background: as usual
+            raise InterruptedAfterStoring(
+                f"{str(error) or 'interrupted'} while {self.output_path} was being finished; "
+                f"it was stored whole, then the run stopped") from error
 
     def _count_written(self, frames: int):
         with self.image_proc.get_lock():  # writers of several devices report at once

@@ -16,7 +16,13 @@ import threading
 from ._version import __version__
 from .base import Background, get_available_background_methods
 from .devices import DEVICE_ENV, auto_choice, parse_device, select_device
-from .errors import OutputExistsError, UnknownKeywordError, first_line, sigterm_raises
+from .errors import (
+    InterruptedAfterStoring,
+    OutputExistsError,
+    UnknownKeywordError,
+    first_line,
+    sigterm_raises,
+)
 from .jobs import (
     FileResult,
     JobSettings,
@@ -851,6 +857,9 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
             return args.func(args)
     except UsageError as error:
         subcommand_parser(parser, args).error(str(error))  # exits 2
+    except InterruptedAfterStoring as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as error:
         cause = str(error) or "interrupted"
         print(f"error: {cause}; the unfinished output was removed and the input is unchanged",

@@ -53,10 +53,14 @@ def _make_adapter() -> type:
                                           num_cpus=num_cpus, **kwargs)
             """the dcbg instance doing the work"""
             for name in ("kwargs", "image_proc", "image_count", "image_shape",
-                         "output_path", "num_cpus", "input_data", "h5in"):
+                         "output_path", "num_cpus"):
                 setattr(self, name, getattr(self.background, name))
             self.hdin = None
             self.h5out = None
+
+        # An in-place run opens its input again after storing the background.
+        h5in = property(lambda self: self.background.h5in)
+        input_data = property(lambda self: self.background.input_data)
 
         def __enter__(self):
             return self

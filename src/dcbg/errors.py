@@ -98,6 +98,14 @@ def install_advice(*extras: str) -> str:
     return f"pip install {choices} in the dcbg checkout"
 
 
+class InterruptedAfterStoring(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM came while a finished output was being stored
+
+    The output was stored whole first; then the run stopped as the signal
+    asked.
+    """
+
+
 def is_disk_full(error: BaseException) -> bool:
     """Whether an OSError (also h5py's, which carry errno only in the text) means ENOSPC"""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -61,3 +61,28 @@ def assert_background_added(recording, out, before):
                               rolling_median_reference(h5in["events/image"][:], 4))
         assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=4^b=20"
     assert sorted(p.name for p in out.parent.iterdir()) == ["analysis.rtdc", "rec.rtdc"]
+
+
+def assert_only_run_logs_added(before: dict, after: dict, runs: int):
+    """Every dataset and attribute of `before` is unchanged; `runs` run logs are all that came"""
+    changed = sorted(name for name, digest in before.items() if after.get(name) != digest)
+    assert not changed, changed
+    added = sorted(set(after) - set(before))
+    logs = [name for name in added if name.startswith("logs/dcbg-background_")]
+    assert logs == added and len(added) == 2 * runs, added  # each with its @attrs
+
+
+def file_size_after_reruns(run, path, reruns=3):
+    """Size of `path` after a first run, its digests then, and its sizes after each re-run"""
+    run()
+    fresh, before = path.stat().st_size, dataset_digests(path)
+    sizes = []
+    for _ in range(reruns):
+        run()
+        sizes.append(path.stat().st_size)
+    return fresh, before, sizes
+
+
+def hidden_files(folder: pathlib.Path) -> list[str]:
+    """Names of the hidden files in a folder (unfinished outputs, locks)"""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))

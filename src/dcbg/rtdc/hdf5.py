@@ -71,15 +71,20 @@ def damaged_file_error(path, cause: BaseException | str, where: str = "") -> Inp
         f"damaged, so copy it again from the instrument or a backup.")
 
 
+def no_permission_error(path, mode: str) -> InputFileError:
+    """The error for a file this user may not open in h5py's `mode`"""
+    action = "read" if mode == "r" else "write"
+    return InputFileError(
+        f"{path} cannot be opened: you have no permission to {action} it; change its "
+        f"permissions or work on a copy you own.")
+
+
 def open_hdf5(path: pathlib.Path, mode: str) -> h5py.File:
     """Open an HDF5 file, turning h5py's errors into a sentence for the user"""
     try:
         return h5py.File(path, mode)
     except PermissionError as error:
-        action = "read" if mode == "r" else "write"
-        raise InputFileError(
-            f"{path} cannot be opened: you have no permission to {action} it; change its "
-            f"permissions or work on a copy you own.") from error
+        raise no_permission_error(path, mode) from error
     except OSError as error:
         text = str(error)
         if "unable to lock file" in text.lower():
@@ -96,8 +101,5 @@ def open_hdf5(path: pathlib.Path, mode: str) -> h5py.File:
                 f"{path} is not an HDF5 file, so it is no .rtdc recording; check the "
                 f"path.") from error
         if "Permission denied" in text or "errno = 13" in text:
-            action = "read" if mode == "r" else "write"
-            raise InputFileError(
-                f"{path} cannot be opened: you have no permission to {action} it; change "
-                f"its permissions or work on a copy you own.") from error
+            raise no_permission_error(path, mode) from error
         raise damaged_file_error(path, error) from error

@@ -5,17 +5,21 @@ what an output path is: a new file, an existing file that gets a new
 ``image_bg``, or the input itself. It refuses a path that the input reads
 its data from through its basins, so a raw recording is never written over.
 
-A new output is written to a hidden temporary file beside the target and
-renamed to its name on success; an :class:`OutputLock` keeps two runs from
-writing the same path. Into an existing file (the input itself, or an
-output that exists already, as dcnum's ``Background`` does it), the new
-background is built in a private group and swapped in only when complete,
-and every other dataset stays as it is. Either way, a completed run removes
-the ``image_bg`` and ``bg_off`` the output carried (as dcnum does): a
-``bg_off`` belongs to the background it was computed for.
+In every case the background is written to a hidden temporary file beside the
+target while it is computed (:class:`StagedOutput`); an
+:class:`OutputLock` keeps two runs from writing the same path. A new output
+is the temporary file, renamed to its name on success
+(:class:`NewOutputFile`). Into an existing file (the input itself, or an
+output that exists already, as dcnum's ``Background`` does it) the finished
+background is copied in one opening of the file, into the space of the old
+one (:class:`ExistingOutputFile`); every other dataset stays as it is.
+Either way, a completed run removes the ``image_bg`` and ``bg_off`` the
+output carried (as dcnum does): a ``bg_off`` belongs to the background it
+was computed for.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
@@ -36,12 +40,15 @@ from ..errors import (
     write_failure_reason,
 )
 from .basins import files_read_by
-from .hdf5 import REPLACED_FEATURES, open_hdf5
+from .hdf5 import REPLACED_FEATURES, no_permission_error, open_hdf5
 
 logger = logging.getLogger(__name__)
 
 PARTIAL_GROUP = "dcbg_partial"
-"""Group that holds an unfinished in-place background until it is complete"""
+"""Group in which earlier dcbg builds made an in-place background (removed at commit)"""
+
+BACKUP_GROUP = "previous_background"
+"""Group of the temporary file that keeps an existing file's old background during the swap"""
 
 PARTIAL_SUFFIX = ".dcbg-partial"
 """Suffix of a new output file while it is written (hidden name ``.<output>.…``)"""
@@ -122,11 +129,14 @@ def plan_output(output_path, input_path=None) -> OutputTarget:
         If the path is a folder, its name is too long, an existing file
         there is not HDF5, or it is a file the input reads its data from
         through its basins (writing it would destroy the input's data).
+    InputFileError
+        If an existing file there (the input included) may not be written.
     FileNotFoundError
         If the output's folder does not exist.
     """
     path = check_output_path(output_path)
     if input_path is not None and same_file(path, input_path):
+        check_writable(path)
         return OutputTarget(path, INPUT)
     if input_path is not None and path.exists():
         for source in files_read_by(pathlib.Path(input_path)):
@@ -141,8 +151,18 @@ def plan_output(output_path, input_path=None) -> OutputTarget:
             raise OutputError(
                 f"Output {path} exists and is not an HDF5 file, so dcbg cannot add image_bg "
                 f"to it; remove it or choose another output path.")
+        check_writable(path)
         return OutputTarget(path, EXISTING)
     return OutputTarget(path, NEW)
+
+
+def check_writable(path: pathlib.Path):
+    """Refuse an existing file this user may not write, before any computing
+
+    The file is opened for writing only when the background is complete.
+    """
+    if not os.access(path, os.W_OK):
+        raise no_permission_error(path, "a")
 
 
 def check_existing_output(path: pathlib.Path, event_count: int):
@@ -182,12 +202,96 @@ def permission_error(folder: pathlib.Path) -> OutputError:
         f"can write to, or change its permissions.")
 
 
-def remove_stale_background(h5: h5py.File):
-    """Delete the ``image_bg`` and ``bg_off`` a file carries (events and basin_events)"""
-    for group in FEATURE_GROUPS:
+def remove_stale_background(h5: h5py.File, keep: tuple[str, ...] = ()):
+    """Delete the ``image_bg`` and ``bg_off`` a file carries (events and basin_events)
+
+    Paths in `keep` (e.g. ``"events/image_bg"``) stay. A link that leads
+    nowhere is deleted too, so that the name is free for a new background.
+    """
+    for group_name, group, feature in list(_background_links(h5)):
+        if f"{group_name}/{feature}" not in keep:
+            del group[feature]
+
+
+def _background_links(h5: h5py.Group):
+    """(group name, group, feature) of every ``image_bg`` and ``bg_off`` link in `h5`"""
+    for group_name in FEATURE_GROUPS:
+        group = h5.get(group_name)
+        if not isinstance(group, h5py.Group):
+            continue
         for feature in REPLACED_FEATURES:
-            if group in h5 and feature in h5[group]:
-                del h5[group][feature]
+            if group.get(feature, getlink=True) is not None:
+                yield group_name, group, feature
+
+
+def stored_chunks(dataset: h5py.Dataset) -> list:
+    """The chunks a dataset has stored: h5py's records with chunk_offset, byte_offset, size"""
+    found = []
+    try:
+        dataset.id.chunk_iter(found.append)
+    except (AttributeError, NotImplementedError):  # HDF5 before 1.14 has no H5Dchunk_iter
+        found = [dataset.id.get_chunk_info(index)
+                 for index in range(dataset.id.get_num_chunks())]
+    return found
+
+
+def chunk_format(dataset: h5py.Dataset) -> tuple:
+    """What a dataset's stored chunks hold: its type, shape, chunk shape and filters"""
+    plist = dataset.id.get_create_plist()
+    filters = []
+    for index in range(plist.get_nfilters()):
+        code, flags, values, _ = plist.get_filter(index)
+        filters.append((code, flags, tuple(values)))
+    return (dataset.dtype, dataset.shape, dataset.maxshape, dataset.chunks, tuple(filters),
+            plist.get_external_count(), plist.get_layout())
+
+
+def fits_over(old, new: h5py.Dataset) -> bool:
+    """Whether each chunk of dataset `new` can be written over the same chunk of `old`
+
+    `old` must have the same type, shape, chunks and filters, be reached by
+    no other link (all of them would see the new data), and store the same
+    chunks, each of the same size as `new`'s: then HDF5 writes every new
+    chunk where the old one lies and allocates nothing. A re-run with the
+    same parameters gives such a background.
+    """
+    if not isinstance(old, h5py.Dataset) or h5py.h5o.get_info(old.id).rc != 1:
+        return False
+    if old.chunks is None or chunk_format(old) != chunk_format(new):
+        return False
+    sizes = {info.chunk_offset: info.size for info in stored_chunks(new)}
+    old_sizes = {info.chunk_offset: info.size for info in stored_chunks(old)}
+    return sizes == old_sizes
+
+
+def write_chunks_over(old: h5py.Dataset, new: h5py.Dataset):
+    """Write the chunks and attributes of `new` over those of `old` (see :func:`fits_over`)
+
+    The chunks are copied as they are stored, without decoding them.
+    """
+    for info in stored_chunks(new):
+        filter_mask, stored = new.id.read_direct_chunk(info.chunk_offset)
+        old.id.write_direct_chunk(info.chunk_offset, stored, filter_mask)
+    for name in list(old.attrs):
+        del old.attrs[name]
+    for name in new.attrs:
+        old.attrs.create(name, new.attrs[name], dtype=new.attrs.get_id(name).dtype)
+
+
+def copy_background(source: h5py.Group, destination: h5py.Group):
+    """Copy the ``image_bg`` and ``bg_off`` of `source`'s feature groups into `destination`
+
+    The feature groups (``events``, ``basin_events``) are mirrored in
+    `destination`; a soft or external link is copied as the link. HDF5
+    copies a dataset's stored chunks as they are, without decoding them.
+    """
+    for group_name, group, feature in list(_background_links(source)):
+        into = destination.require_group(group_name)
+        link = group.get(feature, getlink=True)
+        if isinstance(link, h5py.HardLink):
+            group.copy(feature, into)
+        else:
+            into[feature] = link
 
 
 def _process_alive(pid: int) -> bool:
@@ -278,25 +382,33 @@ def partial_prefix(path: pathlib.Path) -> str:
     return hidden[:-len(reserve)] + "."
 
 
-class NewOutputFile:
-    """An output .rtdc written under a temporary name and renamed on success
+class StagedOutput:
+    """A hidden temporary HDF5 file beside an output path, written under the output's lock
+
+    The background is written here while it is computed; the output path
+    itself is not written before the commit of a subclass:
+    :class:`NewOutputFile` renames the temporary file to the output's name,
+    :class:`ExistingOutputFile` copies its background into the existing file.
 
     Parameters
     ----------
     path: path-like
-        The final output path; an existing file there is replaced only when
-        the new one is complete. While the file is written, an
+        The final output path. While the temporary file exists, an
         :class:`OutputLock` keeps other runs from writing the same path.
+    libver: str, optional
+        h5py's ``libver`` (HDF5 format bounds) of the temporary file.
 
     Attributes
     ----------
     h5: h5py.File
         The temporary file.
+    temp_path: pathlib.Path
+        Its path.
     bg_group: h5py.Group
         Where ``image_bg`` is written (``events`` of the temporary file).
     """
 
-    def __init__(self, path):
+    def __init__(self, path, libver: str | None = None):
         self.path = pathlib.Path(path)
         self.lock = OutputLock(self.path)
         try:
@@ -311,17 +423,49 @@ class NewOutputFile:
                 f"the folder's permissions and free space.") from error
         os.close(handle)
         self.temp_path = pathlib.Path(name)
+        self._finished = False
         try:
             # mkstemp creates owner-only files; an output is an ordinary data file
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(self.temp_path, 0o666 & ~umask)
-            self.h5 = h5py.File(self.temp_path, "w", libver="latest")
+            self.h5 = h5py.File(self.temp_path, "w", libver=libver)
             self.bg_group = self.h5.require_group("events")
         except BaseException:
             self.temp_path.unlink(missing_ok=True)
             self.lock.release()
             raise
+
+    def abort(self):
+        """Close and delete the temporary file and release the lock (once committed: nothing)"""
+        if not self._finished:
+            self._finish()
+
+    def _finish(self, keep_temporary: bool = False):
+        self._finished = True
+        try:
+            if self.h5.id.valid:
+                self.h5.close()
+        except (OSError, RuntimeError):
+            pass  # the file is deleted next; its last metadata do not matter
+        finally:
+            if not keep_temporary:
+                self.temp_path.unlink(missing_ok=True)
+            self.lock.release()
+
+
+class NewOutputFile(StagedOutput):
+    """An output .rtdc written under a temporary name and renamed on success
+
+    Parameters
+    ----------
+    path: path-like
+        The final output path; an existing file there is replaced only when
+        the new one is complete.
+    """
+
+    def __init__(self, path):
+        super().__init__(path, libver="latest")
 
     def commit(self, log: typing.Callable[[h5py.File], object] | None = None):
         """Close the file and move it to its final name
@@ -338,74 +482,18 @@ class NewOutputFile:
                 f"Finishing {self.path} failed ({write_failure_reason(error)}); free space "
                 f"or choose another output path (the unfinished file was removed).") from error
         os.replace(self.temp_path, self.path)
-        self.lock.release()
-
-    def abort(self):
-        """Close and delete the unfinished file"""
-        try:
-            if self.h5.id.valid:
-                self.h5.close()
-        except (OSError, RuntimeError):
-            pass  # the file is deleted next; its last metadata do not matter
-        finally:
-            self.temp_path.unlink(missing_ok=True)
-            self.lock.release()
+        self._finish()
 
 
-class InPlaceOutput:
-    """Write image_bg into an existing file without touching anything else
+class ExistingOutputFile(StagedOutput):
+    """An existing HDF5 file (the input itself, or an earlier output) that gets a new image_bg
 
-    The new background is built in a private group and swapped in only when
-    it is complete: then the old ``image_bg`` and ``bg_off`` are removed
-    (see :func:`remove_stale_background`) and the new dataset moved to
-    ``events/image_bg``. An interrupted run leaves every original dataset
-    intact.
-
-    Parameters
-    ----------
-    h5: h5py.File
-        The file, opened for writing; it stays open (its owner closes it).
-    """
-
-    def __init__(self, h5: h5py.File):
-        self.h5 = h5
-        if PARTIAL_GROUP in h5:
-            del h5[PARTIAL_GROUP]  # leftover of an interrupted run
-        self.bg_group = h5.create_group(PARTIAL_GROUP)
-
-    def commit(self, log: typing.Callable[[h5py.File], object] | None = None):
-        """Replace the old background by the finished dataset
-
-        `log` is called with the file once the new background is in it, so
-        that the run's log describes a background the file holds.
-        """
-        remove_stale_background(self.h5)
-        self.h5.require_group("events")
-        self.h5.move(f"{PARTIAL_GROUP}/image_bg", "events/image_bg")
-        del self.h5[PARTIAL_GROUP]
-        if log is not None:
-            log(self.h5)
-        self.h5.flush()
-
-    def abort(self):
-        """Drop the unfinished background"""
-        try:
-            if self.h5.id.valid and PARTIAL_GROUP in self.h5:
-                del self.h5[PARTIAL_GROUP]
-        except (OSError, RuntimeError):
-            # The file fails to write (its disk is full, say); the next run
-            # that opens it removes the leftover group.
-            logger.warning("Could not remove the unfinished background from %s",
-                           self.h5.filename)
-
-
-class ExistingOutputFile(InPlaceOutput):
-    """An existing output (not the input) that gets a new image_bg, all or nothing
-
-    As dcnum's ``Background`` does, every other dataset and attribute of
-    the file stays; an :class:`OutputLock` keeps other dcbg runs away while
-    it is written (HDF5's own file lock may be disabled on network file
-    systems).
+    As dcnum's ``Background`` does, every other dataset, attribute, log and
+    basin of the file stays; only ``image_bg`` and ``bg_off`` are replaced
+    (see :func:`remove_stale_background`). The file is not opened while the
+    background is computed (so the input may be this file, open read-only):
+    the background is built in the temporary file and copied in by
+    :meth:`commit`, all or nothing.
 
     Parameters
     ----------
@@ -414,33 +502,107 @@ class ExistingOutputFile(InPlaceOutput):
     """
 
     def __init__(self, path):
-        self.path = pathlib.Path(path)
-        self.lock = OutputLock(self.path)
-        try:
-            super().__init__(open_hdf5(self.path, "a"))
-        except BaseException:
-            self.lock.release()
-            raise
+        # HDF5's default format bounds, the ones an opened file gets: the
+        # copied dataset is stored as one created in the file would be.
+        super().__init__(path)
 
     def commit(self, log: typing.Callable[[h5py.File], object] | None = None):
-        """Swap the new background in, add the run's log (`log`) and close the file"""
-        try:
-            super().commit(log)
-            self.h5.close()
-        except (OSError, RuntimeError) as error:
-            self.abort()
-            raise OutputWriteError(
-                f"Finishing {self.path} failed ({write_failure_reason(error)}); free space "
-                f"and run again (the file keeps its previous image_bg).") from error
-        self.lock.release()
+        """Replace the file's background by the finished one, add the run's log, close both files
 
-    def abort(self):
-        """Drop the unfinished background and close the file"""
+        Within one opening of the file, the old ``bg_off`` is deleted and
+        the new background stored where the old ``image_bg`` was. Where each
+        new chunk has the size of the old one (a re-run with the same
+        parameters), it is written over it (:func:`write_chunks_over`);
+        otherwise the old dataset is deleted and the new one copied in,
+        into the space just freed (HDF5 reuses freed space only within the
+        opening that freed it). Either way the stored chunks are copied as
+        they are, and a re-run leaves the file no larger than a fresh run
+        does. The old datasets are first copied into the temporary file, and
+        put back if the swap fails.
+
+        `log` is called with the file once the new background is in it, so
+        that the run's log describes a background the file holds.
+
+        Raises
+        ------
+        OutputWriteError
+            If the swap fails (a full disk, say). The file then holds its
+            previous ``image_bg`` and ``bg_off`` again, or, should putting
+            them back fail too, the message names the file that keeps them.
+        """
         try:
-            super().abort()
-            if self.h5.id.valid:
-                self.h5.close()
-        except (OSError, RuntimeError):
-            pass  # the unfinished group is removed by the next run
-        finally:
-            self.lock.release()
+            target = open_hdf5(self.path, "a")
+        except BaseException:
+            self.abort()
+            raise
+        try:
+            copy_background(target, self.h5.create_group(BACKUP_GROUP))
+            self.h5.flush()
+        except BaseException as error:
+            with contextlib.suppress(OSError, RuntimeError):
+                target.close()  # unchanged so far
+            self.abort()
+            if isinstance(error, (OSError, RuntimeError)):  # h5py raises both for writes
+                raise self._failure(error) from error
+            raise
+        logs = target.get("logs")
+        logs_before = set(logs) if isinstance(logs, h5py.Group) else None
+        try:
+            if PARTIAL_GROUP in target:  # dead space that earlier dcbg builds left
+                del target[PARTIAL_GROUP]
+            self._swap(target)
+            if log is not None:
+                log(target)
+            target.close()  # HDF5 writes the file's last metadata here
+        except BaseException as error:
+            restored = self._restore(target, logs_before)
+            self._finish(keep_temporary=not restored)
+            if not restored:
+                raise OutputWriteError(
+                    f"Finishing {self.path} failed ({write_failure_reason(error)}) and its "
+                    f"previous image_bg could not be put back; it is kept in "
+                    f"{self.temp_path} (group {BACKUP_GROUP}), so copy it back from there "
+                    f"or run again once the disk is fine.") from error
+            if isinstance(error, (OSError, RuntimeError)):
+                raise self._failure(error) from error
+            raise
+        self._finish()
+
+    def _swap(self, target: h5py.File):
+        """Put the new background in the place of the old one (whose copy is saved)"""
+        new = self.bg_group["image_bg"]
+        events = target.require_group("events")
+        old = events.get("image_bg") if isinstance(
+            events.get("image_bg", getlink=True), h5py.HardLink) else None
+        if old is not None and fits_over(old, new):
+            remove_stale_background(target, keep=("events/image_bg",))
+            write_chunks_over(old, new)
+        else:
+            del old  # HDF5 frees a deleted dataset's space only once nothing holds it open
+            remove_stale_background(target)
+            events.copy(new, events, name="image_bg")
+
+    def _failure(self, error: BaseException) -> OutputWriteError:
+        """The error for a failed commit after which the file is as it was"""
+        return OutputWriteError(
+            f"Finishing {self.path} failed ({write_failure_reason(error)}); free space "
+            f"and run again (the file keeps its previous image_bg).")
+
+    def _restore(self, target: h5py.File, logs_before: set[str] | None) -> bool:
+        """Put the saved background back after a failed swap; whether that worked"""
+        try:
+            if not target.id.valid:
+                target = open_hdf5(self.path, "a")
+            with target:
+                remove_stale_background(target)  # what arrived of the new one
+                copy_background(self.h5[BACKUP_GROUP], target)
+                if logs_before is None and "logs" in target:
+                    del target["logs"]
+                elif logs_before is not None:
+                    for name in set(target["logs"]) - logs_before:
+                        del target["logs"][name]
+            return True
+        except (OSError, RuntimeError) as error:
+            logger.error("Could not put the previous background of %s back: %s", self.path,
+                         first_line(error))
+            return False
