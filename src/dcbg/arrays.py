@@ -13,18 +13,26 @@ device:
 - arrays in GPU memory (CuPy, or anything with ``__cuda_array_interface__``
   or DLPack, such as torch or JAX arrays) are computed where they are, without
   a copy through host memory, and come back as CuPy arrays.
+
+A GPU's results are checked against the CPU kernel (``verify``, see
+:mod:`dcbg.engines.verification`): for host arrays a sample of every batch,
+as for files; for GPU arrays, which stay on the GPU, a sample of the first
+call per process, GPU and width of the kernel's counts, unless asked
+otherwise.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from .settings import DEFAULT_VERIFY, parse_verify
 from .windows import background_window_count, window_count
 
 READ_BATCH = 10000
 """Most windows an engine is asked to compute at once (engines may use fewer)"""
 
 
-def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None):
+def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None,
+                   verify: str | None = None):
     """Median of every window of `kernel_size` consecutive frames
 
     Row ``j`` of the result is, per pixel, element ``kernel_size // 2`` of
@@ -49,6 +57,13 @@ def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None):
         Where to put the result: an array of shape ``(N - kernel_size + 1,
         ...)`` and dtype uint8 (NumPy array, memory map or h5py dataset for
         host input; a CuPy array on the same GPU for GPU input).
+    verify: str, optional
+        Which of a GPU's medians the CPU recomputes and compares: "sample"
+        (a spread sample of every batch), "all" or "off". By default a sample
+        of every batch for host arrays; for GPU arrays a sample of the first
+        call per process, GPU and width of the kernel's counts (a checked
+        call copies the sampled pixels to the host and waits for them). The
+        CPU ignores it; the result never depends on it.
 
     Returns
     -------
@@ -64,11 +79,14 @@ def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None):
     ValueError
         If `kernel_size` is not a positive integer, there are fewer frames
         than `kernel_size`, or `out` has the wrong shape.
+    dcbg.errors.GPUResultError
+        If a checked median of a GPU differs from the CPU's.
     """
-    return _compute(frames, kernel_size, device, out, background=False)
+    return _compute(frames, kernel_size, device, out, verify, background=False)
 
 
-def rolling_median_background(frames, kernel_size: int, *, device: str = "auto", out=None):
+def rolling_median_background(frames, kernel_size: int, *, device: str = "auto", out=None,
+                              verify: str | None = None):
     """dcnum's rolling-median background: one row per frame
 
     Row ``i`` is the median of the window that starts at frame
@@ -80,7 +98,7 @@ def rolling_median_background(frames, kernel_size: int, *, device: str = "auto",
 
     Parameters
     ----------
-    frames, kernel_size, device:
+    frames, kernel_size, device, verify:
         As for :func:`rolling_median`.
     out: array-like, optional
         As for :func:`rolling_median`, of the shape of `frames`.
@@ -90,11 +108,12 @@ def rolling_median_background(frames, kernel_size: int, *, device: str = "auto",
     image_bg: numpy.ndarray or cupy.ndarray
         As for :func:`rolling_median`, of the shape of `frames`.
     """
-    return _compute(frames, kernel_size, device, out, background=True)
+    return _compute(frames, kernel_size, device, out, verify, background=True)
 
 
-def _compute(frames, kernel_size, device, out, background: bool):
+def _compute(frames, kernel_size, device, out, verify, background: bool):
     kernel_size = _check_kernel_size(kernel_size)
+    verify = None if verify is None else parse_verify(verify)
     on_gpu = _gpu_array(frames)
     stack = _check_frames(on_gpu if on_gpu is not None else _host_stack(frames))
     count, image_shape = stack.shape[0], tuple(stack.shape[1:])
@@ -103,13 +122,15 @@ def _compute(frames, kernel_size, device, out, background: bool):
     _check_out(out, shape)
     if on_gpu is not None:
         from .engines.cuda import rolling_median_on_gpu
-        return rolling_median_on_gpu(stack, kernel_size, windows, shape, out)
+        return rolling_median_on_gpu(stack, kernel_size, windows, shape, out, verify)
     out = _host_out(out, shape, stack)
-    _stream_through_engine(stack, image_shape, kernel_size, windows, shape[0], device, out)
+    _stream_through_engine(stack, image_shape, kernel_size, windows, shape[0], device, out,
+                           verify or DEFAULT_VERIFY)
     return out
 
 
-def _stream_through_engine(stack, image_shape, kernel_size, windows, rows, device, out):
+def _stream_through_engine(stack, image_shape, kernel_size, windows, rows, device, out,
+                           verify: str):
     from .devices import select_device
     from .engines import engine_for
     from .system import available_cpus
@@ -124,7 +145,7 @@ def _stream_through_engine(stack, image_shape, kernel_size, windows, rows, devic
         out[offset:offset + len(medians)] = medians.reshape(len(medians), *image_shape)
 
     engine = engine_for(choice, image_shape or (1,), kernel_size,
-                        min(READ_BATCH, windows), available_cpus(), windows)
+                        min(READ_BATCH, windows), available_cpus(), windows, verify)
     with engine:
         last = engine.run(read_into, 0, windows, write_at)
     _repeat_rows(out, last.reshape(image_shape), windows, rows)

@@ -80,12 +80,18 @@ class Background(abc.ABC):
     io_threads: int, optional
         Threads that decode and encode HDF5 chunks; defaults to
         ``DCBG_IO_THREADS`` or the CPUs available. Never changes the result.
+    verify: str
+        "sample" (default), "all" or "off": the pixels of every GPU batch that
+        the CPU recomputes and compares before the batch is written (see
+        :mod:`dcbg.engines.verification`). A difference raises
+        :class:`~dcbg.errors.GPUResultError` and nothing is written. The CPU
+        engine ignores it; it is not part of the PPID.
     kwargs:
         The method's keyword arguments (see :meth:`check_user_kwargs`).
     """
 
     def __init__(self, input_data, output_path, compress=True, num_cpus=None, device="auto",
-                 io_threads=None, **kwargs):
+                 io_threads=None, verify="sample", **kwargs):
         self.logger = logging.getLogger(f"dcbg.{self.__class__.__name__}")
         self.check_user_kwargs(**kwargs)
 
@@ -101,6 +107,9 @@ class Background(abc.ABC):
 
         self.compress = settings.parse_compression(compress)
         """compression of image_bg as parsed: zstd-1 … zstd-9, or none"""
+
+        self.verify = settings.parse_verify(verify)
+        """which pixels of a GPU's batches the CPU checks: "sample", "all" or "off" """
 
         self.device: DeviceChoice = select_device(device)
         """the device that computes the background (chosen here unless given as chosen)"""
@@ -278,7 +287,8 @@ class Background(abc.ABC):
                 self.stage_seconds["total"] = time.perf_counter() - t0
                 record = runlog.run_record(self.get_ppid(), self.device, self.engine_facts,
                                            self.io_threads, start, self.image_count,
-                                           self.stage_seconds, warnings.messages)
+                                           self.stage_seconds, warnings.messages,
+                                           self.verify)
                 self.run_record = record
                 self._output.commit(lambda h5: runlog.write_run_log(h5, record))
                 self.image_proc.value = 1
