@@ -1,6 +1,9 @@
-"""GPU results checked against the CPU, on the CuPy stand-in with injected faults
-(helpers/fake_cupy.py: a flipped bit, a stale download, a skipped upload)"""
+"""GPU results checked against the CPU, and device="auto" falling back to the CPU, on the
+CuPy stand-in with injected faults (helpers/fake_cupy.py: a flipped bit, a stale download,
+a skipped upload, a launch error)"""
+import logging
 import shutil
+import sys
 
 import h5py
 import numpy as np
@@ -25,7 +28,7 @@ EVENTS, KERNEL, BATCH = 300, 10, 50
 
 @pytest.fixture
 def gpu(fake_gpu, monkeypatch):
-    """The stand-in GPU with device batches of BATCH windows"""
+    """The stand-in GPU with device batches of BATCH windows; "auto" picks it"""
     def install(**kwargs):
         state = fake_gpu(**kwargs)
         monkeypatch.setattr(cudamemory, "DEVICE_BATCH_LIMIT", BATCH)
@@ -158,6 +161,62 @@ def test_the_command_line_fails_on_an_explicit_gpu_with_one_line(gpu, recording,
                           "(row 0, column 0)") and len(err.splitlines()) == 1
     assert err.rstrip().endswith("or use --device cpu.")
     assert dataset_digests(output) == before
+
+
+@pytest.mark.parametrize("fault", ["flip", "stale", "launch error"])
+def test_auto_computes_the_file_again_on_the_cpu(gpu, recording, tmp_path, caplog, fault):
+    source, expected = recording
+    state = gpu()
+    if fault == "flip":
+        state.flips[2] = (4, int(batch_sample(2)[9]))
+    elif fault == "stale":
+        state.stale_downloads.add(3)
+    else:
+        state.faults[2] = sys.modules["cupy"].cuda.runtime.CUDARuntimeError(
+            "cudaErrorIllegalAddress: an illegal memory access was encountered")
+    with caplog.at_level(logging.WARNING, logger="dcbg"):
+        got, record = compute(source, tmp_path / "out.rtdc", device="auto")
+    assert np.array_equal(got, expected)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"cuda:0 failed, so the CPU computes the background of "
+                                  f"{source} again (device=\"auto\"): ")
+    assert record["device"] == "cpu" and record["warnings"] == warnings
+    failure = record["gpu_failure"]
+    assert failure["device"] == "cuda:0" and failure["batch_windows"] == BATCH
+    cause = "illegal memory access" if fault == "launch error" else "wrong median"
+    assert cause in failure["error"] and cause in warnings[0]
+    if fault != "launch error":  # the batches before the faulty one were checked
+        assert failure["verified_pixel_outputs"] > 0
+    assert [p.name for p in tmp_path.iterdir()] == ["out.rtdc"]
+
+
+def test_a_device_from_the_environment_is_explicit(gpu, recording, tmp_path, monkeypatch):
+    state = gpu()
+    monkeypatch.setenv(devices.DEVICE_ENV, "cuda")
+    state.stale_downloads.add(0)
+    with pytest.raises(GPUResultError):
+        compute(recording[0], tmp_path / "out.rtdc", device="auto")
+    assert not (tmp_path / "out.rtdc").exists()
+    monkeypatch.setenv(devices.DEVICE_ENV, "auto")
+    state = gpu()
+    state.stale_downloads.add(0)
+    got, record = compute(recording[0], tmp_path / "out.rtdc", device="auto")
+    assert np.array_equal(got, recording[1]) and record["device"] == "cpu"
+
+
+def test_host_arrays_fall_back_under_auto_and_fail_on_an_explicit_gpu(gpu, caplog):
+    stack = np.random.default_rng(3).integers(0, 256, (120, 6, 9), dtype=np.uint8)
+    state = gpu()
+    state.flips[1] = (0, 0)
+    with caplog.at_level(logging.WARNING, logger="dcbg"):
+        got = dcbg.rolling_median_background(stack, 8)
+    assert np.array_equal(got, rolling_median_reference(stack, 8))
+    assert "cuda:0 failed, so the CPU computes the medians again" in caplog.text
+    state = gpu()
+    state.flips[1] = (0, 0)
+    with pytest.raises(GPUResultError, match="at event 50, pixel \\(row 0, column 0\\)"):
+        dcbg.rolling_median(stack, 8, device="cuda")
 
 
 def test_the_run_log_has_the_mode_and_the_pixel_outputs_checked(gpu, recording, tmp_path):

@@ -80,7 +80,8 @@ def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None,
         If `kernel_size` is not a positive integer, there are fewer frames
         than `kernel_size`, or `out` has the wrong shape.
     dcbg.errors.GPUResultError
-        If a checked median of a GPU differs from the CPU's.
+        If a checked median of a GPU differs from the CPU's (for host arrays
+        under ``device="auto"`` the CPU computes them again instead).
     """
     return _compute(frames, kernel_size, device, out, verify, background=False)
 
@@ -131,7 +132,7 @@ def _compute(frames, kernel_size, device, out, verify, background: bool):
 
 def _stream_through_engine(stack, image_shape, kernel_size, windows, rows, device, out,
                            verify: str):
-    from .devices import select_device
+    from .devices import fall_back_to_cpu, select_device
     from .engines import engine_for
     from .system import available_cpus
 
@@ -144,10 +145,19 @@ def _stream_through_engine(stack, image_shape, kernel_size, windows, rows, devic
     def write_at(offset, medians):
         out[offset:offset + len(medians)] = medians.reshape(len(medians), *image_shape)
 
-    engine = engine_for(choice, image_shape or (1,), kernel_size,
-                        min(READ_BATCH, windows), available_cpus(), windows, verify)
-    with engine:
-        last = engine.run(read_into, 0, windows, write_at)
+    def run_on(device):
+        engine = engine_for(device, image_shape or (1,), kernel_size,
+                            min(READ_BATCH, windows), available_cpus(), windows, verify)
+        with engine:
+            return engine.run(read_into, 0, windows, write_at)
+
+    try:
+        last = run_on(choice)
+    except Exception as error:
+        cpu = fall_back_to_cpu(choice, error, "the medians")
+        if cpu is None:
+            raise
+        last = run_on(cpu)  # every window again: each is written over
     _repeat_rows(out, last.reshape(image_shape), windows, rows)
 
 

@@ -9,8 +9,8 @@ import threading
 import time
 
 from . import engines, ppid, runlog, settings
-from .devices import DeviceChoice, select_device
-from .errors import InputDataError, sigterm_raises
+from .devices import DeviceChoice, fall_back_to_cpu, select_device
+from .errors import InputDataError, first_line, sigterm_raises
 from .rtdc.basins import write_output_basins
 from .rtdc.output import (
     EXISTING,
@@ -84,8 +84,9 @@ class Background(abc.ABC):
         "sample" (default), "all" or "off": the pixels of every GPU batch that
         the CPU recomputes and compares before the batch is written (see
         :mod:`dcbg.engines.verification`). A difference raises
-        :class:`~dcbg.errors.GPUResultError` and nothing is written. The CPU
-        engine ignores it; it is not part of the PPID.
+        :class:`~dcbg.errors.GPUResultError` and nothing is written; under
+        ``device="auto"`` the CPU computes the background again instead. The
+        CPU engine ignores it; it is not part of the PPID.
     kwargs:
         The method's keyword arguments (see :meth:`check_user_kwargs`).
     """
@@ -144,6 +145,9 @@ class Background(abc.ABC):
 
         self.engine_facts: dict = {}
         """what computed the last run: workers started, batch sizes (see the run log)"""
+
+        self.gpu_failure: dict | None = None
+        """the GPU failure the last run recovered from on the CPU (``device="auto"``)"""
 
         self.run_record: dict | None = None
         """the run log the last :meth:`process` stored in the output"""
@@ -270,7 +274,10 @@ class Background(abc.ABC):
         ``image_bg`` (and the ``bg_off`` computed for it) stays until the new
         background is complete and is removed then, as dcnum does. Any error, Ctrl-C or
         SIGTERM (in the main thread) discards the unfinished output and
-        stops the workers.
+        stops the workers. A GPU that ``device="auto"`` chose and that fails
+        during the run (a CUDA error, a result that differs from the CPU's)
+        leaves the background to the CPU, which computes it again from the
+        start in a fresh output; an explicit GPU fails with the error.
         """
         with sigterm_raises(), runlog.WarningCollector() as warnings:
             try:
@@ -281,14 +288,15 @@ class Background(abc.ABC):
                 t0 = time.perf_counter()
                 self.image_proc.value = 0
                 self.stage_seconds = {}
-                self.process_approach()
+                self.gpu_failure = None
+                self._process_falling_back()
                 self.writer.check_complete()
                 self.writer.set_ppid(self.get_ppid())
                 self.stage_seconds["total"] = time.perf_counter() - t0
                 record = runlog.run_record(self.get_ppid(), self.device, self.engine_facts,
                                            self.io_threads, start, self.image_count,
                                            self.stage_seconds, warnings.messages,
-                                           self.verify)
+                                           self.verify, self.gpu_failure)
                 self.run_record = record
                 self._output.commit(lambda h5: runlog.write_run_log(h5, record))
                 self.image_proc.value = 1
@@ -302,6 +310,26 @@ class Background(abc.ABC):
                 self.writer = None
         self.logger.info("Background of %d frames computed in %.1f s",
                          self.image_count, time.perf_counter() - t0)
+
+    def _process_falling_back(self):
+        try:
+            self.process_approach()
+        except Exception as error:
+            cpu = fall_back_to_cpu(self.device, error, f"the background of {self._name()}")
+            if cpu is None:
+                raise
+            self.gpu_failure = {"device": str(self.device), "error": first_line(error),
+                                **self.engine_facts}
+            self._output.abort()  # nothing the GPU computed is kept
+            self._output = None
+            self._open_output()
+            self.device = cpu
+            self.image_proc.value = 0
+            self.stage_seconds = {}
+            self.process_approach()
+
+    def _name(self) -> str:
+        return str(self.hdin.path) if self.hdin is not None else "the input frames"
 
     def _count_written(self, frames: int):
         with self.image_proc.get_lock():  # writers of several devices report at once
