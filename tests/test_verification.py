@@ -2,6 +2,7 @@
 CuPy stand-in with injected faults (helpers/fake_cupy.py: a flipped bit, a stale download,
 a skipped upload, a launch error)"""
 import logging
+import pathlib
 import shutil
 import sys
 
@@ -323,3 +324,20 @@ def test_the_selftest_checks_every_pixel_of_its_gpu_runs(gpu, monkeypatch):
                                  file_events=150, num_cpus=1)
     assert selftest.passed(rows) and modes and set(modes) == {"all"}
     assert rows[-1].note == "zstd in, zstd-5 out, verify=all"
+
+
+def test_the_cost_of_the_check_is_measured_without_a_gpu(tmp_path, monkeypatch):
+    """bench_cuda.py --verify-cost on a tiny recording: it runs on the CPU and checks
+    every pixel-output it claims to"""
+    monkeypatch.syspath_prepend(str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_cuda
+    monkeypatch.setattr(cudamemory, "DEVICE_BATCH_LIMIT", 40)
+    source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 150, shape=SHAPE, seed=2)
+    with dcbg.BackgroundRollMed(source, tmp_path / "bg.rtdc", kernel_size=KERNEL,
+                                device="cpu", num_cpus=1) as bg:
+        bg.process()
+    for mode in ("sample", "all"):
+        row = bench_cuda.verification_cost(source, tmp_path / "bg.rtdc", KERNEL, mode)
+        assert row["batches"] == 4 and 0 < row["share_percent"] < 100
+        if mode == "all":
+            assert row["pixel_outputs"] == (150 - KERNEL) * PIXELS
