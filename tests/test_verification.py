@@ -249,31 +249,33 @@ def test_gpu_arrays_check_the_first_call_per_gpu_and_count_width(gpu):
     import cupy
     stack = np.random.default_rng(8).integers(0, 256, (40, 4, 6), dtype=np.uint8)
     frames = cupy.asarray(stack)
+    expected = rolling_median_windows_reference(stack, 6)
 
     def copies_back():
         return sum(call[0] == "device to host" for call in state.calls)
 
-    state.flips[0] = (3, 17)
-    with pytest.raises(GPUResultError, match="at event 3, pixel \\(row 2, column 5\\)"):
-        dcbg.rolling_median(frames, 6)  # the first call on GPU 0 with 8-bit counts
-    assert copies_back() == 1, "one copy of the sampled frames and medians"
-    state.flips[1] = (3, 17)  # not checked: the first call per GPU and count width was
+    # launch 0: the first call on GPU 0 with 8-bit counts is checked, with one copy back
+    assert np.array_equal(cupy.asnumpy(dcbg.rolling_median(frames, 6)), expected)
+    assert copies_back() == 2  # the check's, and this test's asnumpy
+    state.flips[1] = (3, 17)  # later calls are not checked by default
     wrong = dcbg.rolling_median(frames, 6)
-    assert copies_back() == 1 and not np.array_equal(
-        cupy.asnumpy(wrong), rolling_median_windows_reference(stack, 6))
-    state.flips[2] = (0, 0)
-    with pytest.raises(GPUResultError):
+    assert copies_back() == 2 and not np.array_equal(cupy.asnumpy(wrong), expected)
+    state.flips[2] = (3, 17)
+    with pytest.raises(GPUResultError, match="at event 3, pixel \\(row 2, column 5\\)"):
         dcbg.rolling_median(frames, 6, verify="sample")  # every call, when asked
-    state.flips[3] = (1, 1)
-    with pytest.raises(GPUResultError):  # 16-bit counts: the first call of that width
-        dcbg.rolling_median_background(cupy.asarray(np.repeat(stack, 8, axis=0)), 300)
+    long_stack = cupy.asarray(np.repeat(stack, 8, axis=0))
+    for launch in (3, 4):  # 16-bit counts: checked, and again after a check that failed
+        state.flips[launch] = (1, 1)
+        with pytest.raises(GPUResultError, match="at event 1, pixel \\(row 0, column 1\\)"):
+            dcbg.rolling_median_background(long_stack, 300)
     with cupy.cuda.Device(1):
         on_one = cupy.asarray(stack)
-    state.flips[4] = (2, 2)
+    state.flips[5] = (2, 2)
     with pytest.raises(GPUResultError, match="CUDA device 1"):  # another GPU: checked again
         dcbg.rolling_median(on_one, 6)
-    assert np.array_equal(cupy.asnumpy(dcbg.rolling_median(frames, 6, verify="off")),
-                          rolling_median_windows_reference(stack, 6))
+    state.flips[6] = (0, 0)
+    assert not np.array_equal(cupy.asnumpy(dcbg.rolling_median(frames, 6, verify="off")),
+                              expected)
 
 
 def test_a_checked_gpu_call_reads_after_the_callers_queued_work(gpu):

@@ -322,8 +322,9 @@ class CUDARollingMedian(Engine):
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
 
-_checked_gpu_arrays: set[tuple[int, int]] = set()
-"""(device, count width) whose GPU-array results this process has checked against the CPU"""
+_checked_gpu_arrays: set[tuple[int, str]] = set()
+"""(device, kernel entry point: one per count width) whose GPU-array results this process
+has checked against the CPU"""
 
 _checked_lock = threading.Lock()
 
@@ -387,30 +388,24 @@ def rolling_median_on_gpu(frames, kernel_size: int, windows: int, shape: tuple, 
         launcher.launch(flat, medians, windows, stream)
         if shape[0] > windows:
             medians[windows:] = medians[windows - 1]
-        mode = _gpu_array_check(verify, device, kernel_size)
+        first_call = (device, cudakernel.kernel_name(kernel_size))  # one per count width
+        if verify is None:
+            with _checked_lock:
+                mode = "off" if first_call in _checked_gpu_arrays else "sample"
+        else:
+            mode = verify
         if mode != "off":
             check = verification.ResultCheck(mode, kernel_size, shape[1:], device)
             columns = check.columns(launcher.plan(windows).block, next(_array_checks))
             frames_part, medians_part = _sampled_on_host(cupy, flat, medians[:windows],
                                                          columns)
             check.compare(frames_part, medians_part, columns)
+            with _checked_lock:  # only a check that passed counts
+                _checked_gpu_arrays.add(first_call)
         if out is not None and not direct:
             out[...] = result
             result = out
     return result
-
-
-def _gpu_array_check(verify: str | None, device: int, kernel_size: int) -> str:
-    """What a call on GPU arrays checks: as asked, else a sample of the first call per
-    process, GPU and count width (the kernel's entry point)"""
-    if verify is not None:
-        return verify
-    key = (device, cudakernel.kernel_name(kernel_size))
-    with _checked_lock:
-        if key in _checked_gpu_arrays:
-            return "off"
-        _checked_gpu_arrays.add(key)
-    return "sample"
 
 
 def _sampled_on_host(cupy, frames, medians, columns):
