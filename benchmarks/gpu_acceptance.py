@@ -4,19 +4,25 @@
     python benchmarks/gpu_acceptance.py sanitize [--device-index 0]
     python benchmarks/gpu_acceptance.py cpu-scaling --recording FILE [--workers 1,2,4,8,16]
                                                     [--json FILE]
-    python benchmarks/gpu_acceptance.py start --out DIR --steps a,b,… --budget S [--dry-run]
-    python benchmarks/gpu_acceptance.py record --out DIR --step NAME --status S --seconds S
-                                               --exit-code N --command TEXT [--note TEXT]
+    python benchmarks/gpu_acceptance.py missing-packages
+    python benchmarks/gpu_acceptance.py start --out DIR --work DIR --steps a,b,… --budget S
+                                              [--dry-run]
+    python benchmarks/gpu_acceptance.py record --out DIR --work DIR --step NAME --status S
+                                               --seconds S --exit-code N --command TEXT
+                                               [--note TEXT]
 
 ``sanitize`` is the program compute-sanitizer runs: one small launch of the
 kernel per count width (8, 16 and 32 bits) on arrays of their exact size, and
 a run of the engine's whole pipeline on each, compared with the CPU engine.
 ``cpu-scaling`` times ``dcbg compute --device cpu`` with 1, 2, 4, … workers.
-``start`` and ``record`` keep the run's steps in DIR/steps.jsonl and rewrite
-DIR/report.md and DIR/report.json from them and from what the steps left in
-DIR (their logs, selftest.json, gpu-tests.xml, bench_cuda.json,
-cpu_scaling.json), so that a run killed halfway still leaves a report. The
-report needs nothing but the standard library.
+``missing-packages`` names what dcbg and the run need that is not installed.
+``start`` and ``record`` keep the run's steps in the work folder
+(WORK/steps.jsonl, beside the steps' logs in WORK/logs and the GPU tests'
+WORK/gpu-tests.xml) and rewrite DIR/report.md, DIR/report.json and
+DIR/logs.tar.gz from them and from the JSON the steps left in DIR
+(selftest.json, bench_cuda.json, cpu_scaling.json), so that a run killed
+halfway still leaves a report. The report needs nothing but the standard
+library.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import pathlib
 import re
 import subprocess
 import sys
+import tarfile
 import time
 import xml.etree.ElementTree as ElementTree
 
@@ -40,13 +47,44 @@ FINE = ("ok", "not present")
 LOG_TAIL = 15
 """Lines of a failed step's log that the report quotes"""
 
+LOG_ARCHIVE = "logs.tar.gz"
+"""The report folder's archive of every log of the run"""
+
+RUN_MODULES = ("cupy", "pynvml", "pytest")
+"""Modules the run's steps import besides dcbg's requirements"""
+
 
 def write_recording(path: pathlib.Path, events: int):
-    """A synthetic 80x320 recording, zstd-compressed, as the file-to-file steps read"""
+    """A synthetic 80x320 recording, zstd-compressed, as the file-to-file steps read
+
+    Written under a temporary name and renamed once complete, so that a
+    step stopped halfway leaves no file that the benchmarks would take.
+    """
     from dcbg.synthetic import write_synthetic_rtdc
     t0 = time.perf_counter()
-    write_synthetic_rtdc(path, events)
+    partial = path.with_name(f"{path.stem}.partial{path.suffix}")
+    partial.unlink(missing_ok=True)
+    write_synthetic_rtdc(partial, events)
+    os.replace(partial, path)
     print(f"{path}: {events} events in {time.perf_counter() - t0:.1f} s")
+
+
+def missing_packages(distribution: str = "dcbg", modules=RUN_MODULES) -> list[str]:
+    """The requirements of `distribution` that are not installed, and the `modules` that
+    do not import"""
+    from importlib import metadata, util
+
+    from pip._vendor.packaging.requirements import Requirement
+    missing = []
+    for line in metadata.requires(distribution) or []:
+        requirement = Requirement(line)
+        if requirement.marker is not None and not requirement.marker.evaluate({"extra": ""}):
+            continue
+        try:
+            metadata.version(requirement.name)
+        except metadata.PackageNotFoundError:
+            missing.append(requirement.name)
+    return missing + [name for name in modules if util.find_spec(name) is None]
 
 
 def sanitize(device_index: int) -> int:
@@ -56,6 +94,7 @@ def sanitize(device_index: int) -> int:
 
     from dcbg.devices import select_device
     from dcbg.engines.cpu import compute_median_for_slice
+    from dcbg.engines.cudacontext import on_device
     from dcbg.engines.cudakernel import launcher_for
     from dcbg.selftest import engine_medians
 
@@ -72,7 +111,7 @@ def sanitize(device_index: int) -> int:
         expected = np.empty((windows, pixels), np.uint8)
         compute_median_for_slice(frames, expected, kernel_size, windows, slice(0, pixels))
         launcher = launcher_for(device_index, pixels, kernel_size)
-        with cupy.cuda.Device(device_index):
+        with on_device(device_index):
             device_frames = cupy.asarray(frames[:windows + kernel_size - 1])
             device_medians = cupy.empty((windows, pixels), np.uint8)
             launcher.launch(device_frames, device_medians, windows)
@@ -136,9 +175,9 @@ def read_json(path: pathlib.Path) -> dict | None:
         return None
 
 
-def log_lines(out: pathlib.Path, step: str) -> list[str]:
+def log_lines(work: pathlib.Path, step: str) -> list[str]:
     try:
-        return (out / "logs" / f"{step}.log").read_text(errors="replace").splitlines()
+        return (work / "logs" / f"{step}.log").read_text(errors="replace").splitlines()
     except OSError:
         return []
 
@@ -163,9 +202,9 @@ def selftest_numbers(out: pathlib.Path) -> dict:
     return numbers
 
 
-def junit_numbers(out: pathlib.Path) -> dict:
+def junit_numbers(work: pathlib.Path) -> dict:
     try:
-        root = ElementTree.parse(out / "gpu-tests.xml").getroot()
+        root = ElementTree.parse(work / "gpu-tests.xml").getroot()
     except (OSError, ElementTree.ParseError):
         return {}
     suite = root if root.tag == "testsuite" else root.find("testsuite")
@@ -206,11 +245,13 @@ def scaling_numbers(out: pathlib.Path) -> dict:
             for row in data.get("rows", [])}
 
 
-def step_numbers(out: pathlib.Path, step: str) -> dict:
-    """The key numbers of a step, from what it left in the report folder"""
-    lines = log_lines(out, step)
+def step_numbers(out: pathlib.Path, work: pathlib.Path, step: str) -> dict:
+    """The key numbers of a step, from what it left in the report and work folders"""
+    lines = log_lines(work, step)
     if step == "install":
-        return {"installed": matching(lines, r"^Successfully installed"),
+        return {"installed": matching(lines, r"^Successfully installed|^no wheels"),
+                "missing": matching(lines, r"^missing packages:"),
+                "python headers": matching(lines, r"^Python.h not found"),
                 "cpu kernels": matching(lines, r"^CPU kernels:")}
     if step == "nvidia_smi":
         return {"gpus": matching(lines, r"^GPU \d+:")}
@@ -219,7 +260,7 @@ def step_numbers(out: pathlib.Path, step: str) -> dict:
     if step == "selftest":
         return selftest_numbers(out)
     if step == "gpu_tests":
-        return junit_numbers(out) or {"summary": (lines or [""])[-1]}
+        return junit_numbers(work) or {"summary": (lines or [""])[-1]}
     if step in ("memcheck", "racecheck"):
         return sanitizer_numbers(lines)
     if step == "bench_cuda":
@@ -229,23 +270,23 @@ def step_numbers(out: pathlib.Path, step: str) -> dict:
     return {"last line": (lines or [""])[-1]}
 
 
-def device_name(out: pathlib.Path, dry_run: bool) -> str:
+def device_name(out: pathlib.Path, work: pathlib.Path, dry_run: bool) -> str:
     """The GPU, as the selftest, nvidia-smi or dcbg info saw it"""
     selftest = read_json(out / "selftest.json") or {}
     names = [gpu["name"] for gpu in selftest.get("gpus", [])]
     names = names or [re.sub(r"^GPU \d+: |\s*\(UUID.*$", "", line)
-                      for line in matching(log_lines(out, "nvidia_smi"), r"^GPU \d+:")]
+                      for line in matching(log_lines(work, "nvidia_smi"), r"^GPU \d+:")]
     names = names or [line.split(": ", 1)[1].split(",")[0]
-                      for line in matching(log_lines(out, "info"), r"^GPU \d")]
+                      for line in matching(log_lines(work, "info"), r"^GPU \d")]
     name = ", ".join(names) or "unknown (no step saw a GPU)"
     return f"{name} (CuPy stand-in)" if dry_run else name
 
 
-def write_report(out: pathlib.Path):
-    """report.json and report.md from the run's steps so far"""
-    run = read_json(out / "run.json") or {}
+def write_report(out: pathlib.Path, work: pathlib.Path):
+    """report.json, report.md and the logs' archive from the run's steps so far"""
+    run = read_json(work / "run.json") or {}
     records = {}
-    steps_file = out / "steps.jsonl"
+    steps_file = work / "steps.jsonl"
     if steps_file.exists():
         for line in steps_file.read_text().splitlines():
             if line.strip():
@@ -255,8 +296,8 @@ def write_report(out: pathlib.Path):
     for name in run.get("steps", list(records)):
         record = records.get(name, {"step": name, "status": "not run"})
         if name in records:
-            record["numbers"] = step_numbers(out, name)
-            record["log"] = f"logs/{name}.log"
+            record["numbers"] = step_numbers(out, work, name)
+            record["log"] = f"{LOG_ARCHIVE}: logs/{name}.log"
         steps.append(record)
     statuses = [step["status"] for step in steps]
     if any(status not in FINE + ("not run",) for status in statuses):
@@ -268,16 +309,35 @@ def write_report(out: pathlib.Path):
     dry_run = bool(run.get("dry_run"))
     report = {
         "title": "dcbg GPU acceptance" + (" (dry run)" if dry_run else ""),
-        "verdict": verdict, "dry_run": dry_run, "device": device_name(out, dry_run),
+        "verdict": verdict, "dry_run": dry_run, "device": device_name(out, work, dry_run),
         "host": run.get("host"), "started": run.get("started"),
         "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(sum(step.get("seconds", 0) for step in steps), 1),
         "budget_seconds": run.get("budget"), "steps": steps}
-    (out / "report.json").write_text(json.dumps(report, indent=1, ensure_ascii=False))
-    (out / "report.md").write_text(markdown(report, out))
+    pack_logs(out, work)
+    replace_text(out / "report.json", json.dumps(report, indent=1, ensure_ascii=False))
+    replace_text(out / "report.md", markdown(report, work))
 
 
-def markdown(report: dict, out: pathlib.Path) -> str:
+def replace_text(path: pathlib.Path, text: str):
+    """Write a file under a temporary name and rename it: a kill leaves the old or the new"""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def pack_logs(out: pathlib.Path, work: pathlib.Path):
+    """Every log of the run so far, and the GPU tests' JUnit XML, in one archive of `out`"""
+    partial = out / f".{LOG_ARCHIVE}.partial"
+    with tarfile.open(partial, "w:gz") as archive:
+        for path in sorted((work / "logs").glob("*.log")):
+            archive.add(path, f"logs/{path.name}")
+        if (work / "gpu-tests.xml").exists():
+            archive.add(work / "gpu-tests.xml", "logs/gpu-tests.xml")
+    os.replace(partial, out / LOG_ARCHIVE)
+
+
+def markdown(report: dict, work: pathlib.Path) -> str:
     lines = [f"# {report['title']}: {report['verdict']}", "",
              f"- device: {report['device']}", f"- host: {report['host']}",
              f"- started: {report['started']}, report written {report['updated']}",
@@ -291,11 +351,11 @@ def markdown(report: dict, out: pathlib.Path) -> str:
                      f"{numbers.replace('|', '/')} |")
     for step in report["steps"]:
         if step["status"] not in FINE + ("not run",):
-            tail = log_lines(out, step["step"])[-LOG_TAIL:]
+            tail = log_lines(work, step["step"])[-LOG_TAIL:]
             lines += ["", f"## {step['step']}: {step['status']}", "",
                       f"`{step.get('command', '')}` exited with code {step.get('exit_code')}; "
                       f"the end of {step.get('log')}:", "", "```", *tail, "```"]
-    lines += ["", "Each step's whole output is in logs/<step>.log."]
+    lines += ["", f"Each step's whole output is logs/<step>.log in {LOG_ARCHIVE}."]
     return "\n".join(lines) + "\n"
 
 
@@ -308,24 +368,25 @@ def shown(value) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def start(out: pathlib.Path, steps: list[str], budget: int, dry_run: bool):
+def start(out: pathlib.Path, work: pathlib.Path, steps: list[str], budget: int,
+          dry_run: bool):
     """Begin a run's report: its plan, and every step not run yet"""
-    (out / "logs").mkdir(parents=True, exist_ok=True)
-    (out / "steps.jsonl").write_text("")
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+    (work / "steps.jsonl").write_text("")
     run = {"steps": steps, "budget": budget, "dry_run": dry_run,
            "host": f"{os.uname().nodename}, {os.cpu_count()} CPUs, Python "
                    f"{sys.version.split()[0]}",
            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(
                timespec="seconds")}
-    (out / "run.json").write_text(json.dumps(run, indent=1))
-    write_report(out)
+    (work / "run.json").write_text(json.dumps(run, indent=1))
+    write_report(out, work)
 
 
-def record(out: pathlib.Path, entry: dict):
+def record(out: pathlib.Path, work: pathlib.Path, entry: dict):
     """Add one step's outcome and rewrite the report"""
-    with (out / "steps.jsonl").open("a") as handle:
+    with (work / "steps.jsonl").open("a") as handle:
         handle.write(json.dumps(entry) + "\n")
-    write_report(out)
+    write_report(out, work)
 
 
 def main() -> int:
@@ -340,13 +401,16 @@ def main() -> int:
     scaling.add_argument("--recording", type=pathlib.Path, required=True)
     scaling.add_argument("--workers", default="1,2,4,8,16")
     scaling.add_argument("--json", type=pathlib.Path)
+    sub.add_parser("missing-packages", help="name what dcbg and the run lack")
     begin = sub.add_parser("start", help="begin the report of a run")
     begin.add_argument("--out", type=pathlib.Path, required=True)
+    begin.add_argument("--work", type=pathlib.Path, required=True)
     begin.add_argument("--steps", required=True)
     begin.add_argument("--budget", type=int, required=True)
     begin.add_argument("--dry-run", action="store_true")
     entry = sub.add_parser("record", help="add a step's outcome to the report")
     entry.add_argument("--out", type=pathlib.Path, required=True)
+    entry.add_argument("--work", type=pathlib.Path, required=True)
     entry.add_argument("--step", required=True)
     entry.add_argument("--status", required=True)
     entry.add_argument("--seconds", type=float, required=True)
@@ -361,10 +425,17 @@ def main() -> int:
     elif args.command == "cpu-scaling":
         return cpu_scaling(args.recording, [int(w) for w in args.workers.split(",")],
                            args.json)
+    elif args.command == "missing-packages":
+        missing = missing_packages()
+        if missing:
+            print(f"missing packages: {', '.join(missing)} (add their wheels to .whl/; the "
+                  f"steps that need them fail)")
+            return 1
+        print("every package dcbg and the run need is installed")
     elif args.command == "start":
-        start(args.out, args.steps.split(","), args.budget, args.dry_run)
+        start(args.out, args.work, args.steps.split(","), args.budget, args.dry_run)
     else:
-        record(args.out, {"step": args.step, "status": args.status,
+        record(args.out, args.work, {"step": args.step, "status": args.status,
                           "seconds": round(args.seconds, 1), "exit_code": args.exit_code,
                           "command": args.command, "note": args.note})
     return 0

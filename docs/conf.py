@@ -46,6 +46,11 @@ autodoc_default_options = {"members": True, "show-inheritance": True}
 # Single backquotes in the docstrings name parameters and objects: shown as code.
 default_role = "py:obj"
 
+# Commands are copied from these pages into shells: "--dask" must stay two hyphens
+# and quotes must stay straight, where smart quotes would print an en-dash and
+# curly quotes (also in the command-line help and in docstrings, which are text).
+smartquotes = False
+
 html_theme = "furo"
 html_title = f"dcbg {release}"
 

@@ -105,6 +105,8 @@ def test_memory_stays_bounded_with_an_out_on_disk(tmp_path):
      "positive integer, got 2.0"),
     (lambda: dcbg.rolling_median(np.zeros((0, 2), np.uint8), 1), ValueError, "N=0"),
     (lambda: dcbg.rolling_median(np.uint8(3), 1), ValueError, "at least one axis"),
+    (lambda: dcbg.rolling_median(np.zeros((5, 0, 4), np.uint8), 2, device="cpu"), ValueError,
+     r"no pixels \(frame shape \(0, 4\)\)"),
     (lambda: dcbg.rolling_median(np.zeros((5, 2), np.uint8), 2, out=np.zeros((5, 2), np.uint8)),
      ValueError, r"shape \(4, 2\), got \(5, 2\)"),
     (lambda: dcbg.rolling_median(np.zeros((5, 2), np.uint8), 2, out=np.zeros((4, 2), float)),
@@ -123,6 +125,22 @@ def test_an_out_that_overlaps_the_frames_is_refused():
     stack = np.zeros((10, 3), np.uint8)
     with pytest.raises(ValueError, match="out overlaps frames"):
         dcbg.rolling_median_background(stack, 4, device="cpu", out=stack)
+
+
+def test_a_gpu_out_that_overlaps_the_frames_is_refused(fake_gpu):
+    fake_gpu()
+    import cupy
+    stack = np.random.default_rng(2).integers(0, 256, (30, 3, 4), dtype=np.uint8)
+    frames = cupy.asarray(stack)
+    with pytest.raises(ValueError, match="out overlaps frames"):
+        dcbg.rolling_median_background(frames, 4, out=frames)
+    with pytest.raises(ValueError, match="out overlaps frames"):
+        dcbg.rolling_median(frames, 4, out=frames[3:])
+    apart = cupy.asarray(np.zeros((57, 3, 4), np.uint8))  # frames and out side by side
+    apart[:30] = frames
+    assert dcbg.rolling_median(apart[:30], 4, out=apart[30:]) is not None
+    assert np.array_equal(cupy.asnumpy(apart)[30:],
+                          rolling_median_windows_reference(stack, 4))
 
 
 class CudaTensor:

@@ -70,7 +70,7 @@ def test_without_chipstream_the_error_says_what_to_install(monkeypatch, capsys):
     assert main(["chipstream", "--", "data.rtdc"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ChipStream's command line is not installed")
-    assert 'pip install "dcbg[chipstream]"' in err
+    assert 'install it with pip install ".[chipstream]" in the dcbg checkout.' in err
 
 
 @pytest.mark.parametrize("options,code,message", [

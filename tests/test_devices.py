@@ -126,7 +126,7 @@ def test_auto_with_a_visible_but_unusable_gpu_warns_once_with_the_fix(no_env, mo
     text = warning.getMessage()
     assert "\n" not in text
     assert text.startswith("A GPU is visible, but dcbg cannot use it: CuPy cannot load NVRTC")
-    assert 'pip install "dcbg[cuda12]"' in text
+    assert 'pip install ".[cuda12]" or ".[cuda13]" in the dcbg checkout' in text
     assert text.endswith("computing on the CPU meanwhile.")
 
 

@@ -4,6 +4,7 @@ A docstring that does not render, a page that names a missing document, or
 a public name left out of the API reference fails here, in the suite, as it
 would fail CI's docs build. Skipped where the ``docs`` extra is not installed.
 """
+import argparse
 import html
 import pathlib
 import re
@@ -64,3 +65,64 @@ def test_command_line_page_shows_every_subcommand(docs_build):
     text = page_text(built(docs_build) / "cli.html")
     missing = [name for name in subcommands if f"dcbg {name} [-h]" not in text]
     assert not missing, f"subcommands missing from the generated command line: {missing}"
+
+
+DOUBLE_DASH = re.compile(r"(?<![-\w])--(?:[A-Za-z][\w-]*)?(?![-\w])")
+"""``--device``, ``--dry-run`` or a bare ``--``, not a title underline or a longer dash run"""
+
+RST_MARKUP = re.compile(r"``|\*\*|:[a-z:]+:`|`_?")
+"""Inline markup that reStructuredText shows as nothing: literals, strong, roles, links"""
+
+
+def parser_texts(parser: argparse.ArgumentParser) -> list[str]:
+    """Every text of `parser` and its subcommands that the command-line page renders"""
+    texts = [parser.description or "", parser.epilog or "", parser.format_usage()]
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue  # the page leaves out -h, which every subcommand has
+        texts += [action.help or "", *action.option_strings]
+        if isinstance(action, argparse._SubParsersAction):
+            for subcommand in action.choices.values():
+                texts += parser_texts(subcommand)
+    return texts
+
+
+def page_sources() -> dict[str, list[str]]:
+    """The texts each HTML page is built from: its .rst file, and for cli the parser's texts"""
+    sources = {path.stem: [path.read_text()] for path in (ROOT / "docs").glob("*.rst")}
+    sources["cli"] += parser_texts(build_parser())
+    return sources
+
+
+def double_dash_phrases(text: str) -> list[str]:
+    """Each ``--`` of `text` with the words on either side, as a reader sees them
+
+    Title underlines are left out, inline markup is dropped and runs of
+    whitespace count as one space, so the phrase reads as on the built page.
+    """
+    lines = [line for line in text.splitlines() if not re.fullmatch(r"\s*([-=~^])\1+\s*", line)]
+    words = RST_MARKUP.sub("", " ".join(lines)).split()
+    return [" ".join(words[max(0, at - 1):at + 2]) for at, word in enumerate(words)
+            if DOUBLE_DASH.search(word)]
+
+
+def test_pages_show_double_dashes_as_written(docs_build):
+    """Commands copied from the site work: no ``--`` became an en-dash, no option changed"""
+    folder = built(docs_build)
+    sources = page_sources()
+    assert any("--dask" in text for text in sources["cli"])  # the parser's texts were found
+    for page, texts in sources.items():
+        shown = " ".join(page_text(folder / f"{page}.html").split())
+        for text in texts:
+            for option in DOUBLE_DASH.findall(text):
+                assert option in shown, f"{page}.html does not show {option!r}"
+            for phrase in double_dash_phrases(text):
+                assert phrase in shown, f"{page}.html does not show {phrase!r} as written"
+
+
+def test_no_en_dash_starts_a_word(docs_build):
+    """An en-dash glued to a word (``–dask``) is a ``--`` that the build turned into a dash"""
+    for page in sorted(built(docs_build).glob("*.html")):
+        text = page_text(page)
+        glued = re.findall(r"\S{0,20}(?<![\w.])\u2013[A-Za-z]\S{0,20}", text)
+        assert not glued, f"{page.name} shows en-dashes where the source has '--': {glued}"

@@ -34,6 +34,7 @@ def device_batches(monkeypatch):
     """Cap the device batch at a few windows, so small stacks run in many batches"""
     def cap(windows):
         monkeypatch.setattr(cudamemory, "DEVICE_BATCH_LIMIT", windows)
+        monkeypatch.setattr(cudakernel.Launcher, "windows_to_fill", lambda self: 0)
     return cap
 
 
@@ -439,10 +440,15 @@ def test_launch_plan_uses_occupancy_and_whole_waves(fake_gpu):
 
 
 def test_occupancy_is_asked_on_the_kernels_own_device(fake_gpu):
+    """Once, where the kernels are compiled, for every entry point and block size"""
     state = fake_gpu(device_count=2)
     engine = CUDARollingMedian((80, 320), 100, 10000, 1)
+    asked = len(state.occupancy_devices)
+    assert asked == sum(len(cudakernel.block_sizes(name)) for name in cudakernel.KERNEL_NAMES)
     engine.plan(10000)
-    assert state.occupancy_devices and set(state.occupancy_devices) == {1}
+    engine.plan(777)
+    assert len(state.occupancy_devices) == asked, "planning asks the driver no more"
+    assert set(state.occupancy_devices) == {1}
     assert set(state.function_devices) == {1}, "a kernel handle was taken on another device"
 
 
@@ -463,3 +469,199 @@ def test_launches_reuse_their_plan(fake_gpu, monkeypatch):
         engine.launch(frames, medians, 20)
     engine.launch(frames, medians, 30)
     assert calls == [20, 30] and len(state.launches) == 4
+
+
+def test_a_run_on_one_gpu_makes_no_context_on_another(fake_gpu, device_batches, tmp_path):
+    """Leaving `with Device(1)` in a thread that never chose a device would choose device 0,
+    and since CUDA 12 that makes a context there (GPU memory of another user's job)"""
+    state = fake_gpu(device_count=2)
+    device_batches(5)
+    stack = stack_cases()["random"]
+    got, _ = run(stack, tmp_path, kernel_size=4, batch_size=10, device="cuda:1")
+    assert np.array_equal(got, rolling_median_reference(stack, 4))
+    assert state.contexts == {1}
+
+
+def test_gpu_arrays_of_one_gpu_make_no_context_on_another(fake_gpu):
+    state = fake_gpu(device_count=2)
+    import cupy
+    stack = np.random.default_rng(3).integers(0, 256, (30, 4, 6), dtype=np.uint8)
+    got = {}
+
+    def user_thread():  # a thread of the caller that works on GPU 1 only
+        cupy.cuda.Device(1).use()
+        frames = cupy.asarray(stack)
+        out = cupy.empty((24, 4, 6), np.uint8)
+        dcbg.rolling_median(frames, 7, out=out)
+        got["medians"] = cupy.asnumpy(out)
+
+    thread = threading.Thread(target=user_thread)
+    thread.start()
+    thread.join()
+    from dcbg.reference import rolling_median_windows_reference
+    assert np.array_equal(got["medians"], rolling_median_windows_reference(stack, 7))
+    assert state.contexts == {1}
+
+
+def test_gpu_arrays_in_a_thread_without_a_cuda_call_yet(fake_gpu):
+    """The occupancy calculator is a driver call that needs a context in its thread; the
+    first call of a thread with out= makes none before the launch is planned"""
+    fake_gpu()
+    import cupy
+    stack = np.random.default_rng(4).integers(0, 256, (30, 4, 6), dtype=np.uint8)
+    frames, out = cupy.asarray(stack), cupy.empty((24, 4, 6), np.uint8)
+    failures = []
+
+    def worker():
+        try:
+            dcbg.rolling_median(frames, 7, out=out)
+        except BaseException as error:  # handed to the test's thread
+            failures.append(error)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert failures == []
+    from dcbg.reference import rolling_median_windows_reference
+    assert np.array_equal(cupy.asnumpy(out), rolling_median_windows_reference(stack, 7))
+
+
+def test_out_of_memory_frees_the_failed_attempts_buffers(fake_gpu, device_batches, tmp_path):
+    """Memory is released once nothing references the failed attempt's arrays any more
+    (while its exception is handled, its traceback still does: nothing would be freed)"""
+    state = fake_gpu()
+    device_batches(8)
+    stack = stack_cases()["random"]
+    state.faults[3] = sys.modules["cupy"].cuda.memory.OutOfMemoryError("Out of memory")
+    got, _ = run(stack, tmp_path, kernel_size=6, batch_size=8, device="cuda")
+    assert np.array_equal(got, rolling_median_reference(stack, 6))
+    assert state.freed_devices == [0] and state.held_at_release == [0]
+
+
+def test_frames_without_pixels_are_refused_before_planning(fake_gpu):
+    fake_gpu()
+    import cupy
+
+    from dcbg.engines.cpu import CPURollingMedian
+    for build in (lambda: CUDARollingMedian((0, 320), 10, 100, 0),
+                  lambda: CPURollingMedian((80, 0), 10, 100, 1, 100),
+                  lambda: dcbg.rolling_median(cupy.empty((20, 8, 0), np.uint8), 3),
+                  lambda: dcbg.rolling_median(np.empty((20, 0), np.uint8), 3, device="cuda")):
+        with pytest.raises(ValueError, match="The frames have no pixels"):
+            build()
+
+
+def test_an_unwritable_kernel_cache_at_import_gets_the_cache_advice(tmp_path, monkeypatch):
+    """CuPy makes its kernel cache folder when it is imported: that failure is no broken
+    install, and the advice is the cache's"""
+    package = tmp_path / "site" / "cupy"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text(  # CuPy's step at import, nothing else
+        "import os\nos.makedirs(os.environ['CUPY_CACHE_DIR'], exist_ok=True)\n")
+    (tmp_path / "file").write_text("")
+    cache = tmp_path / "file" / "cache"
+    monkeypatch.setenv("CUPY_CACHE_DIR", str(cache))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    problem = cudaprobe.device_problem(0)
+    assert problem.startswith(f"CuPy cannot write its kernel cache in {cache} (")
+    assert problem.endswith("set CUPY_CACHE_DIR to a writable folder")
+    assert not cudaprobe.in_kernel_cache(OSError(2, "No such file", "/usr/lib/libcuda.so"))
+
+
+def test_an_nvml_failure_costs_the_run_only_its_description(fake_gpu, tmp_path, caplog):
+    state = fake_gpu()
+    state.nvml_error = sys.modules["pynvml"].NVMLError("Unknown Error")
+    stack = stack_cases()["realistic"]
+    got, _ = run(stack, tmp_path, kernel_size=10, batch_size=1000, device="cuda")
+    assert np.array_equal(got, rolling_median_reference(stack, 10))
+    with h5py.File(tmp_path / "bg.rtdc") as h5:
+        (_, record), = read_run_logs(h5)
+    assert record["device"] == "cuda:0" and "name" not in record
+    assert record["warnings"] == [] and "NVML" not in caplog.text
+
+
+@pytest.mark.parametrize("kernel_size", [600, 1000])
+def test_large_kernels_get_batches_that_fill_the_gpu(fake_gpu, kernel_size):
+    """4096 windows of k ≥ 512 make one time segment, 25,600 threads of an 80x320 frame:
+    less than half of what the device keeps resident"""
+    fake_gpu(free_bytes=80 * 2**30)
+    engine = CUDARollingMedian((80, 320), kernel_size, 10**6, 0, host_bytes=64 * 2**30)
+    assert engine.batch_windows > cudamemory.DEVICE_BATCH_LIMIT
+    assert engine.batch_windows * 80 * 320 <= cudamemory.BUFFER_BYTES_LIMIT
+    plan = engine.plan(engine.batch_windows)
+    resident = engine.blocks_per_sm(plan.kernel, plan.block, plan.shared_mem) * plan.block * 132
+    threads = plan.grid[0] * plan.grid[1] * plan.block
+    assert plan.grid[1] >= 2 and threads >= 0.9 * resident
+    # small kernels keep the usual cap; memory still bounds every batch
+    assert CUDARollingMedian((80, 320), 50, 10**6, 0, host_bytes=64 * 2**30).batch_windows \
+        == cudamemory.DEVICE_BATCH_LIMIT
+    assert CUDARollingMedian((80, 320), kernel_size, 10**6, 0,
+                             host_bytes=(5 * 3000 + 2 * kernel_size) * 80 * 320
+                             ).batch_windows == 3000
+
+
+def test_the_stand_in_is_as_strict_as_cupy_and_cuda(fake_gpu):
+    """What CuPy or CUDA refuses (or gets wrong silently on a GPU), the stand-in refuses"""
+    state = fake_gpu(device_count=2)
+    cupy = sys.modules["cupy"]
+    runtime_error = cupy.cuda.runtime.CUDARuntimeError
+    with cupy.cuda.Device(1):
+        other = cupy.cuda.Stream()
+        elsewhere = cupy.empty((4, 8), np.uint8)
+    here = cupy.empty((4, 8), np.uint8)
+    stream = cupy.cuda.Stream()
+    host = np.zeros((4, 8), np.uint8)
+    with pytest.raises(RuntimeError, match=r"created on \(1\) does not match .* device \(0\)"):
+        with other:
+            pass
+    with pytest.raises(runtime_error, match="upload"):
+        here.set(host, stream=other)
+    with pytest.raises(runtime_error, match="download"):
+        elsewhere.get(stream=stream, out=host)
+    with pytest.raises(runtime_error, match="InvalidResourceHandle"):
+        other.record()
+    # uploads and downloads as CuPy's ndarray.set and get check them
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        here.set(np.zeros((3, 8), np.uint8), stream=stream)
+    with pytest.raises(TypeError, match="cannot be set"):
+        here.set(host.astype(np.uint16), stream=stream)
+    with pytest.raises(RuntimeError, match="non-contiguous"):
+        cupy.empty((4, 16), np.uint8)[:, ::2].set(host, stream=stream)
+    with pytest.raises(ValueError, match="Shape mismatch"):
+        here.get(stream=stream, out=np.zeros((4, 7), np.uint8))
+    with pytest.raises(TypeError, match="cannot be obtained"):
+        here.get(stream=stream, out=host.astype(np.int8))
+    with pytest.raises(RuntimeError, match="non-contiguous"):
+        here.get(stream=stream, out=np.zeros((4, 16), np.uint8)[:, ::2])
+    # kernels: tuples for grid and block, scalars of the parameters' C types, local arrays
+    kernels = cudakernel.load_kernels(0).functions
+    kernel = kernels["dcbg_rollmed_count8"]
+    good = (here, cupy.empty((1, 8), np.uint8), np.int64(8), np.int64(1), np.int32(4),
+            np.int32(1))
+    with stream:
+        kernel((1, 1), (32,), good)
+        with pytest.raises(TypeError, match="'grid' has incorrect type"):
+            kernel([1, 1], (32,), good)
+        with pytest.raises(TypeError, match="'block' has incorrect type"):
+            kernel((1, 1), 32, good)
+        with pytest.raises(TypeError, match="argument 3 must be int64"):
+            kernel((1, 1), (32,), good[:3] + (np.int32(1),) + good[4:])
+        with pytest.raises(ValueError, match=r"resides \(1\) is different"):
+            kernel((1, 1), (32,), (elsewhere,) + good[1:])
+    # contexts: leaving `with Device(1)` in a thread that never chose a device makes one on 0
+    state.contexts.clear()
+    errors = []
+
+    def fresh_thread():
+        try:
+            cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(0, 32, 0)
+        except cupy.cuda.driver.CUDADriverError as error:
+            errors.append(error)
+        with cupy.cuda.Device(1):
+            pass
+
+    thread = threading.Thread(target=fresh_thread)
+    thread.start()
+    thread.join()
+    assert state.contexts == {0, 1} and "INVALID_CONTEXT" in str(errors[0])

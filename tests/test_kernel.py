@@ -14,7 +14,7 @@ import pytest
 
 from dcbg.engines import cudakernel, cudamemory
 from dcbg.engines.cpu import compute_median_for_slice
-from dcbg.reference import rolling_median_reference
+from dcbg.reference import rolling_median_reference, rolling_median_windows_reference
 from helpers import host_kernel as hk
 from helpers.data import stack_cases
 
@@ -223,6 +223,88 @@ def test_planning_is_bounded_and_the_grid_fits_cuda():
         assert len(set(candidates)) == len(candidates)
 
 
+@pytest.mark.parametrize("ci,werror", [("true", True), ("1", True), ("", False),
+                                        ("false", False), (None, False)])
+def test_shim_warnings_are_errors_only_in_ci(monkeypatch, ci, werror):
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    assert ("-Werror" in hk.compile_flags()) == werror
+
+
+def test_histograms_are_used_through_their_count_type_only(tmp_path):
+    """Counts zeroed as 32-bit words and used as 8- or 16-bit ones break C++'s aliasing
+    rules, which let the compiler reorder the zeroing after the counting"""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no g++")
+    run = subprocess.run(
+        [compiler, "-std=c++17", "-O2", "-fstrict-aliasing", "-Wstrict-aliasing=1", "-Werror",
+         "-shared", "-fPIC", f"-I{hk.KERNEL_DIR}", str(hk.SHIM), "-o",
+         str(tmp_path / "aliasing.so")], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+
+
+def check_segments_beyond_2_31_windows(library):
+    """One segment of a batch of more than 2^31 windows, run alone
+
+    The frame and median pointers are offset back by the segment's first
+    window, so that the rows the segment touches are a small buffer; the
+    kernel must count windows in 64 bits to find them. Runs in a child
+    process: a kernel that wraps reads far outside the buffer.
+    """
+    lib = hk.load(library)
+    kernel_size, windows, pixels = 5, 9, 3
+    rng = np.random.default_rng(8)
+    stack = rng.integers(0, 256, (windows + kernel_size - 1, pixels), np.uint8)
+    expected = rolling_median_windows_reference(stack, kernel_size)
+    # (segment length, segment): the segment's first window and its stop beyond 2^31 - 1
+    for segment_length, segment in ((2**30 + 3, 1), (2**30 + 3, 2), (cudakernel.INT_MAX, 3)):
+        first = segment * segment_length
+        medians = np.zeros((windows, pixels), np.uint8)
+        name = cudakernel.kernel_name(kernel_size).encode()
+        rc = lib.dcbg_host_launch_rows(
+            name, 1, segment + 1, segment, segment + 1, 32,
+            stack.ctypes.data - first * pixels, medians.ctypes.data - first * pixels,
+            pixels, first + windows, kernel_size, segment_length)
+        assert rc == 0
+        assert np.array_equal(medians, expected), (segment_length, segment)
+        print(segment_length, segment, "ok", flush=True)
+
+
+def test_kernel_counts_windows_beyond_2_31(host_kernel):
+    here = pathlib.Path(__file__).parent
+    run = subprocess.run(
+        [sys.executable, "-c", "import test_kernel; "
+         f"test_kernel.check_segments_beyond_2_31_windows({host_kernel._name!r})"],
+        cwd=here, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert run.stdout.count(" ok") == 3
+
+
+def test_launch_arithmetic_beyond_2_31_windows(fake_gpu):
+    """Window counts past int32 reach the kernel whole, and every segment fits its int"""
+    fake_gpu()
+    windows = 3_000_000_000
+    # the last: so large a kernel that segments of four kernel sizes would pass int
+    for pixels, kernel_size, count in ((1, 3, windows), (2048 * 2048, 3, windows),
+                                       (1, 2**30, 2**33)):
+        plan = planned(pixels, count, kernel_size)
+        assert plan.segment_length <= cudakernel.INT_MAX
+        assert plan.grid[1] <= cudakernel.MAX_GRID_Y
+        assert plan.grid[1] * plan.segment_length >= count
+        assert (plan.grid[1] - 1) * plan.segment_length < count
+    launcher = cudakernel.Launcher(0, 1, 3)
+    arguments = launcher.arguments(None, None, windows, planned(1, windows, 3))
+    assert [type(value) for value in arguments[2:]] == [np.int64, np.int64, np.int32, np.int32]
+    assert int(arguments[3]) == windows
+    with pytest.raises(ValueError, match="more than one GPU launch computes"):
+        planned(1, cudakernel.MAX_GRID_Y * cudakernel.INT_MAX + 1, 3)
+    with pytest.raises(ValueError, match="more than a GPU kernel takes"):
+        planned(1, 2**32, 2**31)
+
+
 def nvcc_compile(tmp_path, arch):
     source = tmp_path / "rollmed.cu"
     source.write_text(cudakernel.kernel_source())
@@ -311,7 +393,7 @@ def test_kernels_compile_through_cupys_own_nvrtc_path():
     """
     python = cupy_python()
     if python is None:
-        pytest.skip("no CuPy here; CI sets DCBG_CUDA_PYTHON to a venv from dcbg[cuda12]")
+        pytest.skip("no CuPy here; CI sets DCBG_CUDA_PYTHON to a venv with the cuda12 extra")
     script = pathlib.Path(__file__).with_name("helpers") / "cupy_compile.py"
     run = subprocess.run([python, str(script), "--arch", "sm_80", "--arch", "sm_90"],
                          capture_output=True, text=True, timeout=600)

@@ -27,8 +27,9 @@ def test_preview_png_shows_what_it_should(computed, capsys):
     preview = render_preview(output, [5, 250])
     assert image.mode == "L" and image.size == preview.image.size
     assert np.array_equal(np.asarray(image), np.asarray(preview.image))
-    # 40-pixel frames are shown 3x: three panels side by side, one row per event
-    assert image.size == (3 * 120 * 3 + 4 * 8, 18 + 2 * (18 + 120 + 8) + 18 + 120 + 16)
+    # 40-pixel frames are shown 3x: three panels side by side, one row per event, bands of
+    # text for the title, the column titles, each event, the strip and its event numbers
+    assert image.size == (3 * 120 * 3 + 4 * 8, 18 + 18 + 2 * (18 + 120 + 8) + 18 + 120 + 18 + 8)
     for boxes in preview.panels:
         raw, background, corrected = (crop(image, boxes[k])
                                       for k in ("raw", "background", "corrected"))
@@ -38,7 +39,71 @@ def test_preview_png_shows_what_it_should(computed, capsys):
         assert np.abs(corrected - 128).max() > 60  # …apart from what is not background
         assert np.std(background) > 10  # walls and illumination remain
     strip = crop(image, preview.strip)
-    assert strip.shape == (120, image.size[0] - 16) and strip.std() > 5
+    assert preview.strip[0] > 8 and preview.strip[2] == image.size[0] - 8  # pixel axis at left
+    assert strip.shape == (120, preview.strip[2] - preview.strip[0]) and strip.std() > 5
+
+
+def ink(image, box):
+    """Where text or tick marks were drawn in `box`: pixels darker than the white canvas"""
+    return crop(image, box) < 128
+
+
+def inked_width(image, box) -> int:
+    """Width of what was drawn in `box`, from its leftmost to its rightmost dark pixel"""
+    columns = np.flatnonzero(ink(image, box).any(axis=0))
+    return int(columns[-1] - columns[0] + 1) if len(columns) else 0
+
+
+def test_preview_titles_its_columns_and_marks_the_strips_axes(computed):
+    _, output = computed
+    shown = render_preview(output, [5, 250])
+    image = shown.image
+    first = shown.panels[0]
+    for name in ("raw", "background", "corrected"):
+        left, top, right, bottom = shown.titles[name]
+        assert left == first[name][0] and right >= first[name][2]  # over its column
+        assert bottom < first[name][1]  # above the first event, in a band of its own
+        assert ink(image, shown.titles[name]).any(), name
+    # "raw", "background" and "raw - background": three texts of growing length
+    widths = [inked_width(image, shown.titles[name])
+              for name in ("raw", "background", "corrected")]
+    assert 0 < widths[0] < widths[1] < widths[2], widths
+
+    left, top, right, bottom = shown.strip
+    # the event numbers under the strip: 0 at its left end, 399 at its right end
+    events = ink(image, shown.axes["events"])
+    assert shown.axes["events"][1] == bottom and events.any()
+    assert events[:, :12].any() and events[:, -24:].any()
+    columns = 400  # every event is one column of the strip
+    for event in preview.event_ticks(400):
+        x = left + int((event + 0.5) * (right - left) / columns)
+        assert image.getpixel((x, bottom)) == 0, event  # its tick mark
+    # the pixels of the row at the strip's left: 0 at the top, 119 at the bottom
+    pixels = ink(image, shown.axes["pixels"])
+    assert shown.axes["pixels"][2] == left
+    assert pixels[:12].any() and pixels[-12:].any() and not pixels[40:80].any()
+
+
+def test_strip_ticks_are_round_event_numbers_from_the_first_to_the_last():
+    assert preview.event_ticks(1) == [0]
+    assert preview.event_ticks(3) == [0, 1, 2]
+    assert preview.event_ticks(400) == [0, 50, 100, 150, 200, 250, 300, 350, 399]
+    assert preview.event_ticks(5000) == [0, 1000, 2000, 3000, 4000, 4999]
+    # 140,000 would crowd 150,000: a multiple within half a step of the last is left out
+    assert preview.event_ticks(150_001) == [0, 20_000, 40_000, 60_000, 80_000, 100_000,
+                                            120_000, 150_000]
+
+
+def test_preview_draws_its_texts_with_pillows_bitmap_font(computed, monkeypatch):
+    """Where FreeType is missing (or Pillow is older than 10.1) the default font is a bitmap"""
+    from PIL import ImageFont
+    bitmap = getattr(ImageFont, "load_default_imagefont", None)
+    if bitmap is None:  # Pillow < 10.1, whose default font is the bitmap one anyway
+        bitmap = ImageFont.load_default
+    monkeypatch.setattr(preview, "_font", lambda size=12: bitmap())
+    _, output = computed
+    shown = render_preview(output, [5, 250])
+    assert all(ink(shown.image, box).any() for box in shown.titles.values())
 
 
 def test_preview_picks_events_and_works_on_a_file_with_image_bg(computed, tmp_path):
@@ -84,6 +149,9 @@ def write_recording(path, image, image_bg):
 
 
 def test_preview_panels_stay_readable_and_bounded_for_any_frame_shape(tmp_path):
+    wide = render_preview(write_recording(
+        tmp_path / "wide.rtdc", np.full((3, 40, 120), 100, np.uint8),
+        np.full((3, 40, 120), 100, np.uint8)))
     # (height, width): flat, one-row, tall and narrow, large
     for shape in [(4, 400), (1, 5000), (400, 4), (600, 900)]:
         frames = np.random.default_rng(1).integers(90, 130, (3, *shape), dtype=np.uint8)
@@ -93,11 +161,16 @@ def test_preview_panels_stay_readable_and_bounded_for_any_frame_shape(tmp_path):
         width, height = shown.image.size
         # three panels of at most 640x240 side by side, three events, a strip of 40…160 rows
         assert width <= 3 * 640 + 4 * 8, shape
-        assert height <= 18 + 3 * (18 + 240 + 8) + 18 + 160 + 16, shape
+        assert height <= 18 + 18 + 3 * (18 + 240 + 8) + 18 + 160 + 18 + 8, shape
         for boxes in shown.panels:
             left, top, right, bottom = boxes["raw"]
             assert 24 <= right - left <= 640 and 24 <= bottom - top <= 240, shape
         assert shown.strip[3] - shown.strip[1] >= 40, shape
+        # each column's title is whole, also over panels narrower than it
+        titles = [inked_width(shown.image, shown.titles[name])
+                  for name in ("raw", "background", "corrected")]
+        assert titles == [inked_width(wide.image, wide.titles[name])
+                          for name in ("raw", "background", "corrected")], shape
     # where neither limit binds, the aspect ratio is kept: 600x900 frames are shrunk to 240x360
     assert (right - left, bottom - top) == (360, 240)
 

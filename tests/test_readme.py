@@ -163,6 +163,19 @@ def test_python_block(workspace, heading, code):
             assert h5.attrs["pipeline:dcnum background"] == "rollmed:k=100^b=10000"
 
 
+CUPY_DEPRECATED = ("ExternalStream",)
+"""CuPy names that CuPy 14 deprecates (cupy.cuda.Stream.from_external replaces the first)"""
+
+
+def test_gpu_examples_use_no_api_that_cupy_deprecates():
+    """The GPU blocks run only on a GPU (test_gpu.py): what CuPy 14 warns about is caught here"""
+    blocks = [code for _, language, code in readme_blocks() if language == "python gpu"]
+    assert blocks
+    for code in blocks:
+        for name in CUPY_DEPRECATED:
+            assert f"cupy.cuda.{name}(" not in code, name
+
+
 def test_troubleshooting_quotes_real_messages():
     """Every message quoted under Troubleshooting is one the source can print"""
     section = README.read_text().split("## Troubleshooting")[1].split("\n## ")[0]

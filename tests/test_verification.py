@@ -33,6 +33,8 @@ def gpu(fake_gpu, monkeypatch):
     def install(**kwargs):
         state = fake_gpu(**kwargs)
         monkeypatch.setattr(cudamemory, "DEVICE_BATCH_LIMIT", BATCH)
+        # these small frames would otherwise take every window in one batch to fill the GPU
+        monkeypatch.setattr(cudakernel.Launcher, "windows_to_fill", lambda self: 0)
         return state
     monkeypatch.delenv(devices.DEVICE_ENV, raising=False)
     return install

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .engines.base import frame_pixels
 from .settings import DEFAULT_VERIFY, parse_verify
 from .windows import background_window_count, window_count
 
@@ -78,7 +79,8 @@ def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None,
         If `frames` is no array of uint8, or `out` has another dtype.
     ValueError
         If `kernel_size` is not a positive integer, there are fewer frames
-        than `kernel_size`, or `out` has the wrong shape.
+        than `kernel_size`, the frames have no pixels, or `out` has the
+        wrong shape or overlaps `frames`.
     dcbg.errors.GPUResultError
         If a checked median of a GPU differs from the CPU's (for host arrays
         under ``device="auto"`` the CPU computes them again instead).
@@ -224,6 +226,7 @@ def _check_frames(frames):
             f"with frames.astype('uint8') after scaling to 0…255.")
     if len(frames.shape) == 0:
         raise ValueError("frames must have at least one axis (the events), got a scalar.")
+    frame_pixels(frames.shape[1:])
     return frames
 
 
@@ -247,9 +250,14 @@ def _host_out(out, shape: tuple, frames):
             f"{type(out).__name__}.")
     if (isinstance(out, np.ndarray) and isinstance(frames, np.ndarray)
             and np.may_share_memory(out, frames)):
-        raise ValueError("out overlaps frames; give an array of its own, since later windows "
-                         "still read the frames that earlier results would overwrite.")
+        raise overlap_error()
     return out
+
+
+def overlap_error() -> ValueError:
+    """The error for an `out` that shares memory with the frames (host or GPU)"""
+    return ValueError("out overlaps frames; give an array of its own, since later windows "
+                      "still read the frames that earlier results would overwrite.")
 
 
 __all__ = ["rolling_median", "rolling_median_background"]

@@ -16,6 +16,7 @@ import logging
 import os
 
 from .devices import DEVICE_ENV, select_device
+from .errors import ExtraNotInstalled, install_advice
 from .settings import IO_THREADS_ENV, io_threads_setting
 
 logger = logging.getLogger(__name__)
@@ -24,7 +25,7 @@ BACKGROUND_ON_DCBG = "rollmed"
 """The background method of ChipStream that runs on dcbg"""
 
 
-class ChipStreamMissing(ImportError):
+class ChipStreamMissing(ExtraNotInstalled):
     """ChipStream's command line is not installed"""
 
 
@@ -63,7 +64,7 @@ def run_chipstream(arguments: list[str], device: str | None = None,
     except ImportError as error:
         raise ChipStreamMissing(
             f"ChipStream's command line is not installed ({error}); install it with "
-            f"'pip install \"dcbg[chipstream]\"'.") from error
+            f"{install_advice('chipstream')}.") from error
     if device is not None:
         os.environ[DEVICE_ENV] = device
     if io_threads is not None:

@@ -19,14 +19,13 @@ import os
 import pathlib
 import re
 
-from .errors import DeviceError, first_line
+from .errors import DeviceError, first_line, install_advice
 
 MIN_CUPY_MAJOR = 13
 """Oldest CuPy major dcbg runs with (asynchronous downloads need ``get(blocking=False)``)"""
 
-FIX_INSTALL = ("install the extra for your driver's CUDA major (see nvidia-smi): "
-               "pip install \"dcbg[cuda12]\" or \"dcbg[cuda13]\", which brings CuPy, NVRTC "
-               "and the CUDA headers")
+FIX_INSTALL = ("install the extra for your driver's CUDA major (see nvidia-smi), which brings "
+               f"CuPy, NVRTC and the CUDA headers: {install_advice('cuda12', 'cuda13')}")
 """What to do when CuPy, NVRTC or the CUDA headers are missing"""
 
 DEFAULT_KERNEL_CACHE = "~/.cupy/kernel_cache"
@@ -66,6 +65,8 @@ def device_problem(index: int = 0) -> str | None:
     except ImportError:
         return f"CuPy is not installed; {FIX_INSTALL}"
     except Exception as error:  # a broken CUDA install raises all sorts
+        if in_kernel_cache(error):  # CuPy makes its kernel cache folder when it imports
+            return cache_problem(error)
         return f"CuPy failed to import ({first_line(error)}); {FIX_INSTALL}"
     too_old = cupy_version_problem(getattr(cupy, "__version__", ""))
     if too_old is not None:
@@ -125,8 +126,7 @@ def compile_problem(error: BaseException) -> str:
         return f"CuPy cannot find the CUDA headers ({text}); {FIX_INSTALL}"
     if isinstance(error, OSError):
         # CuPy writes every compiled kernel to its cache folder first
-        return (f"CuPy cannot write its kernel cache in {kernel_cache_folder()} ({text}); "
-                f"set CUPY_CACHE_DIR to a writable folder")
+        return cache_problem(error)
     if "ptx" in lowered:
         return (f"the driver cannot load the compiled kernel ({text}), it is older than the "
                 f"CUDA of CuPy's NVRTC; update the driver or {FIX_INSTALL}")
@@ -135,6 +135,22 @@ def compile_problem(error: BaseException) -> str:
                 f"GPU is healthy and not held by another process in exclusive mode")
     return (f"the median kernel failed to compile ({text}); run 'dcbg info' and report it "
             f"with its output")
+
+
+def cache_problem(error: BaseException) -> str:
+    """What a failure to make or write CuPy's kernel cache folder means, with what to do"""
+    return (f"CuPy cannot write its kernel cache in {kernel_cache_folder()} "
+            f"({first_line(error)}); set CUPY_CACHE_DIR to a writable folder")
+
+
+def in_kernel_cache(error: BaseException) -> bool:
+    """Whether `error` is a file system error on CuPy's kernel cache folder or above it"""
+    name = getattr(error, "filename", None)
+    if not isinstance(error, OSError) or not name:
+        return False
+    path = pathlib.Path(os.fsdecode(name)).expanduser().absolute()
+    folder = kernel_cache_folder().absolute()
+    return path == folder or path in folder.parents or folder in path.parents
 
 
 def visible_nvidia_gpus() -> int:
@@ -175,9 +191,16 @@ def describe_cuda_devices() -> list[dict]:
 
 
 def describe_cuda_device(cuda_index: int) -> dict | None:
-    """:func:`describe_cuda_devices` entry of a CUDA ordinal (found by PCI bus id)"""
-    return next((device for device in describe_cuda_devices()
-                 if device["cuda_index"] == cuda_index), None)
+    """:func:`describe_cuda_devices` entry of a CUDA ordinal (found by PCI bus id)
+
+    None where NVML does not know the device or fails to describe it: the
+    description only goes into logs, which must not stop a run.
+    """
+    try:
+        devices = describe_cuda_devices()
+    except Exception:  # noqa: BLE001 - NVML errors of any kind: no description
+        return None
+    return next((device for device in devices if device["cuda_index"] == cuda_index), None)
 
 
 def runtime_versions() -> dict:

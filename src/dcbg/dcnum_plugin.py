@@ -20,6 +20,8 @@ import json
 import logging
 import time
 
+from .errors import ExtraNotInstalled, install_advice
+
 logger = logging.getLogger(__name__)
 
 _adapter: type | None = None
@@ -96,14 +98,14 @@ def register() -> type:
     Raises
     ------
     ImportError
-        If dcnum is not installed (``pip install "dcbg[dcnum]"``).
+        If dcnum is not installed (dcbg's ``dcnum`` extra brings it).
     """
     global _adapter
     try:
         from dcnum.feat.feat_background import base
     except ImportError as error:
-        raise ImportError("dcnum is not installed; install it with "
-                          "'pip install \"dcbg[dcnum]\"' to use dcbg inside dcnum.") from error
+        raise ExtraNotInstalled(f"dcnum is not installed; install it with "
+                                f"{install_advice('dcnum')} to use dcbg inside dcnum.") from error
     if _adapter is None:
         _adapter = _make_adapter()
     base.get_available_background_methods.cache_clear()

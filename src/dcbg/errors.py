@@ -64,6 +64,32 @@ class Terminated(KeyboardInterrupt):
     """The process received SIGTERM; raised so that cleanup runs as for Ctrl-C"""
 
 
+class ExtraNotInstalled(ImportError):
+    """A package that one of dcbg's extras brings is missing; the message says how to install it"""
+
+
+def install_advice(*extras: str) -> str:
+    """The command that installs dcbg with `extras` (alternatives), as every message words it
+
+    dcbg is installed from its checkout: no package index has it, so asking
+    pip for dcbg by name with an extra fails. ``pip install ".[dask]"``, run in
+    the checkout, installs dcbg again with the extra's packages.
+
+    Parameters
+    ----------
+    extras: str
+        Names of extras of dcbg's ``pyproject.toml``; several are offered as
+        alternatives ("cuda12" or "cuda13").
+
+    Returns
+    -------
+    advice: str
+        E.g. ``pip install ".[cuda12]" or ".[cuda13]" in the dcbg checkout``.
+    """
+    choices = " or ".join(f'".[{extra}]"' for extra in extras)
+    return f"pip install {choices} in the dcbg checkout"
+
+
 def is_disk_full(error: BaseException) -> bool:
     """Whether an OSError (also h5py's, which carry errno only in the text) means ENOSPC"""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):

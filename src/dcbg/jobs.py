@@ -305,8 +305,19 @@ def run_on_dask(jobs, settings: JobSettings, address: str, retries: int = 2,
     -------
     results: list of FileResult
         In the order of `jobs`.
+
+    Raises
+    ------
+    ExtraNotInstalled
+        If Dask's ``distributed`` is not installed (dcbg's ``dask`` extra).
     """
-    from distributed import Client, as_completed
+    from .errors import ExtraNotInstalled, install_advice
+    try:
+        from distributed import Client, as_completed
+    except ImportError as error:
+        raise ExtraNotInstalled(
+            f"Computing on a Dask cluster needs Dask's distributed package, which is not "
+            f"installed; install it with {install_advice('dask')}.") from error
 
     if not logging.getLogger("dcbg").isEnabledFor(logging.INFO):
         # Dask logs every worker's start and stop at INFO; dcbg reports per file.

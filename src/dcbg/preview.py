@@ -1,11 +1,16 @@
 """Preview images: look at a background instead of reading numbers
 
-For a few events the preview shows, side by side, the raw frame, its
-background and the background-corrected frame (raw − background, stretched
-symmetrically around mid-gray so that cells stand out and a good background
-leaves a flat gray). Below, a strip shows one pixel row of the background
-over time (time to the right), so drift and flicker of the illumination are
-visible at a glance.
+For a few events the preview shows, side by side under their column titles,
+the raw frame, its background and the background-corrected frame
+(raw − background, stretched symmetrically around mid-gray so that cells
+stand out and a good background leaves a flat gray). Below, a strip shows one
+pixel row of the background over time: event number along x (marked under
+the strip), pixel of the row along y (marked at its left), so drift and
+flicker of the illumination are visible at a glance.
+
+Every text is drawn with Pillow's default font, which where FreeType is
+missing (or Pillow is older than 10.1) is a bitmap font of Latin-1
+characters only, so the texts keep to those.
 """
 from __future__ import annotations
 
@@ -23,6 +28,15 @@ from .rtdc.reader import RTDCInput, events_of
 
 MARGIN = 8
 LABEL_HEIGHT = 18
+"""Height of a band of text: the title, the column titles, each event's line, the strip's"""
+TEXT_HEIGHT = 12
+"""Height of a line of text in the font of _font, for centring it on a tick"""
+TICK = 3
+"""Length of the tick marks on the strip's axes"""
+COLUMNS = (("raw", "raw"), ("background", "background"), ("corrected", "raw - background"))
+"""The panels of each event, left to right: their names in Preview.panels and their titles"""
+STRIP_TICKS = 5
+"""About how many event numbers are marked under the strip"""
 STRIP_COLUMNS = 800
 """Largest number of events sampled for the time strip"""
 PANEL_HEIGHT = 120
@@ -36,7 +50,7 @@ STRIP_HEIGHT = (40, 160)
 MAX_EVENTS = 10
 """Most events in one preview, which bounds the image's height"""
 CANVAS_MAX_WIDTH = 3 * PANEL_MAX[1] + 4 * MARGIN
-"""Widest preview: three widest panels (labels that are wider are cut)"""
+"""Widest preview: three widest panels (lines of text that are wider are cut)"""
 FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 """Image formats by the output's suffix"""
 SAVE_OPTIONS = {"JPEG": {"quality": 95}}
@@ -64,6 +78,11 @@ class Preview:
         Box of the time strip.
     row: int
         The pixel row shown in the strip.
+    titles: dict
+        Box of each column's title, by the panel names of `panels`.
+    axes: dict
+        Box of the strip's "events" axis (the event numbers under it) and of
+        its "pixels" axis (the pixels of the row, at its left).
     """
 
     image: object
@@ -71,6 +90,8 @@ class Preview:
     panels: list[dict]
     strip: tuple[int, int, int, int]
     row: int
+    titles: dict
+    axes: dict
 
 
 def _font(size: int = 12):
@@ -150,6 +171,25 @@ def panel_size(height: int, width: int) -> tuple[int, int]:
             min(max(round(width * scale), PANEL_MIN), PANEL_MAX[1]))
 
 
+def event_ticks(total: int) -> list[int]:
+    """Events to mark under the strip: 0, multiples of a round step, and the last event
+
+    The step is the largest 1, 2 or 5 times a power of ten that gives about
+    STRIP_TICKS marks; a multiple no farther than half a step from the last event
+    is left out, so that their numbers do not run into each other.
+    """
+    last = total - 1
+    if last < 1:
+        return [0]
+    rough = last / (STRIP_TICKS - 1)
+    power = 10 ** max(0, math.floor(math.log10(rough)))
+    step = max(m * power for m in (1, 2, 5) if m * power <= max(rough, 1))
+    ticks = list(range(0, last, step))
+    if len(ticks) > 1 and last - ticks[-1] <= step / 2:
+        ticks.pop()
+    return [*ticks, last]
+
+
 def _resized(frame: np.ndarray, size: tuple[int, int]):
     """A frame as a PIL image of (height, width) `size`, pixels kept sharp when enlarged"""
     from PIL import Image
@@ -207,43 +247,71 @@ def render_preview(path, events=None, row: int | None = None) -> Preview:
     panel_h, panel_w = panel_size(height, width)
     strip_h = min(max(width, STRIP_HEIGHT[0]), STRIP_HEIGHT[1])
     font = _font()
-    title = f"{path.name}: {total} events, raw | background | raw - background"
+    title = f"{path.name}: {total} events"
     corrected = [corrected_frame(raw, background) for raw, background in zip(raws, backgrounds,
                                                                               strict=True)]
-    labels = [f"event {event}   (difference ±{limit} shown as black…white)"
+    labels = [f"event {event}   (difference ±{limit} shown as black...white)"
               for event, (_, limit) in zip(events, corrected, strict=True)]
-    strip_label = (f"row {row} of image_bg over time (events 0 to {total - 1}, left to "
-                   f"right), contrast stretched")
+    strip_label = (f"row {row} of image_bg over time: events 0 to {total - 1} left to right, "
+                   f"pixels 0 to {width - 1} of the row top to bottom; contrast stretched")
+    pixel_ticks = sorted({0, width - 1})
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
     text_w = max(measure.textlength(text, font=font) for text in [title, strip_label, *labels])
-    canvas_w = max(3 * panel_w + 4 * MARGIN,
+    # a column is as wide as its panel, or as the widest title where frames are narrow
+    column_w = max(panel_w, max(math.ceil(measure.textlength(text, font=font))
+                                for _, text in COLUMNS))
+    canvas_w = max(3 * column_w + 4 * MARGIN,
                    min(math.ceil(text_w) + 2 * MARGIN, CANVAS_MAX_WIDTH))
-    canvas_h = (LABEL_HEIGHT + len(events) * (LABEL_HEIGHT + panel_h + MARGIN)
-                + LABEL_HEIGHT + strip_h + 2 * MARGIN)
+    canvas_h = (2 * LABEL_HEIGHT + len(events) * (LABEL_HEIGHT + panel_h + MARGIN)
+                + LABEL_HEIGHT + strip_h + LABEL_HEIGHT + MARGIN)
     canvas = Image.new("L", (canvas_w, canvas_h), 255)
     draw = ImageDraw.Draw(canvas)
     draw.text((MARGIN, 3), title, fill=0, font=font)
     top = LABEL_HEIGHT
+    titles = {}
+    for column, (name, text) in enumerate(COLUMNS):
+        left = MARGIN + column * (column_w + MARGIN)
+        draw.text((left, top + 3), text, fill=0, font=font)
+        titles[name] = (left, top, left + column_w, top + LABEL_HEIGHT)
+    top += LABEL_HEIGHT
     panels = []
     for label, raw, background, (difference, _) in zip(labels, raws, backgrounds, corrected,
                                                        strict=True):
         draw.text((MARGIN, top + 3), label, fill=0, font=font)
         top += LABEL_HEIGHT
         boxes = {}
-        for column, (name, frame) in enumerate((("raw", raw), ("background", background),
-                                                ("corrected", difference))):
-            left = MARGIN + column * (panel_w + MARGIN)
+        for column, frame in enumerate((raw, background, difference)):
+            left = MARGIN + column * (column_w + MARGIN)
             canvas.paste(_resized(frame, (panel_h, panel_w)), (left, top))
-            boxes[name] = (left, top, left + panel_w, top + panel_h)
+            boxes[COLUMNS[column][0]] = (left, top, left + panel_w, top + panel_h)
         panels.append(boxes)
         top += panel_h + MARGIN
     draw.text((MARGIN, top + 3), strip_label, fill=0, font=font)
     top += LABEL_HEIGHT
-    strip_w = canvas_w - 2 * MARGIN
-    canvas.paste(_resized(_stretch(strip_rows.astype(np.float32)), (strip_h, strip_w)),
-                 (MARGIN, top))
-    return Preview(canvas, events, panels, (MARGIN, top, MARGIN + strip_w, top + strip_h),
-                   row)
+    gutter = math.ceil(max(measure.textlength(str(p), font=font) for p in pixel_ticks)) + 2 * TICK
+    strip = (MARGIN + gutter, top, canvas_w - MARGIN, top + strip_h)
+    left, _, right, bottom = strip
+    canvas.paste(_resized(_stretch(strip_rows.astype(np.float32)), (strip_h, right - left)),
+                 (left, top))
+    for pixel in pixel_ticks:  # the strip's rows are the pixels of the row, 0 at the top
+        y = top + int((pixel + 0.5) * strip_h / width)
+        draw.line([(left - TICK, y), (left - 1, y)], fill=0)
+        text = str(pixel)
+        text_top = min(max(y - TEXT_HEIGHT // 2, top), bottom - TEXT_HEIGHT)
+        draw.text((left - TICK - 1 - measure.textlength(text, font=font), text_top),
+                  text, fill=0, font=font)
+    # the strip's columns are the sampled events: an event is marked at its column's middle
+    for event in event_ticks(total):
+        column = min(int(np.searchsorted(sampled, event)), len(sampled) - 1)
+        x = left + int((column + 0.5) * (right - left) / len(sampled))
+        draw.line([(x, bottom), (x, bottom + TICK - 1)], fill=0)
+        text = str(event)
+        text_w = measure.textlength(text, font=font)
+        text_left = min(max(x - text_w / 2, left), right - text_w)
+        draw.text((text_left, bottom + TICK), text, fill=0, font=font)
+    axes = {"events": (left, bottom, right, bottom + LABEL_HEIGHT),
+            "pixels": (MARGIN, top, left, bottom)}
+    return Preview(canvas, events, panels, strip, row, titles, axes)
 
 
 def image_format(output: pathlib.Path) -> str:

@@ -211,9 +211,10 @@ def cuda_kernel_medians(index: int, frames: np.ndarray, shape, kernel_size: int,
     """
     import cupy
 
+    from .engines.cudacontext import on_device
     from .engines.cudakernel import launcher_for
     launcher = launcher_for(index, frames.shape[1], kernel_size)
-    with cupy.cuda.Device(index):
+    with on_device(index):
         device_frames = cupy.asarray(frames)
         device_medians = cupy.empty((windows, frames.shape[1]), np.uint8)
         launcher.launch(device_frames, device_medians, windows)

@@ -32,10 +32,12 @@ import pathlib
 import re
 import sys
 
+from dcbg.errors import install_advice
+
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 
-FIX = ('install the CUDA extra of dcbg for your CUDA major, e.g. pip install "dcbg[cuda12]" '
-       '(CuPy >= 14.1 plus cuda-toolkit[nvrtc,cudart] of the same major)')
+FIX = (f"install the CUDA extra of dcbg for your CUDA major, e.g. {install_advice('cuda12')} "
+       "(CuPy >= 14.1 plus cuda-toolkit[nvrtc,cudart] of the same major)")
 
 
 class EnvironmentProblem(Exception):

@@ -1,6 +1,7 @@
 """Build kernel_host_shim.cpp (which includes rollmed.cu) and run it on the CPU"""
 import ctypes
 import mmap
+import os
 import pathlib
 import shutil
 import subprocess
@@ -19,14 +20,25 @@ def kernel_files() -> list[pathlib.Path]:
     return sorted(KERNEL_DIR.glob("*.cu"))
 
 
+def compile_flags() -> list[str]:
+    """The shim's compiler flags: warnings are errors only in CI
+
+    CI sets ``CI`` (GitHub's and most others set it to ``true``); elsewhere, a
+    warning of another compiler (a GPU host's, a user's) must not stop the
+    tests that run the kernel.
+    """
+    werror = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    return ["-std=c++17", "-O2", "-Wall", *(["-Werror"] if werror else []), "-shared", "-fPIC"]
+
+
 def build(folder: pathlib.Path) -> ctypes.CDLL | None:
     """Compile the shim into a shared library; None when no C++ compiler exists"""
     compiler = shutil.which("g++") or shutil.which("c++") or shutil.which("clang++")
     if compiler is None:
         return None
     library = folder / "dcbg_kernel_host.so"
-    subprocess.run([compiler, "-std=c++17", "-O2", "-Wall", "-Werror", "-shared", "-fPIC",
-                    f"-I{KERNEL_DIR}", str(SHIM), "-o", str(library)], check=True)
+    subprocess.run([compiler, *compile_flags(), f"-I{KERNEL_DIR}", str(SHIM), "-o",
+                    str(library)], check=True)
     return load(library)
 
 
@@ -36,8 +48,13 @@ def load(library) -> ctypes.CDLL:
     lib.dcbg_host_launch.restype = ctypes.c_int
     lib.dcbg_host_launch.argtypes = [
         ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_int,
         ctypes.c_int]
+    lib.dcbg_host_launch_rows.restype = ctypes.c_int
+    lib.dcbg_host_launch_rows.argtypes = [
+        ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+        ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong,
+        ctypes.c_int, ctypes.c_int]
     return lib
 
 

@@ -13,18 +13,24 @@ static dcbg_dim3 threadIdx, blockIdx, blockDim, gridDim;
 #define __device__
 #define __forceinline__ inline
 #define __shared__
+#define __align__(n) __attribute__((aligned(n)))
 
 #include "rollmed.cu"
 
 // Large enough for 1024 threads with 32-bit counts.
-unsigned int dcbg_shared_words[1024 * 256];
+alignas(4) unsigned char dcbg_shared_bytes[1024 * 256 * 4];
 
-typedef void (*dcbg_kernel)(const unsigned char*, unsigned char*, long long, int, int, int);
+typedef void (*dcbg_kernel)(const unsigned char*, unsigned char*, long long, long long, int,
+                            int);
 
-extern "C" int dcbg_host_launch(const char* name, unsigned int grid_x, unsigned int grid_y,
-                                unsigned int block_x, const unsigned char* frames,
-                                unsigned char* medians, long long pixels, int output_size,
-                                int kernel_size, int segment_length) {
+// Runs the blocks of rows first_y .. stop_y-1 of the grid (all of them: 0 .. grid_y), so that
+// a test can run one segment of a grid too large to run whole.
+extern "C" int dcbg_host_launch_rows(const char* name, unsigned int grid_x,
+                                     unsigned int grid_y, unsigned int first_y,
+                                     unsigned int stop_y, unsigned int block_x,
+                                     const unsigned char* frames, unsigned char* medians,
+                                     long long pixels, long long output_size, int kernel_size,
+                                     int segment_length) {
     dcbg_kernel kernel;
     if (std::strcmp(name, "dcbg_rollmed_count8") == 0) {
         kernel = dcbg_rollmed_count8;
@@ -41,12 +47,12 @@ extern "C" int dcbg_host_launch(const char* name, unsigned int grid_x, unsigned 
     gridDim.x = grid_x;
     gridDim.y = grid_y;
     blockDim.x = block_x;
-    for (unsigned int by = 0; by < grid_y; ++by) {
+    for (unsigned int by = first_y; by < stop_y && by < grid_y; ++by) {
         for (unsigned int bx = 0; bx < grid_x; ++bx) {
             blockIdx.x = bx;
             blockIdx.y = by;
             // Garbage in shared memory, as on a GPU: the kernel must zero it.
-            std::memset(dcbg_shared_words, 0xA5, sizeof(dcbg_shared_words));
+            std::memset(dcbg_shared_bytes, 0xA5, sizeof(dcbg_shared_bytes));
             for (unsigned int tx = 0; tx < block_x; ++tx) {
                 threadIdx.x = tx;
                 kernel(frames, medians, pixels, output_size, kernel_size, segment_length);
@@ -54,4 +60,12 @@ extern "C" int dcbg_host_launch(const char* name, unsigned int grid_x, unsigned 
         }
     }
     return 0;
+}
+
+extern "C" int dcbg_host_launch(const char* name, unsigned int grid_x, unsigned int grid_y,
+                                unsigned int block_x, const unsigned char* frames,
+                                unsigned char* medians, long long pixels, long long output_size,
+                                int kernel_size, int segment_length) {
+    return dcbg_host_launch_rows(name, grid_x, grid_y, 0, grid_y, block_x, frames, medians,
+                                 pixels, output_size, kernel_size, segment_length);
 }

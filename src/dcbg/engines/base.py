@@ -19,6 +19,21 @@ def count_dtype(kernel_size: int) -> np.dtype:
     return np.dtype(np.uint32)
 
 
+def frame_pixels(image_shape) -> int:
+    """Pixels of a frame of `image_shape`; refuses frames without any
+
+    Raises
+    ------
+    ValueError
+        If an axis of the frame is empty.
+    """
+    pixels = int(np.prod(tuple(image_shape), dtype=np.int64))
+    if pixels == 0:
+        raise ValueError(f"The frames have no pixels (frame shape {tuple(image_shape)}); "
+                         f"give frames with at least one pixel.")
+    return pixels
+
+
 class Engine(abc.ABC):
     """Computes rolling medians of a range of windows on one kind of device
 
@@ -39,11 +54,16 @@ class Engine(abc.ABC):
         device batch). Not the method's ``batch_size`` keyword, which only
         names the run in its PPID and bounds the CPU engine's batches; the
         result never depends on either.
+
+    Raises
+    ------
+    ValueError
+        If the frames have no pixels.
     """
 
     def __init__(self, image_shape, kernel_size: int, batch_windows: int):
         self.image_shape = tuple(image_shape)
-        self.pixels = int(np.prod(self.image_shape))
+        self.pixels = frame_pixels(self.image_shape)
         self.kernel_size = kernel_size
         self.batch_windows = batch_windows
         """most windows per batch in this engine"""

@@ -30,6 +30,7 @@ on the batch size.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import threading
@@ -37,10 +38,12 @@ import threading
 import numpy as np
 
 from .. import cudaprobe
+from ..arrays import overlap_error
 from ..errors import DeviceError, first_line
 from . import cudakernel, cudamemory, verification
 from .base import Engine
 from .batches import Prefetcher, WriterThread, plan_windows
+from .cudacontext import on_device, use_device
 
 logger = logging.getLogger(__name__)
 
@@ -105,17 +108,18 @@ class CUDARollingMedian(Engine):
                         device_index, info["name"], info["bus_id"],
                         info["memory_free"] / 2**30, info["memory_total"] / 2**30,
                         info["driver"])
+        self.launcher = cudakernel.Launcher(device_index, self.pixels, kernel_size,
+                                            self.kernels)
+        """the kernel's launches on this device, each batch length planned once"""
         free = cudamemory.free_device_memory(device_index) if free_bytes is None else free_bytes
         host = cudamemory.pinned_memory_budget() if host_bytes is None else host_bytes
         self.batch_windows = cudamemory.device_batch_size(
-            windows, kernel_size, self.pixels, free, host, memory_share, host_share)
+            windows, kernel_size, self.pixels, free, host, memory_share, host_share,
+            fill_windows=self.launcher.windows_to_fill())
         logger.info("Device batches of %d windows (%.0f MiB free on the device, share %.2f; "
                     "%s of page-locked host memory, share %.2f)", self.batch_windows,
                     free / 2**20, memory_share,
                     "no limit" if host is None else f"{host / 2**20:.0f} MiB", host_share)
-        self.launcher = cudakernel.Launcher(device_index, self.pixels, kernel_size,
-                                            self.kernels)
-        """the kernel's launches on this device, each batch length planned once"""
 
     def facts(self) -> dict:
         """The device batch, and the pixel-outputs the last run checked against the CPU"""
@@ -130,7 +134,7 @@ class CUDARollingMedian(Engine):
         """
 
     def blocks_per_sm(self, name: str, block: int, shared_mem: int) -> int:
-        """Resident blocks per SM from CUDA's occupancy calculator (on this device)"""
+        """Resident blocks per SM from CUDA's occupancy calculator (asked at compile time)"""
         return self.launcher.blocks_per_sm(name, block, shared_mem)
 
     def plan(self, output_size: int) -> cudakernel.LaunchPlan:
@@ -170,29 +174,38 @@ class CUDARollingMedian(Engine):
         self.stage_seconds = {}
         self.result_check = verification.ResultCheck(self.verify, self.kernel_size,
                                                      self.image_shape, self.device_index)
-        while True:
-            batches = plan_windows(first + written, stop, self.kernel_size, self.batch_windows)
-            try:
-                return self._run_batches(read_into, batches, counted_write, on_written)
-            except (cupy.cuda.memory.OutOfMemoryError, cudamemory.PinnedMemoryError) as error:
-                smaller = self.batch_windows // 2
-                if smaller < 1:
-                    raise MemoryError(
-                        f"CUDA device {self.device_index} is out of memory even for one "
-                        f"frame ({first_line(error)}); free GPU memory or use "
-                        f"device=\"cpu\".") from error
+        with on_device(self.device_index):  # the thread's device for the whole run
+            while True:
+                batches = plan_windows(first + written, stop, self.kernel_size,
+                                       self.batch_windows)
+                try:
+                    return self._run_batches(read_into, batches, counted_write, on_written)
+                except (cupy.cuda.memory.OutOfMemoryError,
+                        cudamemory.PinnedMemoryError) as error:
+                    smaller = self.batch_windows // 2
+                    if smaller < 1:
+                        raise MemoryError(
+                            f"CUDA device {self.device_index} is out of memory even for one "
+                            f"frame ({first_line(error)}); free GPU memory or use "
+                            f"device=\"cpu\".") from error
+                    failure = first_line(error)
+                except (cupy.cuda.runtime.CUDARuntimeError,
+                        cupy.cuda.driver.CUDADriverError) as error:
+                    raise DeviceError(
+                        f"CUDA device {self.device_index} failed while computing the median "
+                        f"({first_line(error)}); no output was kept; check the GPU with "
+                        f"nvidia-smi, or use device=\"cpu\".") from error
+                # Released only here, out of the except block: until it ends, the
+                # exception's traceback keeps the failed attempt's buffers referenced,
+                # and memory still referenced is not freed. A frame that holds the
+                # exception makes a cycle that only the collector breaks.
+                gc.collect()
                 self._release_memory()
                 logger.warning("CUDA device %d ran out of memory with batches of %d frames "
                                "(%s); going on from frame %d with batches of %d",
-                               self.device_index, self.batch_windows, first_line(error),
+                               self.device_index, self.batch_windows, failure,
                                first + written, smaller)
                 self.batch_windows = smaller
-            except (cupy.cuda.runtime.CUDARuntimeError,
-                    cupy.cuda.driver.CUDADriverError) as error:
-                raise DeviceError(
-                    f"CUDA device {self.device_index} failed while computing the median "
-                    f"({first_line(error)}); no output was kept; check the GPU with "
-                    f"nvidia-smi, or use device=\"cpu\".") from error
 
     def _release_memory(self):
         cudamemory.pinned_buffers.release(self.device_index)
@@ -205,29 +218,28 @@ class CUDARollingMedian(Engine):
         cupy = self.cupy
         rows, out_rows = self.batch_windows + self.kernel_size - 1, self.batch_windows
         pinned_in_count, pinned_out_count = cudamemory.PINNED_BUFFERS
-        with cupy.cuda.Device(self.device_index):
-            streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(3)]
-            device_in = [cupy.empty((rows, self.pixels), np.uint8) for _ in range(2)]
-            device_out = [cupy.empty((out_rows, self.pixels), np.uint8) for _ in range(2)]
-            pinned = cudamemory.pinned_buffers.take(self.device_index, rows, self.pixels,
-                                                    pinned_in_count)
-            try:
-                pinned += cudamemory.pinned_buffers.take(self.device_index, out_rows,
-                                                         self.pixels, pinned_out_count)
-            except BaseException:
+        streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(3)]
+        device_in = [cupy.empty((rows, self.pixels), np.uint8) for _ in range(2)]
+        device_out = [cupy.empty((out_rows, self.pixels), np.uint8) for _ in range(2)]
+        pinned = cudamemory.pinned_buffers.take(self.device_index, rows, self.pixels,
+                                                pinned_in_count)
+        try:
+            pinned += cudamemory.pinned_buffers.take(self.device_index, out_rows,
+                                                     self.pixels, pinned_out_count)
+        except BaseException:
+            cudamemory.pinned_buffers.give_back(self.device_index, pinned)
+            raise
+        settled = False
+        try:
+            last = self._pipeline(read_into, batches, write_at, on_written, streams,
+                                  device_in, device_out, pinned[:pinned_in_count],
+                                  pinned[pinned_in_count:])
+            settled = True
+        finally:
+            # A failed run may leave copies in flight: its buffers are kept
+            # only once the streams are known to be idle.
+            if settled or self._settle(streams):
                 cudamemory.pinned_buffers.give_back(self.device_index, pinned)
-                raise
-            settled = False
-            try:
-                last = self._pipeline(read_into, batches, write_at, on_written, streams,
-                                      device_in, device_out, pinned[:pinned_in_count],
-                                      pinned[pinned_in_count:])
-                settled = True
-            finally:
-                # A failed run may leave copies in flight: its buffers are kept
-                # only once the streams are known to be idle.
-                if settled or self._settle(streams):
-                    cudamemory.pinned_buffers.give_back(self.device_index, pinned)
         return last
 
     def _settle(self, streams) -> bool:
@@ -247,9 +259,8 @@ class CUDARollingMedian(Engine):
         check = self.result_check
 
         def write_when_downloaded(offset, frames):
-            # in the device's context: a thread without one would make one on device 0
-            with cupy.cuda.Device(self.device_index):
-                downloads.pop(offset).synchronize()
+            use_device(self.device_index)  # the writer thread's device: waits in its context
+            downloads.pop(offset).synchronize()
             check.check(samples.pop(offset), frames, offset)
             write_at(offset, frames)
 
@@ -378,8 +389,10 @@ def rolling_median_on_gpu(frames, kernel_size: int, windows: int, shape: tuple, 
     device = frames.device.id
     if out is not None and (not isinstance(out, cupy.ndarray) or out.device.id != device):
         raise TypeError(f"out must be a CuPy array on GPU {device}, where the frames are.")
+    if out is not None and cupy.may_share_memory(out, frames):
+        raise overlap_error()
     launcher = cudakernel.launcher_for(device, pixels, kernel_size)
-    with cupy.cuda.Device(device):
+    with on_device(device):
         stream = cupy.cuda.get_current_stream()
         flat = cupy.ascontiguousarray(frames).reshape(count, pixels)
         direct = out is not None and out.flags.c_contiguous

@@ -7,8 +7,11 @@ compile overlaps opening the input; CuPy keeps the binary in its on-disk
 kernel cache (``CUPY_CACHE_DIR``), so later processes skip NVRTC.
 
 :func:`plan_launch` turns a batch into a grid of pixel blocks and time
-segments from CUDA's occupancy calculator, asked in the context of the
-device that runs the kernel (:func:`blocks_per_sm`). CuPy is imported
+segments from CUDA's occupancy calculator. The calculator is a driver call
+that needs the device's context in the calling thread, which CuPy does not
+make for it; so the compile thread, which works in that context, asks it for
+every entry point and block size the planner considers and keeps the
+answers with the kernels (:class:`CompiledKernels`). CuPy is imported
 lazily: the planning functions work without it.
 """
 from __future__ import annotations
@@ -21,6 +24,7 @@ import typing
 
 from .. import cudaprobe
 from .base import count_dtype
+from .cudacontext import on_device, use_device
 
 KERNEL_FILE = "kernels/rollmed.cu"
 """The kernel source, relative to this package"""
@@ -46,6 +50,9 @@ WAVE_CANDIDATES = 64
 GEOMETRIC_STEP = 1.25
 """Ratio between neighbouring segment counts of the planner's geometric series"""
 
+INT_MAX = 2**31 - 1
+"""Largest value of the kernel's ``int`` parameters (the window and segment lengths)"""
+
 
 def kernel_source() -> str:
     """The CUDA C++ source of the rolling-median kernel"""
@@ -57,13 +64,31 @@ def kernel_name(kernel_size: int) -> str:
     return f"dcbg_rollmed_count{8 * count_dtype(kernel_size).itemsize}"
 
 
-KERNEL_NAMES = tuple(kernel_name(size) for size in (1, 256, 65536))
+COUNT_BYTES = {kernel_name(size): count_dtype(size).itemsize for size in (1, 256, 65536)}
+"""Bytes of a histogram count of every entry point of rollmed.cu, by name"""
+
+KERNEL_NAMES = tuple(COUNT_BYTES)
 """Every entry point of rollmed.cu (count widths 8, 16 and 32 bits)"""
 
 
-def shared_bytes(block: int, kernel_size: int) -> int:
-    """Dynamic shared memory of a block: a 256-bin histogram per thread"""
-    return block * 256 * count_dtype(kernel_size).itemsize
+def block_sizes(name: str) -> list[tuple[int, int]]:
+    """(threads, shared bytes) of each block the planner considers for an entry point
+
+    A block's dynamic shared memory is a 256-bin histogram per thread.
+    """
+    return [(block, block * 256 * COUNT_BYTES[name]) for block in BLOCK_SIZES
+            if block * 256 * COUNT_BYTES[name] <= SHARED_BYTES_LIMIT]
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledKernels:
+    """The entry points of rollmed.cu loaded on one device, and their occupancy there"""
+
+    functions: dict
+    """CuPy RawKernels by entry point name"""
+    occupancy: dict
+    """resident blocks per SM by (entry point, threads per block), for every block of
+    :func:`block_sizes`, from CUDA's occupancy calculator on the device"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,17 +170,30 @@ def plan_launch(pixels: int, output_size: int, kernel_size: int,
         device reserves per block).
     sm_count: int
         Streaming multiprocessors of the device.
+
+    Raises
+    ------
+    ValueError
+        If the kernel's int parameters cannot hold the kernel size or the
+        windows of a segment.
     """
     name = kernel_name(kernel_size)
-    longest = min(MAX_GRID_Y, max(1, output_size // max(1, MIN_SEGMENT_WINDOWS * kernel_size)))
+    if kernel_size > INT_MAX:
+        raise ValueError(f"kernel_size={kernel_size} is more than a GPU kernel takes "
+                         f"({INT_MAX}); use device=\"cpu\".")
+    # A segment's windows are counted in the kernel's int.
+    fewest = -(-output_size // INT_MAX)
+    longest = max(fewest, min(MAX_GRID_Y, output_size // max(1, MIN_SEGMENT_WINDOWS
+                                                               * kernel_size)))
+    if fewest > MAX_GRID_Y:
+        raise ValueError(f"{output_size} windows are more than one GPU launch computes "
+                         f"({MAX_GRID_Y * INT_MAX}); compute them in parts.")
     best = None
-    for block in BLOCK_SIZES:
-        shared = shared_bytes(block, kernel_size)
-        if shared > SHARED_BYTES_LIMIT:
-            continue
+    for block, shared in block_sizes(name):
         resident = max(1, blocks_per_sm(name, block, shared)) * sm_count
         pixel_blocks = -(-pixels // block)
-        for segments in segment_candidates(pixel_blocks, resident, longest):
+        candidates = segment_candidates(pixel_blocks, resident, longest)
+        for segments in sorted({fewest, *(count for count in candidates if count >= fewest)}):
             length = -(-output_size // segments)
             used = -(-output_size // length)
             waves = -(-pixel_blocks * used // resident)
@@ -193,8 +231,8 @@ def start_compiling(device_index: int) -> concurrent.futures.Future:
     return future
 
 
-def load_kernels(device_index: int) -> dict:
-    """The entry points of rollmed.cu on a device as CuPy RawKernels, by name
+def load_kernels(device_index: int) -> CompiledKernels:
+    """The entry points of rollmed.cu on a device, with their occupancy there
 
     Waits for the compile that :func:`start_compiling` started, or starts
     it. Raises what CuPy raised when the compile failed.
@@ -202,7 +240,7 @@ def load_kernels(device_index: int) -> dict:
     return start_compiling(device_index).result()
 
 
-def kernels_or_device_error(device_index: int) -> dict:
+def kernels_or_device_error(device_index: int) -> CompiledKernels:
     """:func:`load_kernels`, raising a failed compile as the DeviceError of an unusable device"""
     try:
         return load_kernels(device_index)
@@ -220,30 +258,22 @@ def _compile_into(future: concurrent.futures.Future, device_index: int):
         future.set_result(kernels)
 
 
-def _compile(device_index: int) -> dict:
+def _compile(device_index: int) -> CompiledKernels:
     import cupy
 
-    with cupy.cuda.Device(device_index):
-        module = cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS)
-        kernels = {name: module.get_function(name) for name in KERNEL_NAMES}
-        for kernel in kernels.values():
-            _ = kernel.kernel  # compiles and loads in this device's context now
-    return kernels
-
-
-def blocks_per_sm(device_index: int, kernels: dict, name: str, block: int,
-                  shared_mem: int) -> int:
-    """Resident blocks per SM from CUDA's occupancy calculator, on the kernel's own device
-
-    CuPy loads a kernel per device and hands out the copy of the current
-    device, so the handle is fetched inside the device's context.
-    """
-    import cupy
-
-    with cupy.cuda.Device(device_index):
-        function = kernels[name].kernel
-        return int(cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
-            function.ptr, block, shared_mem))
+    use_device(device_index)  # this thread's only device: its context is current here
+    module = cupy.RawModule(code=kernel_source(), options=COMPILE_OPTIONS)
+    functions = {name: module.get_function(name) for name in KERNEL_NAMES}
+    occupancy = {}
+    for name, kernel in functions.items():
+        # CuPy loads a kernel per device and hands out the current device's copy;
+        # fetching it compiles and loads it now
+        handle = kernel.kernel.ptr
+        for block, shared in block_sizes(name):
+            occupancy[name, block] = int(
+                cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                    handle, block, shared))
+    return CompiledKernels(functions, occupancy)
 
 
 def multiprocessor_count(device_index: int) -> int:
@@ -268,29 +298,37 @@ class Launcher:
         Pixels per frame.
     kernel_size: int
         Frames per window.
-    kernels: dict, optional
+    kernels: CompiledKernels, optional
         The compiled entry points (:func:`load_kernels`); compiled or
         waited for by default, a failure raised as a DeviceError.
     """
 
     def __init__(self, device_index: int, pixels: int, kernel_size: int,
-                 kernels: dict | None = None):
+                 kernels: CompiledKernels | None = None):
         self.device_index = device_index
         self.pixels = pixels
         self.kernel_size = kernel_size
         self.kernels = kernels_or_device_error(device_index) if kernels is None else kernels
         self.sm_count = multiprocessor_count(device_index)
         """streaming multiprocessors of the device"""
-        self._occupancy: dict[tuple[str, int, int], int] = {}
         self._plans: dict[int, LaunchPlan] = {}
 
     def blocks_per_sm(self, name: str, block: int, shared_mem: int) -> int:
-        """Resident blocks per SM from CUDA's occupancy calculator (on this device)"""
-        key = (name, block, shared_mem)
-        if key not in self._occupancy:
-            self._occupancy[key] = blocks_per_sm(self.device_index, self.kernels, name, block,
-                                                 shared_mem)
-        return self._occupancy[key]
+        """Resident blocks per SM from CUDA's occupancy calculator (asked at compile time)"""
+        return self.kernels.occupancy[name, block]
+
+    def windows_to_fill(self) -> int:
+        """Windows a batch needs so that its time segments fill every SM of the device
+
+        One thread per pixel and segment: a frame with fewer pixels than the
+        device keeps threads resident needs that many segments, each
+        ``MIN_SEGMENT_WINDOWS * kernel_size`` windows long.
+        """
+        name = kernel_name(self.kernel_size)
+        resident = max(self.blocks_per_sm(name, block, shared) * block
+                       for block, shared in block_sizes(name)) * self.sm_count
+        segments = -(-resident // self.pixels)
+        return segments * MIN_SEGMENT_WINDOWS * self.kernel_size
 
     def plan(self, output_size: int) -> LaunchPlan:
         """The launch plan of `output_size` windows (planned once per length)"""
@@ -318,16 +356,25 @@ class Launcher:
             Where the kernel runs; the device's current stream by default.
         """
         import cupy
-        import numpy as np
 
         plan = self.plan(output_size)
-        kernel = self.kernels[plan.kernel]
-        args = (frames, medians, np.int64(self.pixels), np.int32(output_size),
-                np.int32(self.kernel_size), np.int32(plan.segment_length))
-        with cupy.cuda.Device(self.device_index):
+        kernel = self.kernels.functions[plan.kernel]
+        args = self.arguments(frames, medians, output_size, plan)
+        with on_device(self.device_index):
             stream = stream if stream is not None else cupy.cuda.get_current_stream()
             with stream:
                 kernel(plan.grid, (plan.block,), args, shared_mem=plan.shared_mem)
+
+    def arguments(self, frames, medians, output_size: int, plan: LaunchPlan) -> tuple:
+        """The kernel's arguments, each of its parameter's C type
+
+        CuPy passes a numpy scalar at its own size, whatever the parameter's
+        type, so a scalar of another type would be misread on the GPU.
+        """
+        import numpy as np
+
+        return (frames, medians, np.int64(self.pixels), np.int64(output_size),
+                np.int32(self.kernel_size), np.int32(plan.segment_length))
 
 
 _launchers: dict[tuple[int, int, int], Launcher] = {}

@@ -1,7 +1,8 @@
 """Memory of the CUDA engine: how large a device batch may be, and page-locked host buffers
 
 A device batch is sized from the device's free memory **and** the host's
-available memory, and capped at :data:`DEVICE_BATCH_LIMIT` windows and
+available memory, and capped at :data:`DEVICE_BATCH_LIMIT` windows (or, for
+large kernels, the windows whose time segments fill the device) and
 :data:`BUFFER_BYTES_LIMIT` bytes per output buffer: a GPU is busy with a few
 thousand 80×320 frames per launch, and larger batches only pin more host
 memory. The method's ``batch_size`` plays no part; the result never depends
@@ -26,6 +27,7 @@ import threading
 import numpy as np
 
 from ..errors import first_line
+from .cudacontext import on_device
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ HOST_MEMORY_FRACTION = 0.5
 """Share of the host's available memory that page-locked buffers may take"""
 
 DEVICE_BATCH_LIMIT = 4096
-"""Most windows in one device batch"""
+"""Most windows in one device batch, unless more are needed to fill the device"""
 
 BUFFER_BYTES_LIMIT = 256 * 2**20
 """Most bytes in one output buffer of a device batch"""
@@ -57,12 +59,13 @@ class PinnedMemoryError(MemoryError):
 
 def device_batch_size(windows: int, kernel_size: int, pixels: int, free_device_bytes: int,
                       host_bytes: int | None, device_share: float = 1.0,
-                      host_share: float = 1.0) -> int:
+                      host_share: float = 1.0, fill_windows: int = 0) -> int:
     """Largest device batch whose buffers fit on the device and in the host's memory
 
     The device holds two input buffers of ``batch + kernel_size`` frames and
     two output buffers of ``batch`` frames; the host pins two input and
-    three output buffers of the same sizes.
+    three output buffers of the same sizes. The batch is at most
+    :data:`DEVICE_BATCH_LIMIT` windows or `fill_windows`, whichever is more.
 
     Parameters
     ----------
@@ -78,6 +81,11 @@ def device_batch_size(windows: int, kernel_size: int, pixels: int, free_device_b
     device_share, host_share: float
         This engine's part of the device and of the host, when several
         engines run at once.
+    fill_windows: int
+        Windows a batch needs to fill the device with time segments
+        (:meth:`~dcbg.engines.cudakernel.Launcher.windows_to_fill`): with a
+        large kernel, :data:`DEVICE_BATCH_LIMIT` windows make too few
+        segments to keep every SM busy.
 
     Raises
     ------
@@ -103,7 +111,8 @@ def device_batch_size(windows: int, kernel_size: int, pixels: int, free_device_b
                 f"{pixels} pixels with kernel_size={kernel_size}; close other programs or "
                 f"use device=\"cpu\".")
         batch = min(batch, fitting)
-    return max(1, min(batch, windows, DEVICE_BATCH_LIMIT, BUFFER_BYTES_LIMIT // pixels))
+    return max(1, min(batch, windows, max(DEVICE_BATCH_LIMIT, fill_windows),
+                      BUFFER_BYTES_LIMIT // pixels))
 
 
 def available_host_memory(meminfo: pathlib.Path = MEMINFO) -> int | None:
@@ -138,7 +147,7 @@ def free_device_memory(device_index: int) -> int:
     """Free bytes on a CUDA device now, counting what CuPy's pool keeps for reuse"""
     import cupy
 
-    with cupy.cuda.Device(device_index):
+    with on_device(device_index):
         free, _total = cupy.cuda.runtime.memGetInfo()
         kept = cupy.get_default_memory_pool().free_bytes()
     return int(free) + int(kept)
@@ -148,7 +157,7 @@ def release_device_memory(device_index: int):
     """Give the device memory that CuPy's pool keeps back to the driver"""
     import cupy
 
-    with cupy.cuda.Device(device_index):
+    with on_device(device_index):
         cupy.get_default_memory_pool().free_all_blocks()
 
 
@@ -164,7 +173,7 @@ def allocate_pinned(device_index: int, rows: int, pixels: int) -> np.ndarray:
 
     nbytes = rows * pixels
     try:
-        with cupy.cuda.Device(device_index):  # no context on another device for it
+        with on_device(device_index):  # no context on another device for it
             memory = cupy.cuda.PinnedMemory(nbytes, cupy.cuda.runtime.hostAllocPortable)
     except cupy.cuda.runtime.CUDARuntimeError as error:
         if "alloc" in str(error).lower():

@@ -14,13 +14,19 @@
 // word w of thread t sits at word index w * blockDim.x + t, so the 32 threads
 // of a warp always hit 32 different banks whatever bins they touch. A word
 // holds 4 uint8, 2 uint16 or 1 uint32 counts; the count type only has to hold
-// kernel_size, since a window never has more than kernel_size elements.
+// kernel_size, since a window never has more than kernel_size elements. The
+// memory is bytes that only ever hold counts: it is zeroed and used through
+// the count type alone, never through another (which C++'s aliasing rules
+// would let the compiler reorder).
+//
+// A batch may hold more than 2^31 windows: window indices are 64-bit, and
+// only counts within one segment (at most segment_length) are int.
 //
 // The file is plain CUDA C++ without includes so that it compiles with NVRTC
 // (through CuPy), with nvcc, and with a host C++ compiler plus a small shim
 // that defines the CUDA built-ins (tests/helpers/kernel_host_shim.cpp).
 
-extern __shared__ unsigned int dcbg_shared_words[];
+extern __shared__ __align__(4) unsigned char dcbg_shared_bytes[];
 
 template <typename Count>
 __device__ __forceinline__ Count* dcbg_bin(Count* counts, unsigned int bin) {
@@ -94,27 +100,28 @@ template <typename Count>
 __device__ void dcbg_rolling_median(const unsigned char* __restrict__ frames,
                                     unsigned char* __restrict__ medians,
                                     long long pixels,
-                                    int output_size,
+                                    long long output_size,
                                     int kernel_size,
                                     int segment_length) {
     const long long pixel = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    const int first = (int)blockIdx.y * segment_length;
+    const long long first = (long long)blockIdx.y * segment_length;
     if (pixel >= pixels || first >= output_size) {
         return;
     }
-    // One past the last window of this segment.
-    const int stop = first + segment_length;
-    const int last = stop < output_size ? stop : output_size;
-    const int per_word = 4 / (int)sizeof(Count);
+    // Windows of this segment; steps count from its first window.
+    const int last = output_size - first < segment_length ? (int)(output_size - first)
+                                                           : segment_length;
 
-    unsigned int* words = dcbg_shared_words + threadIdx.x;
-    for (int w = 0; w < 256 / per_word; ++w) {
-        words[w * blockDim.x] = 0u;
+    // This thread's first count, in the first word that it owns.
+    Count* counts = reinterpret_cast<Count*>(dcbg_shared_bytes) +
+                    threadIdx.x * (4u / (unsigned int)sizeof(Count));
+    for (unsigned int bin = 0; bin < 256u; ++bin) {
+        *dcbg_bin(counts, bin) = 0;
     }
 
-    const long long start = (long long)first * pixels + pixel;
+    const long long start = first * pixels + pixel;
     DcbgWindow<Count> window;
-    window.counts = reinterpret_cast<Count*>(words);
+    window.counts = counts;
     window.ahead = frames + start;
     window.behind = frames + start;
     window.out = medians + start;
@@ -141,20 +148,20 @@ __device__ void dcbg_rolling_median(const unsigned char* __restrict__ frames,
     // than shared memory does. The slots are plain variables, not an array,
     // so that they stay in registers.
     //
-    // Fill the slots with the steps first+1 .. first+4 that exist; their
-    // loads complete during the long first walk.
+    // Fill the slots with the steps 1 .. 4 that exist; their loads
+    // complete during the long first walk.
     int enter0 = 0, enter1 = 0, enter2 = 0, enter3 = 0;
     int leave0 = 0, leave1 = 0, leave2 = 0, leave3 = 0;
-    if (first + 1 < last) window.fetch(enter0, leave0);
-    if (first + 2 < last) window.fetch(enter1, leave1);
-    if (first + 3 < last) window.fetch(enter2, leave2);
-    if (first + 4 < last) window.fetch(enter3, leave3);
+    if (1 < last) window.fetch(enter0, leave0);
+    if (2 < last) window.fetch(enter1, leave1);
+    if (3 < last) window.fetch(enter2, leave2);
+    if (4 < last) window.fetch(enter3, leave3);
     window.walk_and_store();
 
     // Steps go round the slots in order, so slot i always holds the step
     // that is i steps after the group's first; the last group may be partial.
     const int refill_stop = last - 4;
-    int step = first + 1;
+    int step = 1;
     while (step < last) {
         window.step(enter0, leave0, step < refill_stop);
         if (++step == last) break;
@@ -172,7 +179,7 @@ __device__ void dcbg_rolling_median(const unsigned char* __restrict__ frames,
 #define DCBG_ROLLMED_ENTRY(NAME, COUNT)                                              \
     extern "C" __global__ void NAME(const unsigned char* __restrict__ frames,        \
                                     unsigned char* __restrict__ medians,              \
-                                    long long pixels, int output_size,               \
+                                    long long pixels, long long output_size,         \
                                     int kernel_size, int segment_length) {           \
         dcbg_rolling_median<COUNT>(frames, medians, pixels, output_size, kernel_size, \
                                    segment_length);                                   \

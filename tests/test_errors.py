@@ -1,0 +1,64 @@
+"""The advice of dcbg's messages: every missing extra is named with a command that works
+
+dcbg is installed from its checkout, not from a package index, so a message
+or page that tells users to ``pip install "dcbg[dask]"`` sends them to a
+command that fails.
+"""
+import pathlib
+import re
+import sys
+
+import pytest
+
+from dcbg import cudaprobe
+from dcbg.cli import main
+from dcbg.dcnum_plugin import register
+from dcbg.errors import ExtraNotInstalled, install_advice
+from dcbg.synthetic import write_synthetic_rtdc
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+USER_TEXTS = [ROOT / "README.md", *(ROOT / "docs").glob("*.rst"),
+              *(ROOT / "src" / "dcbg").rglob("*.py"), *(ROOT / "docker").glob("Dockerfile*")]
+"""What users read: the README, the documentation site, dcbg's messages, the Docker files"""
+
+
+def test_install_advice_installs_from_the_checkout():
+    assert install_advice("dask") == 'pip install ".[dask]" in the dcbg checkout'
+    assert install_advice("cuda12", "cuda13") == \
+        'pip install ".[cuda12]" or ".[cuda13]" in the dcbg checkout'
+    assert install_advice("cuda12", "cuda13") in cudaprobe.FIX_INSTALL
+
+
+def test_no_text_installs_an_extra_from_a_package_index():
+    assert len(USER_TEXTS) > 10
+    named = [f"{path.relative_to(ROOT)}: {match}" for path in USER_TEXTS
+             for match in re.findall(r".{0,30}\bdcbg\[\w+\].{0,10}", path.read_text())]
+    assert not named, f"extras named as if dcbg were on a package index: {named}"
+
+
+def test_install_advice_has_one_home():
+    """Only dcbg.errors words the install command; every message takes it from there"""
+    sources = (ROOT / "src" / "dcbg").rglob("*.py")
+    wording = [path.name for path in sources if "pip install" in path.read_text()]
+    assert wording == ["errors.py"]
+
+
+def test_without_dcnum_registering_says_how_to_install_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dcnum.feat.feat_background", None)
+    with pytest.raises(ExtraNotInstalled, match=re.escape(
+            'dcnum is not installed; install it with pip install ".[dcnum]" in the dcbg '
+            'checkout to use dcbg inside dcnum.')):
+        register()
+
+
+def test_without_distributed_dask_runs_say_how_to_install_it(tmp_path, monkeypatch, capsys):
+    write_synthetic_rtdc(tmp_path / "rec.rtdc", 30, shape=(4, 8), seed=3)
+    monkeypatch.setitem(sys.modules, "distributed", None)
+    assert main(["compute", str(tmp_path), "-r", "--dask", "local:1", "-kb",
+                 "kernel_size=10", "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("error: Computing on a Dask cluster needs Dask's distributed package, which "
+                   'is not installed; install it with pip install ".[dask]" in the dcbg '
+                   "checkout.\n")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["rec.rtdc"]
