@@ -94,7 +94,9 @@ def test_the_sampled_check_catches_a_stale_buffer_in_every_batch(gpu, recording,
         assert folder_state(tmp_path) == {}, "nothing is written"
 
 
-def test_a_flipped_bit_at_a_sampled_pixel_is_caught_and_named(gpu, recording, tmp_path):
+def test_a_flipped_bit_at_a_sampled_pixel_is_caught_and_named(gpu, recording, tmp_path,
+                                                              cpu_build):
+    """By either build of the CPU kernels, which gather and compare the sample"""
     source, expected = recording
     gpu()
     for batch, window, pixel in [(2, 7, int(batch_sample(2)[5])), (0, 0, 0),

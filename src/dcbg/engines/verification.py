@@ -21,8 +21,12 @@ show:
 
 "all" checks every pixel, "off" nothing (see :func:`dcbg.settings.parse_verify`).
 The check runs on a thread of the host that waits for the download anyway
-(the writer's), so it stays off the GPU's path; its cost is measured by
-``benchmarks/bench_cuda.py --verify-cost``.
+(the writer's), so it stays off the GPU's path. Its CPU time goes mostly to
+reading the sampled columns out of whole batches (with thread blocks of 32
+pixels a sample touches every cache line of a frame), so the CPU kernels
+gather and compare them (``gather_columns`` and ``first_difference`` of
+:mod:`dcbg.cpukernels`) while prefetching the next frame. Its cost is
+measured by ``benchmarks/bench_cuda.py --verify-cost``.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ import time
 
 import numpy as np
 
+from .. import cpukernels
 from ..errors import GPUResultError
 from .cpu import compute_median_for_slice, job_slices
 
@@ -57,14 +62,19 @@ def sample_columns(pixels: int, block: int, key: int) -> np.ndarray:
         Pixels per thread block of the batch's launch.
     key: int
         Different for every batch (its first window): picks the pseudo-random pixels.
+
+    Returns
+    -------
+    columns: np.ndarray
+        int64, as the CPU kernels take them.
     """
     if pixels <= SAMPLE_LEAST:
-        return np.arange(pixels)
-    firsts = np.arange(0, pixels, block)
+        return np.arange(pixels, dtype=np.int64)
+    firsts = np.arange(0, pixels, block, dtype=np.int64)
     lasts = np.minimum(firsts + block, pixels) - 1
     spread = max(SAMPLE_LEAST, math.ceil(pixels * SAMPLE_FRACTION))
     chosen = np.random.default_rng([SAMPLE_SEED, key]).choice(pixels, spread, replace=False)
-    return np.union1d(np.union1d(firsts, lasts), chosen)
+    return np.union1d(np.union1d(firsts, lasts), chosen).astype(np.int64, copy=False)
 
 
 def pixel_words(pixel: int, image_shape: tuple) -> str:
@@ -136,7 +146,7 @@ class ResultCheck:
         Parameters
         ----------
         frames: np.ndarray
-            The batch's input frames as the host holds them.
+            The batch's input frames as the host holds them (C-contiguous uint8).
         block: int
             Pixels per thread block of the batch's launch.
         key: int
@@ -146,12 +156,25 @@ class ResultCheck:
             return None
         t0 = time.perf_counter()
         columns = self.columns(block, key)
-        copied = np.array(frames) if columns is None else np.take(frames, columns, axis=1)
+        if columns is None:
+            copied = np.array(frames)
+        else:
+            copied = np.empty((len(frames), len(columns)), np.uint8)
+            cpukernels.cpu_kernels().gather_columns(frames, columns, copied)
         self._add(0, time.perf_counter() - t0)
         return FrameSample(columns, copied)
 
     def check(self, sample: FrameSample | None, medians: np.ndarray, first_window: int):
         """Compare a batch's medians ``(windows, pixels)`` with the CPU's at the sample
+
+        Parameters
+        ----------
+        sample: FrameSample or None
+            What :meth:`take_frames` copied of the batch's frames (None: nothing to check).
+        medians: np.ndarray
+            C-contiguous uint8: the GPU's medians of the batch, as downloaded.
+        first_window: int
+            The batch's first window.
 
         Raises
         ------
@@ -161,8 +184,15 @@ class ResultCheck:
         if sample is None:
             return
         t0 = time.perf_counter()
-        gpu = medians if sample.columns is None else np.take(medians, sample.columns, axis=1)
-        self._compare(sample.frames, gpu, sample.columns, first_window, t0)
+        cpu = self._recompute(sample.frames, len(medians))
+        # compared where they lie in the batch: no copy of the GPU's medians
+        found = cpukernels.cpu_kernels().first_difference(medians, sample.columns, cpu)
+        self._add(cpu.size, time.perf_counter() - t0)
+        if found >= 0:
+            window, index = divmod(found, cpu.shape[1])
+            pixel = index if sample.columns is None else int(sample.columns[index])
+            raise self._error(first_window + window, pixel, medians[window, pixel],
+                              cpu[window, index])
 
     def compare(self, frames: np.ndarray, gpu: np.ndarray, columns: np.ndarray | None,
                 first_window: int = 0):
@@ -174,7 +204,7 @@ class ResultCheck:
             C-contiguous ``(windows + kernel_size - 1, n)`` uint8: the input frames
             of the `n` pixels, from window `first_window` on.
         gpu: np.ndarray
-            ``(windows, n)`` uint8: the GPU's medians of these pixels.
+            C-contiguous ``(windows, n)`` uint8: the GPU's medians of these pixels.
         columns: np.ndarray or None
             The pixels' indices in the flattened frame (None: all of them, in order).
         first_window: int
@@ -185,25 +215,32 @@ class ResultCheck:
         GPUResultError
             If a median differs, naming the first one.
         """
-        self._compare(frames, gpu, columns, first_window, time.perf_counter())
+        t0 = time.perf_counter()
+        cpu = self._recompute(frames, len(gpu))
+        found = cpukernels.cpu_kernels().first_difference(gpu, None, cpu)
+        self._add(cpu.size, time.perf_counter() - t0)
+        if found >= 0:
+            window, index = divmod(found, cpu.shape[1])
+            pixel = index if columns is None else int(columns[index])
+            raise self._error(first_window + window, pixel, gpu[window, index],
+                              cpu[window, index])
 
-    def _compare(self, frames, gpu, columns, first_window, t0):
-        windows, width = gpu.shape
+    def _recompute(self, frames: np.ndarray, windows: int) -> np.ndarray:
+        """The CPU kernel's medians of the first `windows` windows of `frames`' columns"""
+        width = frames.shape[1]
         cpu = np.empty((windows, width), np.uint8)
         # one histogram per pixel: slices of cache size (a whole frame's would not fit)
         for job in job_slices(width, 1):
             compute_median_for_slice(frames, cpu, self.kernel_size, windows, job)
-        same = np.array_equal(cpu, gpu)
-        self._add(cpu.size, time.perf_counter() - t0)
-        if not same:
-            window, index = (int(i) for i in np.argwhere(cpu != gpu)[0])
-            pixel = index if columns is None else int(columns[index])
-            raise GPUResultError(
-                f"CUDA device {self.device_index} computed a wrong median at event "
-                f"{first_window + window}, {pixel_words(pixel, self.image_shape)}: the GPU "
-                f"gave {gpu[window, index]} where the CPU computes {cpu[window, index]}, so "
-                f"its results cannot be trusted; check the GPU (nvidia-smi, dcbg selftest "
-                f"--device cuda:{self.device_index}) or use device=\"cpu\".")
+        return cpu
+
+    def _error(self, event: int, pixel: int, gpu, cpu) -> GPUResultError:
+        """The error for a GPU's median `gpu` where the CPU computes `cpu`"""
+        return GPUResultError(
+            f"CUDA device {self.device_index} computed a wrong median at event {event}, "
+            f"{pixel_words(pixel, self.image_shape)}: the GPU gave {gpu} where the CPU "
+            f"computes {cpu}, so its results cannot be trusted; check the GPU (nvidia-smi, "
+            f"dcbg selftest --device cuda:{self.device_index}) or use device=\"cpu\".")
 
     def _add(self, pixel_outputs: int, seconds: float):
         with self._lock:
