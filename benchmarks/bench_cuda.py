@@ -3,6 +3,7 @@
     python benchmarks/bench_cuda.py [--events 10000] [--kernel-sizes 10,100,1000]
                                     [--file-events 20000] [--recording FILE] [--tiny]
                                     [--json FILE] [--no-append]
+    python benchmarks/bench_cuda.py --verify-cost [--file-events 10000] [--no-append]
 
 On CUDA device 0, in one run:
 1. .rtdc -> .rtdc with zstd in and out, k=100, all CPUs: ``dcbg compute
@@ -23,6 +24,11 @@ Prints tables and appends them to benchmarks/RESULTS.md; with --json, writes
 the rows after each part, so that a run stopped halfway keeps what it
 measured. A command that fails stops the benchmark with the end of its error
 output.
+
+--verify-cost needs no GPU: it measures what the check of a GPU's results
+(``verify="sample"``, dcbg/engines/verification.py) costs the CPU, against the
+CPU time of the rest of a GPU run, reading and decoding the recording and
+encoding and writing its background (see :func:`verification_cost`).
 """
 from __future__ import annotations
 
@@ -176,6 +182,112 @@ def torch_seconds(frames: np.ndarray, k: int, repeats: int) -> float:
         lambda: tensor.unfold(0, k, 1).kthvalue(k // 2 + 1, dim=-1).values, repeats)
 
 
+def h100_blocks_per_sm(kernel: str, block: int, shared_mem: int) -> int:
+    """Resident blocks per SM of an sm_90 GPU (228 KiB of shared memory per SM, 1 KiB of
+    it reserved per block, 2048 threads, 32 blocks), as CUDA's occupancy calculator says"""
+    return min(228 * 1024 // (shared_mem + 1024), 2048 // block, 32)
+
+
+def process_cpu_seconds() -> float:
+    """CPU seconds (user and system) of every thread of this process so far"""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def verification_cost(recording: pathlib.Path, background: pathlib.Path, kernel_size: int,
+                      mode: str = "sample") -> dict:
+    """CPU seconds of the check of a GPU's results per batch, against reading and writing
+
+    Runs on the CPU alone. The check: for every device batch of the
+    recording, as the CUDA engine plans them (:data:`DEVICE_BATCH_LIMIT`
+    windows, the launch plan an H100 gets, whose thread blocks decide the
+    sample), the copy of the sampled pixels of its frames and the
+    recomputation and comparison with its medians (the CPU's, so every
+    check passes), in this thread's CPU seconds. The rest of a GPU run's CPU
+    time: the parallel I/O floor, reading and decoding the recording and
+    encoding and writing the background with every CPU, in the process's CPU
+    seconds. Both with the same reader and writer as a run.
+    """
+    import h5py
+
+    from dcbg.engines.batches import plan_windows
+    from dcbg.engines.cudakernel import plan_launch
+    from dcbg.engines.cudamemory import DEVICE_BATCH_LIMIT
+    from dcbg.engines.verification import ResultCheck
+    from dcbg.rtdc.reader import ImageSource
+    from iocases import io_floor, load_background
+
+    cpus = os.cpu_count()
+    bg = load_background(background)
+    with tempfile.TemporaryDirectory(prefix="dcbg-bench-verify-") as folder:
+        cpu0, t0 = process_cpu_seconds(), time.perf_counter()
+        io_floor(recording, bg, pathlib.Path(folder) / "out.rtdc", cpus)
+        io_cpu, io_wall = process_cpu_seconds() - cpu0, time.perf_counter() - t0
+    count = len(bg)
+    medians = bg.reshape(count, -1)
+    pixels = medians.shape[1]
+    check = ResultCheck(mode, kernel_size, bg.shape[1:], 0)
+    windows = count - kernel_size
+    batches = plan_windows(0, windows, kernel_size, DEVICE_BATCH_LIMIT)
+    check_cpu, columns = 0.0, []
+    with h5py.File(recording) as h5:
+        source = ImageSource(h5["events/image"])
+        frames = np.empty((DEVICE_BATCH_LIMIT + kernel_size - 1, pixels), np.uint8)
+        for batch in batches:
+            source.read_into(batch.start, batch.input_stop, frames)  # not timed
+            block = plan_launch(pixels, batch.output_size, kernel_size, h100_blocks_per_sm,
+                                132).block
+            t0 = time.thread_time()
+            sample = check.take_frames(frames[:batch.input_size], block, batch.start)
+            check.check(sample, medians[batch.start:batch.start + batch.output_size],
+                        batch.start)
+            check_cpu += time.thread_time() - t0
+            columns.append(pixels if sample.columns is None else len(sample.columns))
+    share = check_cpu / (check_cpu + io_cpu)
+    return {"events": count, "k": kernel_size, "batches": len(batches), "mode": mode,
+            "sampled_pixels": f"{min(columns)}-{max(columns)} of {pixels}",
+            "check_cpu_s": check_cpu, "io_cpu_s": io_cpu, "io_wall_s": io_wall,
+            "check_ms_per_batch": 1e3 * check_cpu / len(batches),
+            "io_ms_per_batch": 1e3 * io_cpu * DEVICE_BATCH_LIMIT / count,
+            "share_percent": 100 * share, "pixel_outputs": check.pixel_outputs}
+
+
+def verify_cost_main(args):
+    """--verify-cost: the check's CPU cost on a synthetic recording, as a table"""
+    from dcbg.rollmed import BackgroundRollMed
+    from dcbg.synthetic import write_synthetic_rtdc
+    with tempfile.TemporaryDirectory(prefix="dcbg-bench-verify-") as scratch:
+        folder = pathlib.Path(scratch)
+        if args.recording:
+            recording = args.recording
+        else:
+            recording = write_synthetic_rtdc(folder / "rec.rtdc", args.file_events)
+        background = folder / "rec_bg.rtdc"
+        with BackgroundRollMed(recording, background, kernel_size=100, device="cpu") as bg:
+            bg.process()
+        rows = [verification_cost(recording, background, 100, mode)
+                for mode in ("sample", "all")]
+    body = table(rows, [("mode", "verify"), ("events", "N"), ("k", "k"),
+                        ("batches", "device batches"), ("sampled_pixels", "pixels checked"),
+                        ("check_ms_per_batch", "check, CPU ms per batch"),
+                        ("io_ms_per_batch", "read + write, CPU ms per batch"),
+                        ("share_percent", "check ÷ run's CPU time, %")])
+    notes = ("No GPU involved. Check: the copy of the sampled pixels of each device batch's "
+             "frames, the CPU kernel on them and the comparison with the batch's medians, in "
+             "CPU seconds of its thread; batches of the CUDA engine's limit, the sample from "
+             "an H100's launch plan. Read + write: the parallel I/O floor (read and decode "
+             "the recording, encode and write its background, zstd-5, every CPU), in CPU "
+             "seconds of the process, per batch of the same length. The share is check ÷ "
+             "(check + read + write): the CPU time of a GPU run, whose median runs on the "
+             "GPU.")
+    if args.no_append:
+        print(f"{body}\n\n{notes}")
+    else:
+        append_results("Verification of GPU results: CPU cost",
+                       "python benchmarks/bench_cuda.py " + " ".join(sys.argv[1:]), body,
+                       notes)
+
+
 def run_case(case: dict) -> dict:
     """One file-to-file measurement in this process, which runs nothing else"""
     kind = case["kind"]
@@ -264,9 +376,17 @@ def main():
                         "nothing (implies --no-append)")
     parser.add_argument("--json", type=pathlib.Path, help="also write the rows to this file")
     parser.add_argument("--no-append", action="store_true")
+    parser.add_argument("--verify-cost", action="store_true",
+                        help="measure only the CPU cost of checking a GPU's results (no GPU "
+                        "needed; --file-events sets the recording's events, default 10000)")
     args = parser.parse_args()
     if args.case:
         print(json.dumps(run_case(json.loads(args.case))))
+        return
+    if args.verify_cost:
+        if "--file-events" not in sys.argv:
+            args.file_events = 10000
+        verify_cost_main(args)
         return
     peer_frames, peer_repeats = PEER_FRAMES, PEER_REPEATS
     if args.tiny:

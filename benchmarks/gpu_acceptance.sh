@@ -239,10 +239,14 @@ stop_run() {  # the budget's end or the host: stop the step, record the rest, re
         # shellcheck disable=SC2086
         wait $running 2>/dev/null
     fi
-    if [ -n "$CURRENT" ] && [[ " ${DONE[*]} " != *" $CURRENT "* ]]; then
-        record "$CURRENT" timeout "$(awk "BEGIN {print $(date +%s.%N) - $STEP_STARTED}")" \
-            143 "stopped at the run's time limit of ${BUDGET} s, or by the host"
-    fi
+    # The step stopped is the one announced and not yet recorded, even where it has
+    # no process yet or its process ended already (the outer timeout's TERM reaches
+    # the step's processes too).
+    case " ${DONE[*]} " in *" $CURRENT "*) ;; *)
+        [ -n "$CURRENT" ] && record "$CURRENT" timeout \
+            "$(awk "BEGIN {print $(date +%s.%N) - $STEP_STARTED}")" 143 \
+            "stopped at the run's time limit of ${BUDGET} s, or by the host" ;;
+    esac
     for name in "${STEPS[@]}"; do
         case " ${DONE[*]} " in *" $name "*) ;; *)
             record "$name" skipped 0 0 "the run was stopped before this step" ;;
@@ -264,9 +268,8 @@ run_step() {  # NAME TIMEOUT: run step_NAME under its timeout, log it, record it
         return
     fi
     [ "$limit" -gt "$left" ] && limit=$left
-    # the step counts as running from here: a TERM from now on records it as stopped
     STEP_STARTED=$(date +%s.%N)
-    CURRENT=$name
+    CURRENT=$name  # before it is announced: a stop from then on stops this step
     echo "== $name (at most ${limit} s)"
     # in the background, so that a TERM is handled at once, not when the step ends
     timeout --kill-after=10 "$limit" bash -c "step_$name" >"$LOGS/$name.log" 2>&1 </dev/null &

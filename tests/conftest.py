@@ -5,7 +5,7 @@ import pytest
 
 import dcbg
 from dcbg import cpukernels, cudaprobe
-from dcbg.engines import cudakernel, cudamemory
+from dcbg.engines import cuda, cudakernel, cudamemory
 from dcbg.synthetic import write_synthetic_rtdc
 from helpers import host_kernel as hk
 from helpers.data import SHARED_DATA
@@ -30,10 +30,12 @@ def host_kernel(tmp_path_factory):
 
 
 def forget_cuda_state(monkeypatch):
-    """Start without what this process learnt of CUDA: compiled kernels, GPUs, pinned buffers"""
+    """Start without what this process learnt of CUDA: compiled kernels, GPUs, pinned
+    buffers, the GPU arrays checked"""
     monkeypatch.setattr(cudakernel, "_compiles", {})
     monkeypatch.setattr(cudakernel, "_launchers", {})
     monkeypatch.setattr(cudamemory, "pinned_buffers", cudamemory.PinnedBuffers())
+    monkeypatch.setattr(cuda, "_checked_gpu_arrays", set())
     cudaprobe._nvml.cache_clear()
     cudaprobe._inventory.cache_clear()
 

@@ -294,6 +294,75 @@ def test_c_median_lists_its_implementations_and_refuses_unknown_ones(cpu_build):
 
 
 def test_numba_build_names_itself_as_the_median_implementation(monkeypatch):
-    kernels = cpukernels.CPUKernels("numba", None, None)
+    kernels = cpukernels.CPUKernels("numba", *[None] * (len(cpukernels.CPUKernels._fields) - 1))
     monkeypatch.setattr(cpukernels, "cpu_kernels", lambda: kernels)
     assert cpukernels.median_implementation() == "numba"
+
+
+def column_cases(rng):
+    """(source rows, pixels, columns, rows gathered): sorted samples as the check of GPU
+    results takes them, unsorted and repeated columns, a single row, no columns"""
+    from dcbg.engines.verification import sample_columns
+    yield 40, 25_600 // 8, sample_columns(25_600 // 8, 32, 1), 37
+    yield 9, 480, sample_columns(480, 96, 2), 9
+    yield 5, 300, rng.integers(0, 300, 50), 5
+    yield 3, 17, np.array([16, 0, 16, 5], np.int64), 2
+    yield 1, 64, np.arange(64, dtype=np.int64), 1
+    yield 4, 10, np.empty(0, np.int64), 4
+
+
+def test_gather_columns_equals_numpy(cpu_build):
+    rng = np.random.default_rng(8)
+    for rows, pixels, columns, gathered in column_cases(rng):
+        source = rng.integers(0, 256, (rows, pixels), dtype=np.uint8)
+        out = np.full((gathered, len(columns)), 0xAB, np.uint8)
+        cpu_build.gather_columns(source, columns, out)
+        assert np.array_equal(out, source[:gathered][:, columns])
+
+
+def test_first_difference_finds_the_first_row_by_row(cpu_build):
+    """-1 where all are equal, else the flat index of the first difference in the order of
+    the rows; a difference outside the columns compared is none"""
+    rng = np.random.default_rng(9)
+    for rows, pixels, columns, compared in column_cases(rng):
+        actual = rng.integers(0, 256, (rows, pixels), dtype=np.uint8)
+        expected = np.ascontiguousarray(actual[:compared][:, columns])
+        assert cpu_build.first_difference(actual, columns, expected) == -1
+        if len(columns) == 0:
+            continue
+        unused = np.setdiff1d(np.arange(pixels), columns)
+        if len(unused):
+            actual[0, unused[0]] ^= 0xFF
+            assert cpu_build.first_difference(actual, columns, expected) == -1
+        for _ in range(5):
+            wrong = expected.copy()
+            places = rng.integers(0, wrong.size, 3)
+            wrong.flat[places] ^= rng.integers(1, 256, 3).astype(np.uint8)
+            first = np.flatnonzero(wrong != expected)[0]
+            assert cpu_build.first_difference(actual, columns, wrong) == first
+    actual = rng.integers(0, 256, (6, 20), dtype=np.uint8)
+    expected = actual[:4].copy()
+    assert cpu_build.first_difference(actual, None, expected) == -1
+    expected[2, 19] ^= 1
+    expected[3, 0] ^= 1
+    assert cpu_build.first_difference(actual, None, expected) == 2 * 20 + 19
+
+
+@pytest.mark.parametrize("kernel, rows, columns, shape, message", [
+    ("gather_columns", 3, [0, 10], (3, 2), "column 10 is outside the 10 pixel columns"),
+    ("gather_columns", 3, [-1, 3], (3, 2), "column -1 is outside"),
+    ("gather_columns", 3, np.array([1, 3], np.int32), (3, 2),
+     "columns must be a contiguous 1-D array of int64"),
+    ("gather_columns", 3, [1, 3], (3, 3), "one column per entry of columns"),
+    ("gather_columns", 2, [1, 3], (3, 2), "at most the rows of source"),
+    ("first_difference", 3, [1, 10], (3, 2), "column 10 is outside"),
+    ("first_difference", 2, None, (3, 10), "at most the rows of actual"),
+    ("first_difference", 3, None, (3, 4), "per column of actual where columns is None"),
+])
+def test_the_column_kernels_refuse_what_they_would_read_or_write_out_of_bounds(
+        cpu_build, kernel, rows, columns, shape, message):
+    source = np.zeros((rows, 10), np.uint8)
+    if isinstance(columns, list):
+        columns = np.array(columns, np.int64)
+    with pytest.raises(ValueError, match=message):
+        getattr(cpu_build, kernel)(source, columns, np.zeros(shape, np.uint8))

@@ -121,7 +121,7 @@ def test_auto_with_a_visible_but_unusable_gpu_warns_once_with_the_fix(no_env, mo
     monkeypatch.setattr(cudaprobe, "visible_nvidia_gpus", lambda: 1)
     with caplog.at_level(logging.INFO, logger="dcbg.devices"):
         choice = select_device("auto")
-    assert choice == DeviceChoice("cpu", None, reason)
+    assert choice == DeviceChoice("cpu", None, reason, automatic=True)
     (warning,) = [r for r in caplog.records if r.levelno >= logging.WARNING]
     text = warning.getMessage()
     assert "\n" not in text

@@ -110,3 +110,32 @@ def test_readme_gpu_examples_run():
                              timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
         assert run.stdout.strip() == "(1901, 80, 320) torch.Size([2000, 80, 320])"
+
+
+def test_gpu_results_pass_their_check_against_the_cpu(tmp_path):
+    """The check of every batch (all pixels, and a sample) and of GPU arrays, on real CuPy"""
+    import cupy
+
+    from dcbg.runlog import read_run_logs
+    from dcbg.synthetic import synthetic_stack
+    stack = synthetic_stack(900, shape=(80, 320), seed=3)
+    for verify in ("all", "sample"):
+        out = tmp_path / f"{verify}.rtdc"
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            monkeypatch.setattr(cudamemory, "DEVICE_BATCH_LIMIT", 300)
+            monkeypatch.setattr(cudakernel.Launcher, "windows_to_fill", lambda self: 0)
+            with dcbg.BackgroundRollMed(stack, out, kernel_size=100, device="cuda",
+                                        verify=verify) as bg:
+                bg.process()
+        with h5py.File(out) as h5:
+            assert np.array_equal(h5["events/image_bg"][:], rolling_median_reference(stack, 100))
+            (_, record), = read_run_logs(h5)
+        every = 800 * 80 * 320  # windows x pixels
+        checked = record["verified_pixel_outputs"]
+        assert record["verify"] == verify
+        assert checked == every if verify == "all" else 0 < checked < every // 4
+    frames = cupy.asarray(stack[:400])
+    for verify in (None, "sample", "all"):
+        got = dcbg.rolling_median(frames, 100, verify=verify)
+        assert np.array_equal(cupy.asnumpy(got), dcbg.rolling_median(stack[:400], 100,
+                                                                     device="cpu"))

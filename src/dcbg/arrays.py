@@ -13,6 +13,12 @@ device:
 - arrays in GPU memory (CuPy, or anything with ``__cuda_array_interface__``
   or DLPack, such as torch or JAX arrays) are computed where they are, without
   a copy through host memory, and come back as CuPy arrays.
+
+A GPU's results are checked against the CPU kernel (``verify``, see
+:mod:`dcbg.engines.verification`): for host arrays a sample of every batch,
+as for files; for GPU arrays, which stay on the GPU, a sample of the first
+call per process, GPU and width of the kernel's counts, unless asked
+otherwise.
 """
 from __future__ import annotations
 
@@ -27,13 +33,15 @@ except ImportError:  # NumPy 1
     byte_bounds = np.byte_bounds
 
 from .engines.base import frame_pixels
+from .settings import DEFAULT_VERIFY, parse_verify
 from .windows import background_window_count, window_count
 
 READ_BATCH = 10000
 """Most windows an engine is asked to compute at once (engines may use fewer)"""
 
 
-def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None):
+def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None,
+                   verify: str | None = None):
     """Median of every window of `kernel_size` consecutive frames
 
     Row ``j`` of the result is, per pixel, element ``kernel_size // 2`` of
@@ -63,6 +71,13 @@ def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None):
         memory, or in the file both map (two memory maps of one file), is
         refused; overlaps dcbg cannot see (an h5py dataset in the file of a
         memory map, say) give wrong results.
+    verify: str, optional
+        Which of a GPU's medians the CPU recomputes and compares: "sample"
+        (a spread sample of every batch), "all" or "off". By default a sample
+        of every batch for host arrays; for GPU arrays a sample of the first
+        call per process, GPU and width of the kernel's counts (a checked
+        call copies the sampled pixels to the host and waits for them). The
+        CPU ignores it; the result never depends on it.
 
     Returns
     -------
@@ -79,11 +94,15 @@ def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None):
         If `kernel_size` is not a positive integer, there are fewer frames
         than `kernel_size`, the frames have no pixels, or `out` has the
         wrong shape or overlaps `frames`.
+    dcbg.errors.GPUResultError
+        If a checked median of a GPU differs from the CPU's (for host arrays
+        under ``device="auto"`` the CPU computes them again instead).
     """
-    return _compute(frames, kernel_size, device, out, background=False)
+    return _compute(frames, kernel_size, device, out, verify, background=False)
 
 
-def rolling_median_background(frames, kernel_size: int, *, device: str = "auto", out=None):
+def rolling_median_background(frames, kernel_size: int, *, device: str = "auto", out=None,
+                              verify: str | None = None):
     """dcnum's rolling-median background: one row per frame
 
     Row ``i`` is the median of the window that starts at frame
@@ -95,7 +114,7 @@ def rolling_median_background(frames, kernel_size: int, *, device: str = "auto",
 
     Parameters
     ----------
-    frames, kernel_size, device:
+    frames, kernel_size, device, verify:
         As for :func:`rolling_median`.
     out: array-like, optional
         As for :func:`rolling_median` (it must not share storage with
@@ -106,11 +125,12 @@ def rolling_median_background(frames, kernel_size: int, *, device: str = "auto",
     image_bg: numpy.ndarray or cupy.ndarray
         As for :func:`rolling_median`, of the shape of `frames`.
     """
-    return _compute(frames, kernel_size, device, out, background=True)
+    return _compute(frames, kernel_size, device, out, verify, background=True)
 
 
-def _compute(frames, kernel_size, device, out, background: bool):
+def _compute(frames, kernel_size, device, out, verify, background: bool):
     kernel_size = _check_kernel_size(kernel_size)
+    verify = None if verify is None else parse_verify(verify)
     on_gpu = _gpu_array(frames)
     stack = _check_frames(on_gpu if on_gpu is not None else _host_stack(frames))
     count, image_shape = stack.shape[0], tuple(stack.shape[1:])
@@ -119,14 +139,16 @@ def _compute(frames, kernel_size, device, out, background: bool):
     _check_out(out, shape)
     if on_gpu is not None:
         from .engines.cuda import rolling_median_on_gpu
-        return rolling_median_on_gpu(stack, kernel_size, windows, shape, out)
+        return rolling_median_on_gpu(stack, kernel_size, windows, shape, out, verify)
     out = _host_out(out, shape, stack)
-    _stream_through_engine(stack, image_shape, kernel_size, windows, shape[0], device, out)
+    _stream_through_engine(stack, image_shape, kernel_size, windows, shape[0], device, out,
+                           verify or DEFAULT_VERIFY)
     return out
 
 
-def _stream_through_engine(stack, image_shape, kernel_size, windows, rows, device, out):
-    from .devices import select_device
+def _stream_through_engine(stack, image_shape, kernel_size, windows, rows, device, out,
+                           verify: str):
+    from .devices import fall_back_to_cpu, select_device
     from .engines import engine_for
     from .system import available_cpus
 
@@ -139,10 +161,19 @@ def _stream_through_engine(stack, image_shape, kernel_size, windows, rows, devic
     def write_at(offset, medians):
         out[offset:offset + len(medians)] = medians.reshape(len(medians), *image_shape)
 
-    engine = engine_for(choice, image_shape or (1,), kernel_size,
-                        min(READ_BATCH, windows), available_cpus(), windows)
-    with engine:
-        last = engine.run(read_into, 0, windows, write_at)
+    def run_on(device):
+        engine = engine_for(device, image_shape or (1,), kernel_size,
+                            min(READ_BATCH, windows), available_cpus(), windows, verify)
+        with engine:
+            return engine.run(read_into, 0, windows, write_at)
+
+    try:
+        last = run_on(choice)
+    except Exception as error:
+        cpu = fall_back_to_cpu(choice, error, "the medians")
+        if cpu is None:
+            raise
+        last = run_on(cpu)  # every window again: each is written over
     _repeat_rows(out, last.reshape(image_shape), windows, rows)
 
 

@@ -9,8 +9,14 @@ import threading
 import time
 
 from . import engines, ppid, runlog, settings
-from .devices import DeviceChoice, select_device
-from .errors import InputDataError, InterruptedAfterStoring, signals_deferred, sigterm_raises
+from .devices import DeviceChoice, fall_back_to_cpu, select_device
+from .errors import (
+    InputDataError,
+    InterruptedAfterStoring,
+    first_line,
+    signals_deferred,
+    sigterm_raises,
+)
 from .rtdc.basins import write_output_basins
 from .rtdc.output import (
     EXISTING,
@@ -81,12 +87,19 @@ class Background(abc.ABC):
     io_threads: int, optional
         Threads that decode and encode HDF5 chunks; defaults to
         ``DCBG_IO_THREADS`` or the CPUs available. Never changes the result.
+    verify: str
+        "sample" (default), "all" or "off": the pixels of every GPU batch that
+        the CPU recomputes and compares before the batch is written (see
+        :mod:`dcbg.engines.verification`). A difference raises
+        :class:`~dcbg.errors.GPUResultError` and nothing is written; under
+        ``device="auto"`` the CPU computes the background again instead. The
+        CPU engine ignores it; it is not part of the PPID.
     kwargs:
         The method's keyword arguments (see :meth:`check_user_kwargs`).
     """
 
     def __init__(self, input_data, output_path, compress=True, num_cpus=None, device="auto",
-                 io_threads=None, **kwargs):
+                 io_threads=None, verify="sample", **kwargs):
         self.logger = logging.getLogger(f"dcbg.{self.__class__.__name__}")
         self.check_kwargs(kwargs, input_data)
 
@@ -102,6 +115,9 @@ class Background(abc.ABC):
 
         self.compress = settings.parse_compression(compress)
         """compression of image_bg as parsed: zstd-1 … zstd-9, or none"""
+
+        self.verify = settings.parse_verify(verify)
+        """which pixels of a GPU's batches the CPU checks: "sample", "all" or "off" """
 
         self.device: DeviceChoice = select_device(device)
         """the device that computes the background (chosen here unless given as chosen)"""
@@ -137,6 +153,9 @@ class Background(abc.ABC):
 
         self.engine_facts: dict = {}
         """what computed the last run: workers started, batch sizes (see the run log)"""
+
+        self.gpu_failure: dict | None = None
+        """the GPU failure the last run recovered from on the CPU (``device="auto"``)"""
 
         self.run_record: dict | None = None
         """the run log the last :meth:`process` stored in the output"""
@@ -343,6 +362,10 @@ class Background(abc.ABC):
         SIGTERM during the commit waits until the background is stored, then
         raises :class:`~dcbg.errors.InterruptedAfterStoring` (a
         KeyboardInterrupt).
+        A GPU that ``device="auto"`` chose and that fails during the run (a
+        CUDA error, a result that differs from the CPU's) leaves the
+        background to the CPU, which computes it again from the start in a
+        fresh output; an explicit GPU fails with the error.
         """
         with sigterm_raises(), runlog.WarningCollector() as warnings:
             try:
@@ -354,13 +377,15 @@ class Background(abc.ABC):
                 t0 = time.perf_counter()
                 self.image_proc.value = 0
                 self.stage_seconds = {}
-                self.process_approach()
+                self.gpu_failure = None
+                self._process_falling_back()
                 self.writer.check_complete()
                 self.writer.set_ppid(self.get_ppid())
                 self.stage_seconds["total"] = time.perf_counter() - t0
                 record = runlog.run_record(self.get_ppid(), self.device, self.engine_facts,
                                            self.io_threads, start, self.image_count,
-                                           self.stage_seconds, warnings.messages)
+                                           self.stage_seconds, warnings.messages,
+                                           self.verify, self.gpu_failure)
                 self.run_record = record
                 self._commit(record)
             except BaseException:
@@ -399,6 +424,26 @@ class Background(abc.ABC):
             raise InterruptedAfterStoring(
                 f"{str(error) or 'interrupted'} while {self.output_path} was being finished; "
                 f"it was stored whole, then the run stopped") from error
+
+    def _process_falling_back(self):
+        try:
+            self.process_approach()
+        except Exception as error:
+            cpu = fall_back_to_cpu(self.device, error, f"the background of {self._name()}")
+            if cpu is None:
+                raise
+            self.gpu_failure = {"device": str(self.device), "error": first_line(error),
+                                **self.engine_facts}
+            self._discard_output()  # nothing the GPU computed is kept
+            with signals_deferred():
+                self._open_output()
+            self.device = cpu
+            self.image_proc.value = 0
+            self.stage_seconds = {}
+            self.process_approach()
+
+    def _name(self) -> str:
+        return str(self.hdin.path) if self.hdin is not None else "the input frames"
 
     def _count_written(self, frames: int):
         with self.image_proc.get_lock():  # writers of several devices report at once

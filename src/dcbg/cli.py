@@ -40,7 +40,7 @@ from .rtdc.hdf5 import GENERATION_ATTRIBUTE, PPID_ATTRIBUTE
 from .rtdc.output import check_output_path
 from .rtdc.reader import check_input_path, missing_input
 from .selftest import DEFAULT_EVENTS, DEFAULT_FILE_EVENTS
-from .settings import DEFAULT_COMPRESSION, parse_compression
+from .settings import DEFAULT_COMPRESSION, DEFAULT_VERIFY, VERIFY_MODES, parse_compression
 from .system import skip_numba_blas_probe
 
 DEMO_EVENTS = 5000
@@ -321,7 +321,7 @@ def cmd_compute(args) -> int:
     # Chosen once for every file here; a Dask worker chooses for its own GPUs.
     device = args.device if args.dask else select_device(args.device)
     settings = JobSettings(cls.get_ppid_code(), kwargs, args.compress, device,
-                           args.num_cpus, args.io_threads)
+                           args.num_cpus, args.io_threads, args.verify)
     if args.dry_run:
         return dry_run(args, jobs, existing, settings, select_ppid)
     skipped = [FileResult(str(source), str(target), True, skipped=True,
@@ -410,7 +410,8 @@ def cmd_demo(args) -> int:
     target = default_output(source)
     settings = JobSettings(BackgroundRollMed.get_ppid_code(),
                            {"kernel_size": DEMO_KERNEL_SIZE, "batch_size": 10000},
-                           DEFAULT_COMPRESSION, device, args.num_cpus, args.io_threads)
+                           DEFAULT_COMPRESSION, device, args.num_cpus, args.io_threads,
+                           args.verify)
     height, width = DEFAULT_SHAPE
     emit(f"Synthesizing {args.events} frames of {height}x{width} in {source} …")
     handle, partial = tempfile.mkstemp(prefix=f".{source.name}.", suffix=".partial",
@@ -717,6 +718,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--io-threads", type=count_option(1), default=None,
                        help="threads that decode and encode HDF5 chunks (default: "
                        "$DCBG_IO_THREADS or all CPUs available; never more than there are)")
+        p.add_argument("--verify", choices=VERIFY_MODES, default=DEFAULT_VERIFY,
+                       help="which pixels of every GPU batch the CPU recomputes and compares "
+                       "before writing: sample (default, a spread sample), all, or off; "
+                       "ignored on the CPU")
         p.add_argument("--verbose", action="store_true", help="log details, show tracebacks")
 
     compute = sub.add_parser(

@@ -13,6 +13,12 @@ while the input is opened (:func:`dcbg.engines.preload`); a compile that
 fails raises the same error before any output is written
 (:func:`dcbg.engines.ready`). ``"auto"`` has to compile to decide.
 
+A GPU that ``"auto"`` chose and that fails during a run, with a CUDA error
+or a result that differs from the CPU's (see
+:mod:`dcbg.engines.verification`), leaves the work to the CPU, which
+computes it again (:func:`fall_back_to_cpu`); an explicit CUDA device fails
+with the error.
+
 This module only parses and chooses; what CUDA can do is asked of
 :mod:`dcbg.cudaprobe`.
 """
@@ -23,7 +29,7 @@ import logging
 import os
 
 from . import cudaprobe
-from .errors import DeviceError
+from .errors import DeviceError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +51,9 @@ class DeviceChoice:
     """why this device was chosen"""
     indices: tuple[int, ...] = ()
     """for "cuda:all": every CUDA device the recording is split across"""
+    automatic: bool = False
+    """whether "auto" chose it (a GPU that fails during a run then leaves the work to
+    the CPU, see :func:`fall_back_to_cpu`)"""
 
     @property
     def split(self) -> bool:
@@ -77,12 +86,30 @@ def auto_choice() -> tuple[DeviceChoice, str | None]:
     reason = cudaprobe.cuda_unavailable_reason(0)
     if reason is None:
         return DeviceChoice("cuda", 0, "CUDA device 0 is available and the kernel "
-                                       "compiles"), None
+                                       "compiles", automatic=True), None
     warning = None
     if cudaprobe.visible_nvidia_gpus() > 0:
         warning = (f"A GPU is visible, but dcbg cannot use it: {reason}; computing on "
                    f"the CPU meanwhile.")
-    return DeviceChoice("cpu", None, reason), warning
+    return DeviceChoice("cpu", None, reason, automatic=True), warning
+
+
+def fall_back_to_cpu(device: DeviceChoice, error: BaseException,
+                     work: str = "the background") -> DeviceChoice | None:
+    """The CPU, when a GPU that "auto" chose failed during a run; None when the error stands
+
+    The failures that fall back are :class:`~dcbg.errors.DeviceError`: a
+    CUDA runtime or driver error, or a median that differs from the CPU's
+    (:class:`~dcbg.errors.GPUResultError`). Running out of memory is none
+    of them (the engine goes on with smaller batches). An explicit device
+    fails with the error. The fall-back is logged as one warning (naming
+    `work`, what the CPU computes again), which the run log keeps.
+    """
+    if not (device.automatic and device.kind == "cuda" and isinstance(error, DeviceError)):
+        return None
+    logger.warning("%s failed, so the CPU computes %s again (device=\"auto\"): %s",
+                   device, work, first_line(error))
+    return DeviceChoice("cpu", None, f"{device} failed: {first_line(error)}", automatic=True)
 
 
 def select_device(device: str = "auto") -> DeviceChoice:

@@ -68,6 +68,10 @@ class DeviceError(RuntimeError):
     """The CUDA device failed while computing (driver or kernel error)"""
 
 
+class GPUResultError(DeviceError):
+    """A GPU's median differs from the CPU's recomputation of the same pixel"""
+
+
 class Terminated(KeyboardInterrupt):
     """The process received SIGTERM; raised so that cleanup runs as for Ctrl-C"""
 

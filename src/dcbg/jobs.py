@@ -28,7 +28,7 @@ import typing
 
 from .devices import DeviceChoice
 from .errors import InputDataError, InputFileError, OutputError, first_line
-from .settings import DEFAULT_COMPRESSION
+from .settings import DEFAULT_COMPRESSION, DEFAULT_VERIFY
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,8 @@ class JobSettings:
     device chosen once for every file"""
     num_cpus: int | None = None
     io_threads: int | None = None
+    verify: str = DEFAULT_VERIFY
+    """which of a GPU's results the CPU checks (see :func:`dcbg.settings.parse_verify`)"""
 
 
 @dataclasses.dataclass
@@ -101,8 +103,8 @@ def compute_file(source, target, settings: JobSettings, progress=None,
     source, target: path-like
         Input .rtdc and output path (the same path writes in place).
     settings: JobSettings
-        Method, keywords, compression, device, CPU workers and codec threads
-        (see :mod:`dcbg.settings`).
+        Method, keywords, compression, device, CPU workers, codec threads and
+        the check of GPU results (see :mod:`dcbg.settings`).
     progress: callable, optional
         Context manager factory called with the Background instance while it
         runs (the command line's progress bar).
@@ -131,7 +133,7 @@ def compute_file(source, target, settings: JobSettings, progress=None,
             preload(device)  # loads while the child probes
             probe_metadata(source)
         with cls(source, target, compress=settings.compress, num_cpus=settings.num_cpus,
-                 device=device, io_threads=settings.io_threads,
+                 device=device, io_threads=settings.io_threads, verify=settings.verify,
                  **settings.kwargs) as background:
             if progress is None:
                 background.process()

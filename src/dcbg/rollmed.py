@@ -36,17 +36,22 @@ class BackgroundRollMed(Background):
         "auto", "cpu", "cuda", "cuda:N" or "cuda:all" (see :mod:`dcbg.devices`).
     io_threads: int, optional
         Threads that decode and encode HDF5 chunks (see :class:`dcbg.Background`).
+    verify: str
+        "sample" (default), "all" or "off": which pixels of every GPU batch the
+        CPU checks before it is written (see :class:`dcbg.Background`).
     """
 
     def __init__(self, input_data, output_path, kernel_size=100, batch_size=10000,
-                 compress=True, num_cpus=None, device="auto", io_threads=None, **unknown):
+                 compress=True, num_cpus=None, device="auto", io_threads=None,
+                 verify="sample", **unknown):
         if unknown:
             raise UnknownKeywordError(
                 f"BackgroundRollMed has no keyword {sorted(unknown)[0]!r}; its keywords are "
-                f"kernel_size, batch_size, compress, num_cpus, device and io_threads.")
+                f"kernel_size, batch_size, compress, num_cpus, device, io_threads and "
+                f"verify.")
         super().__init__(input_data=input_data, output_path=output_path, compress=compress,
                          num_cpus=num_cpus, device=device, io_threads=io_threads,
-                         kernel_size=kernel_size, batch_size=batch_size)
+                         verify=verify, kernel_size=kernel_size, batch_size=batch_size)
 
     @property
     def kernel_size(self) -> int:
@@ -96,7 +101,7 @@ class BackgroundRollMed(Background):
         k, count = self.kernel_size, self.image_count
         windows = background_window_count(count, k)
         with engine_for(self.device, self.image_shape, k, min(self.batch_size, windows),
-                        self.num_cpus, windows) as engine:
+                        self.num_cpus, windows, self.verify) as engine:
             self.logger.info("Rolling median of %d frames %s, k=%d on %s (%s)", count,
                              self.image_shape, k, self.device, self.device.reason)
             try:

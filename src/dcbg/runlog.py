@@ -4,7 +4,10 @@ Each run adds one dataset ``logs/dcbg-background_<UTC start>``: JSON text,
 one line per dataset element (the form dclab shows in ``ds.logs``). It holds
 the dcbg version, the PPID, the device with its driver and library
 versions, the host, start and end time, the number of events, seconds per
-stage and the warnings logged during the run.
+stage, the warnings logged during the run, how a GPU's results were checked
+against the CPU (the mode and the pixel-outputs compared) and, where a GPU
+that ``device="auto"`` chose failed and the CPU computed the run again, that
+failure.
 """
 from __future__ import annotations
 
@@ -62,18 +65,25 @@ def device_details(device) -> dict:
 
 
 def run_record(ppid: str, device, engine_facts: dict, io_threads: int, start: str,
-               events: int, stage_seconds: dict, warnings: list[str]) -> dict:
+               events: int, stage_seconds: dict, warnings: list[str], verify: str = "sample",
+               gpu_failure: dict | None = None) -> dict:
     """The log of one run as a dict
 
     `engine_facts` says what computed it (:meth:`dcbg.engines.Engine.facts`):
     the CPU workers started and their kind, the batch of windows (on a GPU
-    the device batch, on several GPUs one per range).
+    the device batch, on several GPUs one per range, and the pixel-outputs
+    checked against the CPU). `verify` is the run's check of GPU results
+    (:func:`dcbg.settings.parse_verify`); `gpu_failure`, where a GPU failed
+    and the CPU computed the run again, the GPU, its error and its facts.
     """
+    failure = {} if gpu_failure is None else {"gpu_failure": gpu_failure}
     return {
         "software": f"dcbg {__version__}",
         "ppid": ppid,
         **device_details(device),
         **engine_facts,
+        "verify": verify,
+        **failure,
         "io_threads": io_threads,
         "cpu_kernels": cpukernels.cpu_kernels().build,
         "host": socket.gethostname(),

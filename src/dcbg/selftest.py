@@ -12,7 +12,10 @@ On each chosen device the self-test
 3. compares every window byte for byte with the CPU engine, and some
    windows with the definition (a partial sort of each, so it checks few):
    the first ones, whose medians follow one another, and some spread to the
-   stack's end; fewer at large k, where each costs more;
+   stack's end; fewer at large k, where each costs more; a GPU's runs also
+   check every pixel of every batch themselves (``verify="all"``, see
+   :mod:`dcbg.engines.verification`), so the check that guards every run is
+   tested on every count width;
 4. measures pixel-outputs per second of the median alone (on a GPU the
    kernel on device memory, timed with CUDA events), and events per second
    file to file: a synthetic recording, zstd-compressed, in a temporary
@@ -37,7 +40,7 @@ import numpy as np
 from .devices import ALL_DEVICES, DeviceChoice, parse_device, select_device
 from .engines import engine_for, preload, ready
 from .engines.base import count_dtype
-from .errors import first_line
+from .errors import GPUResultError, first_line
 from .reference import window_medians_by_partition
 from .system import available_cpus
 from .windows import background_window_count
@@ -65,6 +68,9 @@ KERNEL_REPEATS = 10
 
 FILE_KERNEL_SIZE = 100
 """kernel_size of the file-to-file run (a typical recording's)"""
+
+VERIFY = "all"
+"""How the self-test's GPU runs check their results against the CPU: every pixel"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,12 +206,14 @@ def difference(actual: np.ndarray, expected: np.ndarray,
 
 
 def engine_medians(device: DeviceChoice, frames: np.ndarray, shape, kernel_size: int,
-                   num_cpus: int) -> tuple[np.ndarray, float, dict]:
+                   num_cpus: int, verify: str = "off") -> tuple[np.ndarray, float, dict]:
     """Every window of `frames` through the engine of `device`, as a run computes them
 
     Returns the medians (one row per window), the wall seconds of the run
     and the engine's seconds per stage. The batches are at most a third of
-    the windows, so the pipeline overlaps several of them.
+    the windows, so the pipeline overlaps several of them. `verify` is the
+    GPU engine's own check of its results (by default none: callers compare
+    every window themselves).
     """
     windows = background_window_count(len(frames), kernel_size)
     medians = np.empty((windows, frames.shape[1]), np.uint8)
@@ -220,9 +228,11 @@ def engine_medians(device: DeviceChoice, frames: np.ndarray, shape, kernel_size:
     if device.kind == "cuda" and not device.split:
         # a run's GPU batch is sized by memory alone; this one is capped to a third
         from .engines.cuda import CUDARollingMedian
-        engine = CUDARollingMedian(shape, kernel_size, batch_size, device.index)
+        engine = CUDARollingMedian(shape, kernel_size, batch_size, device.index,
+                                   verify=verify)
     else:
-        engine = engine_for(device, shape, kernel_size, batch_size, num_cpus, windows)
+        engine = engine_for(device, shape, kernel_size, batch_size, num_cpus, windows,
+                            verify)
     with engine:
         t0 = time.perf_counter()
         engine.run(read_into, 0, windows, write_at)
@@ -376,15 +386,22 @@ def median_row(device: DeviceChoice, case: StackCase, results: _Results) -> Self
         median_seconds = cpu_stages.get("median", cpu_seconds)
     else:
         results.say(f"k={case.kernel_size}: computing {describe_stack(case)} on {device}")
-        medians, row.seconds, _ = engine_medians(device, frames, case.shape,
-                                                 case.kernel_size, results.num_cpus)
+        t0 = time.perf_counter()
+        try:
+            medians, row.seconds, _ = engine_medians(device, frames, case.shape,
+                                                     case.kernel_size, results.num_cpus,
+                                                     VERIFY)
+        except GPUResultError as error:  # the run's own check: the kernel alone shows more
+            medians, row.seconds = None, time.perf_counter() - t0
+            problems.append(f"the engine's check: {first_line(error)}")
         kernel, median_seconds = cuda_kernel_medians(device.index, frames, case.shape,
                                                      case.kernel_size, case.windows)
         for label, actual in (("the engine", medians), ("the kernel alone", kernel)):
-            problem = difference(actual, expected)
+            problem = None if actual is None else difference(actual, expected)
             if problem:
                 problems.append(f"{label} differs from the CPU engine: {problem}")
         row.same_as_cpu = not problems
+        medians = kernel if medians is None else medians
     starts, definition = results.definition(case)
     row.definition_windows = len(starts)
     problem = difference(medians[starts], definition, starts)
@@ -410,18 +427,20 @@ def file_row(device: str, recording: pathlib.Path, expected: np.ndarray, num_cpu
     t0 = time.perf_counter()
     with BackgroundRollMed(recording, output, kernel_size=FILE_KERNEL_SIZE,
                            batch_size=10_000, compress=True, num_cpus=num_cpus,
-                           device=device) as background:
+                           device=device, verify=VERIFY) as background:
         background.process()
     seconds = time.perf_counter() - t0
     with h5py.File(output) as h5:
         image_bg = h5["events/image_bg"][:]
     output.unlink()
     problem = difference(image_bg.reshape(count, -1), expected.reshape(count, -1))
+    note = "zstd in, zstd-5 out"
+    if background.device.kind == "cuda":  # slower than a run's sampled check
+        note += f", verify={VERIFY}"
     return SelftestRow(device, "file to file", seconds, FILE_KERNEL_SIZE, count,
                        tuple(shape), 8 * count_dtype(FILE_KERNEL_SIZE).itemsize,
                        same_as_cpu=problem is None, events_per_s=count / seconds,
-                       note=f"zstd in, zstd-5 out; {problem}" if problem else
-                       "zstd in, zstd-5 out")
+                       note=f"{note}; {problem}" if problem else note)
 
 
 def device_requests(device: str) -> tuple[list[str], str | None]:

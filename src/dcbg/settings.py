@@ -1,10 +1,11 @@
 """The settings of a run, each defined and checked in this one place
 
-Compression of ``image_bg``, the codec threads and the CPU workers are
-decided once, where a run starts (the command line, :class:`dcbg.Background`,
-ChipStream's hook), and handed on as decided; the device is decided in
-:mod:`dcbg.devices`. None of them changes a byte of the result except the
-compression, which changes only how the bytes are stored.
+Compression of ``image_bg``, the codec threads, the CPU workers and the
+verification of GPU results are decided once, where a run starts (the
+command line, :class:`dcbg.Background`, ChipStream's hook), and handed on as
+decided; the device is decided in :mod:`dcbg.devices`. None of them changes
+a byte of the result except the compression, which changes only how the
+bytes are stored.
 """
 from __future__ import annotations
 
@@ -19,6 +20,12 @@ DEFAULT_COMPRESSION = "zstd-5"
 """Compression of image_bg unless asked otherwise (dcnum's: Zstandard level 5)"""
 
 NO_COMPRESSION = "none"
+
+VERIFY_MODES = ("sample", "all", "off")
+"""How much of a GPU's results the CPU recomputes and compares: a spread sample of the
+pixels of every batch, every pixel, or nothing"""
+
+DEFAULT_VERIFY = "sample"
 
 IO_THREADS_ENV = "DCBG_IO_THREADS"
 """Environment variable giving the default number of chunk codec threads"""
@@ -50,6 +57,25 @@ def parse_compression(compression) -> str:
             return f"zstd-{int(level)}"
     raise ValueError(
         f"Unknown compression '{compression}'; use 'zstd-1' to 'zstd-9' or 'none'.")
+
+
+def parse_verify(verify) -> str:
+    """The verification of GPU results in its one spelling: "sample", "all" or "off"
+
+    A GPU engine recomputes on the CPU, for every batch, a spread sample of
+    its pixels ("sample") or all of them ("all"), and compares them with
+    the GPU's before anything is written (see
+    :mod:`dcbg.engines.verification`). The CPU engine ignores it; the result
+    never depends on it.
+
+    Raises
+    ------
+    ValueError
+        For anything else.
+    """
+    if isinstance(verify, str) and verify.strip().lower() in VERIFY_MODES:
+        return verify.strip().lower()
+    raise ValueError(f"Unknown verify {verify!r}; use 'sample' (the default), 'all' or 'off'.")
 
 
 def zstd_level(compression: str) -> int | None:

@@ -12,7 +12,12 @@ it was asked to do, so tests can check launches, copies and frees, the order
 of uploads, launches and downloads, page-locked allocations (exact sizes
 through ``cuda.PinnedMemory``), whether the host waited on blocking-sync
 events in the event's device, on which device kernel handles and occupancy
-were taken, and how often NVML started and described a GPU.
+were taken, and how often NVML started and described a GPU. Tests inject
+faults: a launch that raises (``faults``), a bit flipped in one median of
+a launch (``flips``), an upload that copies nothing (``skipped_uploads``)
+and a download that brings back the previous download's bytes
+(``stale_downloads``); each passes the checks below, as the real fault
+would.
 
 It is as strict as CuPy and CUDA where dcbg could go wrong unseen: each
 thread has a current device (0 until it sets one) and a context only once it
@@ -210,6 +215,9 @@ class FakeArray:
             self.state.copies.append(("upload", stream.name))
             self.state.calls.append(("upload", len(host)))
             target = self.array
+            if self.state.copy_number("upload") in self.state.skipped_uploads:
+                stream.put(lambda: None)  # the device buffer keeps what it held
+                return
             stream.put(lambda: target.__setitem__(Ellipsis, host))  # reads `host` when it runs
 
     def get(self, stream=None, out=None, blocking=True):
@@ -230,7 +238,8 @@ class FakeArray:
             self.state.copies.append(("download", stream.name))
             self.state.calls.append(("download", len(out)))
             source = self.array
-            stream.put(lambda: out.__setitem__(Ellipsis, source))
+            stale = self.state.copy_number("download") in self.state.stale_downloads
+            stream.put(lambda: self.state.download(source, out, stale))
             if blocking:
                 stream.synchronize()
         return out
@@ -277,14 +286,21 @@ class FakeKernel:
             if fault is not None:  # injected at this launch number
                 state.launches.append(("fault", grid, block, 0))
                 raise fault
+            flip = state.flips.pop(len(state.launches), None)
             state.launches.append((self.name, grid, block, int(output_size)))
             state.launch_devices.append(current_device(state))
             state.calls.append(("kernel", int(output_size)))
         source, target = frames.array, medians.array
         extra = {"value_xor": int(value_xor[0])} if value_xor else {}
-        current_stream(state).put(lambda: hk.launch(
-            state.lib, plan, source, target, int(pixels), int(output_size), int(kernel_size),
-            **extra))
+
+        def run():
+            hk.launch(state.lib, plan, source, target, int(pixels), int(output_size),
+                      int(kernel_size), **extra)
+            if flip is not None:  # one bit of one median goes wrong, as in memory without ECC
+                window, pixel = flip
+                target[window, pixel] ^= 0x01
+
+        current_stream(state).put(run)
 
 
 class FakeModule:
@@ -449,6 +465,27 @@ class FakeState:
         self.compile_error: BaseException | None = None
         self.nvml_inits = 0
         self.nvml_descriptions = 0
+        self.flips: dict[int, tuple[int, int]] = {}
+        """launch number → (window, pixel) of the median that launch gets one bit wrong"""
+        self.skipped_uploads: set[int] = set()
+        """numbers of the uploads that copy nothing"""
+        self.stale_downloads: set[int] = set()
+        """numbers of the downloads that bring back the previous download's bytes"""
+        self.previous_download: np.ndarray | None = None
+
+    def copy_number(self, kind: str) -> int:
+        """The number of the last upload or download asked for (counted from 0)"""
+        return sum(1 for copy, _ in self.copies if copy == kind) - 1
+
+    def download(self, source: np.ndarray, out: np.ndarray, stale: bool):
+        """Run a download into `out`; a stale one brings the previous download's bytes"""
+        previous = self.previous_download
+        self.previous_download = source.copy()
+        if not stale:
+            out[...] = source
+        elif previous is not None:
+            rows = min(len(out), len(previous))
+            out[:rows] = previous[:rows]
 
     def null_stream_of(self, device: int) -> FakeStream:
         """The null stream of a device"""
@@ -624,6 +661,8 @@ def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1, seed=0, version="
     cupy.asarray = lambda data: asarray(state, data)
     cupy.asnumpy = lambda array: asnumpy(state, array)
     cupy.ascontiguousarray = lambda array: ascontiguousarray(state, array)
+    cupy.take = lambda array, indices, axis=None, out=None: take(state, array, indices,
+                                                                 axis, out)
     cupy.may_share_memory = lambda a, b, max_work=None: np.may_share_memory(a.array, b.array)
     cupy.from_dlpack = lambda data: data.device_array  # the test doubles of torch tensors
     cupy.ndarray = FakeArray
@@ -680,6 +719,24 @@ def ascontiguousarray(state, array: FakeArray) -> FakeArray:
     copy = allocate(state, np.empty(array.shape, array.dtype))
     copy[...] = array
     return copy
+
+
+def take(state, array: FakeArray, indices, axis, out=None) -> FakeArray:
+    """Like cupy.take along an axis: a gather queued on the current stream, of arrays of
+    the current device, into an `out` of the result's shape and dtype"""
+    assert axis is not None, "dcbg takes along an axis"
+    source = array.array
+    index = indices.array if isinstance(indices, FakeArray) else np.asarray(indices)
+    shape = source.shape[:axis] + index.shape + source.shape[axis + 1:]
+    check_current_device(state, array, *(a for a in (indices, out) if isinstance(a, FakeArray)))
+    if out is None:
+        out = allocate(state, np.empty(shape, source.dtype))
+    elif out.shape != shape or out.dtype != source.dtype:
+        raise ValueError(f"Output shape or dtype mismatch: {out.shape} {out.dtype}, expected "
+                         f"{shape} {source.dtype}")
+    target = out.array
+    current_stream(state).put(lambda: np.take(source, index, axis=axis, out=target))
+    return out
 
 
 def median_filter(state, array: FakeArray, size, **kwargs) -> FakeArray:

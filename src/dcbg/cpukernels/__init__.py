@@ -1,4 +1,4 @@
-"""dcbg's two CPU kernels, compiled, and the one place that picks their build
+"""dcbg's CPU kernels, compiled, and the one place that picks their build
 
 - ``rolling_median_columns``: the rolling median of a range of pixel columns
   (a 256-bin histogram per pixel and a pointer to its median bin, see
@@ -12,8 +12,14 @@
   of 65535 stays 0xFFFF, and stores ``(sum2 << 16) | sum1`` little-endian
   after the data. numcodecs has the same checksum but computes it while
   holding the GIL, which would serialize the chunk codec threads.
+- ``gather_columns`` and ``first_difference``: the check of a GPU's medians
+  against the CPU (see :mod:`dcbg.engines.verification`) copies a sample
+  of pixel columns out of a batch's frames, and compares the GPU's medians
+  at those columns with the CPU's, without copying them first. Both
+  prefetch the next row while they read one, which a copy by numpy does
+  not.
 
-Both kernels release the GIL and exist in two builds with the same results:
+The kernels release the GIL and exist in two builds with the same results:
 
 - ``"C"``: the extension module ``_compiled`` (source ``compiled.c``), which
   pip compiles when it installs dcbg where a C compiler and the Python
@@ -43,6 +49,11 @@ class CPUKernels(typing.NamedTuple):
     """``(frames, out, kernel_size, output_size, start, stop, counts) -> None``"""
     fletcher32: typing.Callable
     """``(uint8 array) -> int``"""
+    gather_columns: typing.Callable
+    """``(source, columns, out) -> None``: ``out[r, j] = source[r, columns[j]]``"""
+    first_difference: typing.Callable
+    """``(actual, columns or None, expected) -> int``: the flat index in `expected` of the
+    first ``actual[r, columns[j]] != expected[r, j]``, or -1"""
 
 
 def load_build(build: str) -> CPUKernels:
@@ -53,7 +64,8 @@ def load_build(build: str) -> CPUKernels:
         from . import jit as module
     else:
         raise ValueError(f"Unknown CPU kernel build '{build}'; use one of {BUILDS}.")
-    return CPUKernels(build, module.rolling_median_columns, module.fletcher32)
+    return CPUKernels(build, module.rolling_median_columns, module.fletcher32,
+                      module.gather_columns, module.first_difference)
 
 
 @functools.cache

@@ -1,9 +1,9 @@
-"""dcbg's two CPU kernels compiled by numba: the build used where the C one was not installed
+"""dcbg's CPU kernels compiled by numba: the build used where the C one was not installed
 
-The loops of ``compiled.c``'s histogram kernel and checksum, with the same
-results as every kernel there. numba compiles them on first use and caches
-the machine code; a process pays 0.5–1 s to import numba and load that cache,
-which the C build does not.
+The loops of ``compiled.c``'s histogram kernel, checksum, column gather and
+comparison, with the same results as every kernel there. numba compiles them
+on first use and caches the machine code; a process pays 0.5–1 s to import
+numba and load that cache, which the C build does not.
 """
 from __future__ import annotations
 
@@ -90,3 +90,76 @@ def fletcher32(data):
         sum2 += sum1
     return (_fold(sum2) << 16) | _fold(sum1)
 
+
+
+def gather_columns(source, columns, out):
+    """``out[r, j] = source[r, columns[j]]`` for every row of `out`
+
+    `source` and `out` are C-contiguous 2-D uint8 arrays, `out` with at most
+    as many rows as `source` and one column per entry of `columns` (int64,
+    each a column of `source`).
+    """
+    _check_columns(source, columns)
+    if (out.ndim != 2 or out.dtype != np.uint8 or out.shape[0] > source.shape[0]
+            or out.shape[1] != len(columns)):
+        raise ValueError("out must be 2-D uint8 with at most the rows of source and one "
+                         "column per entry of columns")
+    _gather_columns(source, columns, out)
+
+
+def first_difference(actual, columns, expected) -> int:
+    """The first place, row by row, where `actual` differs from `expected`, or -1
+
+    Compares ``actual[r, columns[j]]`` (``actual[r, j]`` where `columns` is
+    None) with ``expected[r, j]`` for every row of `expected` and returns
+    ``r * width + j`` of the first difference, `width` being the columns of
+    `expected`. Both are C-contiguous 2-D uint8 arrays, `actual` with at
+    least the rows of `expected`.
+    """
+    if columns is None:
+        columns = np.arange(actual.shape[1], dtype=np.int64)
+    _check_columns(actual, columns)
+    if (expected.ndim != 2 or expected.dtype != np.uint8
+            or expected.shape[0] > actual.shape[0] or expected.shape[1] != len(columns)):
+        raise ValueError("expected must be 2-D uint8 with at most the rows of actual and one "
+                         "column per entry of columns (per column of actual where columns is "
+                         "None)")
+    return int(_first_difference(actual, columns, expected))
+
+
+def _check_columns(source, columns):
+    """The checks compiled.c makes before it reads: numba's loops do not check bounds"""
+    if columns.ndim != 1 or columns.dtype != np.int64:
+        raise ValueError("columns must be a contiguous 1-D array of int64")
+    if source.ndim != 2 or source.dtype != np.uint8:
+        raise ValueError("source must be a C-contiguous 2-D array of unsigned integers of "
+                         "1 byte")
+    outside = (columns < 0) | (columns >= source.shape[1])
+    if outside.any():
+        raise ValueError(f"column {columns[outside.argmax()]} is outside the "
+                         f"{source.shape[1]} pixel columns")
+
+
+@numba.njit(nogil=True, cache=True)
+def _gather_columns(source, columns, out):
+    for row in range(out.shape[0]):
+        original = source[row]
+        gathered = out[row]
+        for j in range(columns.shape[0]):
+            gathered[j] = original[columns[j]]
+
+
+@numba.njit(nogil=True, cache=True)
+def _first_difference(actual, columns, expected):
+    width = expected.shape[1]
+    for row in range(expected.shape[0]):
+        got = actual[row]
+        want = expected[row]
+        differs = 0
+        for j in range(width):  # without a branch; the row is searched only if it differs
+            differs |= got[columns[j]] ^ want[j]
+        if differs:
+            for j in range(width):
+                if got[columns[j]] != want[j]:
+                    return row * width + j
+    return -1

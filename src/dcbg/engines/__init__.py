@@ -6,7 +6,9 @@
   overlapped copy/compute pipeline, with the kernel's source, compilation
   and launch plans in :mod:`~dcbg.engines.cudakernel` and its batch sizes
   and page-locked buffers in :mod:`~dcbg.engines.cudamemory`;
-- :mod:`~dcbg.engines.split`: one recording split across several GPUs.
+- :mod:`~dcbg.engines.split`: one recording split across several GPUs;
+- :mod:`~dcbg.engines.verification`: a GPU's results checked against the
+  CPU kernel before they are written.
 
 :func:`engine_for` is the one place that turns a chosen device into an
 engine. Engines import their kernels (and numba or CuPy) only when they are
@@ -26,7 +28,7 @@ if typing.TYPE_CHECKING:
 
 
 def engine_for(device: DeviceChoice, image_shape, kernel_size: int, batch_size: int,
-               num_cpus: int, windows: int) -> Engine:
+               num_cpus: int, windows: int, verify: str = "sample") -> Engine:
     """The engine that computes `windows` windows on `device`
 
     Parameters
@@ -42,15 +44,20 @@ def engine_for(device: DeviceChoice, image_shape, kernel_size: int, batch_size: 
     windows: int
         Number of windows of the run (the CPU engine picks its workers by it; a GPU
         batch may hold them all).
+    verify: str
+        Which results of a GPU the CPU checks: "sample", "all" or "off"
+        (see :func:`dcbg.settings.parse_verify`); the CPU engine ignores it.
     """
     # A GPU batch is sized by device and host memory, never by `batch_size`
     # (which does not change the result): it may take up to all windows.
     if device.split:
         from .split import SplitRollingMedian
-        return SplitRollingMedian(image_shape, kernel_size, windows, device.indices)
+        return SplitRollingMedian(image_shape, kernel_size, windows, device.indices,
+                                  verify=verify)
     if device.kind == "cuda":
         from .cuda import CUDARollingMedian
-        return CUDARollingMedian(image_shape, kernel_size, windows, device.index)
+        return CUDARollingMedian(image_shape, kernel_size, windows, device.index,
+                                 verify=verify)
     from .cpu import CPURollingMedian
     return CPURollingMedian(image_shape, kernel_size, batch_size, num_cpus, windows)
 

@@ -7,8 +7,10 @@ A batch flows through five stages that overlap:
 3. the compute stream runs the kernel on it,
 4. the download stream copies its medians back into a pinned buffer, queued
    right after the kernel,
-5. the writer thread waits for that download and encodes and writes it
-   while the next batches are read, uploaded and computed.
+5. the writer thread waits for that download, checks a sample of its
+   pixels against the CPU kernel (:mod:`~dcbg.engines.verification`) and
+   encodes and writes it while the next batches are read, uploaded and
+   computed.
 
 Events order the streams: an upload waits until the kernel that read its
 device buffer before is done, a kernel waits for its upload and for the
@@ -16,7 +18,9 @@ download of the output buffer it reuses, a download waits for its kernel.
 The host waits (on blocking-sync events, which sleep instead of spinning a
 core) only where it hands a pinned buffer to a thread: the reader gets an
 input buffer back once its upload is done, the writer writes an output
-buffer once its download is done.
+buffer once its download is done. The pixels of a batch's frames that its
+check needs are copied out of the input buffer before the reader gets it
+back.
 
 The kernel and its launch plans come from :mod:`~dcbg.engines.cudakernel`;
 batch sizes and the page-locked buffers, kept across runs, from
@@ -27,14 +31,16 @@ on the batch size.
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
+import threading
 
 import numpy as np
 
 from .. import cudaprobe
 from ..arrays import overlap_error
 from ..errors import DeviceError, first_line
-from . import cudakernel, cudamemory
+from . import cudakernel, cudamemory, verification
 from .base import Engine
 from .batches import Prefetcher, WriterThread, plan_windows
 from .cudacontext import on_device, use_device
@@ -69,6 +75,10 @@ class CUDARollingMedian(Engine):
     host_bytes: int, optional
         The page-locked host memory budget; by default a share of the
         memory available now (:func:`~dcbg.engines.cudamemory.pinned_memory_budget`).
+    verify: str
+        "sample", "all" or "off": which pixels of every batch the CPU
+        recomputes and compares before the batch is written
+        (see :mod:`~dcbg.engines.verification`).
 
     Raises
     ------
@@ -80,12 +90,17 @@ class CUDARollingMedian(Engine):
 
     def __init__(self, image_shape, kernel_size, windows, device_index=0,
                  memory_share: float = 1.0, free_bytes: int | None = None,
-                 host_share: float = 1.0, host_bytes: int | None = None):
+                 host_share: float = 1.0, host_bytes: int | None = None,
+                 verify: str = "sample"):
         import cupy
 
         super().__init__(image_shape, kernel_size, windows)
         self.cupy = cupy
         self.device_index = device_index
+        self.verify = verify
+        self.result_check = verification.ResultCheck(verify, kernel_size, self.image_shape,
+                                                     device_index)
+        """the check of the last run's results against the CPU"""
         self.kernels = cudakernel.kernels_or_device_error(device_index)
         info = cudaprobe.describe_cuda_device(device_index)
         if info is not None:
@@ -105,6 +120,11 @@ class CUDARollingMedian(Engine):
                     "%s of page-locked host memory, share %.2f)", self.batch_windows,
                     free / 2**20, memory_share,
                     "no limit" if host is None else f"{host / 2**20:.0f} MiB", host_share)
+
+    def facts(self) -> dict:
+        """The device batch, and the pixel-outputs the last run checked against the CPU"""
+        return {"batch_windows": self.batch_windows,
+                "verified_pixel_outputs": self.result_check.pixel_outputs}
 
     def close(self):
         """Nothing to give back: a run returns its page-locked buffers to the process's keep
@@ -136,6 +156,8 @@ class CUDARollingMedian(Engine):
 
         Raises
         ------
+        GPUResultError
+            If a median differs from the CPU's recomputation of it.
         DeviceError
             If the device or the kernel fails.
         MemoryError
@@ -150,6 +172,8 @@ class CUDARollingMedian(Engine):
             written += len(frames)
 
         self.stage_seconds = {}
+        self.result_check = verification.ResultCheck(self.verify, self.kernel_size,
+                                                     self.image_shape, self.device_index)
         with on_device(self.device_index):  # the thread's device for the whole run
             while True:
                 batches = plan_windows(first + written, stop, self.kernel_size,
@@ -231,10 +255,13 @@ class CUDARollingMedian(Engine):
         cupy = self.cupy
         upload, compute, download = streams
         downloads: dict[int, object] = {}  # window offset → event of its download
+        samples: dict[int, object] = {}  # window offset → its frames' pixels to check
+        check = self.result_check
 
         def write_when_downloaded(offset, frames):
             use_device(self.device_index)  # the writer thread's device: waits in its context
             downloads.pop(offset).synchronize()
+            check.check(samples.pop(offset), frames, offset)
             write_at(offset, frames)
 
         prefetcher = Prefetcher(read_into, batches, pinned_in)
@@ -269,6 +296,9 @@ class CUDARollingMedian(Engine):
                 downloaded[slot] = download.record(cupy.cuda.Event(block=True))
                 timings.append(("download", start, downloaded[slot]))
                 downloads[batch.start] = downloaded[slot]
+                # copied while the upload runs: the reader refills this buffer next
+                samples[batch.start] = check.take_frames(
+                    frames, self.plan(batch.output_size).block, batch.start)
                 writer.submit(batch.start, buffer, batch.output_size)
                 final = (batch, buffer, downloaded[slot])
 
@@ -293,6 +323,8 @@ class CUDARollingMedian(Engine):
         finally:
             self._add_seconds("read", prefetcher.seconds)
             self._add_seconds("write", writer.seconds)
+            if check.active:  # the run's checks so far, through every retry
+                self.stage_seconds["verify"] = check.seconds
         for stage, start, end in timings:  # all device work is done by now
             self._add_seconds(stage, cupy.cuda.get_elapsed_time(start, end) / 1e3)
         return last
@@ -301,12 +333,26 @@ class CUDARollingMedian(Engine):
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
 
-def rolling_median_on_gpu(frames, kernel_size: int, windows: int, shape: tuple, out):
+_checked_gpu_arrays: set[tuple[int, str]] = set()
+"""(device, kernel entry point: one per count width) whose GPU-array results this process
+has checked against the CPU"""
+
+_checked_lock = threading.Lock()
+
+_array_checks = itertools.count()
+"""Numbers the checks of GPU arrays, so that each samples other pixels"""
+
+
+def rolling_median_on_gpu(frames, kernel_size: int, windows: int, shape: tuple, out,
+                          verify: str | None = None):
     """Rolling medians of frames in GPU memory, computed where they are
 
     One launch on the caller's current stream of the frames' device: no
     copy through host memory, the work ordered after what the stream holds
-    and the result ready on it.
+    and the result ready on it. A checked call (see `verify`) then copies
+    the sampled pixels of the frames and the result to the host in one
+    copy on that stream, waits for it, and compares them with the CPU
+    kernel's (see :mod:`~dcbg.engines.verification`).
 
     Parameters
     ----------
@@ -322,11 +368,19 @@ def rolling_median_on_gpu(frames, kernel_size: int, windows: int, shape: tuple, 
     out: cupy.ndarray or None
         Where the result goes (uint8 of `shape`, checked by the caller; it must
         be on the frames' device).
+    verify: str or None
+        "sample" or "all" checks this call, "off" none; None checks a sample
+        of the first call per process, GPU and width of the kernel's counts.
 
     Returns
     -------
     result: cupy.ndarray
         `out`, or a new array on the frames' device.
+
+    Raises
+    ------
+    GPUResultError
+        If a checked median differs from the CPU's.
     """
     import cupy
 
@@ -347,7 +401,37 @@ def rolling_median_on_gpu(frames, kernel_size: int, windows: int, shape: tuple, 
         launcher.launch(flat, medians, windows, stream)
         if shape[0] > windows:
             medians[windows:] = medians[windows - 1]
+        first_call = (device, cudakernel.kernel_name(kernel_size))  # one per count width
+        if verify is None:
+            with _checked_lock:
+                mode = "off" if first_call in _checked_gpu_arrays else "sample"
+        else:
+            mode = verify
+        if mode != "off":
+            check = verification.ResultCheck(mode, kernel_size, shape[1:], device)
+            columns = check.columns(launcher.plan(windows).block, next(_array_checks))
+            frames_part, medians_part = _sampled_on_host(cupy, flat, medians[:windows],
+                                                         columns)
+            check.compare(frames_part, medians_part, columns)
+            with _checked_lock:  # only a check that passed counts
+                _checked_gpu_arrays.add(first_call)
         if out is not None and not direct:
             out[...] = result
             result = out
     return result
+
+
+def _sampled_on_host(cupy, frames, medians, columns):
+    """The sampled pixels of frames and medians (all of them for None), in host memory
+
+    Copied on the current stream, so after the launch; one copy for a sample.
+    """
+    if columns is None:
+        return cupy.asnumpy(frames), cupy.asnumpy(medians)
+    rows = frames.shape[0]
+    index = cupy.asarray(columns)
+    both = cupy.empty((rows + medians.shape[0], len(columns)), np.uint8)
+    cupy.take(frames, index, axis=1, out=both[:rows])
+    cupy.take(medians, index, axis=1, out=both[rows:])
+    host = cupy.asnumpy(both)
+    return host[:rows], host[rows:]

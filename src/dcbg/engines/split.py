@@ -40,9 +40,11 @@ class SplitRollingMedian(Engine):
         As for :class:`~dcbg.engines.cuda.CUDARollingMedian` (per device).
     indices: sequence of int
         CUDA device ordinals.
+    verify: str
+        Which results the CPU checks (see :class:`~dcbg.engines.cuda.CUDARollingMedian`).
     """
 
-    def __init__(self, image_shape, kernel_size, windows, indices):
+    def __init__(self, image_shape, kernel_size, windows, indices, verify: str = "sample"):
         super().__init__(image_shape, kernel_size, windows)
         self.indices = list(indices)
         ranges = max(2, len(self.indices))
@@ -53,13 +55,15 @@ class SplitRollingMedian(Engine):
         self.engines = [CUDARollingMedian(image_shape, kernel_size, windows, index,
                                           memory_share=1 / sharing[index],
                                           free_bytes=free[index], host_share=1 / ranges,
-                                          host_bytes=host)
+                                          host_bytes=host, verify=verify)
                         for index in devices]
 
     def facts(self) -> dict:
-        """The ranges that ran at once and the device batch of each"""
+        """The ranges that ran at once, the device batch of each, the pixel-outputs checked"""
         return {"ranges": len(self.engines),
-                "batch_windows": [engine.batch_windows for engine in self.engines]}
+                "batch_windows": [engine.batch_windows for engine in self.engines],
+                "verified_pixel_outputs": sum(engine.result_check.pixel_outputs
+                                              for engine in self.engines)}
 
     def close(self):
         for engine in self.engines:
