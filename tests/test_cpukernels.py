@@ -98,7 +98,7 @@ def test_c_kernel_names_what_is_wrong(cpu_build, change, message):
 
 
 GUARDED_KERNEL_SIZES = {np.dtype(np.uint8): (1, 2, 7, 19, 40, 256),
-                        np.dtype(np.uint16): (1, 2, 7, 40, 49, 100, 256)}
+                        np.dtype(np.uint16): (1, 2, 7, 40, 49, 100, 256, 1100)}
 """Kernel sizes of the guarded runs: every kernel of each type, with its lanes"""
 
 
@@ -396,13 +396,14 @@ def test_each_c_median_implementation_gives_the_definitions_bytes_on_16_bit_fram
 
 
 @pytest.mark.parametrize("implementation", c_median_implementations())
-@pytest.mark.parametrize("kernel_size", [60, 300])
-def test_c_median16_turns_to_the_sorted_windows_mid_batch(implementation, kernel_size):
-    """Columns whose medians become noise part-way take the sorted windows from there
+@pytest.mark.parametrize("kernel_size", [60, 300, 1100])
+def test_c_median16_turns_to_sorted_lanes_or_windows_mid_batch(implementation, kernel_size):
+    """Columns whose medians become noise part-way take the sorted lanes or windows from there
 
     sCMOS-like frames, then noise across the 16-bit range in every column
     but a few: the window kernel gives up on a vector at a step of its own
-    and the sorted windows continue on that vector's columns.
+    and the sorted lanes (up to 1024 frames: 8- and 16-bit counts) or the
+    sorted windows continue on that vector's columns.
     """
     rng = np.random.default_rng(kernel_size)
     count = 150

@@ -16,10 +16,12 @@
   over tens of levels, but the median of a long window wanders only a few
   around their mean, so it leaves those levels in a fraction of a percent of
   the steps; then the kernel reads the pixel's window in a copy it keeps in
-  consecutive memory. On sCMOS-like frames this costs about 1 to 3 times the
-  uint8 kernel per pixel and window. State per pixel: its window's values
-  (2 bytes a frame) and, in the window kernel, up to 35 bytes of level and
-  counts.
+  consecutive memory. On sCMOS-like frames of a few hundred to a few
+  thousand counts this costs about 1.5 to 3 times the uint8 kernel per pixel
+  and window; columns whose medians leave their levels often (brighter or
+  noisier ones) continue on the sorted lanes or windows. State per pixel:
+  its window's values (2 bytes a frame) and, in the window kernel, up to 35
+  bytes of level and counts.
 - ``fletcher32``: HDF5's Fletcher-32 chunk checksum (see
   :mod:`dcbg.rtdc.chunks`). HDF5 reads the data as big-endian 16-bit words
   (an odd last byte is the high byte of a last word), keeps two running sums

@@ -27,7 +27,9 @@
  *   a long window wanders only a few: 24 or 32 levels hold it in all but a
  *   fraction of a percent of the steps, and a copy of each pixel's window in
  *   consecutive memory (a ring) makes it cheap to find the median when it
- *   leaves them. Noisier columns take the sorted-window kernel.
+ *   leaves them. Noisier or brighter columns, whose medians leave their
+ *   levels more often, take the sorted lanes (up to LANES_FALLBACK_MAX
+ *   frames) or the sorted windows.
  * The vector kernels are built twice on x86 (16-byte vectors for any CPU,
  * 32-byte ones for CPUs with AVX2, picked when the module loads) and once
  * elsewhere.
@@ -756,14 +758,44 @@ DEFINE_WINDOW_MEDIAN(window16_levels4_avx2, TARGET_AVX2, 32, uint16_t, int16_t, 
  * kernel_size 100 of them wanders a few levels around their mean. On such
  * frames it leaves a window of 24 levels in about 0.3% of the steps (of 8
  * levels: 3.5%); move_window16 then reads the pixel's window in the
- * vector's ring (see DEFINE_WINDOW16_MEDIAN). Vectors that read more than
- * RESCAN_BUDGET16 elements per pixel and step finish on the sorted windows,
- * as the 8-bit kernel's vectors finish on the histogram kernel.
+ * vector's ring (see DEFINE_WINDOW16_MEDIAN). Vectors that read more
+ * elements per pixel and step than the kernel their columns would take
+ * instead costs finish on it, as the 8-bit kernel's vectors finish on the
+ * histogram kernel: the sorted lanes up to LANES_FALLBACK_MAX frames (their
+ * ring sorted in place), the sorted windows above.
  */
 #define KEY16 ((int16_t)-0x8000) /* value ^ KEY16: 16-bit values in the signed order */
 /* elements read per pixel and step before the sorted windows take over: a
  * step of theirs costs about as much as reading this many */
 #define RESCAN_BUDGET16 16
+
+/* Vectors of the window kernel turn to the sorted lanes up to this kernel
+ * size, to the sorted windows above it, whichever is faster there */
+#define LANES_FALLBACK_MAX 1024
+/* elements read per pixel and step before a vector turns to the sorted
+ * lanes, whose step costs about as much as reading a 32nd of a window */
+#define LANES_BUDGET16(kernel_size) ((kernel_size) / 32 + 1)
+
+/*
+ * Turns a ring of the window `t` (kernel_size rows of `lanes` values) into
+ * the slots of the sorted lanes: each lane's values sorted, as keys, through
+ * `values` and `spare` (kernel_size values each). Writes the window's
+ * medians, the pixels' at `column` and on, and returns the next window, from
+ * which on the sorted lanes take the vector.
+ */
+static Py_ssize_t
+sort_ring(uint16_t *ring, Py_ssize_t lanes, Py_ssize_t kernel_size, uint16_t *out,
+          Py_ssize_t pixels, Py_ssize_t t, Py_ssize_t column, uint16_t *values,
+          uint16_t *spare)
+{
+    for (Py_ssize_t lane = 0; lane < lanes; lane++) {
+        sort_column(ring + lane, lanes, kernel_size, values, spare);
+        for (Py_ssize_t row = 0; row < kernel_size; row++)
+            ring[row * lanes + lane] = values[row] ^ (uint16_t)KEY16;
+        out[t * pixels + column + lane] = values[kernel_size / 2];
+    }
+    return t + 1;
+}
 
 /* The keys and the stores of a kernel with 8-bit lanes: a vector of lanes
  * holds two vectors (HALF_T) of values */
@@ -811,8 +843,9 @@ NAME##_store(uint16_t *pixel, HALF_T median, const HALF_T *level)               
  * the columns start:start+width, at least one vector of lanes wide, with
  * vectors of VECTOR_BYTES bytes, lanes of LANE_T (SIGNED_T: its signed twin),
  * windows of LEVELS levels, and NAME_keys and NAME_store defined for it;
- * HALF_T is a vector of VECTOR_BYTES bytes of 16-bit values. Returns -1 if
- * it could not allocate its state.
+ * HALF_T is a vector of VECTOR_BYTES bytes of 16-bit values, SORTED_LANES
+ * the sorted-lanes kernel of the same vectors. Returns -1 if it could not
+ * allocate its state.
  *
  * Each vector of pixels keeps a copy of its window's values, a ring of
  * kernel_size rows of LANES values in which a step reads the leaving row and
@@ -822,11 +855,12 @@ NAME##_store(uint16_t *pixel, HALF_T median, const HALF_T *level)               
  * where the frame size is a power of two, share a few cache sets). The
  * rings of whole vectors are their columns' rows of `sorted`, the
  * sorted-window kernel's scratch, which a vector that turns to that kernel
- * fills anew; the last vector of a width that is no multiple of the lanes
- * has a ring of its own.
+ * fills anew (one that turns to the sorted lanes sorts its ring into their
+ * slots); the last vector of a width that is no multiple of the lanes has a
+ * ring of its own.
  */
 #define DEFINE_WINDOW16_MEDIAN(NAME, TARGET, VECTOR_BYTES, LANE_T, SIGNED_T, LEVELS, ANY_LANE, \
-                               HALF_T)                                                  \
+                               HALF_T, SORTED_LANES)                                    \
 typedef LANE_T NAME##_lanes __attribute__((vector_size(VECTOR_BYTES)));                 \
 typedef SIGNED_T NAME##_signed __attribute__((vector_size(VECTOR_BYTES)));              \
 typedef uint16_t NAME##_words __attribute__((vector_size(VECTOR_BYTES)));               \
@@ -898,7 +932,7 @@ TARGET static Py_ssize_t                                                        
 NAME##_steps(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels,                  \
              Py_ssize_t kernel_size, Py_ssize_t first, Py_ssize_t last,                 \
              Py_ssize_t column, uint16_t *ring, NAME##_state *state,                    \
-             Py_ssize_t *rescanned)                                                     \
+             Py_ssize_t *rescanned, Py_ssize_t budget)                                  \
 {                                                                                       \
     typedef NAME##_lanes lanes_t;                                                       \
     typedef NAME##_signed signed_t;                                                     \
@@ -952,7 +986,7 @@ NAME##_steps(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels,          
                     lane_cumulative[j][lane] = (LANE_T)(moved[j] + bias);               \
                 *rescanned += kernel_size + RESCAN_OVERHEAD;                            \
             }                                                                           \
-            if (*rescanned > LANES * (RESCAN_BUDGET16 * t + RESCAN_ALLOWANCE(kernel_size))) \
+            if (*rescanned > LANES * (budget * t + RESCAN_ALLOWANCE(kernel_size)))      \
                 return t;                                                               \
             memcpy(level, lane_level, sizeof lane_level);                               \
             memcpy(cumulative, lane_cumulative, sizeof lane_cumulative);                \
@@ -976,16 +1010,20 @@ NAME(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels, Py_ssize_t kernel
      Py_ssize_t output_size, Py_ssize_t start, Py_ssize_t width, uint16_t *sorted)      \
 {                                                                                       \
     enum { LANES = NAME##_LANES };                                                      \
+    const int to_lanes = kernel_size <= LANES_FALLBACK_MAX;                             \
+    const Py_ssize_t budget = to_lanes ? LANES_BUDGET16(kernel_size) : RESCAN_BUDGET16;  \
     const Py_ssize_t vectors = (width + LANES - 1) / LANES;                             \
     char *state_memory = malloc(((size_t)vectors + 1) * sizeof(NAME##_state));          \
     /* per vector: its first column, the elements it read in move_window16, */         \
-    /* the window from which on it takes the sorted windows (0: none) */                \
+    /* the window from which on it takes the sorted lanes or windows (0: none) */       \
     Py_ssize_t *column = malloc(3 * (size_t)vectors * sizeof(Py_ssize_t));              \
     uint16_t **ring = malloc((size_t)vectors * sizeof(uint16_t *));                     \
     uint16_t *last_ring = width % LANES ? malloc((size_t)kernel_size * LANES * sizeof(uint16_t)) \
                                         : NULL;                                         \
+    /* sort_ring's values and spare */                                                  \
+    uint16_t *sorting = to_lanes ? malloc(2 * (size_t)kernel_size * sizeof(uint16_t)) : NULL; \
     int failed = state_memory == NULL || column == NULL || ring == NULL                 \
-                 || (width % LANES && last_ring == NULL);                               \
+                 || (width % LANES && last_ring == NULL) || (to_lanes && sorting == NULL); \
     if (!failed) {                                                                      \
         NAME##_state *state = (NAME##_state *)(state_memory + VECTOR_BYTES              \
                                                - (uintptr_t)state_memory % VECTOR_BYTES); \
@@ -1008,14 +1046,28 @@ NAME(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels, Py_ssize_t kernel
                 uint16_t *own_sorted = sorted + own * kernel_size;                      \
                 if (!turned[v]) {                                                       \
                     from = NAME##_steps(frames, out, pixels, kernel_size, first, last,  \
-                                        column[v], ring[v], state + v, rescanned + v);  \
+                                        column[v], ring[v], state + v, rescanned + v,   \
+                                        budget);                                        \
                     if (from == 0)                                                      \
                         continue;                                                       \
                     turned[v] = from;                                                   \
-                    failed = sorted_fill(frames + from * pixels, pixels, kernel_size,   \
-                                         start + own, own_width, own_sorted) < 0;       \
-                    if (failed)                                                         \
-                        break;                                                          \
+                    if (to_lanes) {                                                     \
+                        /* the ring holds the window `from`: sorted, its slots */      \
+                        from = sort_ring(ring[v], LANES, kernel_size, out, pixels, from, \
+                                         column[v], sorting, sorting + kernel_size);    \
+                    }                                                                   \
+                    else {                                                              \
+                        failed = sorted_fill(frames + from * pixels, pixels, kernel_size, \
+                                             start + own, own_width, own_sorted) < 0;   \
+                        if (failed)                                                     \
+                            break;                                                      \
+                    }                                                                   \
+                }                                                                       \
+                if (to_lanes) {                                                         \
+                    for (int part = 0; part < LANES; part += SORTED_LANES##_LANES)      \
+                        SORTED_LANES##_steps(frames, out, pixels, kernel_size, from, last, \
+                                             column[v] + part, ring[v] + part, LANES);  \
+                    continue;                                                           \
                 }                                                                       \
                 /* the sorted windows' window 0 is this vector's window turned[v] */    \
                 sorted_steps(frames + turned[v] * pixels, out + turned[v] * pixels, pixels, \
@@ -1028,6 +1080,7 @@ NAME(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels, Py_ssize_t kernel
     free(column);                                                                       \
     free(ring);                                                                         \
     free(last_ring);                                                                    \
+    free(sorting);                                                                      \
     return failed ? -1 : 0;                                                             \
 }
 #endif
@@ -1070,38 +1123,37 @@ NAME##_keys(const uint16_t *pixel)                                              
     return values ^ KEY16;                                                              \
 }                                                                                       \
                                                                                         \
-/* the sorted slots of `size` keys with `key` inserted (size + 1 of them) */            \
+/* the sorted slots of `size` keys, `stride` values apart, with `key` inserted */     \
 TARGET static inline void                                                               \
-NAME##_insert(uint16_t *slots, Py_ssize_t size, NAME##_words key)                       \
+NAME##_insert(uint16_t *slots, Py_ssize_t size, NAME##_words key, Py_ssize_t stride)    \
 {                                                                                       \
     typedef NAME##_words words_t;                                                       \
     words_t before = (words_t){0} + KEY16; /* the smallest key */                       \
     for (Py_ssize_t i = 0; i <= size; i++) {                                            \
         words_t here = (words_t){0} + (int16_t)0x7FFF; /* past the end: the largest */  \
         if (i < size)                                                                   \
-            memcpy(&here, slots + i * NAME##_LANES, sizeof here);                       \
-        words_t low = MIN(here, key);                                          \
-        const words_t placed = MAX(before, low);                             \
-        memcpy(slots + i * NAME##_LANES, &placed, sizeof placed);                       \
+            memcpy(&here, slots + i * stride, sizeof here);                             \
+        const words_t placed = MAX(before, MIN(here, key));                             \
+        memcpy(slots + i * stride, &placed, sizeof placed);                             \
         before = here;                                                                  \
     }                                                                                   \
 }                                                                                       \
                                                                                         \
 /* windows first:last of the vector at `column` (first > 0: with the window */          \
-/* first - 1 in its slots; first == 0: with its first kernel_size - 1 rows) */          \
+/* first - 1 in its slots; first == 0: with its first kernel_size - 1 rows), */         \
+/* its slots `stride` values apart */                                                   \
 TARGET static void                                                                      \
 NAME##_steps(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels,                  \
              Py_ssize_t kernel_size, Py_ssize_t first, Py_ssize_t last,                 \
-             Py_ssize_t column, uint16_t *slots)                                        \
+             Py_ssize_t column, uint16_t *slots, Py_ssize_t stride)                     \
 {                                                                                       \
     typedef NAME##_words words_t;                                                       \
-    enum { LANES = NAME##_LANES };                                                      \
     const words_t largest = (words_t){0} + (int16_t)0x7FFF;                             \
     for (Py_ssize_t t = first; t < last; t++) {                                         \
         const uint16_t *entering = frames + (t + kernel_size - 1) * pixels + column;    \
         const words_t key = NAME##_keys(entering);                                      \
         if (t == 0) {                                                                   \
-            NAME##_insert(slots, kernel_size - 1, key);                                 \
+            NAME##_insert(slots, kernel_size - 1, key, stride);                         \
         }                                                                               \
         else {                                                                          \
             const words_t leaving = NAME##_keys(entering - kernel_size * pixels);       \
@@ -1112,18 +1164,17 @@ NAME##_steps(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels,          
             for (Py_ssize_t i = 0; i < kernel_size; i++) {                              \
                 words_t next = largest, kept = largest;                                 \
                 if (i + 1 < kernel_size) {                                              \
-                    memcpy(&next, slots + (i + 1) * LANES, sizeof next);                \
-                    kept = LANES_SELECT(here < leaving, here, next);                                \
+                    memcpy(&next, slots + (i + 1) * stride, sizeof next);               \
+                    kept = LANES_SELECT(here < leaving, here, next);                    \
                 }                                                                       \
-                const words_t low = MIN(kept, key);                            \
-                const words_t placed = MAX(before, low);                     \
-                memcpy(slots + i * LANES, &placed, sizeof placed);                      \
+                const words_t placed = MAX(before, MIN(kept, key));                     \
+                memcpy(slots + i * stride, &placed, sizeof placed);                     \
                 before = kept;                                                          \
                 here = next;                                                            \
             }                                                                           \
         }                                                                               \
         words_t median;                                                                 \
-        memcpy(&median, slots + kernel_size / 2 * LANES, sizeof median);                \
+        memcpy(&median, slots + kernel_size / 2 * stride, sizeof median);               \
         median ^= KEY16;                                                                \
         memcpy(out + t * pixels + column, &median, sizeof median);                      \
     }                                                                                   \
@@ -1144,8 +1195,10 @@ NAME(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels, Py_ssize_t kernel
         uint16_t *slots = (v + 1) * LANES <= width ? sorted + v * LANES * kernel_size   \
                                                    : last_slots;                        \
         for (Py_ssize_t row = 0; row < kernel_size - 1; row++)                          \
-            NAME##_insert(slots, row, NAME##_keys(frames + row * pixels + start + column)); \
-        NAME##_steps(frames, out, pixels, kernel_size, 0, output_size, start + column, slots); \
+            NAME##_insert(slots, row, NAME##_keys(frames + row * pixels + start + column), \
+                          LANES);                                                       \
+        NAME##_steps(frames, out, pixels, kernel_size, 0, output_size, start + column, slots, \
+                     LANES);                                                            \
     }                                                                                   \
     free(last_slots);                                                                   \
     return 0;                                                                           \
@@ -1207,14 +1260,14 @@ DEFINE_SORTED_LANES_MEDIAN(sorted_lanes_simd128, , 16, MIN_128, MAX_128)
 DEFINE_KEYS_IN_BYTES(values16_counts8_levels32_simd128, , int16_vector128, int8_vector128,
                      SUBTRACT_128, NARROW_128, WIDEN_LOW_128, WIDEN_HIGH_128)
 DEFINE_WINDOW16_MEDIAN(values16_counts8_levels32_simd128, , 16, uint8_t, int8_t, 32,
-                       ANY_LANE_128, int16_vector128)
+                       ANY_LANE_128, int16_vector128, sorted_lanes_simd128)
 DEFINE_KEYS_IN_BYTES(values16_counts8_levels24_simd128, , int16_vector128, int8_vector128,
                      SUBTRACT_128, NARROW_128, WIDEN_LOW_128, WIDEN_HIGH_128)
 DEFINE_WINDOW16_MEDIAN(values16_counts8_levels24_simd128, , 16, uint8_t, int8_t, 24,
-                       ANY_LANE_128, int16_vector128)
+                       ANY_LANE_128, int16_vector128, sorted_lanes_simd128)
 DEFINE_KEYS_IN_WORDS(values16_counts16_levels12_simd128, , int16_vector128, SUBTRACT_128)
 DEFINE_WINDOW16_MEDIAN(values16_counts16_levels12_simd128, , 16, uint16_t, int16_t, 12,
-                       ANY_LANE_128, int16_vector128)
+                       ANY_LANE_128, int16_vector128, sorted_lanes_simd128)
 #endif
 
 #ifdef HAVE_AVX2
@@ -1234,15 +1287,15 @@ DEFINE_SORTED_LANES_MEDIAN(sorted_lanes_avx2, TARGET_AVX2, 32, MIN_256, MAX_256)
 DEFINE_KEYS_IN_BYTES(values16_counts8_levels32_avx2, TARGET_AVX2, int16_vector256,
                      int8_vector256, SUBTRACT_256, NARROW_256, WIDEN_LOW_256, WIDEN_HIGH_256)
 DEFINE_WINDOW16_MEDIAN(values16_counts8_levels32_avx2, TARGET_AVX2, 32, uint8_t, int8_t, 32,
-                       ANY_LANE_256, int16_vector256)
+                       ANY_LANE_256, int16_vector256, sorted_lanes_avx2)
 DEFINE_KEYS_IN_BYTES(values16_counts8_levels24_avx2, TARGET_AVX2, int16_vector256,
                      int8_vector256, SUBTRACT_256, NARROW_256, WIDEN_LOW_256, WIDEN_HIGH_256)
 DEFINE_WINDOW16_MEDIAN(values16_counts8_levels24_avx2, TARGET_AVX2, 32, uint8_t, int8_t, 24,
-                       ANY_LANE_256, int16_vector256)
+                       ANY_LANE_256, int16_vector256, sorted_lanes_avx2)
 DEFINE_KEYS_IN_WORDS(values16_counts16_levels12_avx2, TARGET_AVX2, int16_vector256,
                      SUBTRACT_256)
 DEFINE_WINDOW16_MEDIAN(values16_counts16_levels12_avx2, TARGET_AVX2, 32, uint16_t, int16_t, 12,
-                       ANY_LANE_256, int16_vector256)
+                       ANY_LANE_256, int16_vector256, sorted_lanes_avx2)
 #endif
 
 /*
