@@ -355,9 +355,9 @@ def median_test_stack16(kind, rows, pixels, rng):
 
 STACK16_KINDS = ("noise", "flips", "ramp", "creep", "12-bit", "12-bit high", "saturated",
                  "constant", "levels", "steps", "instrument")
-KERNEL_SIZES16 = (1, 2, 3, 10, 47, 48, 49, 99, 100, 255, 256, 1000, 2000)
+KERNEL_SIZES16 = (1, 2, 3, 10, 47, 48, 49, 100, 159, 160, 255, 256, 1000, 2000)
 """Every kernel of 16-bit values at its edges: sorted lanes up to 48, windows of 8-bit counts
-(more levels below 100) up to 255, of 16-bit counts above, and even k"""
+(more levels below 160) up to 255, of 16-bit counts above, and even k"""
 
 
 def medians16(kind, kernel_size, count=25, pixels=70):
