@@ -98,7 +98,7 @@ def test_c_kernel_names_what_is_wrong(cpu_build, change, message):
 
 
 GUARDED_KERNEL_SIZES = {np.dtype(np.uint8): (1, 2, 7, 19, 40, 256),
-                        np.dtype(np.uint16): (1, 2, 7, 40, 49, 100, 256, 1100)}
+                        np.dtype(np.uint16): (1, 2, 7, 40, 57, 100, 256, 1100)}
 """Kernel sizes of the guarded runs: every kernel of each type, with its lanes"""
 
 
@@ -355,8 +355,8 @@ def median_test_stack16(kind, rows, pixels, rng):
 
 STACK16_KINDS = ("noise", "flips", "ramp", "creep", "12-bit", "12-bit high", "saturated",
                  "constant", "levels", "steps", "instrument")
-KERNEL_SIZES16 = (1, 2, 3, 10, 47, 48, 49, 100, 159, 160, 255, 256, 1000, 2000)
-"""Every kernel of 16-bit values at its edges: sorted lanes up to 48, windows of 8-bit counts
+KERNEL_SIZES16 = (1, 2, 3, 10, 55, 56, 57, 100, 159, 160, 255, 256, 1000, 2000)
+"""Every kernel of 16-bit values at its edges: sorted lanes up to 56, windows of 8-bit counts
 (more levels below 160) up to 255, of 16-bit counts above, and even k"""
 
 

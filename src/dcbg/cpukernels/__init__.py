@@ -9,7 +9,7 @@
   uint16: a histogram of 65,536 levels per pixel would fit no cache, so each
   pixel keeps its window sorted (numba's build, and the C build where it
   has no SIMD kernel), a step being two binary searches and a shift. The C
-  build's SIMD kernels step 8 to 32 pixels at once: up to 48 frames, each
+  build's SIMD kernels step 8 to 32 pixels at once: up to 56 frames, each
   pixel's window sorted across vectors (a min and a max per frame of the
   window); for longer windows, the 8-bit window kernel on values relative to
   a window of 24 to 32 levels per pixel. Shot noise spreads a pixel's values

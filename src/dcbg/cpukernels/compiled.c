@@ -1103,7 +1103,7 @@ NAME(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels, Py_ssize_t kernel
  * vector of a width that is no multiple of the lanes has slots of its own.
  * Returns -1 if it could not allocate them.
  */
-#define SORTED_LANES_MAX 48
+#define SORTED_LANES_MAX 56
 
 /* The lanes of `a` where `mask` is set, of `b` elsewhere */
 #define LANES_SELECT(mask, a, b) (((a) & (mask)) | ((b) & ~(mask)))
@@ -1197,8 +1197,19 @@ NAME(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels, Py_ssize_t kernel
         for (Py_ssize_t row = 0; row < kernel_size - 1; row++)                          \
             NAME##_insert(slots, row, NAME##_keys(frames + row * pixels + start + column), \
                           LANES);                                                       \
-        NAME##_steps(frames, out, pixels, kernel_size, 0, output_size, start + column, slots, \
-                     LANES);                                                            \
+    }                                                                                   \
+    /* a few windows of each vector in turn: the vectors read a frame's */              \
+    /* consecutive bytes one after the other, which the prefetchers follow */           \
+    for (Py_ssize_t first = 0; first < output_size; first += WINDOW_CHUNK) {            \
+        const Py_ssize_t last = output_size - first > WINDOW_CHUNK ? first + WINDOW_CHUNK \
+                                                                   : output_size;       \
+        for (Py_ssize_t v = 0; v < vectors; v++) {                                      \
+            const Py_ssize_t column = v * LANES < width - LANES ? v * LANES : width - LANES; \
+            uint16_t *slots = (v + 1) * LANES <= width ? sorted + v * LANES * kernel_size \
+                                                       : last_slots;                    \
+            NAME##_steps(frames, out, pixels, kernel_size, first, last, start + column, slots, \
+                         LANES);                                                        \
+        }                                                                               \
     }                                                                                   \
     free(last_slots);                                                                   \
     return 0;                                                                           \
