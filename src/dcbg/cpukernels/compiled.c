@@ -757,12 +757,12 @@ DEFINE_WINDOW_MEDIAN(window16_levels4_avx2, TARGET_AVX2, 32, uint16_t, int16_t, 
  * levels (the square root of a few thousand counts), and the median of
  * kernel_size 100 of them wanders a few levels around their mean. On such
  * frames it leaves a window of 32 levels in about 0.1% of the steps (of 24
- * levels: 0.3%, of 8: 3.6%); move_window16 then reads the pixel's window in the
- * vector's ring (see DEFINE_WINDOW16_MEDIAN). Vectors that read more
- * elements per pixel and step than the kernel their columns would take
- * instead costs finish on it, as the 8-bit kernel's vectors finish on the
- * histogram kernel: the sorted lanes up to LANES_FALLBACK_MAX frames (their
- * ring sorted in place), the sorted windows above.
+ * levels: 0.3%, of 8: 3.6%); move_window16 then reads the pixel's window in
+ * the vector's ring (see DEFINE_WINDOW16_MEDIAN). A vector whose reads cost
+ * more per step than the kernel it could take instead finishes on that
+ * kernel, as the 8-bit kernel's vectors finish on the histogram kernel: on
+ * the sorted lanes up to LANES_FALLBACK_MAX frames (its ring sorted in
+ * place), on the sorted windows above.
  */
 #define KEY16 ((int16_t)-0x8000) /* value ^ KEY16: 16-bit values in the signed order */
 /* elements read per pixel and step before the sorted windows take over: a
