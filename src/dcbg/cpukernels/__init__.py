@@ -12,13 +12,13 @@
   build's SIMD kernels step 8 to 32 pixels at once: up to 56 frames, each
   pixel's window sorted across vectors (a min and a max per frame of the
   window); for longer windows, the 8-bit window kernel on values relative to
-  a window of 24 to 32 levels per pixel. Shot noise spreads a pixel's values
+  a window of 12 to 32 levels per pixel. Shot noise spreads a pixel's values
   over tens of levels, but the median of a long window wanders only a few
   around their mean, so it leaves those levels in a fraction of a percent of
   the steps; then the kernel reads the pixel's window in a copy it keeps in
   consecutive memory. On sCMOS-like frames of a few hundred to a few
-  thousand counts this costs about 1.5 to 3 times the uint8 kernel per pixel
-  and window; columns whose medians leave their levels often (brighter or
+  thousand counts this costs 1 to 3.5 times the uint8 kernel per pixel and
+  window; columns whose medians leave their levels often (brighter or
   noisier ones) continue on the sorted lanes or windows. State per pixel:
   its window's values (2 bytes a frame) and, in the window kernel, up to 35
   bytes of level and counts.

@@ -24,7 +24,8 @@
  * - the window kernel for 16-bit values, for longer windows: the 8-bit
  *   window kernel on values relative to each pixel's window of levels. Shot
  *   noise spreads a pixel's values over tens of levels, but the median of
- *   a long window wanders only a few: 24 or 32 levels hold it in all but a
+ *   a long window wanders only a few: 24 or 32 levels (12 for windows of
+ *   more than 255 frames, whose medians wander less) hold it in all but a
  *   fraction of a percent of the steps, and a copy of each pixel's window in
  *   consecutive memory (a ring) makes it cheap to find the median when it
  *   leaves them. Noisier or brighter columns, whose medians leave their
