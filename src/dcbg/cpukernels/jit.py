@@ -1,9 +1,10 @@
 """dcbg's CPU kernels compiled by numba: the build used where the C one was not installed
 
-The loops of ``compiled.c``'s histogram kernel, checksum, column gather and
-comparison, with the same results as every kernel there. numba compiles them
-on first use and caches the machine code; a process pays 0.5–1 s to import
-numba and load that cache, which the C build does not.
+The loops of ``compiled.c``'s histogram kernel (uint8 frames), sorted-window
+kernel (uint16 frames), checksum, column gather and comparison, with the same
+results as every kernel there. numba compiles them on first use and caches
+the machine code; a process pays 0.5–1 s to import numba and load that
+cache, which the C build does not.
 """
 from __future__ import annotations
 
@@ -11,15 +12,24 @@ import numba
 import numpy as np
 
 
-@numba.njit(nogil=True, cache=True)
 def rolling_median_columns(frames, out, kernel_size, output_size, start, stop, counts):
     """Rolling median of the pixel columns ``start:stop`` of `frames`
 
     ``out[t, p]`` becomes the element of rank ``kernel_size // 2`` of
-    ``frames[t:t+kernel_size, p]`` for ``t < output_size``. `counts` is
-    scratch space of shape ``(stop - start, 256)`` whose unsigned type holds
-    `kernel_size`; the kernel zeroes it.
+    ``frames[t:t+kernel_size, p]`` for ``t < output_size``. `frames` and
+    `out` are both uint8 or both uint16. `counts` is scratch space: for uint8
+    frames of shape ``(stop - start, 256)`` whose unsigned type holds
+    `kernel_size`, for uint16 frames uint16 of shape ``(stop - start,
+    kernel_size)``; the kernel fills it itself.
     """
+    if frames.dtype.itemsize == 2:
+        _median_of_sorted_windows(frames, out, kernel_size, output_size, start, stop, counts)
+    else:
+        _median_of_histograms(frames, out, kernel_size, output_size, start, stop, counts)
+
+
+@numba.njit(nogil=True, cache=True)
+def _median_of_histograms(frames, out, kernel_size, output_size, start, stop, counts):
     counts[:, :] = 0
     half = kernel_size // 2
     width = stop - start
@@ -54,6 +64,62 @@ def rolling_median_columns(frames, out, kernel_size, output_size, start, stop, c
             median[j] = m
             below[j] = b
             medians[start + j] = m
+
+
+SORTED_BLOCK = 32
+"""Columns whose sorted windows go through all windows together, so that they stay in cache"""
+
+
+@numba.njit(nogil=True, cache=True)
+def _first_not_below(window, begin, end, value):
+    """The index of the first of the sorted ``window[begin:end]`` not below `value`"""
+    while begin < end:
+        middle = (begin + end) // 2
+        if window[middle] < value:
+            begin = middle + 1
+        else:
+            end = middle
+    return begin
+
+
+@numba.njit(nogil=True, cache=True)
+def _median_of_sorted_windows(frames, out, kernel_size, output_size, start, stop, windows):
+    # Each column keeps its window sorted in its row of `windows`: a step finds
+    # the leaving value and the entering one's place by binary search and
+    # shifts the values between the two by one place.
+    half = kernel_size // 2
+    width = stop - start
+    for j in range(width):
+        for row in range(kernel_size - 1):
+            windows[j, row] = frames[row, start + j]
+        windows[j, :kernel_size - 1].sort()
+    for block in range(0, width, SORTED_BLOCK):
+        for t in range(output_size):
+            entering = frames[t + kernel_size - 1]
+            leaving = frames[t - 1] if t > 0 else entering
+            for j in range(block, min(width, block + SORTED_BLOCK)):
+                window = windows[j]
+                value = entering[start + j]
+                if t == 0:  # the window 0 grows from kernel_size - 1 values
+                    at = _first_not_below(window, 0, kernel_size - 1, value)
+                    for i in range(kernel_size - 1, at, -1):
+                        window[i] = window[i - 1]
+                    window[at] = value
+                else:
+                    gone = leaving[start + j]
+                    # the bound: as in compiled.c
+                    at = min(_first_not_below(window, 0, kernel_size, gone), kernel_size - 1)
+                    if value > gone:
+                        to = _first_not_below(window, at + 1, kernel_size, value)
+                        for i in range(at, to - 1):
+                            window[i] = window[i + 1]
+                        window[to - 1] = value
+                    elif value < gone:
+                        to = _first_not_below(window, 0, at, value)
+                        for i in range(at, to, -1):
+                            window[i] = window[i - 1]
+                        window[to] = value
+                out[t, start + j] = window[half]
 
 
 FOLD_WORDS = 4096

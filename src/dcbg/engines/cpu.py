@@ -44,7 +44,7 @@ import numpy as np
 from .. import cpukernels
 from ..errors import DEFERRABLE_SIGNALS, WorkerFailure, signals_deferred
 from ..system import available_cpus, mp_spawn, skip_numba_blas_probe
-from .base import Engine, count_dtype
+from .base import Engine
 from .batches import Prefetcher, WriterThread, partition, plan_windows
 
 logger = logging.getLogger(__name__)
@@ -93,10 +93,12 @@ def compute_median_for_slice(shared_input, shared_output, kernel_size, output_si
     ----------
     shared_input: np.ndarray
         View of the input RawArray, shape ``(batch_size + kernel_size,
-        pixels)``; rows ``0 … output_size + kernel_size - 2`` hold frames.
+        pixels)``; rows ``0 … output_size + kernel_size - 2`` hold frames,
+        uint8 or uint16.
     shared_output: np.ndarray
-        View of the output RawArray, shape ``(batch_size, pixels)``; rows
-        ``0 … output_size - 1`` of the columns in `job_slice` are written.
+        View of the output RawArray, shape ``(batch_size, pixels)``, of the
+        input's type; rows ``0 … output_size - 1`` of the columns in
+        `job_slice` are written.
     kernel_size: int
         Number of events in each window.
     output_size: int
@@ -106,7 +108,7 @@ def compute_median_for_slice(shared_input, shared_output, kernel_size, output_si
         write to the shared output without locks.
     """
     start, stop, _ = job_slice.indices(shared_input.shape[1])
-    counts = np.empty((stop - start, 256), dtype=count_dtype(kernel_size))
+    counts = cpukernels.scratch(shared_input.dtype, stop - start, kernel_size)
     kernel = cpukernels.cpu_kernels().rolling_median_columns
     kernel(shared_input, shared_output, kernel_size, output_size, start, stop, counts)
 
@@ -117,10 +119,13 @@ def job_slices(pixels: int, workers: int) -> list[slice]:
     return [slice(a, b) for a, b in partition(pixels, jobs)]
 
 
-def warm_up_kernel():
-    """Load the compiled kernel (for numba's build: numba and its cache) before it is needed"""
-    frames = np.zeros((3, 1), np.uint8)
-    compute_median_for_slice(frames, np.zeros((1, 1), np.uint8), 2, 1, slice(0, 1))
+def warm_up_kernel(dtype=np.uint8):
+    """Load the compiled kernel for `dtype` frames (for numba's build: numba and its cache)
+
+    Call it before the kernel is needed, so that loading overlaps other work.
+    """
+    frames = np.zeros((3, 1), dtype)
+    compute_median_for_slice(frames, np.zeros((1, 1), dtype), 2, 1, slice(0, 1))
 
 
 class PipeQueue:
