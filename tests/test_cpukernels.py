@@ -328,41 +328,71 @@ def column_cases(rng):
     yield 4, 10, np.empty(0, np.int64), 4
 
 
-def test_gather_columns_equals_numpy(cpu_build):
+COLUMN_DTYPES = [np.uint8, np.uint16]
+"""The values the column kernels take (signed ones go in as their unsigned views)"""
+
+
+def random_values(rng, shape, dtype):
+    return rng.integers(0, np.iinfo(dtype).max + 1, shape).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", COLUMN_DTYPES)
+def test_gather_columns_equals_numpy(cpu_build, dtype):
     rng = np.random.default_rng(8)
     for rows, pixels, columns, gathered in column_cases(rng):
-        source = rng.integers(0, 256, (rows, pixels), dtype=np.uint8)
-        out = np.full((gathered, len(columns)), 0xAB, np.uint8)
+        source = random_values(rng, (rows, pixels), dtype)
+        out = np.full((gathered, len(columns)), 0xAB, dtype)
         cpu_build.gather_columns(source, columns, out)
         assert np.array_equal(out, source[:gathered][:, columns])
 
 
-def test_first_difference_finds_the_first_row_by_row(cpu_build):
+@pytest.mark.parametrize("dtype", COLUMN_DTYPES)
+def test_first_difference_finds_the_first_row_by_row(cpu_build, dtype):
     """-1 where all are equal, else the flat index of the first difference in the order of
-    the rows; a difference outside the columns compared is none"""
+    the rows; a difference outside the columns compared is none; in 16-bit values a
+    difference in either byte counts"""
     rng = np.random.default_rng(9)
+    top = np.iinfo(dtype).max
     for rows, pixels, columns, compared in column_cases(rng):
-        actual = rng.integers(0, 256, (rows, pixels), dtype=np.uint8)
+        actual = random_values(rng, (rows, pixels), dtype)
         expected = np.ascontiguousarray(actual[:compared][:, columns])
         assert cpu_build.first_difference(actual, columns, expected) == -1
         if len(columns) == 0:
             continue
         unused = np.setdiff1d(np.arange(pixels), columns)
         if len(unused):
-            actual[0, unused[0]] ^= 0xFF
+            actual[0, unused[0]] ^= top
             assert cpu_build.first_difference(actual, columns, expected) == -1
         for _ in range(5):
             wrong = expected.copy()
             places = rng.integers(0, wrong.size, 3)
-            wrong.flat[places] ^= rng.integers(1, 256, 3).astype(np.uint8)
+            wrong.flat[places] ^= rng.integers(1, top + 1, 3).astype(dtype)
             first = np.flatnonzero(wrong != expected)[0]
             assert cpu_build.first_difference(actual, columns, wrong) == first
-    actual = rng.integers(0, 256, (6, 20), dtype=np.uint8)
+    actual = random_values(rng, (6, 20), dtype)
     expected = actual[:4].copy()
     assert cpu_build.first_difference(actual, None, expected) == -1
     expected[2, 19] ^= 1
     expected[3, 0] ^= 1
     assert cpu_build.first_difference(actual, None, expected) == 2 * 20 + 19
+    if dtype == np.uint16:  # only the high byte differs, with and without columns
+        expected = actual[:4].copy()
+        expected[1, 7] ^= 0x100
+        assert cpu_build.first_difference(actual, None, expected) == 20 + 7
+        columns = np.arange(3, 20, dtype=np.int64)
+        assert cpu_build.first_difference(actual, columns,
+                                          np.ascontiguousarray(expected[:, 3:])) == 17 + 4
+
+
+@pytest.mark.parametrize("kernel", ["gather_columns", "first_difference"])
+@pytest.mark.parametrize("first, second", [(np.uint8, np.uint16), (np.uint16, np.uint8),
+                                           (np.int16, np.int16), (np.uint32, np.uint32)])
+def test_the_column_kernels_take_two_arrays_of_one_size_of_1_or_2_bytes(cpu_build, kernel,
+                                                                        first, second):
+    """Values of another size than the other array's would be read at the wrong places"""
+    with pytest.raises(ValueError, match="must be"):
+        getattr(cpu_build, kernel)(np.zeros((3, 10), first), np.arange(4, dtype=np.int64),
+                                   np.zeros((3, 4), second))
 
 
 @pytest.mark.parametrize("kernel, rows, columns, shape, message", [

@@ -32,9 +32,10 @@
 - ``gather_columns`` and ``first_difference``: the check of a GPU's medians
   against the CPU (see :mod:`dcbg.engines.verification`) copies a sample
   of pixel columns out of a batch's frames, and compares the GPU's medians
-  at those columns with the CPU's, without copying them first. Both
-  prefetch the next row while they read one, which a copy by numpy does
-  not.
+  at those columns with the CPU's, without copying them first; values of 1
+  or 2 bytes (signed ones as their unsigned views: only equality counts).
+  Both prefetch the next row while they read one, which a copy by numpy
+  does not.
 
 The kernels release the GIL and exist in two builds with the same results:
 

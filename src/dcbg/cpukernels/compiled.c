@@ -1662,13 +1662,60 @@ get_columns(PyObject *obj, Py_buffer *view, Py_ssize_t pixels)
     return 0;
 }
 
+/* The column loops of one item size: ITEM_T is the unsigned type of the values */
+#define COLUMN_KERNELS(SUFFIX, ITEM_T)                                                       \
+static void                                                                                  \
+gather_rows##SUFFIX(const ITEM_T *source, Py_ssize_t pixels, const int64_t *index,           \
+                    ITEM_T *out, Py_ssize_t rows, Py_ssize_t width)                          \
+{                                                                                            \
+    for (Py_ssize_t row = 0; row < rows; row++) {                                            \
+        const ITEM_T *from = source + row * pixels;                                          \
+        const ITEM_T *ahead = row + 1 < rows ? from + pixels : from;                         \
+        ITEM_T *to = out + row * width;                                                      \
+        for (Py_ssize_t j = 0; j < width; j++) {                                             \
+            if (j % PREFETCH_EVERY == 0)                                                     \
+                PREFETCH(ahead + index[j]);                                                  \
+            to[j] = from[index[j]];                                                          \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+static Py_ssize_t                                                                            \
+differing_row##SUFFIX(const ITEM_T *actual, Py_ssize_t pixels, const int64_t *index,         \
+                      const ITEM_T *expected, Py_ssize_t rows, Py_ssize_t width)             \
+{                                                                                            \
+    for (Py_ssize_t row = 0; row < rows; row++) {                                            \
+        const ITEM_T *got = actual + row * pixels;                                           \
+        const ITEM_T *ahead = row + 1 < rows ? got + pixels : got;                           \
+        const ITEM_T *want = expected + row * width;                                         \
+        /* a row's differences ORed without a branch; it is searched only if any */          \
+        unsigned differs = 0;                                                                \
+        if (index == NULL)                                                                   \
+            differs = memcmp(got, want, (size_t)width * sizeof(ITEM_T)) != 0;                \
+        else                                                                                 \
+            for (Py_ssize_t j = 0; j < width; j++) {                                         \
+                if (j % PREFETCH_EVERY == 0)                                                 \
+                    PREFETCH(ahead + index[j]);                                              \
+                differs |= (unsigned)(got[index[j]] ^ want[j]);                              \
+            }                                                                                \
+        for (Py_ssize_t j = 0; differs && j < width; j++)                                    \
+            if (got[index == NULL ? j : index[j]] != want[j])                                \
+                return row * width + j;                                                      \
+    }                                                                                        \
+    return -1;                                                                               \
+}
+
+COLUMN_KERNELS(8, uint8_t)
+COLUMN_KERNELS(16, uint16_t)
+
 PyDoc_STRVAR(gather_columns_doc,
 "gather_columns(source, columns, out)\n"
 "--\n\n"
 "out[r, j] = source[r, columns[j]] for every row r of out.\n\n"
-"source and out are C-contiguous 2-D uint8 arrays, out with at most as many\n"
-"rows as source and one column per entry of columns (int64, each a column\n"
-"of source). Runs without the GIL.");
+"source and out are C-contiguous 2-D arrays of unsigned integers of 1 or 2\n"
+"bytes (both of the same size), out with at most as many rows as source and\n"
+"one column per entry of columns (int64, each a column of source). Runs\n"
+"without the GIL.");
 
 static PyObject *
 gather_columns(PyObject *self, PyObject *args)
@@ -1677,13 +1724,15 @@ gather_columns(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOO:gather_columns", &source_obj, &columns_obj, &out_obj))
         return NULL;
     Py_buffer source, columns, out;
-    if (get_matrix(source_obj, &source, 0, 1u << 1, "1 byte", "source") < 0)
+    if (get_matrix(source_obj, &source, 0, 1u << 1 | 1u << 2, "1 or 2 bytes", "source") < 0)
         return NULL;
     if (get_columns(columns_obj, &columns, source.shape[1]) < 0) {
         PyBuffer_Release(&source);
         return NULL;
     }
-    if (get_matrix(out_obj, &out, 1, 1u << 1, "1 byte", "out") < 0) {
+    if (get_matrix(out_obj, &out, 1, 1u << source.itemsize,
+                   source.itemsize == 2 ? "2 bytes, as source" : "1 byte, as source",
+                   "out") < 0) {
         PyBuffer_Release(&source);
         PyBuffer_Release(&columns);
         return NULL;
@@ -1693,16 +1742,10 @@ gather_columns(PyObject *self, PyObject *args)
     if (fits) {
         const int64_t *index = columns.buf;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t row = 0; row < rows; row++) {
-            const uint8_t *from = (const uint8_t *)source.buf + row * pixels;
-            const uint8_t *ahead = row + 1 < rows ? from + pixels : from;
-            uint8_t *to = (uint8_t *)out.buf + row * width;
-            for (Py_ssize_t j = 0; j < width; j++) {
-                if (j % PREFETCH_EVERY == 0)
-                    PREFETCH(ahead + index[j]);
-                to[j] = from[index[j]];
-            }
-        }
+        if (source.itemsize == 2)
+            gather_rows16(source.buf, pixels, index, out.buf, rows, width);
+        else
+            gather_rows8(source.buf, pixels, index, out.buf, rows, width);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&source);
@@ -1723,8 +1766,9 @@ PyDoc_STRVAR(first_difference_doc,
 "Compares actual[r, columns[j]] (actual[r, j] where columns is None) with\n"
 "expected[r, j] for every row r of expected and returns r * width + j of\n"
 "the first difference, where width is expected's number of columns.\n"
-"actual and expected are C-contiguous 2-D uint8 arrays, actual with at\n"
-"least the rows of expected. Runs without the GIL.");
+"actual and expected are C-contiguous 2-D arrays of unsigned integers of 1\n"
+"or 2 bytes (both of the same size), actual with at least the rows of\n"
+"expected. Runs without the GIL.");
 
 static PyObject *
 first_difference(PyObject *self, PyObject *args)
@@ -1735,13 +1779,15 @@ first_difference(PyObject *self, PyObject *args)
         return NULL;
     Py_buffer actual, columns, expected;
     const int every = columns_obj == Py_None;
-    if (get_matrix(actual_obj, &actual, 0, 1u << 1, "1 byte", "actual") < 0)
+    if (get_matrix(actual_obj, &actual, 0, 1u << 1 | 1u << 2, "1 or 2 bytes", "actual") < 0)
         return NULL;
     if (!every && get_columns(columns_obj, &columns, actual.shape[1]) < 0) {
         PyBuffer_Release(&actual);
         return NULL;
     }
-    if (get_matrix(expected_obj, &expected, 0, 1u << 1, "1 byte", "expected") < 0) {
+    if (get_matrix(expected_obj, &expected, 0, 1u << actual.itemsize,
+                   actual.itemsize == 2 ? "2 bytes, as actual" : "1 byte, as actual",
+                   "expected") < 0) {
         PyBuffer_Release(&actual);
         if (!every)
             PyBuffer_Release(&columns);
@@ -1755,27 +1801,10 @@ first_difference(PyObject *self, PyObject *args)
     if (fits) {
         const int64_t *index = every ? NULL : columns.buf;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t row = 0; row < rows && found < 0; row++) {
-            const uint8_t *got = (const uint8_t *)actual.buf + row * pixels;
-            const uint8_t *ahead = row + 1 < rows ? got + pixels : got;
-            const uint8_t *want = (const uint8_t *)expected.buf + row * width;
-            /* a row's differences ORed without a branch; it is searched only if any */
-            unsigned differs = 0;
-            if (every)
-                differs = memcmp(got, want, (size_t)width) != 0;
-            else
-                for (Py_ssize_t j = 0; j < width; j++) {
-                    if (j % PREFETCH_EVERY == 0)
-                        PREFETCH(ahead + index[j]);
-                    differs |= (unsigned)(got[index[j]] ^ want[j]);
-                }
-            for (Py_ssize_t j = 0; differs && j < width; j++) {
-                if (got[every ? j : index[j]] != want[j]) {
-                    found = row * width + j;
-                    break;
-                }
-            }
-        }
+        if (actual.itemsize == 2)
+            found = differing_row16(actual.buf, pixels, index, expected.buf, rows, width);
+        else
+            found = differing_row8(actual.buf, pixels, index, expected.buf, rows, width);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&actual);

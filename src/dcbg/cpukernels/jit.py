@@ -161,15 +161,16 @@ def fletcher32(data):
 def gather_columns(source, columns, out):
     """``out[r, j] = source[r, columns[j]]`` for every row of `out`
 
-    `source` and `out` are C-contiguous 2-D uint8 arrays, `out` with at most
-    as many rows as `source` and one column per entry of `columns` (int64,
-    each a column of `source`).
+    `source` and `out` are C-contiguous 2-D arrays of unsigned integers of 1
+    or 2 bytes (both of the same size), `out` with at most as many rows as
+    `source` and one column per entry of `columns` (int64, each a column of
+    `source`).
     """
-    _check_columns(source, columns)
-    if (out.ndim != 2 or out.dtype != np.uint8 or out.shape[0] > source.shape[0]
-            or out.shape[1] != len(columns)):
-        raise ValueError("out must be 2-D uint8 with at most the rows of source and one "
-                         "column per entry of columns")
+    _check_columns(source, columns, "source")
+    if (out.ndim != 2 or out.dtype != source.dtype or not out.flags.c_contiguous
+            or out.shape[0] > source.shape[0] or out.shape[1] != len(columns)):
+        raise ValueError("out must be 2-D of the dtype of source, with at most the rows of "
+                         "source and one column per entry of columns")
     _gather_columns(source, columns, out)
 
 
@@ -179,27 +180,34 @@ def first_difference(actual, columns, expected) -> int:
     Compares ``actual[r, columns[j]]`` (``actual[r, j]`` where `columns` is
     None) with ``expected[r, j]`` for every row of `expected` and returns
     ``r * width + j`` of the first difference, `width` being the columns of
-    `expected`. Both are C-contiguous 2-D uint8 arrays, `actual` with at
-    least the rows of `expected`.
+    `expected`. Both are C-contiguous 2-D arrays of unsigned integers of 1 or
+    2 bytes (both of the same size), `actual` with at least the rows of
+    `expected`.
     """
     if columns is None:
         columns = np.arange(actual.shape[1], dtype=np.int64)
-    _check_columns(actual, columns)
-    if (expected.ndim != 2 or expected.dtype != np.uint8
+    _check_columns(actual, columns, "actual")
+    if (expected.ndim != 2 or expected.dtype != actual.dtype
+            or not expected.flags.c_contiguous
             or expected.shape[0] > actual.shape[0] or expected.shape[1] != len(columns)):
-        raise ValueError("expected must be 2-D uint8 with at most the rows of actual and one "
-                         "column per entry of columns (per column of actual where columns is "
-                         "None)")
+        raise ValueError("expected must be 2-D of the dtype of actual, with at most the rows "
+                         "of actual and one column per entry of columns (per column of "
+                         "actual where columns is None)")
     return int(_first_difference(actual, columns, expected))
 
 
-def _check_columns(source, columns):
+COLUMN_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+"""The types of values the column kernels take, as compiled.c takes them"""
+
+
+def _check_columns(source, columns, name):
     """The checks compiled.c makes before it reads: numba's loops do not check bounds"""
     if columns.ndim != 1 or columns.dtype != np.int64:
         raise ValueError("columns must be a contiguous 1-D array of int64")
-    if source.ndim != 2 or source.dtype != np.uint8:
-        raise ValueError("source must be a C-contiguous 2-D array of unsigned integers of "
-                         "1 byte")
+    if (source.ndim != 2 or source.dtype not in COLUMN_DTYPES
+            or not source.flags.c_contiguous):
+        raise ValueError(f"{name} must be a C-contiguous 2-D array of unsigned integers of "
+                         f"1 or 2 bytes")
     outside = (columns < 0) | (columns >= source.shape[1])
     if outside.any():
         raise ValueError(f"column {columns[outside.argmax()]} is outside the "
