@@ -219,3 +219,31 @@ def test_worker_that_dies_while_starting_names_the_main_guard(tmp_path):
     assert "exited with code 1 while starting" in last, run.stderr[-2000:]
     assert "if __name__ == \"__main__\":" in last
     assert "out of memory" not in last
+
+
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_the_engine_computes_uint16_frames_in_buffers_of_their_dtype(monkeypatch, workers):
+    """The frames' bytes fill the buffers (and the worker processes' RawArrays) as 16-bit
+    values, and the medians come back as such"""
+    from dcbg.reference import rolling_median_windows_reference
+    from dcbg.synthetic import synthetic_stack16
+    if workers == "processes":
+        monkeypatch.setattr(cpu, "PROCESS_MIN_WINDOWS", 0)
+    stack = synthetic_stack16(90, (9, 40), seed=3)
+    stack[::7, 0, :5] = 65535
+    frames = stack.reshape(len(stack), -1)
+    kernel_size, windows = 11, 80
+    medians = np.zeros((windows, frames.shape[1]), np.uint16)
+
+    def read_into(start, stop, out):
+        assert out.dtype == np.uint16
+        out[:stop - start] = frames[start:stop]
+
+    def write_at(offset, rows):
+        medians[offset:offset + len(rows)] = rows
+
+    with cpu.CPURollingMedian((9, 40), kernel_size, 23, 2, windows, np.uint16) as engine:
+        assert engine.workers.kind == workers
+        last = engine.run(read_into, 0, windows, write_at)
+    expected = rolling_median_windows_reference(stack, kernel_size).reshape(windows, -1)
+    assert np.array_equal(medians, expected) and np.array_equal(last, expected[-1])

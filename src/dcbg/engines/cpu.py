@@ -179,8 +179,10 @@ class WorkerRollMed(mp_spawn.Process):
     """
 
     def __init__(self, job_queue, counter, shared_input, shared_output, batch_size,
-                 kernel_size, error_queue, started, index):
+                 kernel_size, error_queue, started, index, dtype=np.uint8):
         super().__init__(daemon=True)
+        self.dtype = np.dtype(dtype)
+        """of the frames and medians in the shared RawArrays"""
         self.queue = job_queue
         self.counter = counter
         self.shared_input_raw = shared_input
@@ -202,11 +204,11 @@ class WorkerRollMed(mp_spawn.Process):
         skip_numba_blas_probe()  # this process runs nothing but the kernel
         try:
             # Map the RawArrays here: mapping them in __init__ would copy them.
-            shared_input = np.ctypeslib.as_array(self.shared_input_raw).reshape(
-                self.batch_size + self.kernel_size, -1)
-            shared_output = np.ctypeslib.as_array(self.shared_output_raw).reshape(
-                self.batch_size, -1)
-            warm_up_kernel()
+            shared_input = np.ctypeslib.as_array(self.shared_input_raw).view(
+                self.dtype).reshape(self.batch_size + self.kernel_size, -1)
+            shared_output = np.ctypeslib.as_array(self.shared_output_raw).view(
+                self.dtype).reshape(self.batch_size, -1)
+            warm_up_kernel(self.dtype)
             self.started[self.index] = 1
             # Read without the lock: a sibling killed while holding it must not stall this one.
             finished = self.counter.get_obj()
@@ -261,25 +263,30 @@ class ProcessWorkers:
         Most windows per batch.
     num_cpus: int
         Number of worker processes.
+    dtype: numpy.dtype, optional
+        Of the frames and medians: uint8 (default) or uint16.
     """
 
     kind = "processes"
 
-    def __init__(self, pixels: int, kernel_size: int, batch_size: int, num_cpus: int):
+    def __init__(self, pixels: int, kernel_size: int, batch_size: int, num_cpus: int,
+                 dtype=np.uint8):
         self.kernel_size = kernel_size
         self.batch_size = batch_size
         self.num_cpus = num_cpus
+        self.dtype = np.dtype(dtype)
         self.shared_input_raw = mp_spawn.RawArray(
-            np.ctypeslib.ctypes.c_uint8, pixels * (batch_size + kernel_size))
-        """RawArray with the input frames of the current batch"""
+            np.ctypeslib.ctypes.c_uint8,
+            pixels * (batch_size + kernel_size) * self.dtype.itemsize)
+        """RawArray with the input frames of the current batch (their bytes)"""
         self.shared_output_raw = mp_spawn.RawArray(
-            np.ctypeslib.ctypes.c_uint8, pixels * batch_size)
-        """RawArray with the medians of the current batch"""
-        self.shared_input = np.ctypeslib.as_array(self.shared_input_raw).reshape(
-            batch_size + kernel_size, pixels)
+            np.ctypeslib.ctypes.c_uint8, pixels * batch_size * self.dtype.itemsize)
+        """RawArray with the medians of the current batch (their bytes)"""
+        self.shared_input = np.ctypeslib.as_array(self.shared_input_raw).view(
+            self.dtype).reshape(batch_size + kernel_size, pixels)
         """numpy view on `shared_input_raw`, first axis enumerates events"""
-        self.shared_output = np.ctypeslib.as_array(self.shared_output_raw).reshape(
-            batch_size, pixels)
+        self.shared_output = np.ctypeslib.as_array(self.shared_output_raw).view(
+            self.dtype).reshape(batch_size, pixels)
         """numpy view on `shared_output_raw`, first axis enumerates events"""
         self.worker_counter = mp_spawn.Value("q", 0)
         """number of finished jobs in the current batch; negative stops workers"""
@@ -303,7 +310,7 @@ class ProcessWorkers:
         self.workers = [WorkerRollMed(self.queue, self.worker_counter, self.shared_input_raw,
                                       self.shared_output_raw, self.batch_size,
                                       self.kernel_size, self.error_queue, self.started,
-                                      index)
+                                      index, self.dtype)
                         for index in range(self.num_cpus)]
         try:
             for worker in self.workers:
@@ -437,11 +444,23 @@ class CPURollingMedian(Engine):
         Number of workers (processes or threads).
     windows: int
         Number of windows the engine will compute; chooses the workers.
+    dtype: numpy.dtype, optional
+        Of the frames and medians: uint8 (default) or uint16, the types the
+        CPU kernels take.
+
+    Raises
+    ------
+    TypeError
+        If the CPU kernels take no frames of `dtype`.
     """
 
-    def __init__(self, image_shape, kernel_size, batch_size, num_cpus, windows):
+    def __init__(self, image_shape, kernel_size, batch_size, num_cpus, windows,
+                 dtype=np.uint8):
         super().__init__(image_shape, kernel_size,
-                         self.plan_batch(batch_size, kernel_size, windows))
+                         self.plan_batch(batch_size, kernel_size, windows), dtype)
+        if self.dtype not in cpukernels.MEDIAN_DTYPES:
+            raise TypeError(f"The CPU engine takes frames of uint8 or uint16, not "
+                            f"{self.dtype}; convert the frames to one of these types.")
         available = available_cpus()
         if num_cpus > available:
             logger.warning("%d CPU workers were asked for, but this process may use %d "
@@ -450,7 +469,7 @@ class CPURollingMedian(Engine):
         """number of workers: as asked, but no more than CPUs and jobs for them"""
         if windows >= PROCESS_MIN_WINDOWS:
             self.workers = ProcessWorkers(self.pixels, kernel_size, self.batch_windows,
-                                          self.num_cpus)
+                                          self.num_cpus, self.dtype)
         else:
             self.workers = ThreadWorkers(self.pixels, kernel_size, self.num_cpus)
         self._started = False
@@ -489,8 +508,8 @@ class CPURollingMedian(Engine):
         rows = max(batch.input_size for batch in batches)
         out_rows = max(batch.output_size for batch in batches)
         prefetcher = Prefetcher(read_into, batches,
-                                [np.empty((rows, self.pixels), np.uint8) for _ in range(2)])
-        writer = WriterThread(write_at, [np.empty((out_rows, self.pixels), np.uint8)
+                                [np.empty((rows, self.pixels), self.dtype) for _ in range(2)])
+        writer = WriterThread(write_at, [np.empty((out_rows, self.pixels), self.dtype)
                                          for _ in range(2)], on_written)
         median_seconds = 0.0
         last = None
