@@ -21,6 +21,8 @@ import functools
 import threading
 import typing
 
+import numpy as np
+
 from .base import Engine, count_dtype
 
 if typing.TYPE_CHECKING:
@@ -28,7 +30,7 @@ if typing.TYPE_CHECKING:
 
 
 def engine_for(device: DeviceChoice, image_shape, kernel_size: int, batch_size: int,
-               num_cpus: int, windows: int, verify: str = "sample") -> Engine:
+               num_cpus: int, windows: int, verify: str = "sample", dtype=np.uint8) -> Engine:
     """The engine that computes `windows` windows on `device`
 
     Parameters
@@ -47,19 +49,21 @@ def engine_for(device: DeviceChoice, image_shape, kernel_size: int, batch_size: 
     verify: str
         Which results of a GPU the CPU checks: "sample", "all" or "off"
         (see :func:`dcbg.settings.parse_verify`); the CPU engine ignores it.
+    dtype: numpy.dtype, optional
+        Of the frames and medians (see :class:`Engine`); uint8 by default.
     """
     # A GPU batch is sized by device and host memory, never by `batch_size`
     # (which does not change the result): it may take up to all windows.
     if device.split:
         from .split import SplitRollingMedian
         return SplitRollingMedian(image_shape, kernel_size, windows, device.indices,
-                                  verify=verify)
+                                  verify=verify, dtype=dtype)
     if device.kind == "cuda":
         from .cuda import CUDARollingMedian
         return CUDARollingMedian(image_shape, kernel_size, windows, device.index,
-                                 verify=verify)
+                                 verify=verify, dtype=dtype)
     from .cpu import CPURollingMedian
-    return CPURollingMedian(image_shape, kernel_size, batch_size, num_cpus, windows)
+    return CPURollingMedian(image_shape, kernel_size, batch_size, num_cpus, windows, dtype)
 
 
 def preload(device: DeviceChoice):

@@ -42,10 +42,13 @@ class SplitRollingMedian(Engine):
         CUDA device ordinals.
     verify: str
         Which results the CPU checks (see :class:`~dcbg.engines.cuda.CUDARollingMedian`).
+    dtype: numpy.dtype, optional
+        Of the frames and medians: uint8 (default), int8, uint16 or int16.
     """
 
-    def __init__(self, image_shape, kernel_size, windows, indices, verify: str = "sample"):
-        super().__init__(image_shape, kernel_size, windows)
+    def __init__(self, image_shape, kernel_size, windows, indices, verify: str = "sample",
+                 dtype=np.uint8):
+        super().__init__(image_shape, kernel_size, windows, dtype)
         self.indices = list(indices)
         ranges = max(2, len(self.indices))
         devices = [self.indices[i % len(self.indices)] for i in range(ranges)]
@@ -55,7 +58,7 @@ class SplitRollingMedian(Engine):
         self.engines = [CUDARollingMedian(image_shape, kernel_size, windows, index,
                                           memory_share=1 / sharing[index],
                                           free_bytes=free[index], host_share=1 / ranges,
-                                          host_bytes=host, verify=verify)
+                                          host_bytes=host, verify=verify, dtype=self.dtype)
                         for index in devices]
 
     def facts(self) -> dict:
