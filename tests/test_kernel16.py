@@ -335,6 +335,21 @@ def test_every_window_entry_point_runs_in_the_shim(host_kernel):
         assert_exact(host_kernel, frames, 3, hand_plan(name, 32, 5, 6, 6))
 
 
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_the_shim_fails_a_launch_whose_blocks_use_more_shared_memory_than_planned(
+        host_kernel, blocks):
+    """A plan with too little shared memory: the block's last threads write where the
+    launch gave nothing, which the shim sees after every block (it refreshes the garbage of
+    the shared memory a block may use, and leaves the rest to show such writes)"""
+    stack = np.arange(8 * 64 * blocks, dtype=np.uint16).reshape(8, 64 * blocks)
+    name = cudakernel.kernel_name(3, np.uint16)
+    plan = hand_plan(name, 64, 64 * blocks, 6, 6)
+    assert_exact(host_kernel, stack, 3, plan)
+    short = cudakernel.LaunchPlan(name, 64, plan.grid, 6, 63 * cudakernel.WINDOW_BYTES)
+    with pytest.raises(AssertionError, match="host launch failed with code 3"):
+        run_kernel(host_kernel, stack, 3, short)
+
+
 def test_plan_of_a_16_bit_stack():
     """256x256 frames at k=100: 128 bytes of counts per thread, half the uint8 kernel's"""
     plan = planned(256 * 256, 10000, 100, np.uint16)
