@@ -76,8 +76,9 @@ def window_medians_by_partition(stack, kernel_size: int, starts) -> np.ndarray:
 
     Parameters
     ----------
-    stack: array-like of uint8, shape (N, ...)
-        Frames; the first axis enumerates them.
+    stack: array-like, shape (N, ...)
+        Frames of any integer dtype (ordered as NumPy orders it); the first axis
+        enumerates them.
     kernel_size: int
         Number of frames in each window.
     starts: sequence of int
