@@ -306,6 +306,9 @@ def test_gpu_arrays_of_every_dtype_stay_on_the_gpu(fake_gpu, dtype, background):
     strided = cupy.empty((shape[0], 5, 18), dtype)[..., ::2]  # not contiguous: copied in
     rolling_median_on_gpu(frames, kernel_size, windows, shape, strided, "sample")
     assert np.array_equal(cupy.asnumpy(cupy.ascontiguousarray(strided)), expected)
+    wide = cupy.asarray(np.repeat(stack, 2, axis=2))[..., 1::2]  # a view: made contiguous
+    got = rolling_median_on_gpu(wide, kernel_size, windows, shape, None, "all")
+    assert np.array_equal(cupy.asnumpy(got), expected)
 
 
 def test_gpu_arrays_refuse_an_out_of_another_dtype_and_frames_the_kernels_do_not_take(
