@@ -194,14 +194,18 @@ def case_stack(case: StackCase, seed: int = 42, base: np.ndarray | None = None
     return base[np.arange(case.frames) % len(base)]
 
 
+def realistic_period(case: StackCase) -> int:
+    """Distinct frames of a realistic stack of `case`'s dtype, which longer ones repeat"""
+    return STACK_PERIOD16 if np.dtype(case.dtype) == np.uint16 else STACK_PERIOD
+
+
 def realistic_base(case: StackCase, seed: int = 42) -> np.ndarray:
-    """The frames a realistic stack of `case` repeats: the first :data:`STACK_PERIOD`
-    frames of :func:`dcbg.synthetic.synthetic_stack` (uint8), or :data:`STACK_PERIOD16` of
+    """The frames a realistic stack of `case` repeats: the first :func:`realistic_period`
+    frames of :func:`dcbg.synthetic.synthetic_stack` (uint8) or
     :func:`dcbg.synthetic.synthetic_stack16` (uint16)"""
     from .synthetic import synthetic_stack, synthetic_stack16
-    if np.dtype(case.dtype) == np.uint16:
-        return synthetic_stack16(STACK_PERIOD16, case.shape, seed)
-    return synthetic_stack(STACK_PERIOD, case.shape, seed)
+    make = synthetic_stack16 if np.dtype(case.dtype) == np.uint16 else synthetic_stack
+    return make(realistic_period(case), case.shape, seed)
 
 
 def definition_starts(case: StackCase) -> np.ndarray:
@@ -331,9 +335,8 @@ class _Results:
             if case.realistic:
                 key = (case.shape, case.dtype)
                 if key not in self._bases:
-                    period = STACK_PERIOD16 if case.dtype == "uint16" else STACK_PERIOD
-                    self.say(f"synthesizing {period} frames of {case.shape[0]}x"
-                             f"{case.shape[1]}{dtype_words(case)}")
+                    self.say(f"synthesizing {realistic_period(case)} frames of "
+                             f"{case.shape[0]}x{case.shape[1]}{dtype_words(case)}")
                     self._bases[key] = realistic_base(case)
                 base = self._bases[key]
             self._stacks[case] = case_stack(case, base=base).reshape(case.frames, -1)
