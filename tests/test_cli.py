@@ -134,6 +134,7 @@ def test_compute_help_names_the_keywords_their_defaults_and_examples_that_work(
     assert (tmp_path / "out.rtdc").is_file() and (tmp_path / "measurement_bg.rtdc").is_file()
 
 
+@pytest.mark.slow
 def test_demo_and_info_as_console_script(tmp_path):
     run = subprocess.run([sys.executable, "-m", "dcbg", "demo", "--events", "300",
                           "--folder", str(tmp_path), "--device", "cpu"],

@@ -24,6 +24,8 @@ import pytest
 from dcbg.cudaprobe import cuda_unavailable_reason
 from dcbg.synthetic import write_synthetic_rtdc
 
+pytestmark = pytest.mark.slow  # the README's blocks run as a user runs them, clusters included
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 NO_GPU = cuda_unavailable_reason(0)
