@@ -14,7 +14,7 @@ from .windows import background_window_count, window_count
 
 
 def rolling_median_reference(stack, kernel_size: int) -> np.ndarray:
-    """Rolling median background of a uint8 stack, by definition (README, "Same bytes as dcnum")
+    """Rolling median background of a uint8 stack, by definition ("Same bytes as dcnum")
 
     ``image_bg[i] = sorted(x[j:j+k])[k//2]`` per pixel with
     ``j = min(i, N-k-1)`` for ``N > k``; for ``N == k`` every frame gets
