@@ -15,10 +15,10 @@ import hdf5plugin
 import numpy as np
 
 from ..errors import OutputWriteError, is_disk_full, write_failure_reason
-from ..ppid import DCNUM_PPID_GENERATION
 from ..settings import parse_compression, zstd_level
 from .chunks import ChunkCodec
 from .hdf5 import (
+    DCNUM_PPID_GENERATION,
     GENERATION_ATTRIBUTE,
     PPID_ATTRIBUTE,
     READ_ERRORS,
