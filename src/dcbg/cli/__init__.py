@@ -13,17 +13,17 @@ import sys
 import tempfile
 import threading
 
-from ._version import __version__
-from .base import Background, get_available_background_methods
-from .devices import DEVICE_ENV, auto_choice, parse_device, select_device
-from .errors import (
+from .._version import __version__
+from ..base import Background, get_available_background_methods
+from ..devices import DEVICE_ENV, auto_choice, parse_device, select_device
+from ..errors import (
     InterruptedAfterStoring,
     OutputExistsError,
     UnknownKeywordError,
     first_line,
     sigterm_raises,
 )
-from .jobs import (
+from ..jobs import (
     FileResult,
     JobSettings,
     check_dask_address,
@@ -35,13 +35,13 @@ from .jobs import (
     run_sequential,
     summary_table,
 )
-from .ppid import format_value, keyword_defaults, ppid_to_kwargs, split_ppid
-from .rtdc.hdf5 import GENERATION_ATTRIBUTE, PPID_ATTRIBUTE
-from .rtdc.output import check_output_path
-from .rtdc.reader import check_input_path, missing_input
-from .selftest import DEFAULT_EVENTS, DEFAULT_FILE_EVENTS
-from .settings import DEFAULT_COMPRESSION, DEFAULT_VERIFY, VERIFY_MODES, parse_compression
-from .system import skip_numba_blas_probe
+from ..ppid import format_value, keyword_defaults, ppid_to_kwargs, split_ppid
+from ..rtdc.hdf5 import GENERATION_ATTRIBUTE, PPID_ATTRIBUTE
+from ..rtdc.output import check_output_path
+from ..rtdc.reader import check_input_path, missing_input
+from ..selftest import DEFAULT_EVENTS, DEFAULT_FILE_EVENTS
+from ..settings import DEFAULT_COMPRESSION, DEFAULT_VERIFY, VERIFY_MODES, parse_compression
+from ..system import skip_numba_blas_probe
 
 DEMO_EVENTS = 5000
 
@@ -396,8 +396,8 @@ def cmd_demo(args) -> int:
     the new recording is written under a temporary name and replaces the
     old one (and the old one's background) only when complete.
     """
-    from .rollmed import BackgroundRollMed
-    from .synthetic import DEFAULT_SHAPE, write_synthetic_rtdc
+    from ..rollmed import BackgroundRollMed
+    from ..synthetic import DEFAULT_SHAPE, write_synthetic_rtdc
     if args.events < DEMO_KERNEL_SIZE:
         raise UsageError(f"--events must be at least {DEMO_KERNEL_SIZE}, the demo's "
                          f"kernel_size, got {args.events}")
@@ -457,13 +457,13 @@ CHIPSTREAM_EXAMPLE = "dcbg chipstream --device cpu -- -b rollmed -kb kernel_size
 
 
 def cmd_chipstream(args) -> int:
-    from .chipstream import run_chipstream
+    from ..chipstream import run_chipstream
     arguments = args.arguments[1:] if args.arguments[:1] == ["--"] else args.arguments
     return run_chipstream(arguments, args.device, args.io_threads)
 
 
 def cmd_preview(args) -> int:
-    from .preview import write_preview
+    from ..preview import write_preview
     output = write_preview(args.path, args.output, args.events, args.row)
     emit(f"{output}")
     return 0
@@ -488,8 +488,8 @@ def describe_images(path: pathlib.Path) -> tuple[str | None, str | None]:
     unusable: str or None
         The first line of the error that makes the images unusable.
     """
-    from .errors import InputDataError, InputFileError
-    from .rtdc.reader import RTDCInput
+    from ..errors import InputDataError, InputFileError
+    from ..rtdc.reader import RTDCInput
     try:
         with RTDCInput(path) as rtdc_in:
             image, mapping = rtdc_in.image, rtdc_in.image_mapping
@@ -523,7 +523,7 @@ def background_line(h5) -> str:
     """What `dcbg info` says about the file's own image_bg"""
     import h5py
 
-    from .rtdc.hdf5 import as_text
+    from ..rtdc.hdf5 import as_text
     events = h5.get("events")
     try:
         image_bg = events.get("image_bg") if isinstance(events, h5py.Group) else None
@@ -538,7 +538,7 @@ def background_line(h5) -> str:
 
 def attributes_line(h5) -> str:
     """The number of root attributes and the ones that name the measurement"""
-    from .rtdc.hdf5 import as_text
+    from ..rtdc.hdf5 import as_text
     attrs = h5.attrs
     named = [f"{label} {as_text(attrs[key])}" for key, label in INFO_ATTRIBUTES if key in attrs]
     return f"attributes: {len(attrs)}" + (f" ({', '.join(named)})" if named else "")
@@ -551,9 +551,9 @@ def describe_file(path: pathlib.Path):
     frames that are not uint8) is described as far as it can be, with one
     line saying why; only a file that cannot be read at all is an error.
     """
-    from .rtdc.basins import basin_candidates, read_basin_definitions
-    from .rtdc.hdf5 import open_hdf5
-    from .runlog import read_run_logs
+    from ..rtdc.basins import basin_candidates, read_basin_definitions
+    from ..rtdc.hdf5 import open_hdf5
+    from ..runlog import read_run_logs
     description, unusable = describe_images(path)
     with open_hdf5(path, "r") as h5:  # a file that cannot be read at all ends here
         if description is None:
@@ -589,9 +589,9 @@ def cmd_info(args) -> int:
         return 0
     emit(f"dcbg {__version__}")
     emit(f"python {sys.version.split()[0]}, CPUs available: {os.cpu_count()}")
-    from .cpukernels import describe_build
+    from ..cpukernels import describe_build
     emit(f"CPU kernels: {describe_build()}")
-    from .cudaprobe import describe_cuda_devices
+    from ..cudaprobe import describe_cuda_devices
     devices = describe_cuda_devices()
     if not devices:
         emit("NVIDIA GPUs: none found (pynvml missing or no driver)")
@@ -646,7 +646,7 @@ class StatusLine:
 
 
 def cmd_selftest(args) -> int:
-    from . import selftest
+    from .. import selftest
     if args.json:
         check_output_path(args.json)  # before minutes of work, not after them
     emit(f"dcbg {__version__} selftest, --device {args.device}: load the kernel, compare "
@@ -908,7 +908,3 @@ def console_main() -> int:
         return main(own_process=True)
     finally:
         gc.freeze()
-
-
-if __name__ == "__main__":
-    sys.exit(console_main())
