@@ -36,7 +36,6 @@ from ..jobs import (
     summary_table,
 )
 from ..ppid import format_value, keyword_defaults, ppid_to_kwargs, split_ppid
-from ..rtdc.hdf5 import GENERATION_ATTRIBUTE, PPID_ATTRIBUTE
 from ..rtdc.output import check_output_path
 from ..rtdc.reader import check_input_path, missing_input
 from ..selftest import DEFAULT_EVENTS, DEFAULT_FILE_EVENTS
@@ -469,123 +468,11 @@ def cmd_preview(args) -> int:
     return 0
 
 
-INFO_ATTRIBUTES = (("experiment:sample", "sample"), ("experiment:date", "date"),
-                   ("experiment:time", "time"), ("experiment:run identifier", "run identifier"),
-                   ("setup:software version", "software"))
-"""Root attributes `dcbg info FILE` names (key, label); the others are counted"""
-
-
-def describe_images(path: pathlib.Path) -> tuple[str | None, str | None]:
-    """The file's events and frames as `dcbg info` says them, or why its images are unusable
-
-    The number of events is the file's own: through a mapped basin, the
-    length of the mapping, not the basin's frame count.
-
-    Returns
-    -------
-    description: str or None
-        e.g. "213 events of 80x320 pixels (through mapped basin …, 400 frames)".
-    unusable: str or None
-        The first line of the error that makes the images unusable.
-    """
-    from ..errors import InputDataError, InputFileError
-    from ..rtdc.reader import RTDCInput
-    try:
-        with RTDCInput(path) as rtdc_in:
-            image, mapping = rtdc_in.image, rtdc_in.image_mapping
-            events = rtdc_in.event_count
-            where = ""
-            if mapping is not None:
-                where = f" (through mapped basin {rtdc_in.image_path}, {image.shape[0]} frames)"
-            elif rtdc_in.image_path != rtdc_in.path:
-                where = f" (through basin {rtdc_in.image_path})"
-            return f"{events} events of {image.shape[1]}x{image.shape[2]} pixels{where}", None
-    except (InputDataError, InputFileError) as error:
-        return None, first_line(error)
-
-
-def own_event_count(h5) -> int | None:
-    """The number of events from a file's own features, else its event count attribute"""
-    import h5py
-    events = h5.get("events")
-    for name in events if isinstance(events, h5py.Group) else ():
-        try:
-            feature = events.get(name)
-        except (KeyError, OSError, RuntimeError, ValueError):  # a link that leads nowhere
-            continue
-        if isinstance(feature, h5py.Dataset) and feature.shape:
-            return feature.shape[0]
-    count = h5.attrs.get("experiment:event count")
-    return None if count is None else int(count)
-
-
-def background_line(h5) -> str:
-    """What `dcbg info` says about the file's own image_bg"""
-    import h5py
-
-    from ..rtdc.hdf5 import as_text
-    events = h5.get("events")
-    try:
-        image_bg = events.get("image_bg") if isinstance(events, h5py.Group) else None
-    except (KeyError, OSError, RuntimeError, ValueError):
-        image_bg = None
-    if not isinstance(image_bg, h5py.Dataset):
-        return "image_bg: none in this file"
-    ppid = as_text(image_bg.attrs.get(PPID_ATTRIBUTE, "none recorded"))
-    generation = as_text(image_bg.attrs.get(GENERATION_ATTRIBUTE, "?"))
-    return f"image_bg: PPID {ppid} (generation {generation})"
-
-
-def attributes_line(h5) -> str:
-    """The number of root attributes and the ones that name the measurement"""
-    from ..rtdc.hdf5 import as_text
-    attrs = h5.attrs
-    named = [f"{label} {as_text(attrs[key])}" for key, label in INFO_ATTRIBUTES if key in attrs]
-    return f"attributes: {len(attrs)}" + (f" ({', '.join(named)})" if named else "")
-
-
-def describe_file(path: pathlib.Path):
-    """Print what an .rtdc file carries: events, images, background, attributes, basins, logs
-
-    A file whose images cannot be used (a basin moved away, no images,
-    frames that are not uint8) is described as far as it can be, with one
-    line saying why; only a file that cannot be read at all is an error.
-    """
-    from ..rtdc.basins import basin_candidates, read_basin_definitions
-    from ..rtdc.hdf5 import open_hdf5
-    from ..runlog import read_run_logs
-    description, unusable = describe_images(path)
-    with open_hdf5(path, "r") as h5:  # a file that cannot be read at all ends here
-        if description is None:
-            events = own_event_count(h5)
-            emit(f"{path}: {'an unknown number of' if events is None else events} events")
-            emit(f"images: cannot be used: {unusable}")
-        else:
-            emit(f"{path}: {description}")
-        emit(background_line(h5))
-        emit(attributes_line(h5))
-        for definition in read_basin_definitions(h5):
-            paths = definition.get("paths", [])
-            exists = any(p.exists() for p in basin_candidates(definition, path.parent))
-            emit(f"basin {definition.get('name')!r}: {definition.get('type')}/"
-                 f"{definition.get('format')}, {paths[0] if paths else 'no path'}"
-                 f"{'' if exists else ' (missing)'}")
-        logs = read_run_logs(h5)
-        for name, record in logs:
-            seconds = record.get("seconds", {})
-            device = " ".join(str(record[k]) for k in ("device", "name") if record.get(k))
-            emit(f"log {name}: {record.get('software')}, {record.get('ppid')}, "
-                 f"{record.get('events')} events on {device} "
-                 f"in {seconds.get('total', '?')} s, host "
-                 f"{record.get('host')}, warnings: {len(record.get('warnings', []))}")
-        others = sorted(set(h5.get("logs", {})) - {name for name, _ in logs})
-        if others:
-            emit(f"other logs: {', '.join(others)}")
-
-
 def cmd_info(args) -> int:
     if args.path:
-        describe_file(pathlib.Path(args.path))
+        from ..rtdc.describe import describe_file
+        for line in describe_file(pathlib.Path(args.path)):
+            emit(line)
         return 0
     emit(f"dcbg {__version__}")
     emit(f"python {sys.version.split()[0]}, CPUs available: {os.cpu_count()}")
