@@ -10,11 +10,13 @@ import pathlib
 import shlex
 import shutil
 import sys
-import tempfile
 import threading
 
 from .._version import __version__
 from ..base import Background, get_available_background_methods
+from ..demo import EVENTS as DEMO_EVENTS
+from ..demo import FOLDER as DEMO_FOLDER
+from ..demo import KERNEL_SIZE as DEMO_KERNEL_SIZE
 from ..devices import DEVICE_ENV, auto_choice, parse_device, select_device
 from ..errors import (
     InterruptedAfterStoring,
@@ -36,19 +38,11 @@ from ..jobs import (
     summary_table,
 )
 from ..ppid import format_value, keyword_defaults, ppid_to_kwargs, split_ppid
-from ..rtdc.output import check_output_path
+from ..rtdc.output import check_output_path, default_output
 from ..rtdc.reader import check_input_path, missing_input
 from ..selftest import DEFAULT_EVENTS, DEFAULT_FILE_EVENTS
 from ..settings import DEFAULT_COMPRESSION, DEFAULT_VERIFY, VERIFY_MODES, parse_compression
 from ..system import skip_numba_blas_probe
-
-DEMO_EVENTS = 5000
-
-DEMO_KERNEL_SIZE = 100
-"""The demo's kernel_size (dcnum's default), and so its least number of events"""
-
-DEMO_FOLDER = "dcbg-demo"
-"""Folder of the demo's files, in the current folder, where the user finds them"""
 
 DEFAULT_METHOD = "rollmed"
 
@@ -191,11 +185,6 @@ def method_and_kwargs(args) -> tuple[type[Background], dict]:
         except UnknownKeywordError as error:
             raise unknown_kb_keyword(code, error) from None
     return methods[code], kwargs
-
-
-def default_output(path_in: pathlib.Path) -> pathlib.Path:
-    """``<stem>_bg.rtdc`` beside the input"""
-    return path_in.with_name(f"{path_in.stem}_bg.rtdc")
 
 
 def collect_jobs(args) -> list[tuple[pathlib.Path, pathlib.Path]]:
@@ -389,41 +378,29 @@ def dry_run(args, jobs, existing, settings: JobSettings, select_ppid: str) -> in
 
 
 def cmd_demo(args) -> int:
-    """Synthesize a recording and compute its background
+    """Synthesize a recording and compute its background (see :mod:`dcbg.demo`)
 
-    Every option is checked before the previous demo's files are touched;
-    the new recording is written under a temporary name and replaces the
-    old one (and the old one's background) only when complete.
+    Every option is checked before the previous demo's files are touched.
     """
-    from ..rollmed import BackgroundRollMed
-    from ..synthetic import DEFAULT_SHAPE, write_synthetic_rtdc
+    from ..demo import run_demo
+    from ..synthetic import DEFAULT_SHAPE
     if args.events < DEMO_KERNEL_SIZE:
         raise UsageError(f"--events must be at least {DEMO_KERNEL_SIZE}, the demo's "
                          f"kernel_size, got {args.events}")
-    device = select_device(args.device)  # an unusable device fails before any file is written
+    device = select_device(args.device)  # an unusable device fails before --folder is checked
     folder = pathlib.Path(args.folder)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--folder {folder} is a file; give a folder for the demo's files")
-    folder.mkdir(parents=True, exist_ok=True)
-    source = folder / "demo.rtdc"
-    target = default_output(source)
-    settings = JobSettings(BackgroundRollMed.get_ppid_code(),
-                           {"kernel_size": DEMO_KERNEL_SIZE, "batch_size": 10000},
-                           DEFAULT_COMPRESSION, device, args.num_cpus, args.io_threads,
-                           args.verify)
     height, width = DEFAULT_SHAPE
-    emit(f"Synthesizing {args.events} frames of {height}x{width} in {source} …")
-    handle, partial = tempfile.mkstemp(prefix=f".{source.name}.", suffix=".partial",
-                                       dir=folder)
-    os.close(handle)
-    try:
-        write_synthetic_rtdc(partial, args.events)
-        target.unlink(missing_ok=True)  # the background of the recording being replaced
-        os.replace(partial, source)
-    finally:
-        pathlib.Path(partial).unlink(missing_ok=True)
-    emit(result_line(compute_file(source, target, settings, progress_bar,
-                                  report_final_errors=False)))
+
+    def announce(source):
+        emit(f"Synthesizing {args.events} frames of {height}x{width} in {source} …")
+
+    source, target, result = run_demo(
+        folder, args.events, device=device, num_cpus=args.num_cpus,
+        io_threads=args.io_threads, verify=args.verify, progress=progress_bar,
+        on_synthesize=announce)
+    emit(result_line(result))
     emit("Next steps, each works as printed:")
     for command, meaning in demo_next_commands(source, target):
         emit(f"  {command:<{DEMO_COMMAND_WIDTH}} # {meaning}")
