@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from dcbg import cpukernels
-from dcbg.cli import COMPUTE_EXAMPLES, main
+from dcbg.cli import main
+from dcbg.cli.compute import COMPUTE_EXAMPLES
 from dcbg.ppid import keyword_defaults
 from dcbg.reference import rolling_median_reference
 from dcbg.rollmed import BackgroundRollMed
