@@ -21,7 +21,7 @@ from ..errors import InterruptedAfterStoring, first_line, sigterm_raises
 from ..system import skip_numba_blas_probe
 from . import chipstream, compute, demo, info, preview, selftest
 from .chipstream import CHIPSTREAM_EXAMPLE
-from .options import UsageError, in_command_line_terms
+from .options import UsageError, in_option_terms
 from .output import flush_stdout
 
 
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     except Exception as error:
         if args.verbose:
             raise
-        print(f"error: {in_command_line_terms(first_line(error))}", file=sys.stderr)
+        said = in_option_terms(error, subcommand_parser(parser, args)) or error
+        print(f"error: {first_line(said)}", file=sys.stderr)
         return 1
     finally:
         flush_stdout()

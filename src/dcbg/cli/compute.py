@@ -25,7 +25,7 @@ from ..ppid import format_value, keyword_defaults, ppid_to_kwargs, split_ppid
 from ..rtdc.output import check_output_path, default_output
 from ..rtdc.reader import check_input_path, missing_input
 from ..settings import DEFAULT_COMPRESSION, parse_compression
-from .options import UsageError, add_run_options, count_option, in_command_line_terms
+from .options import UsageError, add_run_options, count_option, in_option_terms
 from .output import emit, progress_bar
 
 DEFAULT_METHOD = "rollmed"
@@ -177,7 +177,7 @@ def cmd_compute(args) -> int:
         try:
             check_dask_address(args.dask)
         except ValueError as error:
-            raise UsageError(in_command_line_terms(str(error))) from None
+            raise UsageError(in_option_terms(error, args.subcommand) or str(error)) from None
     select_ppid = cls.get_ppid_from_ppkw(kwargs)
     jobs = collect_jobs(args)
     # one input: too few events for kernel_size is said before a keyword rule

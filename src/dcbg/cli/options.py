@@ -1,4 +1,5 @@
-"""The options several commands share, their types, and the usage error"""
+"""The options several commands share, their types, the usage error, and library
+messages said in the options' terms"""
 from __future__ import annotations
 
 import argparse
@@ -52,17 +53,27 @@ def add_run_options(p: argparse.ArgumentParser):
     p.add_argument("--verbose", action="store_true", help="log details, show tracebacks")
 
 
-API_TO_OPTIONS = (
-    ('device="cpu" or "auto"', "--device cpu or auto"),
-    ('device="cpu"', "--device cpu"),
-    ("CPU workers (num_cpus)", "CPU workers (--num-cpus)"),
-    ("The Dask address ", "--dask "),
-)
-"""How the library's advice (its keyword arguments) reads on the command line (its options)"""
+def setting_options(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """The library's settings as `parser` names them: ``{"num_cpus": "--num-cpus", …}``
+
+    An option's destination, the name of its value, is the library's name
+    of the setting it sets (``--num-cpus`` sets ``num_cpus``); its first
+    spelling names it in messages (``--device``, ``-kb``).
+    """
+    return {action.dest: action.option_strings[0] for action in parser._actions
+            if action.option_strings and action.dest != argparse.SUPPRESS}
 
 
-def in_command_line_terms(message: str) -> str:
-    """A library message with its keyword arguments said as the command's options"""
-    for api, option in API_TO_OPTIONS:
-        message = message.replace(api, option)
-    return message
+def in_option_terms(error: BaseException, parser: argparse.ArgumentParser) -> str | None:
+    """`error`'s message with the setting it names said as `parser`'s option
+
+    Library errors that name a setting carry it (see
+    :func:`dcbg.errors.setting_error`). None for other errors, and for a
+    setting the command has no option for: those read as the library says
+    them.
+    """
+    message = getattr(error, "setting_message", None)
+    options = setting_options(parser)
+    if message is None or message.setting not in options:
+        return None
+    return message.render(options[message.setting])
