@@ -13,8 +13,7 @@ import tempfile
 import typing
 
 from .devices import select_device
-from .jobs import FileResult, JobSettings, compute_file
-from .rtdc.output import default_output
+from .jobs import FileResult, JobSettings, compute_file, default_output
 from .settings import DEFAULT_COMPRESSION, DEFAULT_VERIFY
 
 EVENTS = 5000

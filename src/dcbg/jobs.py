@@ -181,6 +181,11 @@ def check_input(source, settings: JobSettings, target=None) -> int:
     return events
 
 
+def default_output(path_in: pathlib.Path) -> pathlib.Path:
+    """Where a recording's background goes unless told otherwise: ``<stem>_bg.rtdc`` beside it"""
+    return path_in.with_name(f"{path_in.stem}{OUTPUT_SUFFIX}")
+
+
 def is_recording(path: pathlib.Path) -> bool:
     """Whether a folder run takes `path` as an input
 

@@ -15,6 +15,7 @@ from ..jobs import (
     check_dask_address,
     check_input,
     compute_file,
+    default_output,
     display_name,
     find_recordings,
     run_on_dask,
@@ -22,7 +23,7 @@ from ..jobs import (
     summary_table,
 )
 from ..ppid import format_value, keyword_defaults, ppid_to_kwargs, split_ppid
-from ..rtdc.output import check_output_path, default_output
+from ..rtdc.output import check_output_path
 from ..rtdc.reader import check_input_path, missing_input
 from ..settings import DEFAULT_COMPRESSION, parse_compression
 from .options import UsageError, add_run_options, count_option, in_option_terms

@@ -79,11 +79,6 @@ class OutputTarget:
     than the input gets ``image_bg``) or :data:`INPUT` (the input file itself)"""
 
 
-def default_output(path_in: pathlib.Path) -> pathlib.Path:
-    """Where a recording's background goes unless told otherwise: ``<stem>_bg.rtdc`` beside it"""
-    return path_in.with_name(f"{path_in.stem}_bg.rtdc")
-
-
 def check_output_path(path) -> pathlib.Path:
     """Refuse an output path in a missing folder, that is a folder, or whose name is too long"""
     path = pathlib.Path(path)
