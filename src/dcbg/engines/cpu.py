@@ -42,7 +42,7 @@ import traceback
 import numpy as np
 
 from .. import cpukernels
-from ..errors import DEFERRABLE_SIGNALS, WorkerFailure, signals_deferred
+from ..errors import DEFERRABLE_SIGNALS, WorkerFailure, setting_error, signals_deferred
 from ..system import available_cpus, mp_spawn, skip_numba_blas_probe
 from .base import Engine
 from .batches import Prefetcher, WriterThread, partition, plan_windows
@@ -350,10 +350,11 @@ class ProcessWorkers:
                 if worker.exitcode is not None]
         for started, worker in sorted(dead, key=lambda item: -item[0]):
             if started:
-                raise WorkerFailure(
-                    f"CPU worker process {worker.pid} died with exit code {worker.exitcode} "
-                    f"while computing the median (often: out of memory); retry with a "
-                    f"smaller batch_size or fewer CPU workers (num_cpus).")
+                raise setting_error(
+                    WorkerFailure, "CPU worker process {pid} died with exit code {code} while "
+                    "computing the median (often: out of memory); retry with a smaller "
+                    "batch_size or fewer CPU workers ({setting}).", "num_cpus",
+                    pid=worker.pid, code=worker.exitcode)
             guard = (" The script that started dcbg has no 'if __name__ == "
                      "\"__main__\":' guard: worker processes import the main script, "
                      "so put the code that runs dcbg under that guard."
