@@ -409,6 +409,23 @@ def test_one_clear_sentence_for_each_mistake(call, error, message):
         call()
 
 
+def test_an_out_that_cannot_be_written_is_refused_before_anything_is_computed(tmp_path):
+    """A write into a file HDF5 opened read-only also leaves the file unable to close"""
+    stack = np.zeros((10, 6, 5), np.uint16)
+    with h5py.File(tmp_path / "out.h5", "w") as h5:
+        create(h5, "chunked", "zstd chunks of whole frames", stack.shape, np.uint16)
+        create(h5, "split", "chunks that split frames", stack.shape, np.uint16)
+    with h5py.File(tmp_path / "out.h5") as h5:
+        for name in ("chunked", "split"):
+            with pytest.raises(ValueError, match=r"^out is a dataset of .*out.h5, which is "
+                                                 r"open read-only; open the file with mode"):
+                dcbg.rolling_median_background(stack, 3, device="cpu", out=h5[name])
+    np.save(tmp_path / "out.npy", stack)
+    with pytest.raises(ValueError, match=r"^out is read-only \(a memory map opened with"):
+        dcbg.rolling_median_background(stack, 3, device="cpu",
+                                       out=np.load(tmp_path / "out.npy", mmap_mode="r"))
+
+
 def test_an_out_that_overlaps_the_frames_is_refused():
     stack = np.zeros((10, 3), np.uint8)
     with pytest.raises(ValueError, match="out overlaps frames"):

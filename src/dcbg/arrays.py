@@ -289,6 +289,12 @@ def _host_out(out, shape: tuple, frames, dtype: np.dtype):
         raise TypeError(
             f"out must be a NumPy array, memory map or h5py dataset, got "
             f"{type(out).__name__}.")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError("out is read-only (a memory map opened with mode 'r', or a view "
+                         "that cannot be written); give an array that can be written.")
+    if getattr(getattr(out, "file", None), "mode", None) == "r":  # an h5py dataset
+        raise ValueError(f"out is a dataset of {out.file.filename}, which is open read-only; "
+                         f"open the file with mode 'a' or 'r+' to write the medians into it.")
     if isinstance(out, np.ndarray) and isinstance(frames, np.ndarray) and (
             np.may_share_memory(out, frames) or _same_file_bytes(out, frames)):
         raise overlap_error()
