@@ -72,12 +72,13 @@ def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None,
     out: array-like, optional
         Where to put the result: an array of shape ``(N - kernel_size + 1,
         ...)`` and the dtype of `frames` (NumPy array, memory map or h5py
-        dataset for host input; a CuPy array on the same GPU for GPU input). It must not
-        share storage with `frames`, since later windows still read frames
-        that earlier results would overwrite: an `out` that overlaps them in
-        memory, or in the file both map (two memory maps of one file), is
-        refused; overlaps dcbg cannot see (an h5py dataset in the file of a
-        memory map, say) give wrong results.
+        dataset for host input; a CuPy array on the same GPU for GPU input),
+        which can be written. It must not share storage with `frames`, since
+        later windows still read frames that earlier results would
+        overwrite: an `out` that overlaps them in memory, or in the file both
+        map (two memory maps of one file), is refused; overlaps dcbg cannot
+        see (an h5py dataset in the file of a memory map, say) give wrong
+        results.
     verify: str, optional
         Which of a GPU's medians the CPU recomputes and compares: "sample"
         (a spread sample of every batch), "all" or "off". By default a sample
@@ -162,12 +163,13 @@ def _compute(frames, kernel_size, device, out, verify, background: bool):
 
 def _stream_through_engine(stack, dtype: np.dtype, kernel_size, windows, rows, device, out,
                            verify: str):
-    """Windows ``0 … windows-1`` of `stack` into `out`, then its rows up to `rows` repeat
-    the last one, with the file engines' reader and writer
+    """Windows ``0 … windows-1`` of `stack` into `out`, whose later rows repeat the last
 
-    Signed frames are flipped into unsigned values of the same order as
-    they are read, and their medians flipped back as they are written (see
-    :mod:`dcbg.dtypes`), so the engines see unsigned values only.
+    The frames are read by the file engines' reader and the medians written
+    by their writer. Signed frames are flipped into unsigned values of the
+    same order as they are read, and their medians flipped back as they are
+    written (see :mod:`dcbg.dtypes`), so the engines see unsigned values
+    only.
     """
     from .devices import fall_back_to_cpu, select_device
     from .engines import engine_for
