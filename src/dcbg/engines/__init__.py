@@ -21,6 +21,8 @@ import functools
 import threading
 import typing
 
+import numpy as np
+
 from .base import Engine, count_dtype
 
 if typing.TYPE_CHECKING:
@@ -28,7 +30,8 @@ if typing.TYPE_CHECKING:
 
 
 def engine_for(device: DeviceChoice, image_shape, kernel_size: int, batch_size: int,
-               num_cpus: int, windows: int, verify: str = "sample") -> Engine:
+               num_cpus: int, windows: int, verify: str = "sample",
+               dtype=np.uint8) -> Engine:
     """The engine that computes `windows` windows on `device`
 
     Parameters
@@ -47,19 +50,25 @@ def engine_for(device: DeviceChoice, image_shape, kernel_size: int, batch_size: 
     verify: str
         Which results of a GPU the CPU checks: "sample", "all" or "off"
         (see :func:`dcbg.settings.parse_verify`); the CPU engine ignores it.
+    dtype: numpy dtype
+        The type of the frames the engine reads and the medians it writes:
+        uint8 (files), or uint16 (arrays; signed frames reach the engines
+        as unsigned values, see :mod:`dcbg.dtypes`).
     """
     # A GPU batch is sized by device and host memory, never by `batch_size`
     # (which does not change the result): it may take up to all windows.
+    dtype = np.dtype(dtype)
+    typed = {} if dtype == np.uint8 else {"dtype": dtype}  # uint8 is the GPU engines' default
     if device.split:
         from .split import SplitRollingMedian
         return SplitRollingMedian(image_shape, kernel_size, windows, device.indices,
-                                  verify=verify)
+                                  verify=verify, **typed)
     if device.kind == "cuda":
         from .cuda import CUDARollingMedian
         return CUDARollingMedian(image_shape, kernel_size, windows, device.index,
-                                 verify=verify)
+                                 verify=verify, **typed)
     from .cpu import CPURollingMedian
-    return CPURollingMedian(image_shape, kernel_size, batch_size, num_cpus, windows)
+    return CPURollingMedian(image_shape, kernel_size, batch_size, num_cpus, windows, dtype)
 
 
 def preload(device: DeviceChoice):
