@@ -202,7 +202,7 @@ def test_the_engines_refuse_frames_their_kernels_do_not_take(fake_gpu):
                                         "int16, not float32"):
         CUDARollingMedian((4, 8), 3, 10, 0, dtype=np.float32)
     from dcbg.engines.cpu import CPURollingMedian
-    with pytest.raises(TypeError, match="The CPU engine takes frames of uint8 or uint16, not "
+    with pytest.raises(TypeError, match="The CPU kernels take uint8 or uint16 frames, not "
                                         "int16"):
         CPURollingMedian((4, 8), 3, 10, 1, 10, dtype=np.int16)
 

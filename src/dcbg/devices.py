@@ -29,7 +29,7 @@ import logging
 import os
 
 from . import cudaprobe
-from .errors import DeviceError, first_line
+from .errors import DeviceError, first_line, setting_error
 
 logger = logging.getLogger(__name__)
 
@@ -149,8 +149,8 @@ def select_device(device: str = "auto") -> DeviceChoice:
         reasons = [cudaprobe.device_problem(i) for i in range(max(count, 1))]
         if count == 0 or any(reasons):
             reason = next(r for r in reasons if r)
-            raise DeviceError(
-                f"CUDA devices cannot be used: {reason}; or use device=\"cpu\" or \"auto\".")
+            raise setting_error(DeviceError, "CUDA devices cannot be used: {reason}; or use "
+                                "{setting}.", "device", suggested=("cpu", "auto"), reason=reason)
         return DeviceChoice("cuda", 0, f"requested, split across {count} device(s)",
                             tuple(range(count)))
     if kind == "cuda":

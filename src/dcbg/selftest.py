@@ -358,16 +358,18 @@ class _Results:
             import h5py
             import hdf5plugin  # noqa: F401 - registers the recording's zstd filter
 
+            from .rtdc.writer import StackWriter
+
             with h5py.File(recording) as h5:
                 stack = h5["events/image"][:]
             count, *shape = stack.shape
             frames = stack.reshape(count, -1)
             windows, _, _ = engine_medians(self.cpu, frames, shape, FILE_KERNEL_SIZE,
                                            self.num_cpus)
-            background = np.empty_like(frames)
-            background[:len(windows)] = windows
-            background[len(windows):] = windows[-1]  # the last frames repeat the last window
-            self._background = background.reshape(stack.shape)
+            background = StackWriter(np.empty_like(frames))
+            background.write_at(0, windows)
+            background.write_repeated(len(windows), windows[-1], count - len(windows))
+            self._background = background.stack.reshape(stack.shape)
         return self._background
 
     def definition(self, case: StackCase) -> tuple[np.ndarray, np.ndarray]:

@@ -30,7 +30,8 @@ if typing.TYPE_CHECKING:
 
 
 def engine_for(device: DeviceChoice, image_shape, kernel_size: int, batch_size: int,
-               num_cpus: int, windows: int, verify: str = "sample", dtype=np.uint8) -> Engine:
+               num_cpus: int, windows: int, verify: str = "sample",
+               dtype=np.uint8) -> Engine:
     """The engine that computes `windows` windows on `device`
 
     Parameters
@@ -49,8 +50,12 @@ def engine_for(device: DeviceChoice, image_shape, kernel_size: int, batch_size: 
     verify: str
         Which results of a GPU the CPU checks: "sample", "all" or "off"
         (see :func:`dcbg.settings.parse_verify`); the CPU engine ignores it.
-    dtype: numpy.dtype, optional
-        Of the frames and medians (see :class:`Engine`); uint8 by default.
+    dtype: numpy dtype, optional
+        The type of the frames the engine reads and the medians it writes
+        (see :class:`Engine`), handed to every engine: uint8 (files, the
+        default), or uint16 (arrays; the array functions flip signed frames
+        in host memory into unsigned values, see :mod:`dcbg.dtypes`). The
+        GPU engines take int8 and int16 too, the CPU engine does not.
     """
     # A GPU batch is sized by device and host memory, never by `batch_size`
     # (which does not change the result): it may take up to all windows.

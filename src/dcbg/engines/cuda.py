@@ -44,7 +44,7 @@ import numpy as np
 
 from .. import cudaprobe
 from ..arrays import overlap_error
-from ..errors import DeviceError, first_line
+from ..errors import DeviceError, first_line, setting_error
 from . import cudakernel, cudamemory, verification
 from .base import Engine
 from .batches import Prefetcher, WriterThread, plan_windows
@@ -195,17 +195,19 @@ class CUDARollingMedian(Engine):
                         cudamemory.PinnedMemoryError) as error:
                     smaller = self.batch_windows // 2
                     if smaller < 1:
-                        raise MemoryError(
-                            f"CUDA device {self.device_index} is out of memory even for one "
-                            f"frame ({first_line(error)}); free GPU memory or use "
-                            f"device=\"cpu\".") from error
+                        raise setting_error(
+                            MemoryError, "CUDA device {index} is out of memory even for one "
+                            "frame ({reason}); free GPU memory or use {setting}.", "device",
+                            suggested=("cpu",), index=self.device_index,
+                            reason=first_line(error)) from error
                     failure = first_line(error)
                 except (cupy.cuda.runtime.CUDARuntimeError,
                         cupy.cuda.driver.CUDADriverError) as error:
-                    raise DeviceError(
-                        f"CUDA device {self.device_index} failed while computing the median "
-                        f"({first_line(error)}); no output was kept; check the GPU with "
-                        f"nvidia-smi, or use device=\"cpu\".") from error
+                    raise setting_error(
+                        DeviceError, "CUDA device {index} failed while computing the median "
+                        "({reason}); no output was kept; check the GPU with nvidia-smi, or use "
+                        "{setting}.", "device", suggested=("cpu",), index=self.device_index,
+                        reason=first_line(error)) from error
                 # Released only here, out of the except block: until it ends, the
                 # exception's traceback keeps the failed attempt's buffers referenced,
                 # and memory still referenced is not freed. A frame that holds the

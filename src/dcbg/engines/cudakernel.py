@@ -30,6 +30,7 @@ import typing
 import numpy as np
 
 from .. import cudaprobe
+from ..errors import setting_error
 from .base import count_dtype
 from .cudacontext import on_device, use_device
 
@@ -257,8 +258,9 @@ def plan_launch(pixels: int, output_size: int, kernel_size: int,
     name = kernel_name(kernel_size, dtype)
     warm_up = kernel_family(dtype).warm_up_steps * (kernel_size - 1)
     if kernel_size > INT_MAX:
-        raise ValueError(f"kernel_size={kernel_size} is more than a GPU kernel takes "
-                         f"({INT_MAX}); use device=\"cpu\".")
+        raise setting_error(ValueError, "kernel_size={kernel_size} is more than a GPU kernel "
+                            "takes ({limit}); use {setting}.", "device", suggested=("cpu",),
+                            kernel_size=kernel_size, limit=INT_MAX)
     # A segment's windows are counted in the kernel's int.
     fewest = -(-output_size // INT_MAX)
     longest = max(fewest, min(MAX_GRID_Y, output_size // max(1, MIN_SEGMENT_WINDOWS

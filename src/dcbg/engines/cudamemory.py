@@ -28,7 +28,7 @@ import threading
 
 import numpy as np
 
-from ..errors import first_line
+from ..errors import first_line, setting_error
 from .cudacontext import on_device
 
 logger = logging.getLogger(__name__)
@@ -103,20 +103,22 @@ def device_batch_size(windows: int, kernel_size: int, pixels: int, free_device_b
     rows = int(free_device_bytes * DEVICE_MEMORY_FRACTION * device_share) // frame_bytes
     batch = (rows - inputs * kernel_size) // (inputs + outputs)
     if batch < 1:
-        raise MemoryError(
-            f"The GPU has {free_device_bytes / 2**20:.0f} MiB free, too little for frames of "
-            f"{pixels} pixels with kernel_size={kernel_size}; free GPU memory or use "
-            f"device=\"cpu\".")
+        raise setting_error(
+            MemoryError, "The GPU has {free:.0f} MiB free, too little for frames of {pixels} "
+            "pixels with kernel_size={kernel_size}; free GPU memory or use {setting}.",
+            "device", suggested=("cpu",), free=free_device_bytes / 2**20, pixels=pixels,
+            kernel_size=kernel_size)
     if host_bytes is not None:
         inputs, outputs = PINNED_BUFFERS
         rows = int(host_bytes * host_share) // frame_bytes
         fitting = (rows - inputs * kernel_size) // (inputs + outputs)
         if fitting < 1:
-            raise MemoryError(
-                f"Only {host_bytes * host_share / 2**20:.0f} MiB of host memory may be "
-                f"page-locked (a share of the available memory), too little for frames of "
-                f"{pixels} pixels with kernel_size={kernel_size}; close other programs or "
-                f"use device=\"cpu\".")
+            raise setting_error(
+                MemoryError, "Only {share:.0f} MiB of host memory may be page-locked (a share "
+                "of the available memory), too little for frames of {pixels} pixels with "
+                "kernel_size={kernel_size}; close other programs or use {setting}.", "device",
+                suggested=("cpu",), share=host_bytes * host_share / 2**20, pixels=pixels,
+                kernel_size=kernel_size)
         batch = min(batch, fitting)
     return max(1, min(batch, windows, max(DEVICE_BATCH_LIMIT, fill_windows),
                       BUFFER_BYTES_LIMIT // frame_bytes))

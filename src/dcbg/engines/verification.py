@@ -43,7 +43,7 @@ import time
 import numpy as np
 
 from .. import cpukernels
-from ..errors import GPUResultError
+from ..errors import GPUResultError, setting_error
 from .cpu import compute_median_for_slice, job_slices
 
 SAMPLE_FRACTION = 0.01
@@ -280,11 +280,12 @@ class ResultCheck:
 
     def _error(self, event: int, pixel: int, gpu, cpu) -> GPUResultError:
         """The error for a GPU's median `gpu` where the CPU computes `cpu`"""
-        return GPUResultError(
-            f"CUDA device {self.device_index} computed a wrong median at event {event}, "
-            f"{pixel_words(pixel, self.image_shape)}: the GPU gave {gpu} where the CPU "
-            f"computes {cpu}, so its results cannot be trusted; check the GPU (nvidia-smi, "
-            f"dcbg selftest --device cuda:{self.device_index}) or use device=\"cpu\".")
+        return setting_error(
+            GPUResultError, "CUDA device {index} computed a wrong median at event {event}, "
+            "{pixel}: the GPU gave {gpu} where the CPU computes {cpu}, so its results cannot "
+            "be trusted; check the GPU (nvidia-smi, dcbg selftest --device cuda:{index}) or "
+            "use {setting}.", "device", suggested=("cpu",), index=self.device_index,
+            event=event, pixel=pixel_words(pixel, self.image_shape), gpu=gpu, cpu=cpu)
 
     def _add(self, pixel_outputs: int, seconds: float):
         with self._lock:
