@@ -43,6 +43,7 @@ import time
 import numpy as np
 
 from .. import cpukernels
+from ..dtypes import flip_sign_bit, kernel_dtype, sign_bit
 from ..errors import GPUResultError, setting_error
 from .cpu import compute_median_for_slice, job_slices
 
@@ -82,21 +83,6 @@ def sample_columns(pixels: int, block: int, key: int) -> np.ndarray:
     checked = np.zeros(pixels, bool)  # sorted and unique at once, where a union sorts
     checked[firsts] = checked[lasts] = checked[chosen] = True
     return np.flatnonzero(checked).astype(np.int64, copy=False)
-
-
-def unsigned_dtype(dtype) -> np.dtype:
-    """The unsigned integer type of the size of `dtype`"""
-    return np.dtype(f"u{np.dtype(dtype).itemsize}")
-
-
-def sign_bit(dtype) -> int:
-    """The bit whose flip orders values of `dtype` as their unsigned views (0 if unsigned)
-
-    Flipping the sign bit of a two's-complement integer maps the smallest
-    value to 0 and the largest to the largest unsigned one, in order.
-    """
-    dtype = np.dtype(dtype)
-    return 1 << (8 * dtype.itemsize - 1) if dtype.kind == "i" else 0
 
 
 def pixel_words(pixel: int, image_shape: tuple) -> str:
@@ -147,7 +133,7 @@ class ResultCheck:
         self.mode = mode
         self.kernel_size = kernel_size
         self.dtype = np.dtype(dtype)
-        self.unsigned = unsigned_dtype(self.dtype)
+        self.unsigned = kernel_dtype(self.dtype)
         """the unsigned type of the same size: the CPU kernels' values"""
         self.sign_bit = sign_bit(self.dtype)
         """flipped to order signed values as unsigned ones (0 for unsigned frames)"""
@@ -268,14 +254,14 @@ class ResultCheck:
         of the check's dtype"""
         width = frames.shape[1]
         values = frames.view(self.unsigned)
-        if self.sign_bit:  # the CPU kernels order unsigned values
-            values = values ^ self.unsigned.type(self.sign_bit)
+        if self.sign_bit:  # the CPU kernels order unsigned values; the frames stay as given
+            values = values.copy()
+            flip_sign_bit(values, self.sign_bit)
         cpu = np.empty((windows, width), self.unsigned)
         # one window per pixel: slices of cache size (a whole frame's would not fit)
         for job in job_slices(width, 1):
             compute_median_for_slice(values, cpu, self.kernel_size, windows, job)
-        if self.sign_bit:
-            cpu ^= self.unsigned.type(self.sign_bit)
+        flip_sign_bit(cpu, self.sign_bit)
         return cpu.view(self.dtype)
 
     def _error(self, event: int, pixel: int, gpu, cpu) -> GPUResultError:
