@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 
+from dcbg.dtypes import FRAME_DTYPES
 from dcbg.engines import cudakernel
 from dcbg.errors import DeviceError
 from helpers import host_kernel as hk
@@ -320,8 +321,12 @@ def test_entry_points_and_their_shared_memory(host_kernel):
     assert cudakernel.kernel_family(np.int16).value_xor == 0x8000
     assert cudakernel.kernel_family(np.int8).value_xor == 0x80
     assert cudakernel.kernel_family(np.uint16).value_xor == 0
+    # the GPU takes what the array functions take, refused with their one message
+    assert set(cudakernel.KERNEL_FAMILIES) == set(FRAME_DTYPES)
+    assert cudakernel.kernel_family(">u2") is cudakernel.kernel_family(np.uint16)
     for dtype in (np.float32, np.int32, np.uint32, bool):
-        with pytest.raises(TypeError, match="uint8, int8, uint16, int16"):
+        with pytest.raises(TypeError, match=f"^frames must be uint8, uint16, int8 or int16, "
+                                            f"got {np.dtype(dtype)}; convert them first"):
             cudakernel.kernel_name(10, dtype)
 
 

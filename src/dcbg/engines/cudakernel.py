@@ -30,6 +30,7 @@ import typing
 import numpy as np
 
 from .. import cudaprobe
+from ..dtypes import check_frame_dtype
 from ..errors import setting_error
 from .base import count_dtype
 from .cudacontext import on_device, use_device
@@ -107,17 +108,19 @@ KERNEL_FAMILIES = {
     np.dtype(np.uint16): KernelFamily("dcbg_rollmed_window16", False, 1.5, 0),
     np.dtype(np.int16): KernelFamily("dcbg_rollmed_window16", False, 1.5, 0x8000),
 }
-"""The kernel family of each dtype the GPU computes medians of"""
+"""The kernel family of each dtype dcbg computes medians of
+(:data:`dcbg.dtypes.FRAME_DTYPES`)"""
 
 
 def kernel_family(dtype) -> KernelFamily:
-    """The entry points for frames of `dtype`; TypeError for a dtype they do not take"""
-    family = KERNEL_FAMILIES.get(np.dtype(dtype))
-    if family is None:
-        supported = ", ".join(str(d) for d in KERNEL_FAMILIES)
-        raise TypeError(f"The GPU kernel takes frames of {supported}, not {np.dtype(dtype)}; "
-                        f"convert the frames to one of these dtypes.")
-    return family
+    """The entry points for frames of `dtype`
+
+    Raises
+    ------
+    TypeError
+        If dcbg computes no frames of `dtype` (:func:`dcbg.dtypes.check_frame_dtype`).
+    """
+    return KERNEL_FAMILIES[check_frame_dtype(dtype)]
 
 
 def kernel_name(kernel_size: int, dtype=np.uint8) -> str:
