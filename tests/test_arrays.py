@@ -15,6 +15,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 import dcbg
 from dcbg.engines import cpu
+from dcbg.errors import GPUResultError
 from dcbg.reference import rolling_median_reference, rolling_median_windows_reference
 
 DTYPES = (np.uint8, np.uint16, np.int8, np.int16)
@@ -542,10 +543,12 @@ def host_transfers(state) -> list:
             if call[0] in ("device to host", "host to device", "download", "upload")]
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=80, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(case=frame_stacks(dtypes=(np.uint8,)), background=st.booleans())
+@given(case=frame_stacks(), background=st.booleans())
 def test_gpu_arrays_equal_the_definition_without_host_copies(fake_gpu, case, background):
+    """Frames of every supported dtype go to the GPU kernels as they are: signed values are
+    ordered on the GPU, never flipped through host memory, and the frames stay unchanged"""
     stack, kernel_size = case
     state = fake_gpu()
     import cupy
@@ -554,11 +557,13 @@ def test_gpu_arrays_equal_the_definition_without_host_copies(fake_gpu, case, bac
     function = dcbg.rolling_median_background if background else dcbg.rolling_median
     result = function(frames, kernel_size, verify="off")  # a call that is not checked
     assert isinstance(result, cupy.ndarray) and len(host_transfers(state)) == before
-    reference = rolling_median_reference if background else rolling_median_windows_reference
-    assert np.array_equal(cupy.asnumpy(result), reference(stack, kernel_size))
+    assert result.dtype == stack.dtype
+    expected = (background_definition if background else definition)(stack, kernel_size)
+    assert np.array_equal(cupy.asnumpy(result), expected)
+    assert np.array_equal(cupy.asnumpy(frames), stack)
     for verify in ("sample", "all"):  # the check copes with every frame shape and view
         assert np.array_equal(cupy.asnumpy(function(frames, kernel_size, verify=verify)),
-                              cupy.asnumpy(result))
+                              expected)
 
 
 @pytest.mark.parametrize("wrap", [lambda a: a, CudaTensor, DLPackTensor])
@@ -569,7 +574,7 @@ def test_gpu_arrays_of_any_library_stay_on_their_gpu_and_stream(fake_gpu, wrap):
     with cupy.cuda.Device(1):
         frames = cupy.asarray(np.zeros_like(stack))
         stream = cupy.cuda.Stream()
-        dcbg.rolling_median(frames, 7)  # the first call per GPU and count width is checked
+        dcbg.rolling_median(frames, 7)  # the first call per GPU, count width and dtype is checked
         with stream:
             frames[...] = cupy.asarray(stack)  # still queued when dcbg is called
             before = len(host_transfers(state))
@@ -605,3 +610,45 @@ def test_gpu_out_arrays(fake_gpu):
         dcbg.rolling_median(frames, 6, out=elsewhere)
     with pytest.raises(TypeError, match="frames must be uint8"):
         dcbg.rolling_median(cupy.asarray(stack.astype(np.float32)), 6)
+
+
+def full_range_stack(rng, dtype, shape):
+    info = np.iinfo(dtype)
+    return rng.integers(info.min, info.max, shape, dtype=dtype, endpoint=True)
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int8, np.int16])
+def test_gpu_out_arrays_of_16_bit_and_signed_frames(fake_gpu, dtype):
+    fake_gpu()
+    import cupy
+    stack = full_range_stack(np.random.default_rng(8), dtype, (25, 3, 5))
+    frames = cupy.asarray(stack)
+    out = cupy.empty((25, 3, 5), dtype)
+    assert dcbg.rolling_median_background(frames, 6, out=out) is out
+    assert np.array_equal(cupy.asnumpy(out), background_definition(stack, 6))
+    wide = cupy.empty((20, 3, 10), dtype)
+    strided = wide[:, :, ::2]  # not contiguous: computed aside, then copied in
+    assert dcbg.rolling_median(frames, 6, out=strided) is strided
+    assert np.array_equal(cupy.asnumpy(wide)[:, :, ::2], definition(stack, 6))
+    same_size = np.dtype(f"{'u' if np.dtype(dtype).kind == 'i' else 'i'}"
+                         f"{np.dtype(dtype).itemsize}")  # the bytes fit, the values do not
+    with pytest.raises(TypeError, match=f"out must be {np.dtype(dtype)}, the dtype of the "
+                                        f"frames, got {same_size}"):
+        dcbg.rolling_median(frames, 6, out=cupy.empty((20, 3, 5), same_size))
+
+
+def test_the_first_gpu_array_call_of_each_dtype_is_checked(fake_gpu):
+    """uint16 and int16 frames share a kernel entry point, which orders their values
+    differently: a checked uint16 call does not spare int16's first call its check"""
+    state = fake_gpu()
+    import cupy
+    rng = np.random.default_rng(10)
+    stacks = {dtype: full_range_stack(rng, dtype, (30, 4, 6)) for dtype in (np.uint16, np.int16)}
+    first = dcbg.rolling_median(cupy.asarray(stacks[np.uint16]), 5)  # launch 0: checked
+    assert np.array_equal(cupy.asnumpy(first), definition(stacks[np.uint16], 5))
+    state.flips[1] = (2, 5, 0x40)  # a wrong median in the next launch
+    with pytest.raises(GPUResultError, match="at event 2, pixel \\(row 0, column 5\\)"):
+        dcbg.rolling_median(cupy.asarray(stacks[np.int16]), 5)
+    state.flips[2] = (2, 5, 0x40)  # uint16's first call was checked: later ones are not
+    wrong = dcbg.rolling_median(cupy.asarray(stacks[np.uint16]), 5)
+    assert not np.array_equal(cupy.asnumpy(wrong), definition(stacks[np.uint16], 5))

@@ -22,8 +22,10 @@ device:
 A GPU's results are checked against the CPU kernel (``verify``, see
 :mod:`dcbg.engines.verification`): for host arrays a sample of every batch,
 as for files; for GPU arrays, which stay on the GPU, a sample of the first
-call per process, GPU and width of the kernel's counts, unless asked
-otherwise.
+call per process, GPU, width of the kernel's counts and dtype, unless asked
+otherwise. GPU arrays of every supported dtype go to the GPU kernels as they
+are: the kernels order signed values themselves, so nothing is flipped on
+the host.
 """
 from __future__ import annotations
 
@@ -83,9 +85,9 @@ def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None,
         Which of a GPU's medians the CPU recomputes and compares: "sample"
         (a spread sample of every batch), "all" or "off". By default a sample
         of every batch for host arrays; for GPU arrays a sample of the first
-        call per process, GPU and width of the kernel's counts (a checked
-        call copies the sampled pixels to the host and waits for them). The
-        CPU ignores it; the result never depends on it.
+        call per process, GPU, width of the kernel's counts and dtype (a
+        checked call copies the sampled pixels to the host and waits for
+        them). The CPU ignores it; the result never depends on it.
 
     Returns
     -------
