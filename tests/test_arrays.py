@@ -17,6 +17,7 @@ import dcbg
 from dcbg.engines import cpu
 from dcbg.errors import GPUResultError
 from dcbg.reference import rolling_median_reference, rolling_median_windows_reference
+from helpers.data import as_dtype, twelve_bit_camera_frames
 
 DTYPES = (np.uint8, np.uint16, np.int8, np.int16)
 
@@ -262,14 +263,6 @@ def test_a_uint16_recording_still_gets_the_clear_error_of_files(tmp_path):
                                device="cpu")
 
 
-def as_dtype(values, dtype):
-    """Unsigned 16-bit values as `dtype`, in the same order (signed ones shifted down, int8's
-    the high byte)"""
-    values = np.asarray(values, np.int64)
-    if np.dtype(dtype).itemsize == 1:
-        values = values >> 8
-    return (values + np.iinfo(dtype).min).astype(dtype)
-
 
 def assert_exact(stack, kernel_size):
     """Both array functions give the definition's bytes"""
@@ -314,17 +307,7 @@ def test_slow_ramps_over_all_65536_levels(kernel_size):
 @pytest.mark.parametrize("aligned", ["low bits", "high bits"])
 def test_twelve_bit_camera_data_in_16_bit_words(kernel_size, aligned):
     """An offset, shot noise and a bright particle saturating at 4095 (or 65520, shifted)"""
-    rng = np.random.default_rng(kernel_size + 12)
-    frames, height, width = kernel_size + 120, 6, 45
-    signal = np.full((frames, height, width), 300.0)
-    signal[:, :, 20:] += np.linspace(0, 2500, width - 20)  # dim to bright background
-    for row in range(frames):  # a particle crossing the frame
-        x = (row * 3) % width
-        signal[row, 1:4, x:x + 4] += 6000
-    values = np.minimum(rng.poisson(signal), 4095).astype(np.uint16)
-    if aligned == "high bits":
-        values <<= np.uint16(4)
-    assert_exact(values, kernel_size)
+    assert_exact(twelve_bit_camera_frames(kernel_size, aligned == "high bits"), kernel_size)
 
 
 @pytest.mark.parametrize("kernel_size", [1, 2, 255, 256, 257])

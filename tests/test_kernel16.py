@@ -21,6 +21,7 @@ from dcbg.dtypes import FRAME_DTYPES
 from dcbg.engines import cudakernel
 from dcbg.errors import DeviceError
 from helpers import host_kernel as hk
+from helpers.data import as_dtype, twelve_bit_camera_frames
 from test_kernel import H100_SMS, nvcc_compile, sm90_blocks_per_sm
 
 WINDOW_DTYPES = (np.uint16, np.int16, np.int8)
@@ -76,14 +77,6 @@ def assert_exact(lib, stack, kernel_size, plan=None, expected=None):
                              f"(window, pixel) = {tuple(where)}: {got[tuple(where)]} instead "
                              f"of {expected[tuple(where)]}")
 
-
-def as_dtype(values, dtype):
-    """Unsigned 16-bit values as `dtype`, in the same order (the signed ones shifted down)"""
-    values = np.asarray(values, np.int64)
-    info = np.iinfo(dtype)
-    if dtype == np.int8:
-        values = values >> 8
-    return (values + info.min).astype(dtype)
 
 
 @st.composite
@@ -159,15 +152,7 @@ def test_ramps_over_every_level(host_kernel, kernel_size):
 @pytest.mark.parametrize("kernel_size", [3, 10, 100, 101])
 def test_twelve_bit_camera_data(host_kernel, kernel_size):
     """12-bit values in 16-bit words: offset, shot noise, bright particles saturating at 4095"""
-    rng = np.random.default_rng(kernel_size + 12)
-    frames, height, width = kernel_size + 120, 6, 45
-    signal = np.full((frames, height, width), 300.0)
-    signal[:, :, 20:] += np.linspace(0, 2500, width - 20)  # dim to bright background
-    for row in range(frames):  # a particle crossing the frame
-        x = (row * 3) % width
-        signal[row, 1:4, x:x + 4] += 6000
-    values = np.minimum(rng.poisson(signal), 4095).astype(np.uint16)
-    assert_exact(host_kernel, values, kernel_size)
+    assert_exact(host_kernel, twelve_bit_camera_frames(kernel_size), kernel_size)
 
 
 @pytest.mark.parametrize("kernel_size", [1, 2, 255, 256, 257])

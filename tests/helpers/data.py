@@ -29,3 +29,29 @@ def stack_cases() -> dict[str, np.ndarray]:
         "realistic": synthetic_stack(80, shape=(12, 40), seed=7),
         "single_pixel": rng.integers(0, 256, (33, 1, 1), dtype=np.uint8),
     }
+
+
+def as_dtype(values, dtype) -> np.ndarray:
+    """Unsigned 16-bit values as `dtype` in the same order: uint16 as they are, the signed
+    types shifted down by half the range, int8 (and uint8) from the high byte"""
+    values = np.asarray(values, np.int64)
+    if np.dtype(dtype).itemsize == 1:
+        values = values >> 8
+    return (values + np.iinfo(dtype).min).astype(dtype)
+
+
+def twelve_bit_camera_frames(kernel_size: int, high_bits: bool = False) -> np.ndarray:
+    """uint16 frames of a 12-bit camera: an offset, a dim to bright background, shot noise
+    and a particle crossing the frame that saturates at 4095 (in the words' high bits: 65520)
+
+    ``kernel_size + 120`` frames of 6 x 45 pixels, seeded by the kernel size.
+    """
+    rng = np.random.default_rng(kernel_size + 12)
+    frames, height, width = kernel_size + 120, 6, 45
+    signal = np.full((frames, height, width), 300.0)
+    signal[:, :, 20:] += np.linspace(0, 2500, width - 20)
+    for row in range(frames):
+        x = (row * 3) % width
+        signal[row, 1:4, x:x + 4] += 6000
+    values = np.minimum(rng.poisson(signal), 4095).astype(np.uint16)
+    return values << np.uint16(4) if high_bits else values
