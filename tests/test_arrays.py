@@ -17,7 +17,7 @@ import dcbg
 from dcbg.engines import cpu
 from dcbg.errors import GPUResultError
 from dcbg.reference import rolling_median_reference, rolling_median_windows_reference
-from helpers.data import as_dtype, twelve_bit_camera_frames
+from helpers.data import as_dtype, jumping_values, ramp_values, twelve_bit_camera_frames
 
 DTYPES = (np.uint8, np.uint16, np.int8, np.int16)
 
@@ -279,26 +279,14 @@ def assert_exact(stack, kernel_size):
 @pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.int8])
 @pytest.mark.parametrize("kernel_size", [1, 2, 3, 10, 100, 101])
 def test_medians_that_jump_across_the_whole_range_every_frame(dtype, kernel_size):
-    rng = np.random.default_rng(kernel_size)
-    frames, pixels = kernel_size + 80, 37
-    low = rng.integers(0, 3000, (frames, pixels))
-    high = rng.integers(62000, 65536, (frames, pixels))
-    alternate = np.where(np.arange(frames)[:, None] % 2 == 0, low, high)
-    values = np.concatenate([alternate, rng.integers(0, 65536, (frames, pixels))], axis=1)
+    values = jumping_values(kernel_size)
     assert_exact(as_dtype(values, dtype), kernel_size)
 
 
 @pytest.mark.parametrize("kernel_size", [4, 65])
 def test_slow_ramps_over_all_65536_levels(kernel_size):
     """Medians that climb and fall through every level, one level or less per frame"""
-    t = np.arange(65536 + kernel_size + 40)[:, None]
-    rng = np.random.default_rng(3)
-    values = np.concatenate([
-        np.minimum(t, 65535),  # up, then saturated
-        np.maximum(65535 - t, 0),  # down, then zero
-        (t + 30000) % 65536,  # up through the wrap to 0
-        np.clip(t - 20 + rng.integers(-9, 10, t.shape), 0, 65535),  # noisy
-    ], axis=1)
+    values = ramp_values(kernel_size)
     assert_exact(values.astype(np.uint16), kernel_size)
     assert_exact(as_dtype(values, np.int16), kernel_size)
 

@@ -21,7 +21,7 @@ from dcbg.dtypes import FRAME_DTYPES
 from dcbg.engines import cudakernel
 from dcbg.errors import DeviceError
 from helpers import host_kernel as hk
-from helpers.data import as_dtype, twelve_bit_camera_frames
+from helpers.data import as_dtype, jumping_values, ramp_values, twelve_bit_camera_frames
 from test_kernel import H100_SMS, nvcc_compile, sm90_blocks_per_sm
 
 WINDOW_DTYPES = (np.uint16, np.int16, np.int8)
@@ -124,26 +124,14 @@ def test_window_kernel_matches_definition(host_kernel, case):
 @pytest.mark.parametrize("kernel_size", [1, 2, 3, 4, 5, 10, 33, 100, 101])
 def test_medians_jump_across_the_whole_range_every_frame(host_kernel, dtype, kernel_size):
     """Every step leaves the counted levels, each time for another level"""
-    rng = np.random.default_rng(kernel_size)
-    frames, pixels = kernel_size + 80, 37
-    low = rng.integers(0, 3000, (frames, pixels))
-    high = rng.integers(62000, 65536, (frames, pixels))
-    alternate = np.where(np.arange(frames)[:, None] % 2 == 0, low, high)
-    values = np.concatenate([alternate, rng.integers(0, 65536, (frames, pixels))], axis=1)
+    values = jumping_values(kernel_size)
     assert_exact(host_kernel, as_dtype(values, dtype), kernel_size)
 
 
 @pytest.mark.parametrize("kernel_size", [4, 5, 64])
 def test_ramps_over_every_level(host_kernel, kernel_size):
     """Medians that climb and fall through all 65,536 levels, one level or less per frame"""
-    t = np.arange(65536 + kernel_size + 40)[:, None]
-    rng = np.random.default_rng(3)
-    values = np.concatenate([
-        np.minimum(t, 65535),                            # up, then saturated
-        np.maximum(65535 - t, 0),                        # down, then zero
-        (t + 30000) % 65536,                             # up through the wrap to 0
-        np.clip(t - 20 + rng.integers(-9, 10, t.shape), 0, 65535),  # noisy
-    ], axis=1)
+    values = ramp_values(kernel_size)
     stack = values.astype(np.uint16)
     assert_exact(host_kernel, stack, kernel_size)
     assert_exact(host_kernel, as_dtype(values, np.int16), kernel_size)

@@ -55,3 +55,27 @@ def twelve_bit_camera_frames(kernel_size: int, high_bits: bool = False) -> np.nd
         signal[row, 1:4, x:x + 4] += 6000
     values = np.minimum(rng.poisson(signal), 4095).astype(np.uint16)
     return values << np.uint16(4) if high_bits else values
+
+
+def jumping_values(kernel_size: int) -> np.ndarray:
+    """16-bit values whose medians jump across the whole range every frame: columns that
+    alternate between the bottom and the top of the range, beside uniform noise"""
+    rng = np.random.default_rng(kernel_size)
+    frames, pixels = kernel_size + 80, 37
+    low = rng.integers(0, 3000, (frames, pixels))
+    high = rng.integers(62000, 65536, (frames, pixels))
+    alternate = np.where(np.arange(frames)[:, None] % 2 == 0, low, high)
+    return np.concatenate([alternate, rng.integers(0, 65536, (frames, pixels))], axis=1)
+
+
+def ramp_values(kernel_size: int) -> np.ndarray:
+    """16-bit values whose medians climb and fall through all 65,536 levels, one level or
+    less per frame: up then saturated, down then zero, up through the wrap to 0, and noisy"""
+    t = np.arange(65536 + kernel_size + 40)[:, None]
+    rng = np.random.default_rng(3)
+    return np.concatenate([
+        np.minimum(t, 65535),
+        np.maximum(65535 - t, 0),
+        (t + 30000) % 65536,
+        np.clip(t - 20 + rng.integers(-9, 10, t.shape), 0, 65535),
+    ], axis=1)
