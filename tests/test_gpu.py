@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import dcbg
-from dcbg.cudaprobe import cuda_device_count, cuda_unavailable_reason, visible_nvidia_gpus
+from dcbg.cudaprobe import cuda_device_count, visible_nvidia_gpus
+from dcbg.devices import cuda_unavailable_reason
 from dcbg.engines import cudakernel, cudamemory
 from dcbg.reference import rolling_median_reference
 from helpers.data import stack_cases

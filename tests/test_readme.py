@@ -21,7 +21,7 @@ from importlib import metadata
 import h5py
 import pytest
 
-from dcbg.cudaprobe import cuda_unavailable_reason
+from dcbg.devices import cuda_unavailable_reason
 from dcbg.synthetic import write_synthetic_rtdc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

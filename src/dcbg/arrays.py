@@ -33,6 +33,7 @@ except ImportError:  # NumPy 1
     byte_bounds = np.byte_bounds
 
 from .engines.base import frame_pixels
+from .errors import overlap_error
 from .settings import DEFAULT_VERIFY, parse_verify
 from .windows import background_window_count, window_count
 
@@ -162,7 +163,7 @@ def _stream_through_engine(stack, image_shape, kernel_size, windows, rows, devic
         out[offset:offset + len(medians)] = medians.reshape(len(medians), *image_shape)
 
     def run_on(device):
-        engine = engine_for(device, image_shape or (1,), kernel_size,
+        engine = engine_for(device.ready(), image_shape or (1,), kernel_size,
                             min(READ_BATCH, windows), available_cpus(), windows, verify)
         with engine:
             return engine.run(read_into, 0, windows, write_at)
@@ -266,12 +267,6 @@ def _host_out(out, shape: tuple, frames):
             np.may_share_memory(out, frames) or _same_file_bytes(out, frames)):
         raise overlap_error()
     return out
-
-
-def overlap_error() -> ValueError:
-    """The error for an `out` that shares memory with the frames (host or GPU)"""
-    return ValueError("out overlaps frames; give an array of its own, since later windows "
-                      "still read the frames that earlier results would overwrite.")
 
 
 def _same_file_bytes(out: np.ndarray, frames: np.ndarray) -> bool:

@@ -8,8 +8,8 @@ import pathlib
 import threading
 import time
 
-from . import engines, ppid, runlog, settings
-from .devices import DeviceChoice, fall_back_to_cpu, select_device
+from . import ppid, runlog, settings
+from .devices import DeviceChoice, ReadyDevice, fall_back_to_cpu, select_device
 from .errors import (
     InputDataError,
     InterruptedAfterStoring,
@@ -121,7 +121,11 @@ class Background(abc.ABC):
 
         self.device: DeviceChoice = select_device(device)
         """the device that computes the background (chosen here unless given as chosen)"""
-        engines.preload(self.device)
+        self.device.preload()
+
+        self.ready_device: ReadyDevice | None = None
+        """the device, its kernels loaded, while :meth:`process` runs (engines are built on
+        it)"""
 
         self.output_path = pathlib.Path(output_path)
         """path of the output file"""
@@ -369,7 +373,8 @@ class Background(abc.ABC):
         """
         with sigterm_raises(), runlog.WarningCollector() as warnings:
             try:
-                engines.ready(self.device)  # a failed kernel compile fails before any output
+                # a failed kernel compile fails before any output
+                self.ready_device = self.device.ready()
                 if self._output is None:
                     with signals_deferred():  # an output is made whole, then discarded whole
                         self._open_output()
@@ -382,7 +387,7 @@ class Background(abc.ABC):
                 self.writer.check_complete()
                 self.writer.set_ppid(self.get_ppid())
                 self.stage_seconds["total"] = time.perf_counter() - t0
-                record = runlog.run_record(self.get_ppid(), self.device, self.engine_facts,
+                record = runlog.run_record(self.get_ppid(), self.ready_device, self.engine_facts,
                                            self.io_threads, start, self.image_count,
                                            self.stage_seconds, warnings.messages,
                                            self.verify, self.gpu_failure)
@@ -438,6 +443,7 @@ class Background(abc.ABC):
             with signals_deferred():
                 self._open_output()
             self.device = cpu
+            self.ready_device = cpu.ready()
             self.image_proc.value = 0
             self.stage_seconds = {}
             self.process_approach()

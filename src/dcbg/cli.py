@@ -15,7 +15,7 @@ import threading
 
 from ._version import __version__
 from .base import Background, get_available_background_methods
-from .devices import DEVICE_ENV, auto_choice, parse_device, select_device
+from .devices import DEVICE_ENV, DeviceRequest, auto_choice, parse_device, select_device
 from .errors import (
     InterruptedAfterStoring,
     OutputExistsError,
@@ -110,13 +110,13 @@ def count_option(least: int):
     return parse
 
 
-def device_option(text: str) -> str:
-    """An argparse type: a device name (whether it can be used is checked later)"""
+def device_option(text: str) -> DeviceRequest:
+    """An argparse type: a device request, read once (whether it can be used is checked
+    later)"""
     try:
-        parse_device(text)
+        return parse_device(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    return text
 
 
 def check_input_folder(path: pathlib.Path) -> pathlib.Path:

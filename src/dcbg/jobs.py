@@ -26,7 +26,7 @@ import socket
 import time
 import typing
 
-from .devices import DeviceChoice
+from .devices import DeviceChoice, DeviceRequest, parse_device
 from .errors import InputDataError, InputFileError, OutputError, first_line
 from .settings import DEFAULT_COMPRESSION, DEFAULT_VERIFY
 
@@ -61,9 +61,9 @@ class JobSettings:
     kwargs: dict
     """keyword arguments of the method"""
     compress: str | bool = DEFAULT_COMPRESSION
-    device: str | DeviceChoice = "auto"
-    """a device name (chosen where the file is computed, as on a Dask worker), or a
-    device chosen once for every file"""
+    device: str | DeviceRequest | DeviceChoice = "auto"
+    """a device as asked for (chosen where the file is computed, as on a Dask worker), or
+    a device chosen once for every file"""
     num_cpus: int | None = None
     io_threads: int | None = None
     verify: str = DEFAULT_VERIFY
@@ -122,19 +122,15 @@ def compute_file(source, target, settings: JobSettings, progress=None,
         Errors that a retry may fix (see the module docstring).
     """
     from .base import get_available_background_methods
-    from .devices import select_device
-    from .engines import preload
     from .rtdc.probe import probe_metadata
     cls = get_available_background_methods()[settings.method]
     t0 = time.perf_counter()
     try:
-        device = select_device(settings.device)
         if pathlib.Path(source).is_file():
-            preload(device)  # loads while the child probes
             probe_metadata(source)
         with cls(source, target, compress=settings.compress, num_cpus=settings.num_cpus,
-                 device=device, io_threads=settings.io_threads, verify=settings.verify,
-                 **settings.kwargs) as background:
+                 device=settings.device, io_threads=settings.io_threads,
+                 verify=settings.verify, **settings.kwargs) as background:
             if progress is None:
                 background.process()
             else:
@@ -257,7 +253,7 @@ def run_sequential(jobs, settings: JobSettings, progress=None,
     return results
 
 
-def start_local_cluster(spec: str, device: str):
+def start_local_cluster(spec: str, device: str | DeviceRequest):
     """A Dask cluster on this machine for ``local`` or ``local:N``
 
     With a GPU device requested and dask-cuda installed, one worker per GPU
@@ -271,7 +267,7 @@ def start_local_cluster(spec: str, device: str):
     _, _, count = check_dask_address(spec).partition(":")
     workers = int(count) if count else None
     dask.config.set({"distributed.worker.daemon": False})
-    if device != "cpu":
+    if parse_device(device).kind != "cpu":
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:

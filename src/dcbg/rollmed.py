@@ -100,7 +100,7 @@ class BackgroundRollMed(Background):
         """Compute every window on the chosen device, then repeat the last one"""
         k, count = self.kernel_size, self.image_count
         windows = background_window_count(count, k)
-        with engine_for(self.device, self.image_shape, k, min(self.batch_size, windows),
+        with engine_for(self.ready_device, self.image_shape, k, min(self.batch_size, windows),
                         self.num_cpus, windows, self.verify) as engine:
             self.logger.info("Rolling median of %d frames %s, k=%d on %s (%s)", count,
                              self.image_shape, k, self.device, self.device.reason)

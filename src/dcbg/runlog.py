@@ -51,12 +51,16 @@ class WarningCollector(logging.Handler):
 
 
 def device_details(device) -> dict:
-    """What a log should say about the device: name, driver, CUDA and CuPy versions"""
+    """What a log should say about the device: name, driver, CUDA and CuPy versions
+
+    `device` is the :class:`~dcbg.devices.ReadyDevice` of the run, which
+    holds the GPU's description as NVML gave it when the device was made ready.
+    """
     if device.kind != "cuda":
         return {"device": "cpu", "processor": platform.processor() or platform.machine()}
-    from .cudaprobe import describe_cuda_device, runtime_versions
+    from .cudaprobe import runtime_versions
     details = {"device": str(device)}
-    info = describe_cuda_device(device.index)
+    info = device.description
     if info is not None:
         details.update(name=info["name"], driver=info["driver"], pci_bus_id=info["bus_id"],
                        memory_total_bytes=info["memory_total"])

@@ -37,8 +37,8 @@ import typing
 
 import numpy as np
 
-from .devices import ALL_DEVICES, DeviceChoice, parse_device, select_device
-from .engines import engine_for, preload, ready
+from .devices import ALL_DEVICES, DeviceChoice, DeviceRequest, parse_device, select_device
+from .engines import engine_for
 from .engines.base import count_dtype
 from .errors import GPUResultError, first_line
 from .reference import window_medians_by_partition
@@ -225,14 +225,9 @@ def engine_medians(device: DeviceChoice, frames: np.ndarray, shape, kernel_size:
         medians[offset:offset + len(rows)] = rows
 
     batch_size = max(1, -(-windows // 3))
-    if device.kind == "cuda" and not device.split:
-        # a run's GPU batch is sized by memory alone; this one is capped to a third
-        from .engines.cuda import CUDARollingMedian
-        engine = CUDARollingMedian(shape, kernel_size, batch_size, device.index,
-                                   verify=verify)
-    else:
-        engine = engine_for(device, shape, kernel_size, batch_size, num_cpus, windows,
-                            verify)
+    # a run's GPU batch is sized by memory alone; this one is capped to a third too
+    engine = engine_for(device.ready(), shape, kernel_size, batch_size, num_cpus, windows,
+                        verify, device_batch_cap=batch_size)
     with engine:
         t0 = time.perf_counter()
         engine.run(read_into, 0, windows, write_at)
@@ -356,8 +351,8 @@ def load_kernel_row(device: str) -> tuple[SelftestRow, DeviceChoice]:
         warm_up_kernel()
         note = f"{cpukernels.cpu_kernels().build} build of the CPU kernels"
     else:
-        preload(choice)  # as a run does: the compile starts in the background …
-        ready(choice)  # … and a kernel that does not compile raises here
+        choice.preload()  # as a run does: the compile starts in the background …
+        choice.ready()  # … and a kernel that does not compile raises here
         frames = np.arange(3 * 64, dtype=np.uint8).reshape(3, 64)
         cuda_kernel_medians(choice.index, frames, (1, 64), 2, 1, repeats=1)
         note = _gpu_name(choice.index)
@@ -443,24 +438,24 @@ def file_row(device: str, recording: pathlib.Path, expected: np.ndarray, num_cpu
                        note=f"{note}; {problem}" if problem else note)
 
 
-def device_requests(device: str) -> tuple[list[str], str | None]:
+def device_requests(device: str | DeviceRequest) -> tuple[list[str], str | None]:
     """The single devices to test for a --device value, and the split one, if any
 
     "cuda:all" tests each GPU on its own, then one recording split across
     all of them. Each device is chosen (and its kernel compiled) in its own
     "load kernel" check, which times it.
     """
-    _, index = parse_device(device)
-    if index != ALL_DEVICES:
-        return [device], None
+    request = parse_device(device)
+    if request.index != ALL_DEVICES:
+        return [str(request)], None
     from .cudaprobe import cuda_device_count
     count = cuda_device_count()
     if count == 0:
-        select_device(device)  # raises the error that says why
-    return [f"cuda:{index}" for index in range(count)], device
+        select_device(request)  # raises the error that says why
+    return [f"cuda:{index}" for index in range(count)], str(request)
 
 
-def run_selftest(device: str = "auto", events: int = DEFAULT_EVENTS,
+def run_selftest(device: str | DeviceRequest = "auto", events: int = DEFAULT_EVENTS,
                  file_events: int = DEFAULT_FILE_EVENTS, num_cpus: int | None = None,
                  cases: typing.Sequence[StackCase] | None = None,
                  on_row: typing.Callable[[SelftestRow], None] | None = None,
@@ -470,7 +465,7 @@ def run_selftest(device: str = "auto", events: int = DEFAULT_EVENTS,
 
     Parameters
     ----------
-    device: str
+    device: str or DeviceRequest
         "auto", "cpu", "cuda", "cuda:N" or "cuda:all" (every GPU on its own,
         then one recording split across them).
     events: int

@@ -465,6 +465,8 @@ class FakeState:
         self.compile_error: BaseException | None = None
         self.nvml_inits = 0
         self.nvml_descriptions = 0
+        self.nvml_memory_readings = 0
+        """NVML's readings of a GPU's memory (its total once, its free memory per description)"""
         self.flips: dict[int, tuple[int, int]] = {}
         """launch number → (window, pixel) of the median that launch gets one bit wrong"""
         self.skipped_uploads: set[int] = set()
@@ -770,6 +772,7 @@ def make_fake_pynvml(state):
     pynvml.nvmlDeviceGetHandleByIndex = handle
     pynvml.nvmlDeviceGetName = name
     def memory_info(h):
+        state.nvml_memory_readings += 1
         if state.nvml_error is not None:
             raise state.nvml_error
         return types.SimpleNamespace(total=2 * state.free_bytes, free=state.free_bytes)

@@ -37,9 +37,7 @@ import threading
 
 import numpy as np
 
-from .. import cudaprobe
-from ..arrays import overlap_error
-from ..errors import DeviceError, first_line
+from ..errors import DeviceError, first_line, overlap_error
 from . import cudakernel, cudamemory, verification
 from .base import Engine
 from .batches import Prefetcher, WriterThread, plan_windows
@@ -61,8 +59,9 @@ class CUDARollingMedian(Engine):
         Most windows a device batch needs (the windows of the run); the
         device batch, :attr:`batch_windows`, is sized by device and host
         memory within it (see :func:`~dcbg.engines.cudamemory.device_batch_size`).
-    device_index: int
-        CUDA device ordinal.
+    kernels: dcbg.engines.cudakernel.CompiledKernels
+        The kernels loaded on the device that computes, as the ready device
+        holds them (:meth:`dcbg.devices.DeviceChoice.ready`).
     memory_share: float
         Part of the device's free memory this engine may plan with (engines
         that share a device split it).
@@ -82,34 +81,26 @@ class CUDARollingMedian(Engine):
 
     Raises
     ------
-    DeviceError
-        If the kernel does not compile or load on the device.
     MemoryError
         If not even a batch of one window fits.
     """
 
-    def __init__(self, image_shape, kernel_size, windows, device_index=0,
-                 memory_share: float = 1.0, free_bytes: int | None = None,
-                 host_share: float = 1.0, host_bytes: int | None = None,
-                 verify: str = "sample"):
+    def __init__(self, image_shape, kernel_size, windows,
+                 kernels: cudakernel.CompiledKernels, memory_share: float = 1.0,
+                 free_bytes: int | None = None, host_share: float = 1.0,
+                 host_bytes: int | None = None, verify: str = "sample"):
         import cupy
 
         super().__init__(image_shape, kernel_size, windows)
         self.cupy = cupy
-        self.device_index = device_index
+        self.device_index = kernels.device_index
+        """the CUDA ordinal of the device that computes"""
+        device_index = self.device_index
         self.verify = verify
         self.result_check = verification.ResultCheck(verify, kernel_size, self.image_shape,
                                                      device_index)
         """the check of the last run's results against the CPU"""
-        self.kernels = cudakernel.kernels_or_device_error(device_index)
-        info = cudaprobe.describe_cuda_device(device_index)
-        if info is not None:
-            logger.info("CUDA device %d: %s (PCI %s), %.1f of %.1f GiB free, driver %s",
-                        device_index, info["name"], info["bus_id"],
-                        info["memory_free"] / 2**30, info["memory_total"] / 2**30,
-                        info["driver"])
-        self.launcher = cudakernel.Launcher(device_index, self.pixels, kernel_size,
-                                            self.kernels)
+        self.launcher = cudakernel.Launcher(device_index, self.pixels, kernel_size, kernels)
         """the kernel's launches on this device, each batch length planned once"""
         free = cudamemory.free_device_memory(device_index) if free_bytes is None else free_bytes
         host = cudamemory.pinned_memory_budget() if host_bytes is None else host_bytes
@@ -132,19 +123,6 @@ class CUDARollingMedian(Engine):
         They serve the next file; memory that runs out releases them, and
         so does the end of the process.
         """
-
-    def blocks_per_sm(self, name: str, block: int, shared_mem: int) -> int:
-        """Resident blocks per SM from CUDA's occupancy calculator (asked at compile time)"""
-        return self.launcher.blocks_per_sm(name, block, shared_mem)
-
-    def plan(self, output_size: int) -> cudakernel.LaunchPlan:
-        """The launch plan of a batch of `output_size` windows on this device (planned once)"""
-        return self.launcher.plan(output_size)
-
-    def launch(self, frames, medians, output_size: int, stream=None):
-        """Run the kernel on device arrays, asynchronously on `stream` (see
-        :meth:`~dcbg.engines.cudakernel.Launcher.launch`)"""
-        self.launcher.launch(frames, medians, output_size, stream)
 
     def run(self, read_into, first, stop, write_at, on_written=None) -> np.ndarray:
         """Compute windows ``first … stop-1`` with every stage overlapped
@@ -284,7 +262,8 @@ class CUDARollingMedian(Engine):
                 if downloaded[slot] is not None:
                     compute.wait_event(downloaded[slot])
                 start = compute.record()
-                self.launch(device_in[slot], device_out[slot], batch.output_size, compute)
+                self.launcher.launch(device_in[slot], device_out[slot], batch.output_size,
+                                     compute)
                 kernel_done[slot] = compute.record()
                 timings.append(("median", start, kernel_done[slot]))
 
@@ -298,7 +277,7 @@ class CUDARollingMedian(Engine):
                 downloads[batch.start] = downloaded[slot]
                 # copied while the upload runs: the reader refills this buffer next
                 samples[batch.start] = check.take_frames(
-                    frames, self.plan(batch.output_size).block, batch.start)
+                    frames, self.launcher.plan(batch.output_size).block, batch.start)
                 writer.submit(batch.start, buffer, batch.output_size)
                 final = (batch, buffer, downloaded[slot])
 
