@@ -112,6 +112,24 @@ def test_the_stand_in_catches_a_missing_stream_dependency(fake_gpu, device_batch
     assert wrong > 0
 
 
+@pytest.mark.parametrize("buffers", [(3, 2), (1, 1), (2, 3)])
+def test_the_pipeline_rotates_as_many_device_buffers_as_planned(fake_gpu, device_batches,
+                                                               tmp_path, monkeypatch, buffers):
+    """cudamemory.DEVICE_BUFFERS sizes the batch and is what the pipeline allocates; every
+    interleaving of the streams gives the same bytes with any number of buffers"""
+    monkeypatch.setattr(cudamemory, "DEVICE_BUFFERS", buffers)
+    stack = stack_cases()["random"]
+    pixels = int(np.prod(stack.shape[1:]))
+    for seed in range(3):
+        state = fake_gpu(seed=seed)
+        device_batches(5)
+        got, _ = run(stack, tmp_path, kernel_size=4, batch_size=5, device="cuda")
+        assert np.array_equal(got, rolling_median_reference(stack, 4))
+        inputs = state.empty_shapes.count((5 + 4 - 1, pixels))
+        outputs = state.empty_shapes.count((5, pixels))
+        assert (inputs, outputs) == buffers
+
+
 def test_each_batch_is_downloaded_and_written_before_the_next_is_uploaded(fake_gpu):
     """Read, upload, kernel, download per batch: the writer is never batches behind"""
     state = fake_gpu()

@@ -467,6 +467,8 @@ class FakeState:
         self.nvml_descriptions = 0
         self.nvml_memory_readings = 0
         """NVML's readings of a GPU's memory (its total once, its free memory per description)"""
+        self.empty_shapes: list[tuple] = []
+        """the shape of every array cupy.empty made"""
         self.flips: dict[int, tuple[int, int]] = {}
         """launch number → (window, pixel) of the median that launch gets one bit wrong"""
         self.skipped_uploads: set[int] = set()
@@ -580,6 +582,7 @@ def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1, seed=0, version="
 
     def empty(shape, dtype):
         ensure_context(state)
+        state.empty_shapes.append(tuple(shape))
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if state.largest_allocation is not None and size > state.largest_allocation:
             raise OutOfMemoryError(f"Out of memory allocating {size:,} bytes")

@@ -196,9 +196,12 @@ class CUDARollingMedian(Engine):
         cupy = self.cupy
         rows, out_rows = self.batch_windows + self.kernel_size - 1, self.batch_windows
         pinned_in_count, pinned_out_count = cudamemory.PINNED_BUFFERS
+        device_in_count, device_out_count = cudamemory.DEVICE_BUFFERS
         streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(3)]
-        device_in = [cupy.empty((rows, self.pixels), np.uint8) for _ in range(2)]
-        device_out = [cupy.empty((out_rows, self.pixels), np.uint8) for _ in range(2)]
+        device_in = [cupy.empty((rows, self.pixels), np.uint8)
+                     for _ in range(device_in_count)]
+        device_out = [cupy.empty((out_rows, self.pixels), np.uint8)
+                      for _ in range(device_out_count)]
         pinned = cudamemory.pinned_buffers.take(self.device_index, rows, self.pixels,
                                                 pinned_in_count)
         try:
@@ -244,42 +247,43 @@ class CUDARollingMedian(Engine):
 
         prefetcher = Prefetcher(read_into, batches, pinned_in)
         writer = WriterThread(write_when_downloaded, pinned_out, on_written)
-        kernel_done: list = [None, None]  # per device input buffer: the kernel that read it
-        downloaded: list = [None, None]  # per device output buffer: the download that read it
+        kernel_done: list = [None] * len(device_in)  # per input buffer: the kernel that read it
+        downloaded: list = [None] * len(device_out)  # per output buffer: the download that read it
         timings: list[tuple[str, object, object]] = []
         final = None
         try:
             for batch, frames in prefetcher:
-                slot = batch.index % 2
-                if kernel_done[slot] is not None:
-                    upload.wait_event(kernel_done[slot])
+                slot_in = batch.index % len(device_in)
+                slot_out = batch.index % len(device_out)
+                if kernel_done[slot_in] is not None:
+                    upload.wait_event(kernel_done[slot_in])
                 start = upload.record()
-                device_in[slot][:batch.input_size].set(frames, stream=upload)
+                device_in[slot_in][:batch.input_size].set(frames, stream=upload)
                 uploaded = upload.record(cupy.cuda.Event(block=True))
                 timings.append(("upload", start, uploaded))
 
                 compute.wait_event(uploaded)
-                if downloaded[slot] is not None:
-                    compute.wait_event(downloaded[slot])
+                if downloaded[slot_out] is not None:
+                    compute.wait_event(downloaded[slot_out])
                 start = compute.record()
-                self.launcher.launch(device_in[slot], device_out[slot], batch.output_size,
-                                     compute)
-                kernel_done[slot] = compute.record()
-                timings.append(("median", start, kernel_done[slot]))
+                self.launcher.launch(device_in[slot_in], device_out[slot_out],
+                                     batch.output_size, compute)
+                computed = kernel_done[slot_in] = compute.record()
+                timings.append(("median", start, computed))
 
                 buffer = writer.acquire()
-                download.wait_event(kernel_done[slot])
+                download.wait_event(computed)
                 start = download.record()
-                device_out[slot][:batch.output_size].get(
+                device_out[slot_out][:batch.output_size].get(
                     stream=download, out=buffer[:batch.output_size], blocking=False)
-                downloaded[slot] = download.record(cupy.cuda.Event(block=True))
-                timings.append(("download", start, downloaded[slot]))
-                downloads[batch.start] = downloaded[slot]
+                downloaded[slot_out] = download.record(cupy.cuda.Event(block=True))
+                timings.append(("download", start, downloaded[slot_out]))
+                downloads[batch.start] = downloaded[slot_out]
                 # copied while the upload runs: the reader refills this buffer next
                 samples[batch.start] = check.take_frames(
                     frames, self.launcher.plan(batch.output_size).block, batch.start)
                 writer.submit(batch.start, buffer, batch.output_size)
-                final = (batch, buffer, downloaded[slot])
+                final = (batch, buffer, downloaded[slot_out])
 
                 uploaded.synchronize()  # the reader may refill this pinned buffer now
                 prefetcher.release()
