@@ -8,7 +8,7 @@ import pathlib
 import threading
 import time
 
-from . import ppid, runlog, settings
+from . import ppid, runlog
 from .devices import DeviceChoice, ReadyDevice, fall_back_to_cpu, select_device
 from .errors import (
     InputDataError,
@@ -31,6 +31,7 @@ from .rtdc.output import (
 )
 from .rtdc.reader import ImageSource, RTDCInput, check_input_path
 from .rtdc.writer import ImageBgWriter, copy_metadata
+from .settings import RunSettings, decide_run_settings
 
 
 class Progress:
@@ -107,16 +108,21 @@ class Background(abc.ABC):
         """keyword arguments of the method (all of them, defaults filled in)"""
         self.kwargs.update(kwargs)
 
-        self.num_cpus = settings.num_cpus_setting(num_cpus)
-        """number of CPU workers asked for (the CPU engine starts no more than CPUs)"""
+        self.settings: RunSettings = decide_run_settings(compress, num_cpus, io_threads,
+                                                         verify)
+        """the run's settings, decided here once, and what deciding them warned about"""
 
-        self.io_threads = settings.io_threads_setting(io_threads)
+        self.num_cpus = self.settings.num_cpus
+        """number of CPU workers (no more than the CPUs; the CPU engine starts no more
+        than its frames have pixel slices)"""
+
+        self.io_threads = self.settings.io_threads
         """number of threads that decode and encode HDF5 chunks"""
 
-        self.compress = settings.parse_compression(compress)
-        """compression of image_bg as parsed: zstd-1 … zstd-9, or none"""
+        self.compress = self.settings.compression
+        """compression of image_bg as decided: zstd-1 … zstd-9, or none"""
 
-        self.verify = settings.parse_verify(verify)
+        self.verify = self.settings.verify
         """which pixels of a GPU's batches the CPU checks: "sample", "all" or "off" """
 
         self.device: DeviceChoice = select_device(device)
@@ -387,10 +393,10 @@ class Background(abc.ABC):
                 self.writer.check_complete()
                 self.writer.set_ppid(self.get_ppid())
                 self.stage_seconds["total"] = time.perf_counter() - t0
-                record = runlog.run_record(self.get_ppid(), self.ready_device, self.engine_facts,
-                                           self.io_threads, start, self.image_count,
+                record = runlog.run_record(self.get_ppid(), self.ready_device, self.settings,
+                                           self.engine_facts, start, self.image_count,
                                            self.stage_seconds, warnings.messages,
-                                           self.verify, self.gpu_failure)
+                                           self.gpu_failure)
                 self.run_record = record
                 self._commit(record)
             except BaseException:

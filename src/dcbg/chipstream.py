@@ -55,7 +55,9 @@ def run_chipstream(arguments: list[str], device: str | DeviceRequest | None = No
         If ChipStream or its command line is not installed.
     """
     if io_threads is not None:
-        io_threads = io_threads_setting(io_threads)
+        io_threads, warning = io_threads_setting(io_threads)
+        if warning is not None:
+            logger.warning(warning)
     if device is not None:
         select_device(device)
     try:

@@ -30,6 +30,7 @@ command line shows it on a terminal).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 import tempfile
 import time
@@ -42,8 +43,10 @@ from .engines import engine_for
 from .engines.base import count_dtype
 from .errors import GPUResultError, first_line
 from .reference import window_medians_by_partition
-from .system import available_cpus
+from .settings import num_cpus_setting
 from .windows import background_window_count
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_EVENTS = 4096
 """Windows per 80×320 stack: enough to fill a GPU's SMs with threads"""
@@ -473,7 +476,8 @@ def run_selftest(device: str | DeviceRequest = "auto", events: int = DEFAULT_EVE
     file_events: int
         Events of the synthetic recording computed file to file; 0 skips it.
     num_cpus: int, optional
-        CPU workers (default: all available).
+        CPU workers (default: all available; no more than there are, with a
+        warning).
     cases: sequence of StackCase, optional
         The stacks to compute (default: :func:`default_cases`).
     on_row: callable, optional
@@ -503,7 +507,10 @@ def run_selftest(device: str | DeviceRequest = "auto", events: int = DEFAULT_EVE
     cases = list(default_cases(events) if cases is None else cases)
     singles, split = device_requests(device)
     say = on_step if on_step is not None else (lambda text: None)
-    results = _Results(num_cpus or available_cpus(), say)
+    num_cpus, warning = num_cpus_setting(num_cpus)
+    if warning is not None:
+        logger.warning(warning)
+    results = _Results(num_cpus, say)
     rows: list[SelftestRow] = []
 
     def add(row: SelftestRow):

@@ -43,7 +43,7 @@ import numpy as np
 
 from .. import cpukernels
 from ..errors import DEFERRABLE_SIGNALS, WorkerFailure, signals_deferred
-from ..system import available_cpus, mp_spawn, skip_numba_blas_probe
+from ..system import mp_spawn, skip_numba_blas_probe
 from .base import Engine, count_dtype
 from .batches import Prefetcher, WriterThread, partition, plan_windows
 
@@ -429,7 +429,8 @@ class CPURollingMedian(Engine):
     batch_size: int
         Largest number of windows computed at once (see :meth:`plan_batch`).
     num_cpus: int
-        Number of workers (processes or threads).
+        Number of workers (processes or threads), as decided
+        (:func:`dcbg.settings.num_cpus_setting`: no more than the CPUs).
     windows: int
         Number of windows the engine will compute; chooses the workers.
     """
@@ -437,12 +438,8 @@ class CPURollingMedian(Engine):
     def __init__(self, image_shape, kernel_size, batch_size, num_cpus, windows):
         super().__init__(image_shape, kernel_size,
                          self.plan_batch(batch_size, kernel_size, windows))
-        available = available_cpus()
-        if num_cpus > available:
-            logger.warning("%d CPU workers were asked for, but this process may use %d "
-                           "CPUs; starting %d", num_cpus, available, available)
-        self.num_cpus = max(1, min(num_cpus, available, self.pixels // MIN_PIXELS_PER_JOB))
-        """number of workers: as asked, but no more than CPUs and jobs for them"""
+        self.num_cpus = max(1, min(num_cpus, self.pixels // MIN_PIXELS_PER_JOB))
+        """number of workers: as decided, but no more than jobs for them"""
         if windows >= PROCESS_MIN_WINDOWS:
             self.workers = ProcessWorkers(self.pixels, kernel_size, self.batch_windows,
                                           self.num_cpus)
