@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import abc
 import concurrent.futures
+import dataclasses
 import logging
 import pathlib
 import threading
@@ -53,6 +54,46 @@ class Progress:
         return self._lock
 
 
+@dataclasses.dataclass
+class Preflight:
+    """What the check before a run found (:meth:`Background.preflight`)"""
+
+    target: OutputTarget
+    """what the output path is: a new file, an existing one, or the input"""
+    source: ImageSource
+    """the input's frames, for batch-wise reading"""
+    rtdc_input: RTDCInput | None = None
+    """the input .rtdc file, open read-only (None for array input)"""
+
+    @property
+    def event_count(self) -> int:
+        """The input's number of events"""
+        return len(self.source)
+
+    def close(self):
+        """Close the input file"""
+        if self.rtdc_input is not None:
+            self.rtdc_input.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_input(path: pathlib.Path, pool: concurrent.futures.Executor | None = None
+               ) -> tuple[RTDCInput, ImageSource]:
+    """Open an input .rtdc file read-only and find its frames (through basins and mappings)"""
+    rtdc_input = RTDCInput(path)
+    try:
+        return rtdc_input, ImageSource(rtdc_input.image, pool=pool,
+                                       mapping=rtdc_input.image_mapping)
+    except BaseException:
+        rtdc_input.close()
+        raise
+
+
 class Background(abc.ABC):
     """Base class for background computation
 
@@ -60,7 +101,7 @@ class Background(abc.ABC):
     method's keyword arguments and therefore its PPID) and
     :meth:`process_approach` (which fills :attr:`writer`). The device is
     chosen before any file is opened; the input is then opened and checked
-    with :meth:`validate_input`, so a bad input creates no output.
+    with :meth:`preflight`, so a bad input creates no output.
 
     Parameters
     ----------
@@ -187,32 +228,78 @@ class Background(abc.ABC):
         self._input_path = (pathlib.Path(input_data)
                             if isinstance(input_data, (str, pathlib.Path)) else None)
         try:
-            if self._input_path is not None:
-                # before the output, which may sit beside it
-                check_input_path(self._input_path)
-            self.target = plan_output(self.output_path, self._input_path)
-            self.in_place = self.target.kind == INPUT
-            if self._input_path is not None:
-                self._open_input()
-                if not self.in_place:
-                    self.paths_ref.append(self._input_path)
-            else:
-                self.source = ImageSource(input_data, pool=self.io_pool)
-                self.input_data = self.source.data
-            self.image_shape = self.source.image_shape
-            """shape of one frame"""
-            self.image_count = len(self.source)
-            """number of frames in the input"""
-            self.validate_input()
-            if self.target.kind == EXISTING:
-                check_existing_output(self.output_path, self.image_count)
+            found = self.preflight(input_data, self.output_path, self.kwargs, self.io_pool)
         except BaseException:
             self.close()
             raise
+        self.target = found.target
+        self.in_place = self.target.kind == INPUT
+        self.hdin = found.rtdc_input
+        self.h5in = None if self.hdin is None else self.hdin.h5
+        self.source = found.source
+        self.input_data = self.source.data
+        if self._input_path is not None and not self.in_place:
+            self.paths_ref.append(self._input_path)
+        self.image_shape = self.source.image_shape
+        """shape of one frame"""
+        self.image_count = found.event_count
+        """number of frames in the input"""
 
-    def validate_input(self):
-        """Check that the input suits the method before any file is created"""
-        self.check_event_count(self.image_count, self.kwargs)
+    @classmethod
+    def preflight(cls, input_data, output_path, kwargs: dict,
+                  pool: concurrent.futures.Executor | None = None) -> Preflight:
+        """Check that a run can compute `input_data` into `output_path`, before any writing
+
+        The one check before a run: :class:`Background` makes it and keeps
+        what it opened, ``dcbg compute --dry-run`` makes it and closes, so the
+        two never disagree. In order: the input path, what the output path is
+        (:func:`~dcbg.rtdc.output.plan_output`, which refuses a file the
+        input reads its data from), the input's frames (in the file or
+        through its basins), their number against the method's keywords
+        (:meth:`check_event_count`), and an existing output's number of
+        events.
+
+        Parameters
+        ----------
+        input_data: path-like or array-like
+            The input as :class:`Background` takes it.
+        output_path: path-like
+            Where ``image_bg`` would go.
+        kwargs: dict
+            The method's keyword arguments, all of them.
+        pool: concurrent.futures.Executor, optional
+            Codec threads for reading the frames' chunks (a run's).
+
+        Returns
+        -------
+        found: Preflight
+            The output plan, the open input and its frames; close it (or use
+            it as a context manager) unless its handles are kept.
+
+        Raises
+        ------
+        FileNotFoundError, InputFileError, InputDataError, OutputError
+            For the first problem found.
+        """
+        input_path = (pathlib.Path(input_data)
+                      if isinstance(input_data, (str, pathlib.Path)) else None)
+        if input_path is not None:
+            check_input_path(input_path)  # before the output, which may sit beside it
+        target = plan_output(output_path, input_path)
+        rtdc_input = None
+        if input_path is not None:
+            rtdc_input, source = open_input(input_path, pool)
+        else:
+            source = ImageSource(input_data, pool=pool)
+        found = Preflight(target, source, rtdc_input)
+        try:
+            cls.check_event_count(found.event_count, kwargs)
+            if target.kind == EXISTING:
+                check_existing_output(target.path, found.event_count)
+        except BaseException:
+            found.close()
+            raise
+        return found
 
     @classmethod
     def check_event_count(cls, events: int, kwargs: dict):
@@ -274,11 +361,9 @@ class Background(abc.ABC):
         raise keyword_error
 
     def _open_input(self):
-        """Open the input .rtdc file read-only and find its frames"""
-        self.hdin = RTDCInput(self._input_path)
+        """Open the input .rtdc file read-only again and find its frames (after a commit)"""
+        self.hdin, self.source = open_input(self._input_path, self.io_pool)
         self.h5in = self.hdin.h5
-        self.source = ImageSource(self.hdin.image, pool=self.io_pool,
-                                  mapping=self.hdin.image_mapping)
         self.input_data = self.source.data
 
     def _close_input(self):

@@ -146,14 +146,15 @@ def compute_file(source, target, settings: JobSettings, progress=None,
                           host=socket.gethostname(), message=first_line(error))
 
 
-def check_input(source, settings: JobSettings, target=None) -> int:
+def check_input(source, settings: JobSettings, target) -> int:
     """Check that an input can be computed, without computing it; its number of events
 
-    Opens the file read-only and finds its frames as a computation does
-    (through basins and event mappings), then checks the event count
-    (:meth:`dcbg.Background.check_event_count`) and the output path
-    `target` as the computation would. Nothing is written, not even
-    for an in-place run.
+    Makes the check a run makes before it writes anything
+    (:meth:`dcbg.Background.preflight`): the input path, the output path
+    `target`, the input's frames found as a run finds them (through basins
+    and event mappings) and their number against the method's keywords, an
+    existing output's events. Nothing is written, not even for an in-place
+    run.
 
     Raises
     ------
@@ -162,16 +163,10 @@ def check_input(source, settings: JobSettings, target=None) -> int:
     """
     from .base import get_available_background_methods
     from .ppid import keyword_defaults
-    from .rtdc.output import EXISTING, check_existing_output, plan_output
-    from .rtdc.reader import RTDCInput
-    with RTDCInput(source) as rtdc_in:
-        events = rtdc_in.event_count
     cls = get_available_background_methods()[settings.method]
-    cls.check_event_count(events, {**keyword_defaults(cls.check_user_kwargs),
-                                   **settings.kwargs})
-    if target is not None and plan_output(target, source).kind == EXISTING:
-        check_existing_output(pathlib.Path(target), events)
-    return events
+    kwargs = {**keyword_defaults(cls.check_user_kwargs), **settings.kwargs}
+    with cls.preflight(source, target, kwargs) as found:
+        return found.event_count
 
 
 def is_recording(path: pathlib.Path) -> bool:
