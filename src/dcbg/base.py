@@ -1,4 +1,10 @@
-"""The Background base class, with dcnum's Background API"""
+"""The Background base class, with dcnum's Background API
+
+The file modules (:mod:`dcbg.rtdc`, with h5py, numpy and the codecs) are
+imported where a run first needs them, not with this module: the command
+line reads its arguments, and starts the metadata probe of its input
+(:mod:`dcbg.rtdc.probe`), before they load.
+"""
 from __future__ import annotations
 
 import abc
@@ -8,8 +14,9 @@ import logging
 import pathlib
 import threading
 import time
+import typing
 
-from . import ppid, runlog
+from . import ppid
 from .devices import DeviceChoice, ReadyDevice, fall_back_to_cpu, select_device
 from .errors import (
     InputDataError,
@@ -18,21 +25,12 @@ from .errors import (
     signals_deferred,
     sigterm_raises,
 )
-from .rtdc.basins import write_output_basins
-from .rtdc.output import (
-    EXISTING,
-    INPUT,
-    NEW,
-    ExistingOutputFile,
-    NewOutputFile,
-    OutputTarget,
-    StagedOutput,
-    check_existing_output,
-    plan_output,
-)
-from .rtdc.reader import ImageSource, RTDCInput, check_input_path
-from .rtdc.writer import ImageBgWriter, copy_metadata
 from .settings import RunSettings, decide_run_settings
+
+if typing.TYPE_CHECKING:
+    from .rtdc.output import OutputTarget, StagedOutput
+    from .rtdc.reader import ImageSource, RTDCInput
+    from .rtdc.writer import ImageBgWriter
 
 
 class Progress:
@@ -85,6 +83,7 @@ class Preflight:
 def open_input(path: pathlib.Path, pool: concurrent.futures.Executor | None = None
                ) -> tuple[RTDCInput, ImageSource]:
     """Open an input .rtdc file read-only and find its frames (through basins and mappings)"""
+    from .rtdc.reader import ImageSource, RTDCInput
     rtdc_input = RTDCInput(path)
     try:
         return rtdc_input, ImageSource(rtdc_input.image, pool=pool,
@@ -227,6 +226,7 @@ class Background(abc.ABC):
         self._output: StagedOutput | None = None
         self._input_path = (pathlib.Path(input_data)
                             if isinstance(input_data, (str, pathlib.Path)) else None)
+        from .rtdc.output import INPUT
         try:
             found = self.preflight(input_data, self.output_path, self.kwargs, self.io_pool)
         except BaseException:
@@ -281,6 +281,8 @@ class Background(abc.ABC):
         FileNotFoundError, InputFileError, InputDataError, OutputError
             For the first problem found.
         """
+        from .rtdc.output import EXISTING, check_existing_output, plan_output
+        from .rtdc.reader import ImageSource, check_input_path
         input_path = (pathlib.Path(input_data)
                       if isinstance(input_data, (str, pathlib.Path)) else None)
         if input_path is not None:
@@ -373,6 +375,9 @@ class Background(abc.ABC):
             self.h5in = None
 
     def _open_output(self):
+        from .rtdc.basins import write_output_basins
+        from .rtdc.output import NEW, ExistingOutputFile, NewOutputFile
+        from .rtdc.writer import ImageBgWriter, copy_metadata
         if self.target.kind != NEW:  # an existing output, or the input itself
             self._output = ExistingOutputFile(self.output_path)
         else:
@@ -462,6 +467,7 @@ class Background(abc.ABC):
         background to the CPU, which computes it again from the start in a
         fresh output; an explicit GPU fails with the error.
         """
+        from . import runlog
         with sigterm_raises(), runlog.WarningCollector() as warnings:
             try:
                 # a failed kernel compile fails before any output
@@ -503,6 +509,7 @@ class Background(abc.ABC):
         since HDF5 opens a file either read-only or for writing, and opened
         again after it.
         """
+        from . import runlog
         try:
             with signals_deferred():
                 if self.in_place:
@@ -554,6 +561,7 @@ class Background(abc.ABC):
 
 def input_event_count(input_data) -> int:
     """The number of events of an input as :class:`Background` takes it (path or stack)"""
+    from .rtdc.reader import ImageSource, RTDCInput
     if isinstance(input_data, (str, pathlib.Path)):
         with RTDCInput(input_data) as rtdc_in:
             return rtdc_in.event_count

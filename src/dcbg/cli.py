@@ -36,9 +36,6 @@ from .jobs import (
     summary_table,
 )
 from .ppid import format_value, keyword_defaults, ppid_to_kwargs, split_ppid
-from .rtdc.hdf5 import GENERATION_ATTRIBUTE, PPID_ATTRIBUTE
-from .rtdc.output import check_output_path
-from .rtdc.reader import check_input_path, missing_input
 from .selftest import DEFAULT_EVENTS, DEFAULT_FILE_EVENTS
 from .settings import DEFAULT_COMPRESSION, DEFAULT_VERIFY, VERIFY_MODES, parse_compression
 from .system import skip_numba_blas_probe
@@ -122,6 +119,7 @@ def device_option(text: str) -> DeviceRequest:
 def check_input_folder(path: pathlib.Path) -> pathlib.Path:
     """Refuse a missing input folder as missing, naming a quoted ``~`` as the cause"""
     if not path.exists():
+        from .rtdc.reader import missing_input
         raise missing_input(path, "folder")
     return path
 
@@ -226,6 +224,7 @@ def collect_jobs(args) -> list[tuple[pathlib.Path, pathlib.Path]]:
     else:
         if path_in.is_dir():
             raise UsageError(f"{path_in} is a folder; add -r to process every .rtdc in it")
+        from .rtdc.reader import check_input_path
         inputs = [check_input_path(path_in)]
     jobs = []
     for source in inputs:
@@ -300,6 +299,19 @@ SKIPPED_MESSAGE = "output exists; add --force to replace it"
 
 
 def cmd_compute(args) -> int:
+    probe = None
+    if not (args.recursive or args.dask or args.dry_run) and os.path.isfile(args.path_in):
+        from .rtdc.probe import MetadataProbe
+        probe = MetadataProbe(args.path_in)  # runs while the modules of a run load
+    try:
+        return compute(args, probe)
+    finally:
+        if probe is not None:
+            probe.stop()
+
+
+def compute(args, probe=None) -> int:
+    """`dcbg compute`; `probe` is the single input's metadata probe, started already"""
     cls, kwargs = method_and_kwargs(args)
     args.compress = parse_compression(args.compress)  # before any work
     if args.dask:
@@ -314,6 +326,7 @@ def cmd_compute(args) -> int:
     existing = []
     if not args.in_place:
         if not args.recursive:
+            from .rtdc.output import check_output_path
             check_output_path(jobs[0][1])
         existing = [job for job in jobs if job[1].is_file() and not args.force]
         if existing and not args.recursive:
@@ -340,7 +353,7 @@ def cmd_compute(args) -> int:
     else:
         (source, target), = jobs
         report(compute_file(source, target, settings, progress_bar,
-                            report_final_errors=False))
+                            report_final_errors=False, probe=probe))
         return 0
     root = args.path_in if args.recursive else None
     results = sorted(skipped + results, key=lambda result: display_name(result.source, root))
@@ -523,7 +536,7 @@ def background_line(h5) -> str:
     """What `dcbg info` says about the file's own image_bg"""
     import h5py
 
-    from .rtdc.hdf5 import as_text
+    from .rtdc.hdf5 import GENERATION_ATTRIBUTE, PPID_ATTRIBUTE, as_text
     events = h5.get("events")
     try:
         image_bg = events.get("image_bg") if isinstance(events, h5py.Group) else None
@@ -648,6 +661,7 @@ class StatusLine:
 def cmd_selftest(args) -> int:
     from . import selftest
     if args.json:
+        from .rtdc.output import check_output_path
         check_output_path(args.json)  # before minutes of work, not after them
     emit(f"dcbg {__version__} selftest, --device {args.device}: load the kernel, compare "
          f"with the CPU engine and the definition, measure")

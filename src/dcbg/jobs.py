@@ -95,7 +95,7 @@ class FileResult:
 
 
 def compute_file(source, target, settings: JobSettings, progress=None,
-                 report_final_errors: bool = True) -> FileResult:
+                 report_final_errors: bool = True, probe=None) -> FileResult:
     """Compute one file's background; final errors come back as a failed result
 
     Parameters
@@ -111,23 +111,29 @@ def compute_file(source, target, settings: JobSettings, progress=None,
     report_final_errors: bool
         False raises final errors too (one file on the command line, where
         ``--verbose`` shows their traceback).
+    probe: dcbg.rtdc.probe.MetadataProbe, optional
+        The probe of `source`'s metadata, started before (the command line
+        starts it right after reading its arguments); started here by default.
 
     The file's metadata are first read in a child process
-    (:func:`dcbg.rtdc.probe.probe_metadata`), so a file on which libhdf5 hangs or
-    crashes fails cleanly instead of stopping the batch.
+    (:class:`dcbg.rtdc.probe.MetadataProbe`), joined before the file is
+    opened, so a file on which libhdf5 hangs or crashes fails cleanly instead
+    of stopping the batch.
 
     Raises
     ------
     Exception
         Errors that a retry may fix (see the module docstring).
     """
-    from .base import get_available_background_methods
-    from .rtdc.probe import probe_metadata
-    cls = get_available_background_methods()[settings.method]
+    from .rtdc.probe import MetadataProbe
     t0 = time.perf_counter()
+    if probe is None and pathlib.Path(source).is_file():
+        probe = MetadataProbe(source)  # runs while the modules of a run load
+    from .base import get_available_background_methods
+    cls = get_available_background_methods()[settings.method]
     try:
-        if pathlib.Path(source).is_file():
-            probe_metadata(source)
+        if probe is not None:
+            probe.join()
         with cls(source, target, compress=settings.compress, num_cpus=settings.num_cpus,
                  device=settings.device, io_threads=settings.io_threads,
                  verify=settings.verify, **settings.kwargs) as background:
@@ -144,6 +150,9 @@ def compute_file(source, target, settings: JobSettings, progress=None,
             raise
         return FileResult(str(source), str(target), False, seconds=time.perf_counter() - t0,
                           host=socket.gethostname(), message=first_line(error))
+    finally:
+        if probe is not None:
+            probe.stop()
 
 
 def check_input(source, settings: JobSettings, target) -> int:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from .base import Background
-from .engines import engine_for
 from .errors import UnknownKeywordError
 from .windows import background_window_count, check_stack_length
 
@@ -98,6 +97,7 @@ class BackgroundRollMed(Background):
 
     def process_approach(self):
         """Compute every window on the chosen device, then repeat the last one"""
+        from .engines import engine_for
         k, count = self.kernel_size, self.image_count
         windows = background_window_count(count, k)
         with engine_for(self.ready_device, self.image_shape, k, min(self.batch_size, windows),
