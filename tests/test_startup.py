@@ -1,4 +1,5 @@
-"""What `dcbg compute` does before its first read: the metadata probe runs while h5py loads"""
+"""What `dcbg compute` does before its first read: the metadata probe runs while numpy and
+h5py load"""
 import subprocess
 import sys
 
@@ -6,8 +7,8 @@ from dcbg.cli import main
 from dcbg.rtdc import probe
 from dcbg.synthetic import write_synthetic_rtdc
 
-FILE_MODULES = ("h5py", "numcodecs", "hdf5plugin")
-"""What a run reads and writes files with, the bulk of its imports"""
+FILE_MODULES = ("numpy", "h5py", "numcodecs", "hdf5plugin")
+"""What a run reads, computes and writes with, the bulk of its imports"""
 
 STARTS_PROBE = """
 import sys

@@ -26,6 +26,9 @@ On each chosen device the self-test
 the command line prints it and exits with 1 when any result differs. Before
 each step that takes a while, `on_step` is told what is being done (the
 command line shows it on a terminal).
+
+numpy and the engines load when the self-test runs, not with this module,
+whose defaults the command line reads before it has read its arguments.
 """
 from __future__ import annotations
 
@@ -36,15 +39,13 @@ import tempfile
 import time
 import typing
 
-import numpy as np
-
 from .devices import ALL_DEVICES, DeviceChoice, DeviceRequest, parse_device, select_device
-from .engines import engine_for
-from .engines.base import count_dtype
 from .errors import GPUResultError, first_line
-from .reference import window_medians_by_partition
 from .settings import num_cpus_setting
 from .windows import background_window_count
+
+if typing.TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,7 @@ class StackCase:
     @property
     def count_bits(self) -> int:
         """width of the kernel's histogram counts at this kernel size"""
+        from .engines.base import count_dtype
         return 8 * count_dtype(self.kernel_size).itemsize
 
 
@@ -160,6 +162,8 @@ def case_stack(case: StackCase, seed: int = 42, base: np.ndarray | None = None
     A realistic stack repeats `base`, by default the first
     :data:`STACK_PERIOD` frames of :func:`dcbg.synthetic.synthetic_stack`.
     """
+    import numpy as np
+
     from .synthetic import synthetic_stack
     if not case.realistic:
         rng = np.random.default_rng([seed, case.kernel_size])
@@ -179,6 +183,8 @@ def definition_starts(case: StackCase) -> np.ndarray:
     the engines. How many depends on the cost of a window
     (:data:`DEFINITION_FRAME_PIXELS`).
     """
+    import numpy as np
+
     fewest, most = DEFINITION_WINDOWS
     pixels = case.shape[0] * case.shape[1]
     count = min(case.windows, max(fewest, min(most, DEFINITION_FRAME_PIXELS
@@ -195,6 +201,8 @@ def difference(actual: np.ndarray, expected: np.ndarray,
     `windows` gives the window of each row where the rows are not all
     windows in order.
     """
+    import numpy as np
+
     if actual.shape != expected.shape:
         return f"shape {actual.shape} instead of {expected.shape}"
     wrong = np.argwhere(actual != expected)
@@ -218,6 +226,9 @@ def engine_medians(device: DeviceChoice, frames: np.ndarray, shape, kernel_size:
     GPU engine's own check of its results (by default none: callers compare
     every window themselves).
     """
+    import numpy as np
+
+    from .engines import engine_for
     windows = background_window_count(len(frames), kernel_size)
     medians = np.empty((windows, frames.shape[1]), np.uint8)
 
@@ -248,6 +259,7 @@ def cuda_kernel_medians(index: int, frames: np.ndarray, shape, kernel_size: int,
     launches run back to back between two CUDA events.
     """
     import cupy
+    import numpy as np
 
     from .engines.cudacontext import on_device
     from .engines.cudakernel import launcher_for
@@ -314,6 +326,7 @@ class _Results:
             self.say("file to file: computing the recording's background on cpu, in memory")
             import h5py
             import hdf5plugin  # noqa: F401 - registers the recording's zstd filter
+            import numpy as np
 
             with h5py.File(recording) as h5:
                 stack = h5["events/image"][:]
@@ -334,6 +347,7 @@ class _Results:
             frames = self.frames(case)
             self.say(f"k={case.kernel_size}: comparing {len(starts)} windows with the "
                      f"definition")
+            from .reference import window_medians_by_partition
             self._definition[case] = starts, window_medians_by_partition(
                 frames, case.kernel_size, starts)
         return self._definition[case]
@@ -356,6 +370,7 @@ def load_kernel_row(device: str) -> tuple[SelftestRow, DeviceChoice]:
     else:
         choice.preload()  # as a run does: the compile starts in the background …
         choice.ready()  # … and a kernel that does not compile raises here
+        import numpy as np
         frames = np.arange(3 * 64, dtype=np.uint8).reshape(3, 64)
         cuda_kernel_medians(choice.index, frames, (1, 64), 2, 1, repeats=1)
         note = _gpu_name(choice.index)
@@ -419,6 +434,7 @@ def file_row(device: str, recording: pathlib.Path, expected: np.ndarray, num_cpu
     """Compute the recording file to file on `device` and compare its image_bg"""
     import h5py
 
+    from .engines.base import count_dtype
     from .rollmed import BackgroundRollMed
     output = folder / f"background-{device.replace(':', '-')}.rtdc"
     count, *shape = expected.shape
