@@ -559,6 +559,19 @@ class Background(abc.ABC):
         """Compute the background and write every frame with :attr:`writer`"""
 
 
+def load_run_modules():
+    """Import the modules a run needs beyond this one, before the run needs them
+
+    The file modules (with h5py, numpy and the codecs), the run log and the
+    CPU engine (which also checks a GPU's results) are imported where a run
+    first needs them; :func:`dcbg.jobs.compute_file` imports them here while
+    the input's metadata probe runs, so that they cost no time of their own.
+    """
+    from . import runlog  # noqa: F401
+    from .engines import cpu  # noqa: F401
+    from .rtdc import basins, output, reader, writer  # noqa: F401
+
+
 def input_event_count(input_data) -> int:
     """The number of events of an input as :class:`Background` takes it (path or stack)"""
     from .rtdc.reader import ImageSource, RTDCInput

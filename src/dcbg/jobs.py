@@ -129,10 +129,11 @@ def compute_file(source, target, settings: JobSettings, progress=None,
     t0 = time.perf_counter()
     if probe is None and pathlib.Path(source).is_file():
         probe = MetadataProbe(source)  # runs while the modules of a run load
-    from .base import get_available_background_methods
+    from .base import get_available_background_methods, load_run_modules
     cls = get_available_background_methods()[settings.method]
     try:
         if probe is not None:
+            load_run_modules()  # while the child reads
             probe.join()
         with cls(source, target, compress=settings.compress, num_cpus=settings.num_cpus,
                  device=settings.device, io_threads=settings.io_threads,
