@@ -80,3 +80,26 @@ def test_a_command_that_fails_first_ends_its_probe(tmp_path, monkeypatch):
     (started,) = probes
     assert started._child.poll() is not None, "the probe's child still runs"
     assert not (tmp_path / "rec_bg.rtdc").exists()
+
+
+READS_ZSTD = """
+import h5py
+import numpy as np
+import dcbg
+from dcbg.rtdc.reader import ImageSource
+with h5py.File({source!r}) as h5:
+    image = h5["events/image"]
+    out = np.empty((40, 24), np.uint8)
+    ImageSource(image).read_into(0, 40, out)  # through h5py: no codec threads
+    print(dcbg.rolling_median(image, 4).shape, int(out.sum()) > 0)
+"""
+
+
+def test_zstd_frames_read_through_h5py_in_a_fresh_process(tmp_path):
+    """dcbg registers the Zstandard filter with h5py wherever it reads or writes through
+    it, now that importing dcbg no longer loads the whole package"""
+    source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 40, shape=(4, 6), seed=1)
+    done = subprocess.run([sys.executable, "-c", READS_ZSTD.format(source=str(source))],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["(37,", "4,", "6)", "True"]

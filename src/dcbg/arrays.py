@@ -25,6 +25,7 @@ from __future__ import annotations
 import mmap
 import os
 
+import hdf5plugin  # noqa: F401 - registers the Zstandard filter: h5py reads datasets with it
 import numpy as np
 
 try:
