@@ -358,7 +358,7 @@ def describe_stack(case: StackCase) -> str:
     return f"{case.frames} frames of {case.shape[0]}x{case.shape[1]}"
 
 
-def load_kernel_row(device: str) -> tuple[SelftestRow, DeviceChoice]:
+def load_kernel_row(device: str | DeviceRequest) -> tuple[SelftestRow, DeviceChoice]:
     """Choose `device` and load its kernel: the "load kernel" row and the choice"""
     t0 = time.perf_counter()
     choice = select_device(device)
@@ -457,7 +457,8 @@ def file_row(device: str, recording: pathlib.Path, expected: np.ndarray, num_cpu
                        note=f"{note}; {problem}" if problem else note)
 
 
-def device_requests(device: str | DeviceRequest) -> tuple[list[str], str | None]:
+def device_requests(device: str | DeviceRequest
+                    ) -> tuple[list[str | DeviceRequest], str | None]:
     """The single devices to test for a --device value, and the split one, if any
 
     "cuda:all" tests each GPU on its own, then one recording split across
@@ -466,7 +467,7 @@ def device_requests(device: str | DeviceRequest) -> tuple[list[str], str | None]
     """
     request = parse_device(device)
     if request.index != ALL_DEVICES:
-        return [str(request)], None
+        return [request], None
     from .cudaprobe import cuda_device_count
     count = cuda_device_count()
     if count == 0:
