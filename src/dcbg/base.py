@@ -565,7 +565,7 @@ def load_run_modules():
     The file modules (with h5py, numpy and the codecs), the run log and the
     CPU engine (which also checks a GPU's results) are imported where a run
     first needs them; :func:`dcbg.jobs.compute_file` imports them here while
-    the input's metadata probe runs, so that they cost no time of their own.
+    the input's metadata probe runs, instead of after it.
     """
     from . import runlog  # noqa: F401
     from .engines import cpu  # noqa: F401
