@@ -19,7 +19,12 @@ On CUDA device 0, in one run:
    cupyx.scipy.ndimage.median_filter (size=(k,1,1)) and torch's unfold +
    kthvalue (where torch has CUDA) on the same device and frames, torch on as
    many windows as half the free device memory holds (it copies every
-   window), or skipped, saying why.
+   window), or skipped, saying why;
+3. the dcbg kernel on uint16 frames (the 16-bit window kernel) at k=100:
+   realistic 256×256 microscopy frames (``dcbg.synthetic.synthetic_stack16``),
+   as many pixel-outputs as the 80×320 rows, its output first checked
+   against the CPU engine, timed as above, against
+   cupyx.scipy.ndimage.median_filter on the same stack.
 Prints tables and appends them to benchmarks/RESULTS.md; with --json, writes
 the rows after each part, so that a run stopped halfway keeps what it
 measured. A command that fails stops the benchmark with the end of its error
@@ -50,6 +55,15 @@ from common import TiledStack, append_results, run_isolated, table
 SHAPE = (80, 320)
 PIXELS = SHAPE[0] * SHAPE[1]
 
+SHAPE16 = (256, 256)
+"""Frames of the uint16 kernel row: a microscopy camera's region"""
+
+KERNEL16 = 100
+"""kernel_size of the uint16 kernel row"""
+
+PERIOD16 = 512
+"""Distinct synthetic 16-bit frames of its stack, which repeat (each takes milliseconds)"""
+
 LAUNCHES = 20
 """Kernel launches timed back to back between two events"""
 
@@ -69,7 +83,7 @@ PEER_FRAMES = 2000
 """Frames the peers compute (at least two kernel sizes)"""
 
 TINY = {"events": 64, "kernel_sizes": "10", "file_events": 300, "peer_frames": 40,
-        "peer_repeats": 1}
+        "peer_repeats": 1, "shape16": (16, 32), "kernel16": 10}
 """--tiny: sizes that run in seconds, on the CuPy stand-in too (a dry run, no measurement)"""
 
 
@@ -141,12 +155,57 @@ def kernel_rows(stack: np.ndarray, k: int, peer_frames: int, peer_repeats: int) 
     rows.append({"label": "cupyx median_filter(size=(k,1,1))", "events": peer_frames, "k": k,
                  "seconds": seconds})
     rows += torch_rows(stack, k, min(events, peer_frames - k + 1), peer_repeats)
+    return rates(rows, SHAPE, "uint8")
+
+
+def rates(rows: list[dict], shape, dtype: str) -> list[dict]:
+    """`rows` (the dcbg kernel's first) with their frames, pixel-outputs and events per
+    second, and the dcbg kernel's speed over each other's"""
+    pixels = shape[0] * shape[1]
     for row in rows:
-        row["pix_per_s"] = row["events"] * PIXELS / row["seconds"]
+        row["frames"] = f"{shape[0]}x{shape[1]} {dtype}"
+        row["pix_per_s"] = row["events"] * pixels / row["seconds"]
         row["events_per_s"] = row["events"] / row["seconds"]
     for row in rows[1:]:
         row["ratio"] = rows[0]["pix_per_s"] / row["pix_per_s"]
     return rows
+
+
+def kernel_rows16(pixel_outputs: int, k: int, shape, peer_pixel_outputs: int,
+                  peer_repeats: int) -> list[dict]:
+    """The dcbg kernel on realistic uint16 frames of `shape`, windows enough for
+    `pixel_outputs`, and cupyx's median_filter on the same stack"""
+    import cupy
+
+    from dcbg.devices import select_device
+    from dcbg.engines.cudakernel import launcher_for
+    from dcbg.selftest import engine_medians
+    from dcbg.synthetic import synthetic_stack16
+
+    pixels = shape[0] * shape[1]
+    events = max(1, pixel_outputs // pixels)
+    base = synthetic_stack16(min(PERIOD16, events + k), shape).reshape(-1, pixels)
+    flat = base[np.arange(events + k) % len(base)]
+    frames = cupy.asarray(flat)
+    medians = cupy.empty((events, pixels), np.uint16)
+    launcher = launcher_for(0, pixels, k, np.uint16)
+    launcher.launch(frames, medians, events)  # plans the launch; the timed ones reuse it
+    expected, _, _ = engine_medians(select_device("cpu"), flat, shape, k, os.cpu_count())
+    if not np.array_equal(cupy.asnumpy(medians), expected):
+        raise SystemExit(f"error: the CUDA kernel disagrees with the CPU engine on uint16 "
+                         f"frames at k={k}; no timing recorded; run dcbg selftest --device "
+                         f"cuda")
+    seconds = elapsed_seconds(lambda: launcher.launch(frames, medians, events), LAUNCHES)
+    rows = [{"label": "dcbg CUDA kernel uint16", "events": events, "k": k,
+             "seconds": seconds}]
+    ndimage = importlib.import_module("cupyx.scipy.ndimage")
+    peer_frames = min(len(flat), max(2 * k, peer_pixel_outputs // pixels))
+    subset = frames[:peer_frames].reshape(peer_frames, *shape)
+    seconds = median_seconds(lambda: ndimage.median_filter(subset, size=(k, 1, 1)),
+                             peer_repeats)
+    rows.append({"label": "cupyx median_filter uint16 (size=(k,1,1))", "events": peer_frames,
+                 "k": k, "seconds": seconds})
+    return rates(rows, shape, "uint16")
 
 
 def torch_rows(stack: np.ndarray, k: int, wanted: int, peer_repeats: int) -> list[dict]:
@@ -389,10 +448,12 @@ def main():
         verify_cost_main(args)
         return
     peer_frames, peer_repeats = PEER_FRAMES, PEER_REPEATS
+    shape16, kernel16 = SHAPE16, KERNEL16
     if args.tiny:
         args.events, args.kernel_sizes = TINY["events"], TINY["kernel_sizes"]
         args.file_events, args.no_append = TINY["file_events"], True
         peer_frames, peer_repeats = TINY["peer_frames"], TINY["peer_repeats"]
+        shape16, kernel16 = TINY["shape16"], TINY["kernel16"]
     from dcbg.cudaprobe import describe_cuda_devices
     from dcbg.devices import cuda_unavailable_reason
     reason = cuda_unavailable_reason(0)
@@ -425,10 +486,16 @@ def main():
                                          max(peer_frames, 2 * k), peer_repeats)
         save()
         print(f"kernel rows of k={k} done", file=sys.stderr, flush=True)
+    # as many pixel-outputs as the 80x320 rows, the peer as many as at k=100 on 80x320
+    results["kernel"] += kernel_rows16(args.events * PIXELS, kernel16, shape16,
+                                       max(peer_frames, 2 * KERNEL16) * PIXELS, peer_repeats)
+    save()
+    print(f"kernel rows of uint16 frames at k={kernel16} done", file=sys.stderr, flush=True)
     for row in results["kernel"]:
         row.setdefault("ratio", "")
 
-    kernel_table = table(results["kernel"], [("label", "run"), ("events", "N"), ("k", "k"),
+    kernel_table = table(results["kernel"], [("label", "run"), ("frames", "frames"),
+                                             ("events", "N"), ("k", "k"),
                                              ("pix_per_s", "pixel-outputs/s"),
                                              ("ratio", "dcbg kernel ÷ peer")])
     file_table = table(results["file"], [("label", "run"), ("events", "N"),

@@ -83,20 +83,3 @@ def cpu_build(request, monkeypatch):
         pytest.skip(f"the {request.param} build of the CPU kernels is not installed")
     monkeypatch.setattr(cpukernels, "cpu_kernels", lambda: kernels)
     return kernels
-
-
-SLOW_MODULES = {"test_fuzz", "test_readme", "test_signals", "test_chipstream",
-                "test_gpu_acceptance"}
-"""Modules of end-to-end runs (fuzzing, README blocks, signals, ChipStream, the GPU dry run)"""
-
-SLOW_TESTS = {"test_demo_and_info_as_console_script",
-              "test_dcnum_job_runs_through_dcbg_with_identical_bytes_and_ppids"}
-"""Single tests of several seconds elsewhere (Dask tests are found by name)"""
-
-
-def pytest_collection_modifyitems(items):
-    """Mark the slow tests, so that ``pytest -m "not slow"`` is a loop of about a minute"""
-    for item in items:
-        if (item.module.__name__ in SLOW_MODULES or item.originalname in SLOW_TESTS
-                or "dask" in item.name):
-            item.add_marker(pytest.mark.slow)

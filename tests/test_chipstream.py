@@ -11,6 +11,8 @@ from dcbg.cli import main
 from dcbg.synthetic import write_synthetic_rtdc
 from helpers.files import folder_state
 
+pytestmark = pytest.mark.slow  # ChipStream runs whole dcnum pipelines
+
 pytest.importorskip("chipstream.cli", reason="ChipStream is not installed (extra 'chipstream')")
 
 

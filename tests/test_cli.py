@@ -1,7 +1,11 @@
 """The dcbg command line as a user types it"""
+import ast
+import importlib
 import json
 import os
+import pathlib
 import shlex
+import string
 import subprocess
 import sys
 
@@ -10,7 +14,11 @@ import numpy as np
 import pytest
 
 from dcbg import cpukernels
-from dcbg.cli import COMPUTE_EXAMPLES, main
+from dcbg.cli import build_parser, main
+from dcbg.cli.compute import COMPUTE_EXAMPLES
+from dcbg.cli.options import in_option_terms, setting_options
+from dcbg.devices import select_device
+from dcbg.errors import DeviceError, setting_error
 from dcbg.ppid import keyword_defaults
 from dcbg.reference import rolling_median_reference
 from dcbg.rollmed import BackgroundRollMed
@@ -134,6 +142,7 @@ def test_compute_help_names_the_keywords_their_defaults_and_examples_that_work(
     assert (tmp_path / "out.rtdc").is_file() and (tmp_path / "measurement_bg.rtdc").is_file()
 
 
+@pytest.mark.slow
 def test_demo_and_info_as_console_script(tmp_path):
     run = subprocess.run([sys.executable, "-m", "dcbg", "demo", "--events", "300",
                           "--folder", str(tmp_path), "--device", "cpu"],
@@ -615,3 +624,68 @@ def test_dry_run_refuses_an_output_that_the_input_reads_through_its_basin(record
     err = capsys.readouterr().err
     assert err.startswith(f"error: Output {recording} is") and "through its basins" in err
     assert recording.read_bytes() == before
+
+
+SOURCE = pathlib.Path(__file__).resolve().parents[1] / "src" / "dcbg"
+
+
+def setting_error_calls() -> list:
+    """Every error of dcbg whose message names a setting: (module, the setting_error call)"""
+    calls = []
+    for path in sorted(SOURCE.rglob("*.py")):
+        module = ".".join(("dcbg", *path.relative_to(SOURCE).with_suffix("").parts))
+        calls += [(module, node) for node in ast.walk(ast.parse(path.read_text()))
+                  if isinstance(node, ast.Call)
+                  and getattr(node.func, "id", "") == "setting_error"]
+    return calls
+
+
+SETTING_ERRORS = setting_error_calls()
+
+SAID = {
+    ("device", ("cpu",)): ('device="cpu"', "--device cpu"),
+    ("device", ("cpu", "auto")): ('device="cpu" or "auto"', "--device cpu or auto"),
+    ("num_cpus", ()): ("num_cpus", "--num-cpus"),
+    ("dask", ()): ("The Dask address", "--dask"),
+}
+"""How each setting that dcbg's errors name reads in the library and on the command line"""
+
+
+def compute_parser():
+    return build_parser().parse_args(["compute", "x.rtdc"]).subcommand
+
+
+def test_the_options_are_read_from_the_parser():
+    options = setting_options(compute_parser())
+    assert options["device"] == "--device" and options["num_cpus"] == "--num-cpus"
+    assert options["dask"] == "--dask" and options["kb"] == "-kb"
+    assert len(SETTING_ERRORS) >= len(SAID)  # the search finds the errors
+
+
+@pytest.mark.parametrize("module,call", SETTING_ERRORS,
+                         ids=[f"{module}:{call.lineno}" for module, call in SETTING_ERRORS])
+def test_every_error_naming_a_setting_says_it_as_the_option_on_the_command_line(module, call):
+    _, template, setting = (ast.literal_eval(arg) if isinstance(arg, ast.Constant) else None
+                            for arg in call.args)
+    keywords = {keyword.arg: keyword.value for keyword in call.keywords}
+    suggested = ast.literal_eval(keywords.pop("suggested", ast.Constant(())))
+    words = keywords.pop("words", None)
+    if words is not None:  # a constant of its module
+        words = getattr(importlib.import_module(module), words.id)
+    fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    assert fields == {"setting", *keywords}, "the template's fields are the call's"
+    error = setting_error(RuntimeError, template, setting, suggested=suggested, words=words,
+                          **dict.fromkeys(keywords, 7))
+    library, command_line = SAID[setting, tuple(suggested)]
+    assert str(error).count(library) == 1
+    assert in_option_terms(error, compute_parser()) == str(error).replace(library, command_line)
+
+
+def test_a_device_that_cannot_be_used_is_said_in_each_ones_terms(recording, capsys):
+    with pytest.raises(DeviceError) as caught:
+        select_device("cuda:7")
+    assert str(caught.value).endswith('; or use device="cpu" or "auto".')
+    assert main(["compute", str(recording), "--device", "cuda:7"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: CUDA device 7 cannot be used: ")
+    assert err.endswith("; or use --device cpu or auto.\n")

@@ -33,6 +33,7 @@ def run_job(source, target):
                 {k: v for k, v in h5.attrs.items() if k.startswith("pipeline:")})
 
 
+@pytest.mark.slow
 def test_dcnum_job_runs_through_dcbg_with_identical_bytes_and_ppids(tmp_path, monkeypatch):
     monkeypatch.setenv("DCBG_DEVICE", "cpu")
     source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 600, shape=(80, 320), seed=21)

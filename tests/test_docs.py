@@ -14,7 +14,8 @@ import sys
 import pytest
 
 import dcbg
-from dcbg.cli import COMPUTE_EXAMPLES, build_parser, default_keywords
+from dcbg.cli import build_parser
+from dcbg.cli.compute import COMPUTE_EXAMPLES, default_keywords
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

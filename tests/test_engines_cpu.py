@@ -15,7 +15,7 @@ import dcbg
 from dcbg.engines import cpu
 from dcbg.engines.cpu import compute_median_for_slice, job_slices
 from dcbg.errors import WorkerFailure
-from dcbg.reference import rolling_median_reference
+from dcbg.reference import rolling_median_reference, rolling_median_windows_reference
 from dcbg.synthetic import synthetic_stack
 from helpers.data import stack_cases
 from helpers.processes import alive
@@ -138,6 +138,51 @@ def test_batches_overlap_for_short_inputs_and_stay_bounded():
     assert plan(10000, 1000, 10**6) == 4000
 
 
+def test_batches_of_large_frames_stay_within_the_memory_budget():
+    """Buffers of 256x256 uint16 frames: fewer windows, but never fewer than kernel_size"""
+    plan = cpu.CPURollingMedian.plan_batch
+    frame = 256 * 256 * 2
+    assert plan(10000, 100, 10**6, frame_bytes=80 * 320, buffers=3) == cpu.PIPELINE_BATCH
+    assert plan(10000, 1000, 10**6, frame_bytes=80 * 320, buffers=3) == 4000  # as before
+    for buffers, scratch in ((2, 0), (3, 0), (2, 200 << 20)):
+        windows = plan(10000, 100, 10**6, frame, buffers, scratch)
+        assert windows < cpu.PIPELINE_BATCH
+        memory = buffers * (2 * windows + 99) * frame + scratch
+        assert memory <= cpu.BATCH_MEMORY_BYTES < memory + 2 * buffers * frame
+    assert plan(10000, 3000, 10**6, frame) == 3000  # a window of frames needs more
+    assert plan(10, 3000, 10, frame) == 10  # still no more than asked for
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_each_thread_keeps_its_scratch_for_every_job_and_batch(monkeypatch, dtype):
+    """At large k the 16-bit kernel's scratch is k * 2 bytes per column: allocated once"""
+    from dcbg import cpukernels
+    allocated = []
+    scratch = cpukernels.scratch
+    monkeypatch.setattr(cpukernels, "scratch",
+                        lambda *args: allocated.append(args) or scratch(*args))
+    monkeypatch.setattr(cpu, "PIXELS_PER_JOB", 300)
+    stack = np.random.default_rng(1).integers(0, 200, (949, 40, 60)).astype(dtype)
+    frames = stack.reshape(949, -1)
+    engine = cpu.CPURollingMedian((40, 60), 50, 10000, 2, 900, dtype)
+    medians = np.zeros((900, 40 * 60), dtype)
+
+    def read_into(start, stop, out):
+        out[:stop - start] = frames[start:stop]
+
+    def write_at(offset, rows):
+        medians[offset:offset + len(rows)] = rows
+
+    with engine:
+        engine.run(read_into, 0, 900, write_at)
+    jobs = len(engine.workers.jobs) * -(-900 // engine.batch_windows)
+    assert jobs >= 24 and engine.num_cpus <= 2
+    # one for the check of the type, one per thread (and the warm-up's own)
+    assert len(allocated) <= 2 + engine.num_cpus
+    expected = rolling_median_windows_reference(stack, 50)
+    assert np.array_equal(medians, expected.reshape(900, -1))
+
+
 def test_workers_are_as_decided_but_capped_by_pixels(caplog):
     """The CPUs cap the workers when the settings are decided; the engine takes the
     number decided and caps it only by the pixel slices its frames make"""
@@ -222,3 +267,31 @@ def test_worker_that_dies_while_starting_names_the_main_guard(tmp_path):
     assert "exited with code 1 while starting" in last, run.stderr[-2000:]
     assert "if __name__ == \"__main__\":" in last
     assert "out of memory" not in last
+
+
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_the_engine_computes_uint16_frames_in_buffers_of_their_dtype(monkeypatch, workers):
+    """The frames' bytes fill the buffers (and the worker processes' RawArrays) as 16-bit
+    values, and the medians come back as such"""
+    from dcbg.reference import rolling_median_windows_reference
+    from dcbg.synthetic import synthetic_stack16
+    if workers == "processes":
+        monkeypatch.setattr(cpu, "PROCESS_MIN_WINDOWS", 0)
+    stack = synthetic_stack16(90, (9, 40), seed=3)
+    stack[::7, 0, :5] = 65535
+    frames = stack.reshape(len(stack), -1)
+    kernel_size, windows = 11, 80
+    medians = np.zeros((windows, frames.shape[1]), np.uint16)
+
+    def read_into(start, stop, out):
+        assert out.dtype == np.uint16
+        out[:stop - start] = frames[start:stop]
+
+    def write_at(offset, rows):
+        medians[offset:offset + len(rows)] = rows
+
+    with cpu.CPURollingMedian((9, 40), kernel_size, 23, 2, windows, np.uint16) as engine:
+        assert engine.workers.kind == workers
+        last = engine.run(read_into, 0, windows, write_at)
+    expected = rolling_median_windows_reference(stack, kernel_size).reshape(windows, -1)
+    assert np.array_equal(medians, expected) and np.array_equal(last, expected[-1])

@@ -5,6 +5,7 @@ or page that tells users to ``pip install "dcbg[dask]"`` sends them to a
 command that fails.
 """
 import pathlib
+import pickle
 import re
 import sys
 
@@ -13,7 +14,13 @@ import pytest
 from dcbg import cudaprobe
 from dcbg.cli import main
 from dcbg.dcnum_plugin import register
-from dcbg.errors import ExtraNotInstalled, install_advice
+from dcbg.errors import (
+    DeviceError,
+    ExtraNotInstalled,
+    SettingMessage,
+    install_advice,
+    setting_error,
+)
 from dcbg.synthetic import write_synthetic_rtdc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -62,3 +69,29 @@ def test_without_distributed_dask_runs_say_how_to_install_it(tmp_path, monkeypat
                    'is not installed; install it with pip install ".[dask]" in the dcbg '
                    "checkout.\n")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["rec.rtdc"]
+
+
+def test_a_setting_is_said_as_the_librarys_keyword_or_as_an_option():
+    message = SettingMessage("CUDA device {index} cannot be used; or use {setting}.", "device",
+                             ("cpu", "auto"), {"index": 2})
+    assert message.render() == 'CUDA device 2 cannot be used; or use device="cpu" or "auto".'
+    assert message.render("--device") == ("CUDA device 2 cannot be used; or use --device cpu "
+                                           "or auto.")
+    alone = SettingMessage("retry with fewer CPU workers ({setting}).", "num_cpus")
+    assert alone.render() == "retry with fewer CPU workers (num_cpus)."
+    assert alone.render("--num-cpus") == "retry with fewer CPU workers (--num-cpus)."
+    worded = SettingMessage("{setting} {address} is no address.", "dask",
+                            fields={"address": "x"}, words="The Dask address")
+    assert worded.render() == "The Dask address x is no address."
+    assert worded.render("--dask") == "--dask x is no address."
+
+
+def test_an_error_carries_its_setting_also_through_pickling():
+    """A Dask worker's error reaches the command line with its setting"""
+    error = setting_error(DeviceError, "CUDA device {index} failed; use {setting}.", "device",
+                          suggested=("cpu",), index=3)
+    assert str(error) == 'CUDA device 3 failed; use device="cpu".'
+    copy = pickle.loads(pickle.dumps(error))
+    assert type(copy) is DeviceError and str(copy) == str(error)
+    assert (copy.setting, copy.suggested) == ("device", ("cpu",))
+    assert copy.setting_message.render("--device") == "CUDA device 3 failed; use --device cpu."

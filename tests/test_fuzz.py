@@ -12,6 +12,8 @@ from dcbg.cli import main
 from dcbg.rtdc import probe
 from dcbg.synthetic import write_synthetic_rtdc
 
+pytestmark = pytest.mark.slow  # fuzzing runs many damaged files through the command line
+
 HELPERS = pathlib.Path(__file__).with_name("helpers")
 
 

@@ -140,3 +140,41 @@ def test_gpu_results_pass_their_check_against_the_cpu(tmp_path):
         got = dcbg.rolling_median(frames, 100, verify=verify)
         assert np.array_equal(cupy.asnumpy(got), dcbg.rolling_median(stack[:400], 100,
                                                                      device="cpu"))
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16, np.int8])
+def test_gpu_engine_and_arrays_of_16_bit_and_int8_frames(dtype):
+    """The window kernels on the GPU, in the engine's pipeline (batches of 37 windows,
+    every pixel checked by the CPU) and on GPU arrays, equal to the definition, at kernel
+    sizes of 8- and 16-bit counts"""
+    import cupy
+
+    from dcbg.engines.cuda import CUDARollingMedian, rolling_median_on_gpu
+    from dcbg.reference import rolling_median_windows_reference
+    from dcbg.synthetic import synthetic_stack16
+    rng = np.random.default_rng(4)
+    values = synthetic_stack16(300, (20, 50), seed=4).astype(np.int64)
+    values[:, :, :10] = rng.integers(0, 65536, (300, 20, 10))  # jumps across the range
+    if dtype == np.int8:
+        values >>= 8
+    stack = (values + np.iinfo(dtype).min).astype(dtype)  # the same order, signed
+    frames = stack.reshape(len(stack), -1)
+    for kernel_size in (7, 101, 256):
+        expected = rolling_median_windows_reference(stack, kernel_size)
+        windows = len(expected)
+        medians = np.zeros((windows, frames.shape[1]), dtype)
+
+        def read_into(start, stop, out):
+            out[:stop - start] = frames[start:stop]
+
+        def write_at(offset, rows, medians=medians):
+            medians[offset:offset + len(rows)] = rows
+
+        with CUDARollingMedian(stack.shape[1:], kernel_size, 37,
+                               cudakernel.load_kernels(0, dtype), verify="all",
+                               dtype=dtype) as engine:
+            engine.run(read_into, 0, windows, write_at)
+        assert np.array_equal(medians, expected.reshape(windows, -1))
+        got = rolling_median_on_gpu(cupy.asarray(stack), kernel_size, windows,
+                                    expected.shape, None, "all")
+        assert got.dtype == dtype and np.array_equal(cupy.asnumpy(got), expected)

@@ -16,6 +16,8 @@ import pytest
 
 from helpers import host_kernel as hk
 
+pytestmark = pytest.mark.slow  # the GPU acceptance script runs its whole flow on the stand-in
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 STANDIN = ROOT / "tests" / "helpers" / "standin"
@@ -50,7 +52,9 @@ def test_report_follows_the_steps(acceptance, tmp_path):
     (out / "selftest.json").write_text(json.dumps({
         "verdict": "selftest FAILED: 1 of 2 checks", "gpus": [{"name": "NVIDIA H200"}],
         "rows": [{"device": "cuda:0", "check": "median", "kernel_size": 100,
-                  "pixel_outputs_per_s": 2.5e11, "seconds": 0.1}]}))
+                  "pixel_outputs_per_s": 2.5e11, "seconds": 0.1},
+                 {"device": "cuda:0", "check": "median", "kernel_size": 100,
+                  "dtype": "uint16", "pixel_outputs_per_s": 9.5e10, "seconds": 0.1}]}))
     (work / "logs" / "selftest.log").write_text(
         "".join(f"line {i}\n" for i in range(40)) + "selftest FAILED: 1 of 2 checks\n")
     acceptance.record(out, work, {"step": "selftest", "status": "failed", "seconds": 30.0,
@@ -66,6 +70,7 @@ def test_report_follows_the_steps(acceptance, tmp_path):
     assert install["numbers"]["installed"][0].startswith("no wheels in")
     assert memcheck["status"] == "not present"
     assert selftest["numbers"]["cuda:0 pixel-outputs/s k=100"] == 2.5e11
+    assert selftest["numbers"]["cuda:0 pixel-outputs/s k=100 uint16"] == 9.5e10
     markdown = (out / "report.md").read_text()
     assert markdown.startswith("# dcbg GPU acceptance: FAIL")
     assert "| selftest | failed | 30.0 |" in markdown and "2.5e+11" in markdown
@@ -127,7 +132,6 @@ def test_a_stopped_run_stops_its_step_and_still_reports(tmp_path):
         "logs.tar.gz", "report.json", "report.md"]
 
 
-@pytest.mark.slow
 def test_the_dry_run_passes_and_leaves_at_most_8_files(tmp_path):
     """As CI runs it: the GPU host gives back at most 8 files, at most 2 folders deep"""
     run, out = run_script(tmp_path, timeout=600)
@@ -207,9 +211,10 @@ def test_sanitizer_program_checks_every_count_width(acceptance, fake_gpu, capsys
     state = fake_gpu()
     assert acceptance.sanitize(0) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 6 and all("same as the CPU engine" in line for line in lines)
+    assert len(lines) == 12 and all("same as the CPU engine" in line for line in lines)
     assert {launch[0] for launch in state.launches} == {
-        "dcbg_rollmed_count8", "dcbg_rollmed_count16", "dcbg_rollmed_count32"}
+        f"dcbg_rollmed_{family}count{bits}" for family in ("", "window16_")
+        for bits in (8, 16, 32)}
 
 
 def test_sanitizer_program_fails_on_a_wrong_kernel(acceptance, fake_gpu, monkeypatch,
@@ -217,15 +222,17 @@ def test_sanitizer_program_fails_on_a_wrong_kernel(acceptance, fake_gpu, monkeyp
     fake_gpu()
     launch = hk.launch
 
-    def wrong(lib, plan, frames, medians, *args):
-        launch(lib, plan, frames, medians, *args)
-        if plan.kernel == "dcbg_rollmed_count32":
+    def wrong(lib, plan, frames, medians, *args, **kwargs):
+        launch(lib, plan, frames, medians, *args, **kwargs)
+        if plan.kernel in ("dcbg_rollmed_count32", "dcbg_rollmed_window16_count16"):
             medians[-1, -1] ^= 0x80
 
     monkeypatch.setattr(hk, "launch", wrong)
     assert acceptance.sanitize(0) == 1
     out = capsys.readouterr().out
-    assert out.count("DIFFERS from the CPU engine") == 2  # the launch and the pipeline
+    # the launch and the pipeline of each
+    assert out.count("DIFFERS from the CPU engine") == 4
+    assert out.count("dcbg_rollmed_window16_count16: k=300, 2x40 frames, 20 windows") == 2
 
 
 def test_torch_is_given_only_the_windows_that_fit(monkeypatch):

@@ -34,6 +34,7 @@ def check_outputs(good, kernel_size):
             assert np.array_equal(h5["events/image_bg"][:], expected)
 
 
+@pytest.mark.slow
 def test_cli_on_a_local_dask_cluster(archive, capsys):
     folder, good, bad = archive
     code = main(["compute", str(folder), "-r", "--dask", "local:2", "-kb", "kernel_size=10",

@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpy.lib.stride_tricks import sliding_window_view
 
+from dcbg.dtypes import FRAME_DTYPES
 from dcbg.engines import cudakernel
 from dcbg.errors import DeviceError
 from helpers import host_kernel as hk
@@ -320,8 +321,12 @@ def test_entry_points_and_their_shared_memory(host_kernel):
     assert cudakernel.kernel_family(np.int16).value_xor == 0x8000
     assert cudakernel.kernel_family(np.int8).value_xor == 0x80
     assert cudakernel.kernel_family(np.uint16).value_xor == 0
+    # the GPU takes what the array functions take, refused with their one message
+    assert set(cudakernel.KERNEL_FAMILIES) == set(FRAME_DTYPES)
+    assert cudakernel.kernel_family(">u2") is cudakernel.kernel_family(np.uint16)
     for dtype in (np.float32, np.int32, np.uint32, bool):
-        with pytest.raises(TypeError, match="uint8, int8, uint16, int16"):
+        with pytest.raises(TypeError, match=f"^frames must be uint8, uint16, int8 or int16, "
+                                            f"got {np.dtype(dtype)}; convert them first"):
             cudakernel.kernel_name(10, dtype)
 
 
@@ -333,6 +338,21 @@ def test_every_window_entry_point_runs_in_the_shim(host_kernel):
         dtype = np.uint16 if "window16" in name else np.int8
         frames = stack.astype(dtype) if dtype == np.uint16 else as_dtype(stack, dtype)
         assert_exact(host_kernel, frames, 3, hand_plan(name, 32, 5, 6, 6))
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_the_shim_fails_a_launch_whose_blocks_use_more_shared_memory_than_planned(
+        host_kernel, blocks):
+    """A plan with too little shared memory: the block's last threads write where the
+    launch gave nothing, which the shim sees after every block (it refreshes the garbage of
+    the shared memory a block may use, and leaves the rest to show such writes)"""
+    stack = np.arange(8 * 64 * blocks, dtype=np.uint16).reshape(8, 64 * blocks)
+    name = cudakernel.kernel_name(3, np.uint16)
+    plan = hand_plan(name, 64, 64 * blocks, 6, 6)
+    assert_exact(host_kernel, stack, 3, plan)
+    short = cudakernel.LaunchPlan(name, 64, plan.grid, 6, 63 * cudakernel.WINDOW_BYTES)
+    with pytest.raises(AssertionError, match="host launch failed with code 3"):
+        run_kernel(host_kernel, stack, 3, short)
 
 
 def test_plan_of_a_16_bit_stack():

@@ -9,7 +9,7 @@ from hypothesis.extra.numpy import arrays
 import dcbg
 from dcbg import ppid
 from dcbg.engines.batches import plan_windows
-from dcbg.engines.cpu import compute_median_for_slice
+from dcbg.engines.cpu import CPURollingMedian, compute_median_for_slice
 from dcbg.reference import rolling_median_reference
 from dcbg.windows import background_window_count
 
@@ -69,6 +69,53 @@ def test_cpu_backend_equals_definition(tmp_path, case, num_cpus):
     with h5py.File(out) as h5:
         assert np.array_equal(h5["events/image_bg"][:],
                               rolling_median_reference(stack, kernel_size))
+
+
+@st.composite
+def wide_stacks_and_sizes(draw, max_events=90, max_pixels=40):
+    """A 16-bit stack (any values, a narrow band, a few levels, the extremes), any k, a batch"""
+    count = draw(st.integers(1, max_events))
+    pixels = draw(st.integers(1, max_pixels))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    kind = draw(st.sampled_from(["any", "band", "levels", "extremes"]))
+    if kind == "any":
+        values = rng.integers(0, 65536, (count, pixels))
+    elif kind == "band":  # shot noise of any width around any level
+        width = draw(st.integers(1, 300))
+        values = draw(st.integers(0, 65535 - width)) + rng.integers(0, width + 1,
+                                                                     (count, pixels))
+    elif kind == "levels":
+        values = rng.choice(draw(st.lists(st.integers(0, 65535), min_size=1, max_size=3)),
+                            (count, pixels))
+    else:
+        values = rng.choice([0, 1, 32767, 32768, 65534, 65535], (count, pixels))
+    kernel_size = draw(st.integers(1, count))
+    batch_size = draw(st.integers(1, 2 * count))
+    return values.astype(np.uint16), kernel_size, batch_size
+
+
+@settings(max_examples=80, deadline=None)
+@given(wide_stacks_and_sizes(), st.integers(1, 2))
+def test_cpu_engine_on_16_bit_frames_equals_definition(case, num_cpus):
+    """The CPU engine's batches and threads on uint16 frames, against a sort of each window"""
+    stack, kernel_size, batch_size = case
+    windows = len(stack) - kernel_size + 1
+    medians = np.zeros((windows, stack.shape[1]), np.uint16)
+
+    def read_into(start, stop, out):
+        out[:stop - start] = stack[start:stop]
+
+    def write_at(offset, rows):
+        medians[offset:offset + len(rows)] = rows
+
+    engine = CPURollingMedian(stack.shape[1:], kernel_size, batch_size, num_cpus, windows,
+                              np.uint16)
+    with engine:
+        last = engine.run(read_into, 0, windows, write_at)
+    expected = np.stack([np.sort(stack[j:j + kernel_size], axis=0)[kernel_size // 2]
+                         for j in range(windows)])
+    assert np.array_equal(medians, expected)
+    assert np.array_equal(last, expected[-1])
 
 
 PPID_ALPHABET = st.sampled_from(list("rollmedkb:^=.-+_ 0123456789eEx\\/\0é"))

@@ -19,10 +19,13 @@ import sys
 from importlib import metadata
 
 import h5py
+import numpy as np
 import pytest
 
 from dcbg.devices import cuda_unavailable_reason
 from dcbg.synthetic import write_synthetic_rtdc
+
+pytestmark = pytest.mark.slow  # the README's blocks run as a user runs them, clusters included
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -107,7 +110,8 @@ def test_readme_has_the_expected_examples():
     for heading in ("Quick start", "Your own recording, from install to a picture",
                     "Command line", "Python", "Inside dcnum pipelines",
                     "Many recordings on a Dask cluster", "GPU install", "Docker",
-                    "ChipStream with dcbg's background", "As an array library"):
+                    "ChipStream with dcbg's background", "As an array library",
+                    "16-bit microscopy movies"):
         assert heading in headings
     quick = dict(BASH_BLOCKS)["Quick start"].splitlines()
     assert len(quick) == 2, "Quick start is exactly two commands"
@@ -158,6 +162,12 @@ def test_python_block(workspace, heading, code):
         assert "rollmed" in out[3]
     elif heading == "As an array library":
         assert run.stdout.splitlines() == ["(490, 80, 320) (500, 80, 320)", "(161, 80, 320)"]
+    elif heading == "16-bit microscopy movies":
+        assert run.stdout.splitlines() == ["uint16 (1000, 256, 256)", "True"]
+        background = np.load(workspace / "background.npy", mmap_mode="r")
+        frames = np.load(workspace / "movie.npy", mmap_mode="r")
+        assert np.array_equal(background[-101:], np.broadcast_to(
+            np.sort(frames[-102:-1], axis=0)[50], (101, 256, 256)))  # the last window repeats
     else:
         with h5py.File(workspace / "dcnum_out.rtdc") as h5:
             assert h5.attrs["pipeline:dcnum background"] == "rollmed:k=100^b=10000"

@@ -147,3 +147,66 @@ def test_writer_refuses_frames_outside_the_dataset_and_reports_missing_ones(tmp_
         writer.write_at(0, np.zeros((20, 20), np.uint8))
         with pytest.raises(RuntimeError, match="misses frames from 0 on"):
             writer.check_complete()
+
+
+WIDE_LAYOUTS = {
+    "zstd+shuffle+fletcher32": {"chunks": (16, 12, 20), "shuffle": True, "fletcher32": True,
+                                **hdf5plugin.Zstd(clevel=5)},
+    "deflate+shuffle": {"chunks": (9, 12, 20), "compression": "gzip", "shuffle": True},
+    "big-endian (h5py reads it)": {"chunks": (16, 12, 20), "shuffle": True,
+                                   **hdf5plugin.Zstd()},
+}
+"""Layouts of 16- and 8-bit frames for the array functions; shuffle's element size is
+the item size"""
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int16, np.int8])
+@pytest.mark.parametrize("layout", sorted(WIDE_LAYOUTS))
+def test_decoded_frames_of_other_dtypes_equal_h5pys(tmp_path, dtype, layout):
+    """Frames of 2-byte items, values of the other byte order and the fill value of chunks
+    never written read as h5py reads them"""
+    info = np.iinfo(dtype)
+    frames = np.random.default_rng(3).integers(info.min, info.max, (203, 12, 20), dtype=dtype,
+                                               endpoint=True)
+    stored_dtype = np.dtype(dtype).newbyteorder(">" if layout.startswith("big") else "=")
+    fill = info.min + 5  # a value whose bytes differ, and of the value's sign
+    with h5py.File(tmp_path / "frames.h5", "w") as h5, \
+            concurrent.futures.ThreadPoolExecutor(3) as pool:
+        dataset = h5.create_dataset("frames", shape=frames.shape, dtype=stored_dtype,
+                                    fillvalue=fill, **WIDE_LAYOUTS[layout])
+        chunk = dataset.chunks[0]
+        dataset[:chunk * 3] = frames[:chunk * 3]  # the rest of the chunks is never written
+        dataset[chunk * 5:] = frames[chunk * 5:]
+        expected = dataset[:]
+        assert (expected[chunk * 3:chunk * 5] == fill).all()
+        source = ImageSource(dataset, pool=pool, image_rules=False)
+        assert (source.chunked is None) == (not stored_dtype.isnative)  # int8 has no order
+        out = np.zeros((203, 12 * 20), dtype)
+        for start, stop in [(0, 203), (3, 50), (chunk * 3 - 1, chunk * 5 + 1), (200, 203)]:
+            source.read_into(start, stop, out)
+            assert np.array_equal(out[:stop - start].reshape(-1, 12, 20), expected[start:stop])
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int16])
+def test_chunks_of_2_byte_frames_written_by_dcbg_read_back_in_h5py(tmp_path, dtype):
+    from dcbg.rtdc.writer import ChunkedStackWriter, stack_writer
+    info = np.iinfo(dtype)
+    frames = np.random.default_rng(4).integers(info.min, info.max, (70, 12, 20), dtype=dtype,
+                                               endpoint=True)
+    layout = WIDE_LAYOUTS["zstd+shuffle+fletcher32"]
+    with h5py.File(tmp_path / "out.h5", "w") as h5, \
+            concurrent.futures.ThreadPoolExecutor(2) as pool:
+        dataset = h5.create_dataset("out", shape=frames.shape, dtype=dtype, **layout)
+        writer = stack_writer(dataset, pool)
+        assert isinstance(writer, ChunkedStackWriter)
+        writer.write_at(20, frames[20:37].reshape(17, -1))
+        writer.write_at(0, frames[:20].reshape(20, -1))
+        writer.write_repeated(37, frames[36], 33)  # part of a chunk, a whole one, the end
+        writer.check_complete()
+        reference = h5.create_dataset("reference", data=frames, **layout)
+        reference[37:] = frames[36]
+    with h5py.File(tmp_path / "out.h5") as h5:  # h5py checks every Fletcher-32 checksum
+        assert np.array_equal(h5["out"][:], h5["reference"][:])
+        assert [h5["out"].id.read_direct_chunk((row, 0, 0))[1] for row in range(0, 70, 16)] \
+            == [h5["reference"].id.read_direct_chunk((row, 0, 0))[1]
+                for row in range(0, 70, 16)]

@@ -12,6 +12,7 @@ from hypothesis.extra.numpy import arrays
 
 from dcbg import cpukernels, selftest
 from dcbg.cli import main
+from dcbg.engines import cudakernel
 from dcbg.reference import rolling_median_windows_reference, window_medians_by_partition
 from dcbg.selftest import StackCase, run_selftest
 from helpers import host_kernel as hk
@@ -20,27 +21,31 @@ from helpers.fake_cupy import CUDARuntimeError
 # one stack per width of the kernel's counts, small enough for a unit test
 TINY = [StackCase(10, (8, 40), 50), StackCase(300, (4, 20), 30),
         StackCase(70_000, (2, 3), 40, realistic=False)]
+# the same of uint16 frames (the window kernels on a GPU)
+TINY16 = [StackCase(case.kernel_size, case.shape, case.windows, case.realistic, "uint16")
+          for case in TINY]
 
 
-def corrupt_kernel(monkeypatch, name):
-    """Make the stand-in GPU's kernel `name` write one wrong byte per launch"""
+def corrupt_kernel(monkeypatch, name, bits=1):
+    """Make the stand-in GPU's kernel `name` get `bits` of one median wrong per launch"""
     launch = hk.launch
 
-    def wrong(lib, plan, frames, medians, pixels, output_size, kernel_size):
-        launch(lib, plan, frames, medians, pixels, output_size, kernel_size)
+    def wrong(lib, plan, frames, medians, pixels, output_size, kernel_size, **extra):
+        launch(lib, plan, frames, medians, pixels, output_size, kernel_size, **extra)
         if plan.kernel == name:
-            medians[0, 0] ^= 1
+            medians[0, 0] ^= bits
 
     monkeypatch.setattr(hk, "launch", wrong)
 
 
 def test_cpu_passes_on_every_count_width():
-    rows = run_selftest("cpu", cases=TINY, file_events=150, num_cpus=2)
+    rows = run_selftest("cpu", cases=TINY + TINY16, file_events=150, num_cpus=2)
     assert selftest.passed(rows)
-    assert [row.check for row in rows] == ["load kernel", "median", "median", "median",
-                                           "file to file"]
+    assert [row.check for row in rows] == ["load kernel"] + ["median"] * 6 + ["file to file"]
     medians = [row for row in rows if row.check == "median"]
-    assert sorted(row.count_bits for row in medians) == [8, 16, 32]
+    assert [(row.count_bits, row.dtype) for row in medians] == [
+        (bits, dtype) for dtype in ("uint8", "uint16") for bits in (8, 16, 32)]
+    medians = medians[:3]
     assert all(row.same_as_definition and row.definition_windows for row in medians)
     assert [row.pixel_outputs_per_s > 0 for row in medians[:2]] == [True, True]
     assert medians[2].pixel_outputs_per_s is None  # 6 pixels say nothing about speed
@@ -51,29 +56,47 @@ def test_cpu_passes_on_every_count_width():
 
 def test_gpu_passes_and_runs_every_kernel(fake_gpu):
     state = fake_gpu()
-    rows = run_selftest("cuda", cases=TINY, file_events=150, num_cpus=2)
+    rows = run_selftest("cuda", cases=TINY + TINY16, file_events=150, num_cpus=2)
     assert selftest.passed(rows), [selftest.table_line(row) for row in rows]
     assert {row.device for row in rows} == {"cuda:0"}
     medians = [row for row in rows if row.check == "median"]
     assert all(row.same_as_cpu and row.same_as_definition for row in medians)
+    assert [row.dtype for row in medians] == ["uint8"] * 3 + ["uint16"] * 3
     kernels = {launch[0] for launch in state.launches}
-    assert kernels == {"dcbg_rollmed_count8", "dcbg_rollmed_count16", "dcbg_rollmed_count32"}
+    assert kernels == {f"dcbg_rollmed_{family}count{bits}" for family in ("", "window16_")
+                       for bits in (8, 16, 32)}
     # each stack goes through the pipeline in several batches, which overlap
-    assert sum(call[0] == "upload" for call in state.calls) >= 3 * len(TINY)
+    assert sum(call[0] == "upload" for call in state.calls) >= 3 * len(TINY + TINY16)
+    # the "load kernel" row compiled both modules, side by side, and launched a kernel of each
+    assert sorted(state.compile_options) == sorted(cudakernel.module_options(module)
+                                                   for module in ("histogram", "window"))
+    assert [launch[0] for launch in state.launches[:4]] == [
+        "dcbg_rollmed_count8"] * 2 + ["dcbg_rollmed_window16_count8"] * 2  # and a timed one
+    assert "uint8 and uint16 frames" in selftest.verdict(rows)
 
 
-@pytest.mark.parametrize("kernel", ["dcbg_rollmed_count16", "dcbg_rollmed_count32"])
+@pytest.mark.parametrize("kernel", ["dcbg_rollmed_count16", "dcbg_rollmed_count32",
+                                    "dcbg_rollmed_window16_count8",
+                                    "dcbg_rollmed_window16_count16",
+                                    "dcbg_rollmed_window16_count32"])
 def test_a_wrong_gpu_kernel_fails_the_selftest(fake_gpu, monkeypatch, kernel):
+    """One wrong median per launch of a kernel (in the high byte of 16-bit medians): its
+    row fails, and only its row"""
     fake_gpu()
-    corrupt_kernel(monkeypatch, kernel)
-    rows = run_selftest("cuda", cases=TINY, file_events=0, num_cpus=1)
+    corrupt_kernel(monkeypatch, kernel, 0x100 if "window16" in kernel else 1)
+    rows = run_selftest("cuda", cases=TINY + TINY16, file_events=0, num_cpus=1)
     wrong = [row for row in rows if not row.passed]
-    bits = int(kernel.removeprefix("dcbg_rollmed_count"))
-    assert [row.count_bits for row in wrong] == [bits]
+    bits = int(kernel.rsplit("_count", 1)[1])
+    dtype = "uint16" if "window16" in kernel else "uint8"
+    assert [(row.count_bits, row.dtype) for row in wrong] == [(bits, dtype)]
     assert wrong[0].same_as_cpu is False and wrong[0].same_as_definition is False
     assert "differs from the CPU engine" in wrong[0].note
+    assert "the engine's check: CUDA device 0 computed a wrong median" in wrong[0].note
     assert not selftest.passed(rows)
-    assert selftest.verdict(rows).startswith("selftest FAILED: 1 of 4 checks")
+    assert selftest.verdict(rows).startswith("selftest FAILED: 1 of 7 checks")
+    if dtype == "uint16":
+        assert selftest.verdict(rows).endswith(f"k={wrong[0].kernel_size} uint16); see the "
+                                               f"table")
 
 
 def test_a_cpu_kernel_that_differs_from_the_definition_fails(monkeypatch):
@@ -125,15 +148,32 @@ def test_the_partition_twin_equals_the_definition(data):
 
 def test_definition_windows_cover_every_count_width_and_the_stacks_ends():
     cases = selftest.default_cases()
-    starts = {case.kernel_size: selftest.definition_starts(case) for case in cases}
-    assert {case.count_bits for case in cases} == {8, 16, 32}
+    starts = {(case.kernel_size, case.dtype): selftest.definition_starts(case)
+              for case in cases}
+    for dtype in ("uint8", "uint16"):
+        assert {case.count_bits for case in cases if case.dtype == dtype} == {8, 16, 32}
     for case in cases:
-        chosen = starts[case.kernel_size]
+        chosen = starts[case.kernel_size, case.dtype]
         assert chosen[0] == 0 and chosen[-1] == case.windows - 1  # the first and last windows
         assert list(chosen[:4]) == [0, 1, 2, 3]  # medians that follow one another
         assert len(chosen) >= selftest.DEFINITION_WINDOWS[0]
     # each window costs k times the pixels: fewer of them where k is large
-    assert len(starts[300]) < len(starts[100]) < len(starts[10])
+    assert len(starts[300, "uint8"]) < len(starts[100, "uint8"]) < len(starts[10, "uint8"])
+
+
+def test_the_default_cases_include_realistic_16_bit_microscopy_stacks():
+    """256x256 frames at k=100 and 300 with as many pixel-outputs as the 80x320 stacks"""
+    cases = [case for case in selftest.default_cases(4096) if case.dtype == "uint16"]
+    assert [(case.kernel_size, case.shape, case.realistic) for case in cases] == [
+        (100, (256, 256), True), (300, (256, 256), True), (70_000, (2, 3), False)]
+    assert cases[0].windows * 256 * 256 == 4096 * 80 * 320
+    assert [case.windows for case in selftest.default_cases(1) if case.dtype == "uint16"
+            ] == [1, 1, 200]
+    stack = selftest.case_stack(cases[0])
+    assert stack.dtype == np.uint16 and stack.shape == (cases[0].frames, 256, 256)
+    assert 100 < np.median(stack) < 3000 and stack.max() == 65535  # saturated particles
+    tiny = selftest.case_stack(cases[2])
+    assert tiny.dtype == np.uint16 and (tiny[:, 0, 0] == 65535).all() and tiny.max() > 255
     with pytest.raises(ValueError, match="from 0 to 3"):
         window_medians_by_partition(np.zeros((5, 2), np.uint8), 2, [4])
 
@@ -210,10 +250,13 @@ def test_command_prints_one_table_and_writes_json(tmp_path, capsys):
     assert code == 0
     assert lines[1] == selftest.table_header()
     assert lines[-1].startswith("selftest passed")
-    assert len(lines) == 2 + 1 + 4 + 1 + 1  # title, header, load, 4 medians, file, verdict
+    # title, header, load, 4 medians of uint8 and 3 of uint16 frames, file, verdict
+    assert len(lines) == 2 + 1 + 4 + 3 + 1 + 1
     data = json.loads(report.read_text())
-    assert data["passed"] is True and len(data["rows"]) == 6
-    assert {row["count_bits"] for row in data["rows"]} >= {8, 16, 32}
+    assert data["passed"] is True and len(data["rows"]) == 9
+    assert {(row["count_bits"], row["dtype"]) for row in data["rows"]} >= {
+        (bits, dtype) for bits in (8, 16, 32) for dtype in ("uint8", "uint16")}
+    assert "uint8 and uint16 frames" in lines[-1]
 
 
 @pytest.mark.parametrize("where", ["missing_folder/report.json", "."])

@@ -25,7 +25,8 @@ from dcbg.synthetic import synthetic_stack, write_synthetic_rtdc
 from helpers.files import dataset_digests, folder_state, hidden_files
 from helpers.processes import alive, slow_run, start_slow_run, wait_for_session_end
 
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+pytestmark = [pytest.mark.slow,  # real interrupts of real runs, many of them
+              pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")]
 
 
 def test_worker_killed_during_process_raises_and_leaves_no_orphans(tmp_path, monkeypatch):

@@ -38,6 +38,23 @@ def test_the_probe_starts_before_the_file_modules_load(tmp_path):
     assert (tmp_path / "out.rtdc").is_file()
 
 
+PARSES = """
+import sys
+from dcbg.cli import build_parser
+build_parser().parse_args(["compute", "in.rtdc", "--device", "cuda:1"])
+print(sorted(m for m in {modules!r} if m in sys.modules))
+"""
+
+
+def test_the_command_line_and_its_commands_import_no_file_modules():
+    """Every command's module is imported to build the parser: each loads the file modules
+    where it runs, not when it is imported"""
+    done = subprocess.run([sys.executable, "-c", PARSES.format(modules=FILE_MODULES)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]"]
+
+
 def test_the_probe_is_joined_before_the_file_is_opened(tmp_path, monkeypatch):
     from dcbg import base
     source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 40, shape=(4, 6), seed=1)

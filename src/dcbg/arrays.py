@@ -2,13 +2,18 @@
 
 :func:`rolling_median` gives the median of every window of ``kernel_size``
 frames, :func:`rolling_median_background` dcnum's rolling-median background
-(one row per frame). Both run on the engines that compute ``image_bg`` of
+(one row per frame), of uint8, uint16, int8 or int16 frames (see
+:mod:`dcbg.dtypes`). Both run on the engines that compute ``image_bg`` of
 files, on the device ``device`` picks, and give the same bytes on every
 device:
 
 - arrays in host memory (NumPy arrays, memory maps, h5py datasets, any
-  array-like with ``shape``, ``dtype`` and slicing) are read batch by batch,
-  so an ``out`` on disk (a memory map or an h5py dataset) keeps the memory
+  array-like with ``shape``, ``dtype`` and slicing) are read batch by batch
+  and their medians written batch by batch, with the reader and the writer
+  of files (:class:`~dcbg.rtdc.reader.ImageSource`,
+  :func:`~dcbg.rtdc.writer.stack_writer`): h5py datasets have their chunks
+  decoded and encoded in a pool of threads where their layout allows, and
+  an ``out`` on disk (a memory map or an h5py dataset) keeps the memory
   bounded for any number of frames;
 - arrays in GPU memory (CuPy, or anything with ``__cuda_array_interface__``
   or DLPack, such as torch or JAX arrays) are computed where they are, without
@@ -17,15 +22,17 @@ device:
 A GPU's results are checked against the CPU kernel (``verify``, see
 :mod:`dcbg.engines.verification`): for host arrays a sample of every batch,
 as for files; for GPU arrays, which stay on the GPU, a sample of the first
-call per process, GPU and width of the kernel's counts, unless asked
-otherwise.
+call per process, GPU, width of the kernel's counts and dtype, unless asked
+otherwise. GPU arrays of every supported dtype go to the GPU kernels as they
+are: the kernels order signed values themselves, so nothing is flipped on
+the host.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import mmap
 import os
 
-import hdf5plugin  # noqa: F401 - registers the Zstandard filter: h5py reads datasets with it
 import numpy as np
 
 try:
@@ -33,6 +40,7 @@ try:
 except ImportError:  # NumPy 1
     byte_bounds = np.byte_bounds
 
+from .dtypes import check_frame_dtype, flip_sign_bit, kernel_dtype, sign_bit
 from .engines.base import frame_pixels
 from .errors import overlap_error
 from .settings import DEFAULT_VERIFY, parse_verify
@@ -52,12 +60,12 @@ def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None,
 
     Parameters
     ----------
-    frames: array-like of uint8, shape (N, ...)
+    frames: array-like of uint8, uint16, int8 or int16, shape (N, ...)
         The frames, events along the first axis; any further axes are
-        pixels. A NumPy array, memory map, h5py dataset or other array-like
-        is read in batches; a CuPy array (or a CUDA array with
-        ``__cuda_array_interface__`` or DLPack, e.g. a torch tensor) is
-        computed on its own GPU.
+        pixels. Signed values are ordered as numbers. A NumPy array, memory
+        map, h5py dataset or other array-like is read in batches; a CuPy
+        array (or a CUDA array with ``__cuda_array_interface__`` or DLPack,
+        e.g. a torch tensor) is computed on its own GPU.
     kernel_size: int
         Frames per window, at least 1 and at most N.
     device: str
@@ -66,32 +74,36 @@ def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None,
         GPU arrays are computed on the GPU that holds them.
     out: array-like, optional
         Where to put the result: an array of shape ``(N - kernel_size + 1,
-        ...)`` and dtype uint8 (NumPy array, memory map or h5py dataset for
-        host input; a CuPy array on the same GPU for GPU input). It must not
-        share storage with `frames`, since later windows still read frames
-        that earlier results would overwrite: an `out` that overlaps them in
-        memory, or in the file both map (two memory maps of one file), is
-        refused; overlaps dcbg cannot see (an h5py dataset in the file of a
-        memory map, say) give wrong results.
+        ...)`` and the dtype of `frames` (NumPy array, memory map or h5py
+        dataset for host input; a CuPy array on the same GPU for GPU input),
+        which can be written. It must not share storage with `frames`, since
+        later windows still read frames that earlier results would
+        overwrite: an `out` that overlaps them in memory, or in the file both
+        map (two memory maps of one file), is refused; overlaps dcbg cannot
+        see (an h5py dataset in the file of a memory map, say) give wrong
+        results.
     verify: str, optional
         Which of a GPU's medians the CPU recomputes and compares: "sample"
         (a spread sample of every batch), "all" or "off". By default a sample
         of every batch for host arrays; for GPU arrays a sample of the first
-        call per process, GPU and width of the kernel's counts (a checked
-        call copies the sampled pixels to the host and waits for them). The
-        CPU ignores it; the result never depends on it.
+        call per process, GPU, width of the kernel's counts and dtype (a
+        checked call copies the sampled pixels to the host and waits for
+        them). The CPU ignores it; the result never depends on it.
 
     Returns
     -------
     medians: numpy.ndarray or cupy.ndarray
-        `out` if given; otherwise a new array, a CuPy array for GPU input.
+        `out` if given; otherwise a new array of the dtype of `frames` (in
+        this machine's byte order), a CuPy array for GPU input.
         For GPU input the work is ordered after what the caller's current
         CuPy stream holds and the result is ready on that stream.
 
     Raises
     ------
     TypeError
-        If `frames` is no array of uint8, or `out` has another dtype.
+        If `frames` is no array of uint8, uint16, int8 or int16 (floats,
+        bool, 32- and 64-bit integers are refused), or `out` has another
+        dtype than `frames`.
     ValueError
         If `kernel_size` is not a positive integer, there are fewer frames
         than `kernel_size`, the frames have no pixels, or `out` has the
@@ -134,58 +146,79 @@ def _compute(frames, kernel_size, device, out, verify, background: bool):
     kernel_size = _check_kernel_size(kernel_size)
     verify = None if verify is None else parse_verify(verify)
     on_gpu = _gpu_array(frames)
-    stack = _check_frames(on_gpu if on_gpu is not None else _host_stack(frames))
+    stack = on_gpu if on_gpu is not None else _host_stack(frames)
+    dtype = check_frame_dtype(stack.dtype)
+    _check_axes(stack)
     count, image_shape = stack.shape[0], tuple(stack.shape[1:])
     windows = (background_window_count if background else window_count)(count, kernel_size)
     shape = (count if background else windows, *image_shape)
-    _check_out(out, shape)
+    _check_out(out, shape, dtype)
     if on_gpu is not None:
+        # GPU arrays stay on their GPU, the last window's repeats included: the host's
+        # StackWriter.write_repeated would copy them through host memory
         from .engines.cuda import rolling_median_on_gpu
         return rolling_median_on_gpu(stack, kernel_size, windows, shape, out, verify)
-    out = _host_out(out, shape, stack)
-    _stream_through_engine(stack, image_shape, kernel_size, windows, shape[0], device, out,
+    out = _host_out(out, shape, stack, dtype)
+    _stream_through_engine(stack, dtype, kernel_size, windows, shape[0], device, out,
                            verify or DEFAULT_VERIFY)
     return out
 
 
-def _stream_through_engine(stack, image_shape, kernel_size, windows, rows, device, out,
+def _stream_through_engine(stack, dtype: np.dtype, kernel_size, windows, rows, device, out,
                            verify: str):
+    """Windows ``0 … windows-1`` of `stack` into `out`, whose later rows repeat the last
+
+    The frames are read by the file engines' reader and the medians written
+    by their writer. Signed frames are flipped into unsigned values of the
+    same order as they are read, and their medians flipped back as they are
+    written (see :mod:`dcbg.dtypes`), so the engines see unsigned values
+    only.
+    """
     from .devices import fall_back_to_cpu, select_device
     from .engines import engine_for
-    from .system import available_cpus
+    from .rtdc.reader import ImageSource
+    from .rtdc.writer import stack_writer
+    from .settings import decide_run_settings
 
+    settings = decide_run_settings(verify=verify)  # the codec threads and CPU workers
     choice = select_device(device)
-    pixels = int(np.prod(image_shape, dtype=np.int64))
+    bit = sign_bit(dtype)
+    engine_dtype = kernel_dtype(dtype)
+    image_shape = tuple(stack.shape[1:]) or (1,)
+    with concurrent.futures.ThreadPoolExecutor(settings.io_threads,
+                                               thread_name_prefix="dcbg-io") as pool:
+        source = ImageSource(stack, pool=pool, image_rules=False)
 
-    def read_into(start, stop, buffer):
-        buffer[:stop - start] = np.asarray(stack[start:stop]).reshape(stop - start, pixels)
+        def read_into(start, stop, buffer):
+            source.read_into(start, stop, buffer.view(dtype))
+            flip_sign_bit(buffer[:stop - start], bit)
 
-    def write_at(offset, medians):
-        out[offset:offset + len(medians)] = medians.reshape(len(medians), *image_shape)
+        def run_on(device):
+            writer = stack_writer(out, pool)  # a fresh one: a retry writes every frame again
 
-    def run_on(device):
-        engine = engine_for(device.ready(), image_shape or (1,), kernel_size,
-                            min(READ_BATCH, windows), available_cpus(), windows, verify)
-        with engine:
-            return engine.run(read_into, 0, windows, write_at)
+            def write_at(offset, medians):
+                flip_sign_bit(medians, bit)
+                try:
+                    writer.write_at(offset, medians.view(dtype))
+                finally:
+                    flip_sign_bit(medians, bit)  # the engine's buffer, as the engine left it
 
-    try:
-        last = run_on(choice)
-    except Exception as error:
-        cpu = fall_back_to_cpu(choice, error, "the medians")
-        if cpu is None:
-            raise
-        last = run_on(cpu)  # every window again: each is written over
-    _repeat_rows(out, last.reshape(image_shape), windows, rows)
+            engine = engine_for(device.ready(engine_dtype), image_shape, kernel_size,
+                                min(READ_BATCH, windows), settings.num_cpus, windows,
+                                settings.verify, engine_dtype)
+            with engine:
+                last = engine.run(read_into, 0, windows, write_at)
+            flip_sign_bit(last, bit)
+            writer.write_repeated(windows, last.view(dtype), rows - windows)
+            writer.check_complete()
 
-
-def _repeat_rows(out, row, start: int, stop: int):
-    """``out[start:stop] = row``, in blocks, so an on-disk `out` stays within memory"""
-    block = max(1, min(stop - start, (64 << 20) // max(1, row.nbytes)))
-    repeated = np.broadcast_to(row, (block, *row.shape))
-    for first in range(start, stop, block):
-        last = min(stop, first + block)
-        out[first:last] = repeated[:last - first]
+        try:
+            run_on(choice)
+        except Exception as error:
+            cpu = fall_back_to_cpu(choice, error, "the medians")
+            if cpu is None:
+                raise
+            run_on(cpu)
 
 
 def _check_kernel_size(kernel_size) -> int:
@@ -229,41 +262,46 @@ def _host_stack(frames):
             frames = np.asarray(frames)
         else:
             raise TypeError(
-                f"frames must be an array of uint8 frames (NumPy, CuPy, an h5py dataset, "
-                f"a memory map, a torch or JAX array), got {type(frames).__name__}.")
+                f"frames must be an array of frames (NumPy, CuPy, an h5py dataset, a memory "
+                f"map, a torch or JAX array), got {type(frames).__name__}.")
     return frames
 
 
-def _check_frames(frames):
-    """`frames` (on the host or a GPU) if they are uint8 with an axis of events"""
-    if np.dtype(frames.dtype) != np.uint8:
-        raise TypeError(
-            f"frames must be uint8, got {np.dtype(frames.dtype)}; convert them first, e.g. "
-            f"with frames.astype('uint8') after scaling to 0…255.")
+def _check_axes(frames):
+    """Refuse `frames` (on the host or a GPU) without an axis of events or without pixels"""
     if len(frames.shape) == 0:
         raise ValueError("frames must have at least one axis (the events), got a scalar.")
     frame_pixels(frames.shape[1:])
-    return frames
 
 
-def _check_out(out, shape: tuple):
-    """Refuse an array `out` of another shape or dtype (where it lives is checked later)"""
+def _check_out(out, shape: tuple, dtype: np.dtype):
+    """Refuse an array `out` of another shape or dtype (where it lives is checked later)
+
+    The byte order may differ from the frames': assigning to `out` swaps the bytes.
+    """
     if out is None or not (hasattr(out, "shape") and hasattr(out, "dtype")):
         return
     if tuple(out.shape) != shape:
         raise ValueError(f"out must have the shape {shape}, got {tuple(out.shape)}.")
-    if np.dtype(out.dtype) != np.uint8:
-        raise TypeError(f"out must be uint8, got {np.dtype(out.dtype)}.")
+    if np.dtype(out.dtype).newbyteorder("=") != dtype:
+        raise TypeError(f"out must be {dtype}, the dtype of the frames, got "
+                        f"{np.dtype(out.dtype)}.")
 
 
-def _host_out(out, shape: tuple, frames):
+def _host_out(out, shape: tuple, frames, dtype: np.dtype):
     """`out` if it is an array in host memory (see :func:`_check_out`), or a new one"""
     if out is None:
-        return np.empty(shape, np.uint8)
+        return np.empty(shape, dtype)
     if not (hasattr(out, "shape") and hasattr(out, "dtype") and hasattr(out, "__setitem__")):
         raise TypeError(
             f"out must be a NumPy array, memory map or h5py dataset, got "
             f"{type(out).__name__}.")
+    if isinstance(out, np.ndarray) and not out.flags.writeable:
+        raise ValueError("out is read-only (a memory map opened with mode 'r', or a view "
+                         "that cannot be written); give an array that can be written.")
+    if getattr(getattr(out, "file", None), "mode", None) == "r":  # an h5py dataset
+        raise ValueError(f"out is a dataset of {out.file.filename}, which is open read-only; "
+                         f"open the file with mode 'a' or 'r+' to write the medians into it.")
     if isinstance(out, np.ndarray) and isinstance(frames, np.ndarray) and (
             np.may_share_memory(out, frames) or _same_file_bytes(out, frames)):
         raise overlap_error()

@@ -21,7 +21,7 @@ import os
 import pathlib
 import re
 
-from .errors import DeviceError, first_line, install_advice
+from .errors import DeviceError, first_line, install_advice, setting_error
 
 MIN_CUPY_MAJOR = 13
 """Oldest CuPy major dcbg runs with (asynchronous downloads need ``get(blocking=False)``)"""
@@ -87,9 +87,9 @@ def device_problem(index: int = 0) -> str | None:
 
 def unusable_device_error(index: int, reason: str) -> DeviceError:
     """The error for a CUDA device that was asked for and cannot be used"""
-    return DeviceError(
-        f"CUDA device {index} cannot be used: {reason}; or use device=\"cpu\" or "
-        f"\"auto\".")
+    return setting_error(DeviceError, "CUDA device {index} cannot be used: {reason}; or use "
+                         "{setting}.", "device", suggested=("cpu", "auto"), index=index,
+                         reason=reason)
 
 
 def kernel_cache_folder() -> pathlib.Path:

@@ -9,12 +9,13 @@ The walk from a device request to the kernel:
    :class:`dcbg.Background` given a device name; a choice made before is
    handed on as it is;
 3. :meth:`DeviceChoice.preload` starts loading the engine's kernel in the
-   background while the input is opened (the CPU kernel, or the CUDA kernel's
-   compile in :mod:`dcbg.engines.cudakernel`);
+   background while the input is opened (the CPU kernel, or the compile of
+   the CUDA kernels of the frames' dtype in :mod:`dcbg.engines.cudakernel`);
 4. :meth:`DeviceChoice.ready` waits for it before any output is written and
-   returns a :class:`ReadyDevice`: the kernels loaded on each GPU, and each
-   GPU described once (NVML) for the log and the run log;
-5. :func:`dcbg.engines.engine_for` builds the engine on the ready device, and
+   returns a :class:`ReadyDevice`: the kernels of the frames' dtype loaded on
+   each GPU, and each GPU described once (NVML) for the log and the run log;
+5. :func:`dcbg.engines.engine_for` builds the engine on the ready device
+   (:meth:`ReadyDevice.kernels_for` hands it the kernels of its dtype), and
    the engine launches the kernels it was handed.
 
 ``"auto"`` takes CUDA device 0 when CuPy imports, a device exists and the
@@ -50,7 +51,7 @@ import threading
 import typing
 
 from . import cudaprobe
-from .errors import DeviceError, first_line
+from .errors import DeviceError, first_line, setting_error
 
 if typing.TYPE_CHECKING:
     from .engines.cudakernel import CompiledKernels
@@ -137,24 +138,27 @@ class DeviceChoice:
             return "cpu"
         return "cuda:all" if self.split else f"cuda:{self.index}"
 
-    def preload(self):
+    def preload(self, dtype="uint8"):
         """Start loading what this device's engine needs, in the background
 
         numba's build of the CPU kernel takes a good part of a second to load
         (numba and its cache), and NVRTC about as long to compile the CUDA
-        kernel; doing it while the input is opened and its first frames are
-        read keeps short runs short. The C build loads at once. Calling it
-        again costs nothing.
+        kernels; doing it while the input is opened and its first frames are
+        read keeps short runs short. The C build loads at once. A GPU
+        compiles the module of kernels that computes frames of `dtype` (a
+        numpy dtype or its name; files hold uint8 frames). Calling it again
+        costs nothing.
         """
         if self.kind == "cpu":
             _load_cpu_kernel_in_background()
             return
         from .engines import cudakernel
         for index in self.cuda_indices:
-            cudakernel.start_compiling(index)
+            cudakernel.start_compiling(index, dtype)
 
-    def ready(self) -> ReadyDevice:
-        """This device with its kernels loaded (waiting for :meth:`preload`'s work)
+    def ready(self, dtype="uint8") -> ReadyDevice:
+        """This device with its kernels for frames of `dtype` loaded (waiting for
+        :meth:`preload`'s work)
 
         Each GPU is described once (NVML) and logged; the run log takes the
         description from the returned device.
@@ -162,36 +166,43 @@ class DeviceChoice:
         Raises
         ------
         DeviceError
-            If the CUDA kernel does not compile or load on a device (the error
+            If the CUDA kernels do not compile or load on a device (the error
             of an unusable device, as when it is chosen).
+        TypeError
+            If the GPU kernels take no frames of `dtype`.
         """
         if self.kind == "cpu":
             return ReadyDevice(self)
-        from .engines import cudakernel
-        kernels = tuple(cudakernel.kernels_or_device_error(index)
-                        for index in self.cuda_indices)
-        descriptions = cudaprobe.describe_cuda_ordinals(self.cuda_indices)
-        for index, info in descriptions.items():
+        ready = ReadyDevice(self)
+        ready.kernels_for(dtype)
+        ready.descriptions.update(cudaprobe.describe_cuda_ordinals(self.cuda_indices))
+        for index, info in ready.descriptions.items():
             if info is not None:
                 logger.info("CUDA device %d: %s (PCI %s), %.1f of %.1f GiB free, driver %s",
                             index, info["name"], info["bus_id"],
                             info["memory_free"] / 2**30, info["memory_total"] / 2**30,
                             info["driver"])
-        return ReadyDevice(self, kernels, descriptions)
+        return ready
 
 
 @dataclasses.dataclass(frozen=True)
 class ReadyDevice:
     """A chosen device ready for one run: what :func:`dcbg.engines.engine_for` builds on
 
-    Made by :meth:`DeviceChoice.ready`.
+    Made by :meth:`DeviceChoice.ready`, which loads the kernels of the run's
+    frames. A GPU's kernels come in two modules (the uint8 kernel, and the
+    window kernels of int8, uint16 and int16 frames, see
+    :mod:`dcbg.engines.cudakernel`); :meth:`kernels_for` hands out those of a
+    dtype, and loads a module the device was not made ready for when it is
+    first asked for.
     """
 
     choice: DeviceChoice
     """the device chosen"""
-    kernels: tuple[CompiledKernels, ...] = ()
-    """the uint8 kernels loaded on each GPU, in the order of
-    :attr:`DeviceChoice.cuda_indices` (none for the CPU)"""
+    kernels: dict[str, tuple[CompiledKernels, ...]] = dataclasses.field(default_factory=dict)
+    """the modules of kernels loaded so far, by module name ("histogram", "window"), each
+    as loaded on every GPU in the order of :attr:`DeviceChoice.cuda_indices` (none for
+    the CPU)"""
     descriptions: dict[int, dict | None] = dataclasses.field(default_factory=dict)
     """NVML's description of each GPU by CUDA ordinal (None where NVML has none), asked
     once per run"""
@@ -205,6 +216,31 @@ class ReadyDevice:
     def description(self) -> dict | None:
         """NVML's description of the (first) GPU; None for the CPU or without NVML"""
         return self.descriptions.get(self.choice.index)
+
+    def kernels_for(self, dtype) -> tuple[CompiledKernels, ...]:
+        """The kernels that compute frames of `dtype`, on every GPU of the device
+
+        Loaded once per module: the module the device was made ready for is
+        handed out as it is, another one is compiled (or waited for) now.
+        None on the CPU: an empty tuple.
+
+        Raises
+        ------
+        DeviceError
+            If the module does not compile or load on a device.
+        TypeError
+            If the GPU kernels take no frames of `dtype`.
+        """
+        if self.kind != "cuda":
+            return ()
+        from .engines import cudakernel
+        module = cudakernel.kernel_family(dtype).module
+        loaded = self.kernels.get(module)
+        if loaded is None:
+            loaded = tuple(cudakernel.kernels_or_device_error(index, dtype)
+                           for index in self.choice.cuda_indices)
+            self.kernels[module] = loaded
+        return loaded
 
     def __str__(self):
         return str(self.choice)
@@ -298,8 +334,8 @@ def select_device(device: str | DeviceRequest | DeviceChoice = "auto") -> Device
         reasons = [cudaprobe.device_problem(i) for i in range(max(count, 1))]
         if count == 0 or any(reasons):
             reason = next(r for r in reasons if r)
-            raise DeviceError(
-                f"CUDA devices cannot be used: {reason}; or use device=\"cpu\" or \"auto\".")
+            raise setting_error(DeviceError, "CUDA devices cannot be used: {reason}; or use "
+                                "{setting}.", "device", suggested=("cpu", "auto"), reason=reason)
         return DeviceChoice("cuda", 0, f"requested, split across {count} device(s)",
                             tuple(range(count)))
     if kind == "cuda":

@@ -4,13 +4,96 @@ Every message is one sentence that names the file (or argument), says what
 is wrong and what to do about it; the command line prints it as its
 ``error:`` line. Catch the built-in bases (ValueError, OSError,
 RuntimeError) or these classes for finer handling.
+
+A message that names a setting (``use device="cpu"``) is made by
+:func:`setting_error`: the error carries the setting's name, so that the
+command line says the same message with its option (``use --device cpu``).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import signal
 import threading
+import typing
+
+
+@dataclasses.dataclass
+class SettingMessage:
+    """An error message that names a setting, said in the library's terms or a command line's
+
+    The library names a setting by its keyword argument, and the values it
+    suggests as Python strings (``device="cpu" or "auto"``); a command line
+    names it by its option (``--device cpu or auto``). The words around it
+    are the same, so the message is kept as a template and said either way.
+
+    Attributes
+    ----------
+    template: str
+        The message, with ``{setting}`` where the setting goes and its other
+        fields in braces, as :meth:`str.format` takes them.
+    setting: str
+        The setting's name in the library (``"device"``, ``"num_cpus"``).
+    suggested: tuple of str
+        The values the message suggests, in order; none where it names the
+        setting alone.
+    fields: dict
+        The template's other fields.
+    words: str or None
+        How the library says a setting that is none of its keyword arguments
+        (``"The Dask address"``); without, the setting's name.
+    """
+
+    template: str
+    setting: str
+    suggested: tuple[str, ...] = ()
+    fields: dict = dataclasses.field(default_factory=dict)
+    words: str | None = None
+
+    def render(self, option: str | None = None) -> str:
+        """The message, the setting said by the library or as the command-line `option`"""
+        if option is not None:
+            named = f"{option} {' or '.join(self.suggested)}" if self.suggested else option
+        elif self.suggested:
+            first, *others = self.suggested
+            named = " or ".join([f'{self.setting}="{first}"', *(f'"{v}"' for v in others)])
+        else:
+            named = self.words or self.setting
+        return self.template.format(setting=named, **self.fields)
+
+
+ErrorType = typing.TypeVar("ErrorType", bound=BaseException)
+
+
+def setting_error(error_type: type[ErrorType], template: str, setting: str, *,
+                  suggested: tuple[str, ...] = (), words: str | None = None,
+                  **fields) -> ErrorType:
+    """An error whose message names a setting, said in the library's terms
+
+    Parameters
+    ----------
+    error_type: type
+        The exception class; it is called with the message alone.
+    template, setting, suggested, words:
+        As :class:`SettingMessage` has them.
+    fields:
+        The template's other fields.
+
+    Returns
+    -------
+    error: error_type
+        With the attributes ``setting`` (the setting's name), ``suggested``
+        (the values the message suggests) and ``setting_message`` (the
+        :class:`SettingMessage`, which a command line renders with its
+        option). They survive pickling, so a Dask worker's error keeps them.
+    """
+    message = SettingMessage(template, setting, tuple(suggested), fields, words)
+    error = error_type(message.render())
+    error.setting = setting
+    error.suggested = message.suggested
+    error.setting_message = message
+    return error
 
 
 class InputDataError(ValueError):

@@ -27,7 +27,7 @@ import time
 import typing
 
 from .devices import DeviceChoice, DeviceRequest, parse_device
-from .errors import InputDataError, InputFileError, OutputError, first_line
+from .errors import InputDataError, InputFileError, OutputError, first_line, setting_error
 from .settings import DEFAULT_COMPRESSION, DEFAULT_VERIFY
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,9 @@ OUTPUT_SUFFIX = "_bg.rtdc"
 
 LOCAL_CLUSTER = "local"
 """``--dask`` address of a cluster started on this machine (``local`` or ``local:N``)"""
+
+DASK_ADDRESS_WORDS = "The Dask address"
+"""How the library's messages name the Dask address (the command line: ``--dask``)"""
 
 SCHEDULER_CONNECT_SECONDS = 5
 """How long a run tries to reach a Dask scheduler: long enough for one started just before
@@ -179,6 +182,11 @@ def check_input(source, settings: JobSettings, target) -> int:
         return found.event_count
 
 
+def default_output(path_in: pathlib.Path) -> pathlib.Path:
+    """Where a recording's background goes unless told otherwise: ``<stem>_bg.rtdc`` beside it"""
+    return path_in.with_name(f"{path_in.stem}{OUTPUT_SUFFIX}")
+
+
 def is_recording(path: pathlib.Path) -> bool:
     """Whether a folder run takes `path` as an input
 
@@ -226,15 +234,16 @@ def check_dask_address(address: str) -> str:
     name, colon, count = address.partition(":")
     if name == LOCAL_CLUSTER:
         if colon and not (count.isdigit() and int(count) >= 1):
-            raise ValueError(
-                f"The Dask address {address} does not give a number of workers of at least 1; use "
-                f"'local' or 'local:N' with N >= 1.")
+            raise setting_error(
+                ValueError, "{setting} {address} does not give a number of workers of at least "
+                "1; use 'local' or 'local:N' with N >= 1.", "dask", words=DASK_ADDRESS_WORDS,
+                address=address)
         return address
     if not SCHEDULER_ADDRESS.match(address):
-        raise ValueError(
-            f"The Dask address {address} is not a scheduler address; give it as tcp://HOST:PORT "
-            f"(e.g. tcp://localhost:8786), or 'local' / 'local:N' for a cluster on this "
-            f"machine.")
+        raise setting_error(
+            ValueError, "{setting} {address} is not a scheduler address; give it as "
+            "tcp://HOST:PORT (e.g. tcp://localhost:8786), or 'local' / 'local:N' for a cluster "
+            "on this machine.", "dask", words=DASK_ADDRESS_WORDS, address=address)
     return address
 
 

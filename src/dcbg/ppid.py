@@ -13,9 +13,6 @@ import typing
 
 from .errors import UnknownKeywordError
 
-DCNUM_PPID_GENERATION = "13"
-"""dcnum's pipeline generation, stored next to every background PPID"""
-
 
 def unique_prefixes(names: list[str]) -> list[str]:
     """Return the shortest prefix of every name that no other name shares

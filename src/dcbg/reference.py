@@ -2,6 +2,8 @@
 
 These are the yardsticks every backend is compared with byte for byte. They
 sort every window and are therefore slow; use them on small stacks only.
+They take frames of any type NumPy sorts (dcbg computes uint8, uint16, int8
+and int16); signed values are sorted as numbers.
 :func:`window_medians_by_partition` is their twin for chosen windows of large
 stacks (``dcbg selftest``): it partially sorts each window, and the tests
 prove it equal to :func:`rolling_median_windows_reference`.
@@ -14,7 +16,7 @@ from .windows import background_window_count, window_count
 
 
 def rolling_median_reference(stack, kernel_size: int) -> np.ndarray:
-    """Rolling median background of a uint8 stack, by definition (README, "Same bytes as dcnum")
+    """Rolling median background of a stack, by definition ("Same bytes as dcnum")
 
     ``image_bg[i] = sorted(x[j:j+k])[k//2]`` per pixel with
     ``j = min(i, N-k-1)`` for ``N > k``; for ``N == k`` every frame gets
@@ -22,8 +24,8 @@ def rolling_median_reference(stack, kernel_size: int) -> np.ndarray:
 
     Parameters
     ----------
-    stack: array-like of uint8, shape (N, ...)
-        Image stack; the first axis enumerates events.
+    stack: array-like, shape (N, ...)
+        Image stack (uint8 for files); the first axis enumerates events.
     kernel_size: int
         Number of events in each window.
 
@@ -42,14 +44,14 @@ def rolling_median_reference(stack, kernel_size: int) -> np.ndarray:
 
 
 def rolling_median_windows_reference(stack, kernel_size: int) -> np.ndarray:
-    """Median of every window of a uint8 stack, by definition
+    """Median of every window of a stack, by definition
 
     Row ``j`` is, per pixel, ``sorted(stack[j:j+k])[k//2]``, for ``j`` from
     0 to ``N-k``.
 
     Parameters
     ----------
-    stack: array-like of uint8, shape (N, ...)
+    stack: array-like, shape (N, ...)
         Frames; the first axis enumerates them.
     kernel_size: int
         Number of frames in each window.
@@ -76,7 +78,7 @@ def window_medians_by_partition(stack, kernel_size: int, starts) -> np.ndarray:
 
     Parameters
     ----------
-    stack: array-like of uint8, shape (N, ...)
+    stack: array-like, shape (N, ...)
         Frames; the first axis enumerates them.
     kernel_size: int
         Number of frames in each window.

@@ -6,9 +6,12 @@ On each chosen device the self-test
    on a GPU importing CuPy, compiling the CUDA kernel (or loading it from
    CuPy's cache) and a first launch;
 2. computes synthetic stacks for kernel sizes that use every width of the
-   histogram counts (8, 16 and 32 bits): realistic 80×320 frames at
-   k = 10, 100 and 300, and k = 70,000 on tiny frames, where one
-   histogram bin can hold more than 65,535 frames;
+   kernels' counts (8, 16 and 32 bits), of uint8 frames (the histogram
+   kernel) and of uint16 frames (on a GPU the window kernels, which int16
+   and int8 frames share): realistic 80×320 RT-DC frames at k = 10, 100
+   and 300, realistic 256×256 16-bit microscopy frames at k = 100 and 300,
+   and k = 70,000 on tiny frames of both types, where one value can fill a
+   window of more than 65,535 frames;
 3. compares every window byte for byte with the CPU engine, and some
    windows with the definition (a partial sort of each, so it checks few):
    the first ones, whose medians follow one another, and some spread to the
@@ -52,6 +55,12 @@ logger = logging.getLogger(__name__)
 DEFAULT_EVENTS = 4096
 """Windows per 80×320 stack: enough to fill a GPU's SMs with threads"""
 
+SHAPE8 = (80, 320)
+"""Frame shape of the realistic uint8 stacks (RT-DC's)"""
+
+SHAPE16 = (256, 256)
+"""Frame shape of the realistic uint16 stacks (a microscopy camera's region)"""
+
 DEFAULT_FILE_EVENTS = 10_000
 """Events of the synthetic recording that is computed file to file"""
 
@@ -66,6 +75,10 @@ k=300, the most at k=10"""
 STACK_PERIOD = 1024
 """Distinct synthetic frames of a stack and of the file-to-file recording; longer ones
 repeat them (generating a realistic frame takes about a millisecond)"""
+
+STACK_PERIOD16 = 512
+"""Distinct synthetic frames of a 16-bit stack (each takes a few milliseconds), more than
+its largest realistic kernel size"""
 
 KERNEL_REPEATS = 10
 """Back-to-back kernel launches timed together on a GPU (after one warm-up)"""
@@ -88,8 +101,10 @@ class StackCase:
     windows: int
     """windows computed (the stack has `kernel_size` frames more)"""
     realistic: bool = True
-    """synthetic instrument frames; False: seeded random bytes with one saturated
+    """synthetic instrument frames; False: seeded random values with one saturated
     pixel, for frames too small to look like anything"""
+    dtype: str = "uint8"
+    """of the frames: "uint8" (RT-DC frames) or "uint16" (microscopy frames)"""
 
     @property
     def frames(self) -> int:
@@ -104,12 +119,21 @@ class StackCase:
 
 
 def default_cases(events: int = DEFAULT_EVENTS) -> list[StackCase]:
-    """80×320 stacks of `events` windows at k = 10, 100, 300, and k = 70,000 on 2×3 frames"""
+    """The uint8 and uint16 stacks of the self-test
+
+    uint8: 80×320 stacks of `events` windows at k = 10, 100 and 300, and
+    k = 70,000 on 2×3 frames. uint16: 256×256 stacks at k = 100 and 300 of
+    as many pixel-outputs (fewer windows of larger frames), and k = 70,000
+    on 2×3 frames.
+    """
     if events < 1:
         raise ValueError(f"The self-test needs at least one window per stack, got "
                          f"events={events}; give --events 1 or more.")
-    cases = [StackCase(k, (80, 320), events) for k in (10, 100, 300)]
+    cases = [StackCase(k, SHAPE8, events) for k in (10, 100, 300)]
     cases.append(StackCase(70_000, (2, 3), 200, realistic=False))
+    windows16 = max(1, events * (SHAPE8[0] * SHAPE8[1]) // (SHAPE16[0] * SHAPE16[1]))
+    cases += [StackCase(k, SHAPE16, windows16, dtype="uint16") for k in (100, 300)]
+    cases.append(StackCase(70_000, (2, 3), 200, realistic=False, dtype="uint16"))
     return cases
 
 
@@ -127,6 +151,8 @@ class SelftestRow:
     frames: int | None = None
     shape: tuple[int, int] | None = None
     count_bits: int | None = None
+    dtype: str | None = None
+    """of the frames ("uint8", "uint16"); None for the rows of no stack"""
     same_as_cpu: bool | None = None
     """whether every window equals the CPU engine's (None: not compared)"""
     same_as_definition: bool | None = None
@@ -157,22 +183,36 @@ class SelftestRow:
 
 def case_stack(case: StackCase, seed: int = 42, base: np.ndarray | None = None
                ) -> np.ndarray:
-    """The frames of `case`, shape ``(frames, *shape)``
+    """The frames of `case`, shape ``(frames, *shape)``, of its dtype
 
-    A realistic stack repeats `base`, by default the first
-    :data:`STACK_PERIOD` frames of :func:`dcbg.synthetic.synthetic_stack`.
+    A realistic stack repeats `base`, by default :func:`realistic_base`.
     """
     import numpy as np
 
-    from .synthetic import synthetic_stack
+    dtype = np.dtype(case.dtype)
     if not case.realistic:
         rng = np.random.default_rng([seed, case.kernel_size])
-        stack = rng.integers(0, 256, (case.frames, *case.shape), dtype=np.uint8)
-        stack[:, 0, 0] = 255  # one bin holds the whole window: counts beyond 16 bits
+        top = np.iinfo(dtype).max
+        stack = rng.integers(0, top + 1, (case.frames, *case.shape)).astype(dtype)
+        stack[:, 0, 0] = top  # one value fills the whole window: counts beyond 16 bits
         return stack
     if base is None:
-        base = synthetic_stack(STACK_PERIOD, case.shape, seed)
+        base = realistic_base(case, seed)
     return base[np.arange(case.frames) % len(base)]
+
+
+def realistic_period(case: StackCase) -> int:
+    """Distinct frames of a realistic stack of `case`'s dtype, which longer ones repeat"""
+    return STACK_PERIOD16 if case.dtype == "uint16" else STACK_PERIOD
+
+
+def realistic_base(case: StackCase, seed: int = 42) -> np.ndarray:
+    """The frames a realistic stack of `case` repeats: the first :func:`realistic_period`
+    frames of :func:`dcbg.synthetic.synthetic_stack` (uint8) or
+    :func:`dcbg.synthetic.synthetic_stack16` (uint16)"""
+    from .synthetic import synthetic_stack, synthetic_stack16
+    make = synthetic_stack16 if case.dtype == "uint16" else synthetic_stack
+    return make(realistic_period(case), case.shape, seed)
 
 
 def definition_starts(case: StackCase) -> np.ndarray:
@@ -230,7 +270,7 @@ def engine_medians(device: DeviceChoice, frames: np.ndarray, shape, kernel_size:
 
     from .engines import engine_for
     windows = background_window_count(len(frames), kernel_size)
-    medians = np.empty((windows, frames.shape[1]), np.uint8)
+    medians = np.empty((windows, frames.shape[1]), frames.dtype)
 
     def read_into(start, stop, out):
         out[:stop - start] = frames[start:stop]
@@ -240,8 +280,8 @@ def engine_medians(device: DeviceChoice, frames: np.ndarray, shape, kernel_size:
 
     batch_size = max(1, -(-windows // 3))
     # a run's GPU batch is sized by memory alone; this one is capped to a third too
-    engine = engine_for(device.ready(), shape, kernel_size, batch_size, num_cpus, windows,
-                        verify, device_batch_cap=batch_size)
+    engine = engine_for(device.ready(frames.dtype), shape, kernel_size, batch_size, num_cpus,
+                        windows, verify, frames.dtype, device_batch_cap=batch_size)
     with engine:
         t0 = time.perf_counter()
         engine.run(read_into, 0, windows, write_at)
@@ -259,14 +299,13 @@ def cuda_kernel_medians(index: int, frames: np.ndarray, shape, kernel_size: int,
     launches run back to back between two CUDA events.
     """
     import cupy
-    import numpy as np
 
     from .engines.cudacontext import on_device
     from .engines.cudakernel import launcher_for
-    launcher = launcher_for(index, frames.shape[1], kernel_size)
+    launcher = launcher_for(index, frames.shape[1], kernel_size, frames.dtype)
     with on_device(index):
         device_frames = cupy.asarray(frames)
-        device_medians = cupy.empty((windows, frames.shape[1]), np.uint8)
+        device_medians = cupy.empty((windows, frames.shape[1]), frames.dtype)
         launcher.launch(device_frames, device_medians, windows)
         medians = cupy.asnumpy(device_medians)
         stream = cupy.cuda.get_current_stream()
@@ -291,8 +330,9 @@ class _Results:
         self.say = say
         self.cpu = select_device("cpu")
         self._stacks: dict[StackCase, np.ndarray] = {}
-        self._bases: dict[tuple[int, int], np.ndarray] = {}
-        """realistic frames by shape, which the stacks of every kernel size repeat"""
+        self._bases: dict[tuple[tuple[int, int], str], np.ndarray] = {}
+        """realistic frames by shape and dtype, which the stacks of every kernel size
+        repeat"""
         self._cpu: dict[StackCase, tuple[np.ndarray, float, dict]] = {}
         self._definition: dict[StackCase, tuple[np.ndarray, np.ndarray]] = {}
         self._background: np.ndarray | None = None
@@ -302,12 +342,12 @@ class _Results:
         if case not in self._stacks:
             base = None
             if case.realistic:
-                if case.shape not in self._bases:
-                    from .synthetic import synthetic_stack
-                    self.say(f"synthesizing {STACK_PERIOD} frames of {case.shape[0]}x"
-                             f"{case.shape[1]}")
-                    self._bases[case.shape] = synthetic_stack(STACK_PERIOD, case.shape)
-                base = self._bases[case.shape]
+                key = (case.shape, case.dtype)
+                if key not in self._bases:
+                    self.say(f"synthesizing {realistic_period(case)} frames of "
+                             f"{case.shape[0]}x{case.shape[1]}{dtype_words(case)}")
+                    self._bases[key] = realistic_base(case)
+                base = self._bases[key]
             self._stacks[case] = case_stack(case, base=base).reshape(case.frames, -1)
         return self._stacks[case]
 
@@ -328,16 +368,18 @@ class _Results:
             import hdf5plugin  # noqa: F401 - registers the recording's zstd filter
             import numpy as np
 
+            from .rtdc.writer import StackWriter
+
             with h5py.File(recording) as h5:
                 stack = h5["events/image"][:]
             count, *shape = stack.shape
             frames = stack.reshape(count, -1)
             windows, _, _ = engine_medians(self.cpu, frames, shape, FILE_KERNEL_SIZE,
                                            self.num_cpus)
-            background = np.empty_like(frames)
-            background[:len(windows)] = windows
-            background[len(windows):] = windows[-1]  # the last frames repeat the last window
-            self._background = background.reshape(stack.shape)
+            background = StackWriter(np.empty_like(frames))
+            background.write_at(0, windows)
+            background.write_repeated(len(windows), windows[-1], count - len(windows))
+            self._background = background.stack.reshape(stack.shape)
         return self._background
 
     def definition(self, case: StackCase) -> tuple[np.ndarray, np.ndarray]:
@@ -345,8 +387,8 @@ class _Results:
         if case not in self._definition:
             starts = definition_starts(case)
             frames = self.frames(case)
-            self.say(f"k={case.kernel_size}: comparing {len(starts)} windows with the "
-                     f"definition")
+            self.say(f"k={case.kernel_size}{dtype_words(case)}: comparing {len(starts)} "
+                     f"windows with the definition")
             from .reference import window_medians_by_partition
             self._definition[case] = starts, window_medians_by_partition(
                 frames, case.kernel_size, starts)
@@ -354,25 +396,39 @@ class _Results:
 
 
 def describe_stack(case: StackCase) -> str:
-    """The size of a stack in words, e.g. "4396 frames of 80x320"."""
-    return f"{case.frames} frames of {case.shape[0]}x{case.shape[1]}"
+    """The size of a stack in words, e.g. "4396 frames of 80x320" or "1700 frames of
+    256x256 uint16"."""
+    return f"{case.frames} frames of {case.shape[0]}x{case.shape[1]}{dtype_words(case)}"
 
 
-def load_kernel_row(device: str | DeviceRequest) -> tuple[SelftestRow, DeviceChoice]:
-    """Choose `device` and load its kernel: the "load kernel" row and the choice"""
+def dtype_words(case: StackCase) -> str:
+    """" uint16" for a stack of uint16 frames, nothing for RT-DC's uint8 frames"""
+    return "" if case.dtype == "uint8" else f" {case.dtype}"
+
+
+def load_kernel_row(device: str | DeviceRequest, dtypes: typing.Sequence[str] = ("uint8",)
+                    ) -> tuple[SelftestRow, DeviceChoice]:
+    """Choose `device` and load its kernels for frames of `dtypes`: the "load kernel" row
+    and the choice"""
+    import numpy as np
+
     t0 = time.perf_counter()
     choice = select_device(device)
+    dtypes = list(dict.fromkeys(np.dtype(dtype) for dtype in dtypes))
     if choice.kind == "cpu":
         from . import cpukernels
         from .engines.cpu import warm_up_kernel
-        warm_up_kernel()
+        for dtype in dtypes:
+            warm_up_kernel(dtype)
         note = f"{cpukernels.cpu_kernels().build} build of the CPU kernels"
     else:
-        choice.preload()  # as a run does: the compile starts in the background …
-        choice.ready()  # … and a kernel that does not compile raises here
-        import numpy as np
-        frames = np.arange(3 * 64, dtype=np.uint8).reshape(3, 64)
-        cuda_kernel_medians(choice.index, frames, (1, 64), 2, 1, repeats=1)
+        for dtype in dtypes:  # as a run does: the compiles start in the background, …
+            choice.preload(dtype)
+        ready = choice.ready(dtypes[0])  # … a kernel that does not compile raises here …
+        for dtype in dtypes:
+            ready.kernels_for(dtype)  # … the other modules' too
+            frames = (np.arange(3 * 64) * 997).astype(dtype).reshape(3, 64)
+            cuda_kernel_medians(choice.index, frames, (1, 64), 2, 1, repeats=1)
         note = _gpu_name(choice.index)
     seconds = time.perf_counter() - t0
     return SelftestRow(str(choice), "load kernel", seconds, note=note), choice
@@ -389,7 +445,7 @@ def _gpu_name(index: int) -> str:
 def median_row(device: DeviceChoice, case: StackCase, results: _Results) -> SelftestRow:
     """Compute `case` on `device`, compare it, and measure the median alone"""
     row = SelftestRow(str(device), "median", 0.0, case.kernel_size, case.frames, case.shape,
-                      case.count_bits)
+                      case.count_bits, case.dtype)
     frames = results.frames(case)
     expected, cpu_seconds, cpu_stages = results.cpu_engine(case)
     pixel_outputs = case.windows * frames.shape[1]
@@ -452,7 +508,7 @@ def file_row(device: str, recording: pathlib.Path, expected: np.ndarray, num_cpu
     if background.device.kind == "cuda":  # slower than a run's sampled check
         note += f", verify={VERIFY}"
     return SelftestRow(device, "file to file", seconds, FILE_KERNEL_SIZE, count,
-                       tuple(shape), 8 * count_dtype(FILE_KERNEL_SIZE).itemsize,
+                       tuple(shape), 8 * count_dtype(FILE_KERNEL_SIZE).itemsize, "uint8",
                        same_as_cpu=problem is None, events_per_s=count / seconds,
                        note=f"{note}; {problem}" if problem else note)
 
@@ -542,7 +598,8 @@ def run_selftest(device: str | DeviceRequest = "auto", events: int = DEFAULT_EVE
             name = request
             if request != split:
                 say(f"{request}: loading the median kernel")
-                row, choice = load_kernel_row(request)  # an unusable device raises here
+                # an unusable device raises here
+                row, choice = load_kernel_row(request, [case.dtype for case in cases])
                 name = row.device
                 add(row)
             check, t0 = "file to file", time.perf_counter()
@@ -565,11 +622,13 @@ def run_selftest(device: str | DeviceRequest = "auto", events: int = DEFAULT_EVE
             except Exception as error:  # noqa: BLE001 - reported in its row
                 add(SelftestRow(name, check, time.perf_counter() - t0,
                                 kernel_size=case.kernel_size if check == "median" else None,
+                                dtype=case.dtype if check == "median" else None,
                                 error=first_line(error)))
     return rows
 
 
-COLUMNS = (("device", 8), ("check", 12), ("frames", 16), ("k", 6), ("counts", 7),
+COLUMNS = (("device", 8), ("check", 12), ("frames", 16), ("dtype", 7), ("k", 6),
+           ("counts", 7),
            ("= CPU", 8), ("= definition", 13), ("pixel-outputs/s", 16), ("events/s", 10),
            ("seconds", 8))
 
@@ -585,7 +644,7 @@ def table_line(row: SelftestRow) -> str:
         return "-" if same is None else ("same" + extra if same else "DIFFERS")
 
     frames = "-" if row.frames is None else f"{row.frames}x{row.shape[0]}x{row.shape[1]}"
-    cells = (row.device, row.check, frames,
+    cells = (row.device, row.check, frames, row.dtype or "-",
              "-" if row.kernel_size is None else str(row.kernel_size),
              "-" if row.count_bits is None else f"{row.count_bits}-bit",
              verdict(row.same_as_cpu),
@@ -605,11 +664,13 @@ def verdict(rows: typing.Sequence[SelftestRow]) -> str:
         return "selftest FAILED: nothing was checked"
     if not failed:
         widths = sorted({row.count_bits for row in rows if row.count_bits})
+        dtypes = list(dict.fromkeys(row.dtype for row in rows if row.dtype))
         return (f"selftest passed: {len(rows)} checks, every median equals the CPU "
-                f"engine's and the definition's (counts of {', '.join(map(str, widths))} "
-                f"bits)")
+                f"engine's and the definition's ({' and '.join(dtypes)} frames, counts of "
+                f"{', '.join(map(str, widths))} bits)")
     names = "; ".join(f"{row.device} {row.check}"
                       + (f" k={row.kernel_size}" if row.kernel_size else "")
+                      + (f" {row.dtype}" if row.dtype not in (None, "uint8") else "")
                       for row in failed)
     return f"selftest FAILED: {len(failed)} of {len(rows)} checks ({names}); see the table"
 

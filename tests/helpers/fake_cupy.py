@@ -296,9 +296,10 @@ class FakeKernel:
         def run():
             hk.launch(state.lib, plan, source, target, int(pixels), int(output_size),
                       int(kernel_size), **extra)
-            if flip is not None:  # one bit of one median goes wrong, as in memory without ECC
-                window, pixel = flip
-                target[window, pixel] ^= 0x01
+            if flip is not None:  # one median goes wrong, as in memory without ECC
+                window, pixel, *bits = flip
+                value = target[window:window + 1, pixel].view(f"u{target.itemsize}")
+                value ^= bits[0] if bits else 0x01  # of the value's bytes, signed or not
 
         current_stream(state).put(run)
 
@@ -469,8 +470,9 @@ class FakeState:
         """NVML's readings of a GPU's memory (its total once, its free memory per description)"""
         self.empty_shapes: list[tuple] = []
         """the shape of every array cupy.empty made"""
-        self.flips: dict[int, tuple[int, int]] = {}
-        """launch number → (window, pixel) of the median that launch gets one bit wrong"""
+        self.flips: dict[int, tuple[int, ...]] = {}
+        """launch number → (window, pixel) of the median that launch gets one bit wrong, the
+        lowest, or (window, pixel, bits) with the bits it flips"""
         self.skipped_uploads: set[int] = set()
         """numbers of the uploads that copy nothing"""
         self.stale_downloads: set[int] = set()

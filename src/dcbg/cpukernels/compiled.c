@@ -5,15 +5,35 @@
  * importing numba and loading its cache. Both release the GIL, so threads run
  * them in parallel.
  *
- * The median has two algorithms with the same results:
+ * The median has these algorithms, all with the same results. For 8-bit
+ * values:
  * - the histogram kernel, portable C and the loop jit.py compiles: a
  *   256-bin histogram per pixel and a pointer to its median bin;
  * - the window kernel, one pixel per lane of a SIMD vector (GCC's and Clang's
  *   vector extensions): per pixel only the counts of a few consecutive levels
  *   around the median, so that a step is a handful of vector instructions
  *   for 16 or 32 pixels instead of two scattered histogram updates per pixel.
- *   It is built twice on x86 (16-byte vectors for any CPU, 32-byte ones for
- *   CPUs with AVX2, picked when the module loads) and once elsewhere.
+ * For 16-bit values, where a histogram of 65,536 levels per pixel would fit
+ * no cache:
+ * - the sorted-window kernel, portable C and the loop jit.py compiles: each
+ *   pixel keeps its window sorted, and a step is two binary searches and a
+ *   shift of the values between them, whatever the medians do;
+ * - the sorted-lanes kernel, for windows of up to SORTED_LANES_MAX frames:
+ *   one pixel per lane, its window sorted across kernel_size vectors, and a
+ *   step a min, a max, a compare and a blend per vector;
+ * - the window kernel for 16-bit values, for longer windows: the 8-bit
+ *   window kernel on values relative to each pixel's window of levels. Shot
+ *   noise spreads a pixel's values over tens of levels, but the median of
+ *   a long window wanders only a few: 24 or 32 levels (12 for windows of
+ *   more than 255 frames, whose medians wander less) hold it in all but a
+ *   fraction of a percent of the steps, and a copy of each pixel's window in
+ *   consecutive memory (a ring) makes it cheap to find the median when it
+ *   leaves them. Noisier or brighter columns, whose medians leave their
+ *   levels more often, take the sorted lanes (up to LANES_FALLBACK_MAX
+ *   frames) or the sorted windows.
+ * The vector kernels are built twice on x86 (16-byte vectors for any CPU,
+ * 32-byte ones for CPUs with AVX2, picked when the module loads) and once
+ * elsewhere.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,6 +42,7 @@
 #include <string.h>
 
 #define BINS 256
+#define LEVELS16 65536 /* the levels of 16-bit values */
 #define FOLD_WORDS 4096 /* words summed between folds: far from overflowing 64 bits */
 
 /*
@@ -125,15 +146,158 @@ histogram_steps(const uint8_t *frames, uint8_t *out, Py_ssize_t pixels,
                             counts, median, below);
 }
 
+/*
+ * The sorted-window kernel, for 16-bit values: a histogram of 65,536 levels
+ * per pixel would not fit any cache, so each pixel keeps its window sorted
+ * instead (kernel_size values, its row of `sorted`). A step finds the
+ * leaving value and the place of the entering one by binary search, shifts
+ * the values between the two by one place and reads the middle element. Its
+ * cost does not depend on how the median moves, which makes it the fallback
+ * of the 16-bit window kernel for noisy columns and the portable kernel.
+ * Columns are taken SORTED_BLOCK at a time through all windows, so that
+ * their sorted windows stay in cache.
+ *
+ * sorted_fill sorts the first kernel_size - 1 rows of each column of
+ * start:start+width into its row of sorted; sorted_steps then takes the
+ * windows first:last (the window 0 removes no row).
+ */
+#define SORTED_BLOCK 32
+
+/* The index of the first of `size` sorted values that is not below `value`
+ * (in arithmetic without branches on the values, which a binary search
+ * cannot predict and compilers turn a conditional expression into) */
+static inline Py_ssize_t
+first_not_below(const uint16_t *values, Py_ssize_t size, uint16_t value)
+{
+    if (size <= 0)
+        return 0;
+    const uint16_t *base = values;
+    while (size > 1) {
+        const Py_ssize_t half = size / 2;
+        base += half & -(Py_ssize_t)(base[half - 1] < value);
+        size -= half;
+    }
+    return (base - values) + (*base < value);
+}
+
+/* Sorts the column of `count` values `stride` apart into `sorted` (radix
+ * sort by the low byte, then by the high byte, through `spare`) */
+static void
+sort_column(const uint16_t *column, Py_ssize_t stride, Py_ssize_t count, uint16_t *sorted,
+            uint16_t *spare)
+{
+    Py_ssize_t low[BINS + 1] = {0}, high[BINS + 1] = {0};
+    for (Py_ssize_t row = 0; row < count; row++) {
+        const uint16_t value = column[row * stride];
+        low[(value & 0xFF) + 1]++;
+        high[(value >> 8) + 1]++;
+    }
+    for (int bin = 0; bin < BINS; bin++) {
+        low[bin + 1] += low[bin];
+        high[bin + 1] += high[bin];
+    }
+    for (Py_ssize_t row = 0; row < count; row++) {
+        const uint16_t value = column[row * stride];
+        spare[low[value & 0xFF]++] = value;
+    }
+    for (Py_ssize_t i = 0; i < count; i++)
+        sorted[high[spare[i] >> 8]++] = spare[i];
+}
+
+/* Returns -1 if it could not allocate the radix sort's spare values */
+static int
+sorted_fill(const uint16_t *frames, Py_ssize_t pixels, Py_ssize_t kernel_size,
+            Py_ssize_t start, Py_ssize_t width, uint16_t *sorted)
+{
+    uint16_t *spare = malloc((size_t)kernel_size * sizeof(uint16_t));
+    if (spare == NULL)
+        return -1;
+    for (Py_ssize_t j = 0; j < width; j++)
+        sort_column(frames + start + j, pixels, kernel_size - 1, sorted + j * kernel_size,
+                    spare);
+    free(spare);
+    return 0;
+}
+
+/* The places of `leaving` and `entering` in the sorted window of `size`
+ * values: the first value not below each, searched side by side, so that
+ * the two chains of loads overlap */
+static inline void
+find_both(const uint16_t *window, Py_ssize_t size, uint16_t leaving, uint16_t entering,
+          Py_ssize_t *leaving_at, Py_ssize_t *entering_at)
+{
+    const uint16_t *gone = window, *coming = window;
+    while (size > 1) {
+        const Py_ssize_t half = size / 2;
+        gone += half & -(Py_ssize_t)(gone[half - 1] < leaving);
+        coming += half & -(Py_ssize_t)(coming[half - 1] < entering);
+        size -= half;
+    }
+    *leaving_at = (gone - window) + (*gone < leaving);
+    *entering_at = (coming - window) + (*coming < entering);
+}
+
+/* The sorted window of `size` values with `leaving` replaced by `entering`:
+ * the values between the two places move by one towards the leaving one's.
+ * The bound on `at` never binds on a consistent window; it keeps the moves
+ * of a misused one (values shared with frames, say) inside the window. */
+static inline void
+replace_sorted(uint16_t *window, Py_ssize_t size, uint16_t leaving, uint16_t entering)
+{
+    Py_ssize_t at, to;
+    find_both(window, size, leaving, entering, &at, &to);
+    at = at < size ? at : size - 1;
+    /* entering above: the values at + 1 … to - 1 move down and it takes to - 1;
+     * below: the values to … at - 1 move up and it takes to */
+    const int up = entering > leaving;
+    to = up ? to - 1 : to;
+    const Py_ssize_t from = up ? at + 1 : to, into = up ? at : to + 1;
+    to = to > 0 ? to : 0;
+    Py_ssize_t moved = up ? to - at : at - to;
+    moved = moved > 0 ? moved : 0;
+    memmove(window + into, window + from, (size_t)moved * sizeof(uint16_t));
+    window[to] = entering;
+}
+
+static void
+sorted_steps(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels, Py_ssize_t kernel_size,
+             Py_ssize_t first, Py_ssize_t last, Py_ssize_t start, Py_ssize_t width,
+             uint16_t *sorted)
+{
+    const Py_ssize_t half = kernel_size / 2;
+    for (Py_ssize_t block = 0; block < width; block += SORTED_BLOCK) {
+        const Py_ssize_t block_end = width - block > SORTED_BLOCK ? block + SORTED_BLOCK : width;
+        for (Py_ssize_t t = first; t < last; t++) {
+            const uint16_t *entering = frames + (t + kernel_size - 1) * pixels + start;
+            const uint16_t *leaving = t > 0 ? entering - kernel_size * pixels : NULL;
+            uint16_t *medians = out + t * pixels + start;
+            for (Py_ssize_t j = block; j < block_end; j++) {
+                uint16_t *window = sorted + j * kernel_size;
+                if (t > 0) {
+                    replace_sorted(window, kernel_size, leaving[j], entering[j]);
+                }
+                else {
+                    /* the window 0 grows from kernel_size - 1 values */
+                    const Py_ssize_t to = first_not_below(window, kernel_size - 1, entering[j]);
+                    memmove(window + to + 1, window + to,
+                            (size_t)(kernel_size - 1 - to) * sizeof(uint16_t));
+                    window[to] = entering[j];
+                }
+                medians[j] = window[half];
+            }
+        }
+    }
+}
+
 /* The implementations of the median, slowest first (see median_implementations) */
 enum { SCALAR, SIMD128, AVX2, IMPLEMENTATIONS };
 static const char *const IMPLEMENTATION_NAMES[IMPLEMENTATIONS] = {"scalar", "simd128", "avx2"};
 static int implementation_runs[IMPLEMENTATIONS] = {1, 0, 0};
 
-/* The window kernel needs the vector extensions of Clang or GCC 9 and later
+/* The vector kernels need the vector extensions of Clang or GCC 9 and later
  * (__builtin_convertvector), and 16-byte vectors in hardware (SSE2, NEON):
- * compilers emulate missing ones with scalar code slower than the histogram.
- * The AVX2 kernel also needs __builtin_cpu_supports to choose it at run time
+ * compilers emulate missing ones with scalar code slower than the scalar
+ * kernels. The AVX2 kernels also need __builtin_cpu_supports to choose it at run time
  * (in Clang where it has the builtin, and not in MSVC mode, whose headers declare the AVX
  * types only when the whole file targets AVX and whose linker lacks the CPU
  * model); GCC for Windows, Cygwin's included, does not align its stack for
@@ -184,7 +348,8 @@ static int implementation_runs[IMPLEMENTATIONS] = {1, 0, 0};
  * lanes. Compares give -1 in the lanes where they hold.
  */
 #define KEY_OF_ZERO(LANE_T) ((LANE_T)(sizeof(LANE_T) == 1 ? 0x80 : 0))
-#define MAX_LEVELS 12 /* the most levels a window kernel keeps (the moved[] of move_window) */
+#define MAX_LEVELS 32
+/* the most levels a window kernel keeps (the moved[] of move_window) */
 #define WINDOW_CHUNK 16  /* steps a vector of pixels takes while its state stays in registers */
 #define RESCAN_BUDGET 1  /* elements read per pixel and step before the histogram takes over */
 #define RESCAN_OVERHEAD 16  /* a read window's cost beyond its elements, in elements */
@@ -193,52 +358,104 @@ static int implementation_runs[IMPLEMENTATIONS] = {1, 0, 0};
 #define RESCAN_ALLOWANCE(kernel_size) ((kernel_size) / 16 + RESCAN_OVERHEAD)
 
 /*
- * The median of one pixel left its window of `levels` levels starting at
- * *level by one rank (up: above it). Reads the pixel's kernel_size elements
- * (column, pixels apart), finds the new median, the nearest level outside
- * the window that holds elements, and moves the window to put the median at
- * the edge it crossed; updates *level, *below and count[0 … levels-1].
+ * DEFINE_MOVE_WINDOW defines NAME for values of VALUE_T, which take the
+ * levels 0 … VALUE_LEVELS-1. The median of one pixel left its window of
+ * `levels` levels starting at *level by one rank (up: above it). NAME reads
+ * the pixel's kernel_size elements (column, pixels apart), finds the new
+ * median, the nearest level outside the window that holds elements, and
+ * moves the window to put the median at the edge it crossed; updates *level,
+ * *below and count[0 … levels-1].
+ */
+#define DEFINE_MOVE_WINDOW(NAME, VALUE_T, VALUE_LEVELS)                                 \
+static void                                                                             \
+NAME(const VALUE_T *column, Py_ssize_t pixels, Py_ssize_t kernel_size, int levels, int up, \
+     int *level, int *below, int *count)                                                \
+{                                                                                       \
+    const int low = *level, high = *level + levels;                                     \
+    int nearest = up ? (VALUE_LEVELS) : -1, found = 0;                                  \
+    if (up) {                                                                           \
+        for (Py_ssize_t row = 0; row < kernel_size; row++) {                            \
+            int value = column[row * pixels];                                           \
+            value = value >= high ? value : (VALUE_LEVELS);                             \
+            if (value < nearest) {                                                      \
+                nearest = value;                                                        \
+                found = 0;                                                              \
+            }                                                                           \
+            found += value == nearest;                                                  \
+        }                                                                               \
+    }                                                                                   \
+    else {                                                                              \
+        for (Py_ssize_t row = 0; row < kernel_size; row++) {                            \
+            int value = column[row * pixels];                                           \
+            value = value < low ? value : -1;                                           \
+            if (value > nearest) {                                                      \
+                nearest = value;                                                        \
+                found = 0;                                                              \
+            }                                                                           \
+            found += value == nearest;                                                  \
+        }                                                                               \
+    }                                                                                   \
+    /* the levels between the new median and the old window hold no elements */         \
+    const int first = up ? nearest - (levels - 1) : nearest;                            \
+    int moved[MAX_LEVELS], new_below = up ? *below : *below - found;                    \
+    for (int v = low; v < first && v < high; v++)                                       \
+        new_below += count[v - low];                                                    \
+    for (int i = 0; i < levels; i++) {                                                  \
+        const int v = first + i;                                                        \
+        moved[i] = v == nearest ? found : v >= low && v < high ? count[v - low] : 0;    \
+    }                                                                                   \
+    memcpy(count, moved, (size_t)levels * sizeof(int));                                 \
+    *level = first;                                                                     \
+    *below = new_below;                                                                 \
+}
+
+DEFINE_MOVE_WINDOW(move_window, uint8_t, BINS)
+
+/*
+ * move_window for 16-bit values and cumulative counts: cumulative[j] is the
+ * number of elements below the level *level + j (j = 0 … levels), so
+ * cumulative[0] counts the elements below the window. Two passes without
+ * branches on the values: the nearest level outside the window that holds
+ * elements, then its elements.
  */
 static void
-move_window(const uint8_t *column, Py_ssize_t pixels, Py_ssize_t kernel_size, int levels,
-            int up, int *level, int *below, int *count)
+move_window16(const uint16_t *column, Py_ssize_t stride, Py_ssize_t kernel_size, int levels,
+              int up, int *level, int *cumulative)
 {
     const int low = *level, high = *level + levels;
-    int nearest = up ? BINS : -1, found = 0;
+    int nearest = up ? LEVELS16 : -1, found = 0;
+    /* candidates outside the window keep their value, the others become a
+     * level past the end of the search: LEVELS16 or above going up, -1 going
+     * down (in arithmetic, which compilers do not turn into branches) */
     if (up) {
         for (Py_ssize_t row = 0; row < kernel_size; row++) {
-            int value = column[row * pixels];
-            value = value >= high ? value : BINS;
-            if (value < nearest) {
-                nearest = value;
-                found = 0;
-            }
-            found += value == nearest;
+            const int value = column[row * stride];
+            const int candidate = value | (value < high) << 16;
+            nearest = candidate < nearest ? candidate : nearest;
         }
     }
     else {
         for (Py_ssize_t row = 0; row < kernel_size; row++) {
-            int value = column[row * pixels];
-            value = value < low ? value : -1;
-            if (value > nearest) {
-                nearest = value;
-                found = 0;
-            }
-            found += value == nearest;
+            const int value = column[row * stride];
+            const int candidate = value | -(value >= low);
+            nearest = candidate > nearest ? candidate : nearest;
         }
     }
+    for (Py_ssize_t row = 0; row < kernel_size; row++)
+        found += column[row * stride] == nearest;
     /* the levels between the new median and the old window hold no elements */
     const int first = up ? nearest - (levels - 1) : nearest;
-    int moved[MAX_LEVELS], new_below = up ? *below : *below - found;
-    for (int v = low; v < first && v < high; v++)
-        new_below += count[v - low];
-    for (int i = 0; i < levels; i++) {
-        const int v = first + i;
-        moved[i] = v == nearest ? found : v >= low && v < high ? count[v - low] : 0;
+    int moved[MAX_LEVELS + 1];
+    for (int j = 0; j <= levels; j++) {
+        const int boundary = first + j; /* moved[j] counts the elements below it */
+        moved[j] = boundary <= nearest && !up ? cumulative[0] - found
+                   : boundary <= low ? cumulative[0]
+                   : boundary <= high ? cumulative[boundary - low]
+                   : boundary <= nearest ? cumulative[levels]
+                   : cumulative[levels] + found;
     }
-    memcpy(count, moved, (size_t)levels * sizeof(int));
+    memcpy(cumulative, moved, ((size_t)levels + 1) * sizeof(int));
     *level = first;
-    *below = new_below;
 }
 
 /*
@@ -482,7 +699,7 @@ NAME(const uint8_t *frames, uint8_t *out, Py_ssize_t pixels, Py_ssize_t kernel_s
 #endif
 
 #ifdef HAVE_SIMD128
-#if defined(__SSE2__)
+#if defined(__SSE2__) && !defined(DCBG_GENERIC_VECTORS)
 #include <emmintrin.h>
 #define ANY_LANE_128(mask) (_mm_movemask_epi8((__m128i)(mask)) != 0)
 #else
@@ -515,6 +732,582 @@ DEFINE_WINDOW_MEDIAN(window8_levels8_avx2, TARGET_AVX2, 32, uint8_t, int8_t, 8, 
                      __builtin_convertvector)
 DEFINE_WINDOW_MEDIAN(window16_levels4_avx2, TARGET_AVX2, 32, uint16_t, int16_t, 4, ANY_LANE_256,
                      WIDEN_256)
+#endif
+
+#if defined(HAVE_SIMD128) || defined(HAVE_AVX2)
+/*
+ * The window kernel for 16-bit values
+ *
+ * The window kernel of 8-bit values with three changes, which keep its
+ * steps about as cheap on 16-bit values.
+ *
+ * Keys relative to the window: the lowest level of each pixel's window is
+ * kept in 16 bits, and a value becomes the key value - level, saturated to
+ * the signed range of 16 bits (negative below the window, 0 … LEVELS-1
+ * inside it, larger above), which a saturating pack narrows to 8 bits. So
+ * the counts and compares stay in lanes of 8 bits (kernel_size up to 255:
+ * 16 or 32 pixels a vector) or 16 bits (up to 65535: 8 or 16 pixels).
+ *
+ * Cumulative counts: per level j = 0 … LEVELS the elements below it, so that
+ * a step updates each with two compares and no sum runs through the levels;
+ * the median is the highest level with at most kernel_size / 2 elements
+ * below it, cumulative[0] > kernel_size / 2 says it is below the window and
+ * cumulative[LEVELS] <= kernel_size / 2 above.
+ *
+ * More levels, and rings: shot noise spreads a pixel's values over tens of
+ * levels (the square root of a few thousand counts), and the median of
+ * kernel_size 100 of them wanders a few levels around their mean. On such
+ * frames it leaves a window of 32 levels in about 0.1% of the steps (of 24
+ * levels: 0.3%, of 8: 3.6%); move_window16 then reads the pixel's window in
+ * the vector's ring (see DEFINE_WINDOW16_MEDIAN). A vector whose reads cost
+ * more per step than the kernel it could take instead finishes on that
+ * kernel, as the 8-bit kernel's vectors finish on the histogram kernel: on
+ * the sorted lanes up to LANES_FALLBACK_MAX frames (its ring sorted in
+ * place), on the sorted windows above.
+ */
+#define KEY16 ((int16_t)-0x8000) /* value ^ KEY16: 16-bit values in the signed order */
+/* elements read per pixel and step before the sorted windows take over: a
+ * step of theirs costs about as much as reading this many */
+#define RESCAN_BUDGET16 16
+
+/* Vectors of the window kernel turn to the sorted lanes up to this kernel
+ * size, to the sorted windows above it, whichever is faster there */
+#define LANES_FALLBACK_MAX 1024
+/* elements read per pixel and step before a vector turns to the sorted
+ * lanes, whose step costs about as much as reading a 32nd of a window */
+#define LANES_BUDGET16(kernel_size) ((kernel_size) / 32 + 1)
+
+/*
+ * Turns a ring of the window `t` (kernel_size rows of `lanes` values) into
+ * the slots of the sorted lanes: each lane's values sorted, as keys, through
+ * `values` and `spare` (kernel_size values each). Writes the window's
+ * medians, the pixels' at `column` and on, and returns the next window, from
+ * which on the sorted lanes take the vector.
+ */
+static Py_ssize_t
+sort_ring(uint16_t *ring, Py_ssize_t lanes, Py_ssize_t kernel_size, uint16_t *out,
+          Py_ssize_t pixels, Py_ssize_t t, Py_ssize_t column, uint16_t *values,
+          uint16_t *spare)
+{
+    for (Py_ssize_t lane = 0; lane < lanes; lane++) {
+        sort_column(ring + lane, lanes, kernel_size, values, spare);
+        for (Py_ssize_t row = 0; row < kernel_size; row++)
+            ring[row * lanes + lane] = values[row] ^ (uint16_t)KEY16;
+        out[t * pixels + column + lane] = values[kernel_size / 2];
+    }
+    return t + 1;
+}
+
+/* The keys and the stores of a kernel with 8-bit lanes: a vector of lanes
+ * holds two vectors (HALF_T) of values */
+#define DEFINE_KEYS_IN_BYTES(NAME, TARGET, HALF_T, BYTES_T, SUBTRACT, NARROW, WIDEN_LOW,      \
+                             WIDEN_HIGH)                                                \
+/* the keys of the pixels at `pixel` and on, relative to the window's lowest level */   \
+TARGET static inline BYTES_T                                                            \
+NAME##_keys(const uint16_t *pixel, const HALF_T *level_key)                             \
+{                                                                                       \
+    HALF_T low, high;                                                                   \
+    memcpy(&low, pixel, sizeof low);                                                    \
+    memcpy(&high, pixel + sizeof low / 2, sizeof high);                                 \
+    return NARROW(SUBTRACT(low ^ KEY16, level_key[0]), SUBTRACT(high ^ KEY16, level_key[1])); \
+}                                                                                       \
+                                                                                        \
+/* writes the medians, given relative to the windows' lowest levels */                  \
+TARGET static inline void                                                               \
+NAME##_store(uint16_t *pixel, BYTES_T median, const HALF_T *level)                      \
+{                                                                                       \
+    const HALF_T low = WIDEN_LOW(median) + level[0], high = WIDEN_HIGH(median) + level[1]; \
+    memcpy(pixel, &low, sizeof low);                                                    \
+    memcpy(pixel + sizeof low / 2, &high, sizeof high);                                 \
+}
+
+/* The keys and the stores of a kernel with 16-bit lanes */
+#define DEFINE_KEYS_IN_WORDS(NAME, TARGET, HALF_T, SUBTRACT)                            \
+TARGET static inline HALF_T                                                             \
+NAME##_keys(const uint16_t *pixel, const HALF_T *level_key)                             \
+{                                                                                       \
+    HALF_T values;                                                                      \
+    memcpy(&values, pixel, sizeof values);                                              \
+    return SUBTRACT(values ^ KEY16, level_key[0]);                                      \
+}                                                                                       \
+                                                                                        \
+TARGET static inline void                                                               \
+NAME##_store(uint16_t *pixel, HALF_T median, const HALF_T *level)                       \
+{                                                                                       \
+    const HALF_T values = median + level[0];                                            \
+    memcpy(pixel, &values, sizeof values);                                              \
+}
+
+/*
+ * DEFINE_WINDOW16_MEDIAN defines NAME(frames, out, pixels, kernel_size,
+ * output_size, start, width, sorted): the window kernel for 16-bit values on
+ * the columns start:start+width, at least one vector of lanes wide, with
+ * vectors of VECTOR_BYTES bytes, lanes of LANE_T (SIGNED_T: its signed twin),
+ * windows of LEVELS levels, and NAME_keys and NAME_store defined for it;
+ * HALF_T is a vector of VECTOR_BYTES bytes of 16-bit values, SORTED_LANES
+ * the sorted-lanes kernel of the same vectors. Returns -1 if it could not
+ * allocate its state.
+ *
+ * Each vector of pixels keeps a copy of its window's values, a ring of
+ * kernel_size rows of LANES values in which a step reads the leaving row and
+ * writes the entering one in its place. move_window16 reads a pixel's window
+ * there, in a few kilobytes of consecutive memory that stay in cache,
+ * instead of in kernel_size frames far apart, which have left it (and which,
+ * where the frame size is a power of two, share a few cache sets). The
+ * rings of whole vectors are their columns' rows of `sorted`, the
+ * sorted-window kernel's scratch, which a vector that turns to that kernel
+ * fills anew (one that turns to the sorted lanes sorts its ring into their
+ * slots); the last vector of a width that is no multiple of the lanes has a
+ * ring of its own.
+ */
+#define DEFINE_WINDOW16_MEDIAN(NAME, TARGET, VECTOR_BYTES, LANE_T, SIGNED_T, LEVELS, ANY_LANE, \
+                               HALF_T, SORTED_LANES)                                    \
+typedef LANE_T NAME##_lanes __attribute__((vector_size(VECTOR_BYTES)));                 \
+typedef SIGNED_T NAME##_signed __attribute__((vector_size(VECTOR_BYTES)));              \
+typedef uint16_t NAME##_words __attribute__((vector_size(VECTOR_BYTES)));               \
+enum { NAME##_LANES = VECTOR_BYTES / sizeof(LANE_T), NAME##_PARTS = 2 / sizeof(LANE_T) }; \
+typedef char NAME##_levels_fit[(LEVELS) <= MAX_LEVELS ? 1 : -1]; /* moved[] holds them */ \
+typedef struct {                                                                        \
+    HALF_T level[NAME##_PARTS]; /* per lane: the lowest level of its window */          \
+    /* per lane: its elements below the window's level j (j = 0 … LEVELS), + bias */    \
+    NAME##_lanes cumulative[LEVELS + 1];                                                \
+} NAME##_state;                                                                         \
+                                                                                        \
+/* the rings and the state of every vector for the window 0, and its medians */         \
+TARGET static void                                                                      \
+NAME##_start(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels,                  \
+             Py_ssize_t kernel_size, Py_ssize_t vectors, const Py_ssize_t *column,      \
+             uint16_t *const *ring, NAME##_state *state)                                \
+{                                                                                       \
+    typedef NAME##_lanes lanes_t;                                                       \
+    typedef NAME##_signed signed_t;                                                     \
+    typedef NAME##_words words_t;                                                       \
+    enum { LANES = NAME##_LANES, PARTS = NAME##_PARTS, WORDS = VECTOR_BYTES / 2 };      \
+    const LANE_T bias = (LANE_T)1 << (8 * sizeof(LANE_T) - 1);                          \
+    const words_t half = (words_t){0} + (uint16_t)(kernel_size / 2);                    \
+    const words_t margin = (words_t){0} + (LEVELS - 1) / 2;                             \
+    const words_t top = (words_t){0} + (LEVELS16 - LEVELS);                             \
+    for (Py_ssize_t row = 0; row < kernel_size; row++)                                  \
+        for (Py_ssize_t v = 0; v < vectors; v++)                                        \
+            memcpy(ring[v] + row * LANES, frames + row * pixels + column[v],            \
+                   LANES * sizeof(uint16_t));                                           \
+    for (Py_ssize_t v = 0; v < vectors; v++) {                                          \
+        for (int part = 0; part < PARTS; part++) {                                      \
+            /* the median bit by bit: the largest m with #(x < m) <= half */            \
+            words_t median = (words_t){0};                                              \
+            for (int bit = 15; bit >= 0; bit--) {                                       \
+                const words_t trial = median + (uint16_t)(1u << bit);                   \
+                words_t below = (words_t){0};                                           \
+                for (Py_ssize_t row = 0; row < kernel_size; row++) {                    \
+                    words_t values;                                                     \
+                    memcpy(&values, ring[v] + row * LANES + part * WORDS, sizeof values); \
+                    below -= (words_t)(values < trial);                                 \
+                }                                                                       \
+                median += (words_t)(below <= half) & (uint16_t)(1u << bit);             \
+            }                                                                           \
+            memcpy(out + column[v] + part * WORDS, &median, sizeof median);             \
+            /* a window of levels around it, inside 0 … 65535 */                        \
+            words_t level = (median - margin) & (words_t)(median >= margin);            \
+            const words_t over = (words_t)(level > top);                                \
+            state[v].level[part] = (HALF_T)((level & ~over) | (top & over));            \
+        }                                                                               \
+        HALF_T level_key[PARTS];                                                        \
+        for (int part = 0; part < PARTS; part++)                                        \
+            level_key[part] = state[v].level[part] ^ KEY16;                             \
+        lanes_t cumulative[LEVELS + 1];                                                 \
+        for (int j = 0; j <= LEVELS; j++)                                               \
+            cumulative[j] = (lanes_t){0} + bias;                                        \
+        for (Py_ssize_t row = 0; row < kernel_size; row++) {                            \
+            const signed_t key = NAME##_keys(ring[v] + row * LANES, level_key);         \
+            for (int j = 0; j <= LEVELS; j++)                                           \
+                cumulative[j] -= (lanes_t)(key < (SIGNED_T)j);                          \
+        }                                                                               \
+        for (int j = 0; j <= LEVELS; j++)                                               \
+            state[v].cumulative[j] = cumulative[j];                                     \
+    }                                                                                   \
+}                                                                                       \
+                                                                                        \
+/* windows first:last (first > 0) of the vector at `column` with its ring and */        \
+/* state; returns 0, or the window from which on it takes the sorted windows */         \
+TARGET static Py_ssize_t                                                                \
+NAME##_steps(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels,                  \
+             Py_ssize_t kernel_size, Py_ssize_t first, Py_ssize_t last,                 \
+             Py_ssize_t column, uint16_t *ring, NAME##_state *state,                    \
+             Py_ssize_t *rescanned, Py_ssize_t budget)                                  \
+{                                                                                       \
+    typedef NAME##_lanes lanes_t;                                                       \
+    typedef NAME##_signed signed_t;                                                     \
+    enum { LANES = NAME##_LANES, PARTS = NAME##_PARTS };                                \
+    const LANE_T bias = (LANE_T)1 << (8 * sizeof(LANE_T) - 1);                          \
+    const signed_t half = (signed_t)((lanes_t){0} + (LANE_T)(kernel_size / 2 + bias));  \
+    HALF_T level[PARTS], level_key[PARTS];                                              \
+    lanes_t cumulative[LEVELS + 1];                                                     \
+    for (int part = 0; part < PARTS; part++) {                                          \
+        level[part] = state->level[part];                                               \
+        level_key[part] = level[part] ^ KEY16;                                          \
+    }                                                                                   \
+    for (int j = 0; j <= LEVELS; j++)                                                   \
+        cumulative[j] = state->cumulative[j];                                           \
+    /* the ring row of the frame that leaves the window t, which the entering */       \
+    /* frame replaces */                                                                \
+    Py_ssize_t slot = (first - 1) % kernel_size;                                        \
+    for (Py_ssize_t t = first; t < last; t++) {                                         \
+        const uint16_t *entering = frames + (t + kernel_size - 1) * pixels + column;    \
+        uint16_t *replaced = ring + slot * LANES;                                       \
+        const signed_t key = NAME##_keys(entering, level_key);                          \
+        const signed_t leaving = NAME##_keys(replaced, level_key);                      \
+        memcpy(replaced, entering, LANES * sizeof(uint16_t));                           \
+        slot = slot + 1 < kernel_size ? slot + 1 : 0;                                   \
+        for (int j = 0; j <= LEVELS; j++)                                               \
+            cumulative[j] += (lanes_t)(leaving < (SIGNED_T)j) - (lanes_t)(key < (SIGNED_T)j); \
+        /* the median is the highest level j of the window with at most half */        \
+        /* of the elements below it */                                                  \
+        lanes_t median = (lanes_t){0};                                                  \
+        for (int j = 1; j < LEVELS; j++)                                                \
+            median -= (lanes_t)((signed_t)cumulative[j] <= half);                       \
+        const lanes_t above = (lanes_t)((signed_t)cumulative[LEVELS] <= half);          \
+        const lanes_t outside = above | (lanes_t)((signed_t)cumulative[0] > half);      \
+        if (__builtin_expect(ANY_LANE(outside), 0)) {                                   \
+            uint16_t lane_level[LANES];                                                 \
+            LANE_T lane_cumulative[LEVELS + 1][LANES], lost[LANES], up[LANES];          \
+            memcpy(lane_level, level, sizeof lane_level);                               \
+            memcpy(lane_cumulative, cumulative, sizeof lane_cumulative);                \
+            memcpy(lost, &outside, sizeof lost);                                        \
+            memcpy(up, &above, sizeof up);                                              \
+            for (int lane = 0; lane < LANES; lane++) {                                  \
+                if (!lost[lane])                                                        \
+                    continue;                                                           \
+                int moved_level = lane_level[lane], moved[LEVELS + 1];                  \
+                for (int j = 0; j <= LEVELS; j++)                                       \
+                    moved[j] = (LANE_T)(lane_cumulative[j][lane] - bias);               \
+                move_window16(ring + lane, LANES, kernel_size, LEVELS, up[lane] != 0,   \
+                              &moved_level, moved);                                     \
+                lane_level[lane] = (uint16_t)moved_level;                               \
+                for (int j = 0; j <= LEVELS; j++)                                       \
+                    lane_cumulative[j][lane] = (LANE_T)(moved[j] + bias);               \
+                *rescanned += kernel_size + RESCAN_OVERHEAD;                            \
+            }                                                                           \
+            if (*rescanned > LANES * (budget * t + RESCAN_ALLOWANCE(kernel_size)))      \
+                return t;                                                               \
+            memcpy(level, lane_level, sizeof lane_level);                               \
+            memcpy(cumulative, lane_cumulative, sizeof lane_cumulative);                \
+            for (int part = 0; part < PARTS; part++)                                    \
+                level_key[part] = level[part] ^ KEY16;                                  \
+            median = (lanes_t){0};                                                      \
+            for (int j = 1; j < LEVELS; j++)                                            \
+                median -= (lanes_t)((signed_t)cumulative[j] <= half);                   \
+        }                                                                               \
+        NAME##_store(out + t * pixels + column, (signed_t)median, level);               \
+    }                                                                                   \
+    for (int part = 0; part < PARTS; part++)                                            \
+        state->level[part] = level[part];                                               \
+    for (int j = 0; j <= LEVELS; j++)                                                   \
+        state->cumulative[j] = cumulative[j];                                           \
+    return 0;                                                                           \
+}                                                                                       \
+                                                                                        \
+TARGET static int                                                                       \
+NAME(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels, Py_ssize_t kernel_size,  \
+     Py_ssize_t output_size, Py_ssize_t start, Py_ssize_t width, uint16_t *sorted)      \
+{                                                                                       \
+    enum { LANES = NAME##_LANES };                                                      \
+    const int to_lanes = kernel_size <= LANES_FALLBACK_MAX;                             \
+    const Py_ssize_t budget = to_lanes ? LANES_BUDGET16(kernel_size) : RESCAN_BUDGET16;  \
+    const Py_ssize_t vectors = (width + LANES - 1) / LANES;                             \
+    char *state_memory = malloc(((size_t)vectors + 1) * sizeof(NAME##_state));          \
+    /* per vector: its first column, the elements it read in move_window16, */         \
+    /* the window from which on it takes the sorted lanes or windows (0: none) */       \
+    Py_ssize_t *column = malloc(3 * (size_t)vectors * sizeof(Py_ssize_t));              \
+    uint16_t **ring = malloc((size_t)vectors * sizeof(uint16_t *));                     \
+    uint16_t *last_ring = width % LANES ? malloc((size_t)kernel_size * LANES * sizeof(uint16_t)) \
+                                        : NULL;                                         \
+    /* sort_ring's values and spare */                                                  \
+    uint16_t *sorting = to_lanes ? malloc(2 * (size_t)kernel_size * sizeof(uint16_t)) : NULL; \
+    int failed = state_memory == NULL || column == NULL || ring == NULL                 \
+                 || (width % LANES && last_ring == NULL) || (to_lanes && sorting == NULL); \
+    if (!failed) {                                                                      \
+        NAME##_state *state = (NAME##_state *)(state_memory + VECTOR_BYTES              \
+                                               - (uintptr_t)state_memory % VECTOR_BYTES); \
+        Py_ssize_t *rescanned = column + vectors, *turned = column + 2 * vectors;       \
+        for (Py_ssize_t v = 0; v < vectors; v++) {                                      \
+            column[v] = start + (v * LANES < width - LANES ? v * LANES : width - LANES); \
+            ring[v] = (v + 1) * LANES <= width ? sorted + v * LANES * kernel_size : last_ring; \
+            rescanned[v] = turned[v] = 0;                                               \
+        }                                                                               \
+        NAME##_start(frames, out, pixels, kernel_size, vectors, column, ring, state);   \
+        for (Py_ssize_t first = 1; first < output_size && !failed; first += WINDOW_CHUNK) { \
+            const Py_ssize_t last = output_size - first > WINDOW_CHUNK ? first + WINDOW_CHUNK \
+                                                                       : output_size;   \
+            for (Py_ssize_t v = 0; v < vectors; v++) {                                  \
+                Py_ssize_t from = first;                                                \
+                /* on the sorted windows, a vector takes the columns that no */        \
+                /* vector before it takes */                                            \
+                const Py_ssize_t own = v * LANES;                                       \
+                const Py_ssize_t own_width = width - own < LANES ? width - own : LANES; \
+                uint16_t *own_sorted = sorted + own * kernel_size;                      \
+                if (!turned[v]) {                                                       \
+                    from = NAME##_steps(frames, out, pixels, kernel_size, first, last,  \
+                                        column[v], ring[v], state + v, rescanned + v,   \
+                                        budget);                                        \
+                    if (from == 0)                                                      \
+                        continue;                                                       \
+                    turned[v] = from;                                                   \
+                    if (to_lanes) {                                                     \
+                        /* the ring holds the window `from`: sorted, its slots */      \
+                        from = sort_ring(ring[v], LANES, kernel_size, out, pixels, from, \
+                                         column[v], sorting, sorting + kernel_size);    \
+                    }                                                                   \
+                    else {                                                              \
+                        failed = sorted_fill(frames + from * pixels, pixels, kernel_size, \
+                                             start + own, own_width, own_sorted) < 0;   \
+                        if (failed)                                                     \
+                            break;                                                      \
+                    }                                                                   \
+                }                                                                       \
+                if (to_lanes) {                                                         \
+                    for (int part = 0; part < LANES; part += SORTED_LANES##_LANES)      \
+                        SORTED_LANES##_steps(frames, out, pixels, kernel_size, from, last, \
+                                             column[v] + part, ring[v] + part, LANES);  \
+                    continue;                                                           \
+                }                                                                       \
+                /* the sorted windows' window 0 is this vector's window turned[v] */    \
+                sorted_steps(frames + turned[v] * pixels, out + turned[v] * pixels, pixels, \
+                             kernel_size, from - turned[v], last - turned[v], start + own, \
+                             own_width, own_sorted);                                    \
+            }                                                                           \
+        }                                                                               \
+    }                                                                                   \
+    free(state_memory);                                                                 \
+    free(column);                                                                       \
+    free(ring);                                                                         \
+    free(last_ring);                                                                    \
+    free(sorting);                                                                      \
+    return failed ? -1 : 0;                                                             \
+}
+#endif
+
+/*
+ * The sorted-lanes kernel, for 16-bit values and short windows: each lane
+ * keeps its whole window sorted, as kernel_size vectors (slot i holds the
+ * element of rank i of every lane's window). A step removes the leaving value
+ * (the slots from its rank on take the next slot's value) and inserts the
+ * entering one (slot i becomes max(slot i-1, min(slot i, value))) with a
+ * compare, a blend, a min and a max per slot, the same in every lane: it does
+ * not depend on how far the medians move, which in short windows of noisy
+ * 16-bit values is too far for any window of levels. Values are kept as
+ * keys (value ^ KEY16) in signed lanes, whose min and max SSE2 has.
+ *
+ * DEFINE_SORTED_LANES_MEDIAN defines NAME(frames, out, pixels, kernel_size,
+ * output_size, start, width, sorted) for vectors of VECTOR_BYTES bytes and
+ * kernel sizes up to SORTED_LANES_MAX, on columns at least one vector wide.
+ * The slots of whole vectors are their columns' rows of `sorted`; the last
+ * vector of a width that is no multiple of the lanes has slots of its own.
+ * Returns -1 if it could not allocate them.
+ */
+#define SORTED_LANES_MAX 56
+
+/* The lanes of `a` where `mask` is set, of `b` elsewhere */
+#define LANES_SELECT(mask, a, b) (((a) & (mask)) | ((b) & ~(mask)))
+#define LANES_MIN(a, b) LANES_SELECT((a) < (b), a, b)
+#define LANES_MAX(a, b) LANES_SELECT((a) > (b), a, b)
+
+#define DEFINE_SORTED_LANES_MEDIAN(NAME, TARGET, VECTOR_BYTES, MIN, MAX)                \
+typedef int16_t NAME##_words __attribute__((vector_size(VECTOR_BYTES)));                \
+enum { NAME##_LANES = VECTOR_BYTES / 2 };                                               \
+                                                                                        \
+/* the keys of the pixels at `pixel` and on */                                          \
+TARGET static inline NAME##_words                                                       \
+NAME##_keys(const uint16_t *pixel)                                                      \
+{                                                                                       \
+    NAME##_words values;                                                                \
+    memcpy(&values, pixel, sizeof values);                                              \
+    return values ^ KEY16;                                                              \
+}                                                                                       \
+                                                                                        \
+/* the sorted slots of `size` keys, `stride` values apart, with `key` inserted */     \
+TARGET static inline void                                                               \
+NAME##_insert(uint16_t *slots, Py_ssize_t size, NAME##_words key, Py_ssize_t stride)    \
+{                                                                                       \
+    typedef NAME##_words words_t;                                                       \
+    words_t before = (words_t){0} + KEY16; /* the smallest key */                       \
+    for (Py_ssize_t i = 0; i <= size; i++) {                                            \
+        words_t here = (words_t){0} + (int16_t)0x7FFF; /* past the end: the largest */  \
+        if (i < size)                                                                   \
+            memcpy(&here, slots + i * stride, sizeof here);                             \
+        const words_t placed = MAX(before, MIN(here, key));                             \
+        memcpy(slots + i * stride, &placed, sizeof placed);                             \
+        before = here;                                                                  \
+    }                                                                                   \
+}                                                                                       \
+                                                                                        \
+/* windows first:last of the vector at `column` (first > 0: with the window */          \
+/* first - 1 in its slots; first == 0: with its first kernel_size - 1 rows), */         \
+/* its slots `stride` values apart */                                                   \
+TARGET static void                                                                      \
+NAME##_steps(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels,                  \
+             Py_ssize_t kernel_size, Py_ssize_t first, Py_ssize_t last,                 \
+             Py_ssize_t column, uint16_t *slots, Py_ssize_t stride)                     \
+{                                                                                       \
+    typedef NAME##_words words_t;                                                       \
+    const words_t largest = (words_t){0} + (int16_t)0x7FFF;                             \
+    for (Py_ssize_t t = first; t < last; t++) {                                         \
+        const uint16_t *entering = frames + (t + kernel_size - 1) * pixels + column;    \
+        const words_t key = NAME##_keys(entering);                                      \
+        if (t == 0) {                                                                   \
+            NAME##_insert(slots, kernel_size - 1, key, stride);                         \
+        }                                                                               \
+        else {                                                                          \
+            const words_t leaving = NAME##_keys(entering - kernel_size * pixels);       \
+            /* slot i of the window without the leaving key: kept[i]; of the */        \
+            /* window with the entering key too: max(kept[i-1], min(kept[i], key)) */  \
+            words_t here, before = (words_t){0} + KEY16;                                \
+            memcpy(&here, slots, sizeof here);                                          \
+            for (Py_ssize_t i = 0; i < kernel_size; i++) {                              \
+                words_t next = largest, kept = largest;                                 \
+                if (i + 1 < kernel_size) {                                              \
+                    memcpy(&next, slots + (i + 1) * stride, sizeof next);               \
+                    kept = LANES_SELECT(here < leaving, here, next);                    \
+                }                                                                       \
+                const words_t placed = MAX(before, MIN(kept, key));                     \
+                memcpy(slots + i * stride, &placed, sizeof placed);                     \
+                before = kept;                                                          \
+                here = next;                                                            \
+            }                                                                           \
+        }                                                                               \
+        words_t median;                                                                 \
+        memcpy(&median, slots + kernel_size / 2 * stride, sizeof median);               \
+        median ^= KEY16;                                                                \
+        memcpy(out + t * pixels + column, &median, sizeof median);                      \
+    }                                                                                   \
+}                                                                                       \
+                                                                                        \
+TARGET static int                                                                       \
+NAME(const uint16_t *frames, uint16_t *out, Py_ssize_t pixels, Py_ssize_t kernel_size,  \
+     Py_ssize_t output_size, Py_ssize_t start, Py_ssize_t width, uint16_t *sorted)      \
+{                                                                                       \
+    enum { LANES = NAME##_LANES };                                                      \
+    const Py_ssize_t vectors = (width + LANES - 1) / LANES;                             \
+    uint16_t *last_slots = width % LANES                                                \
+        ? malloc((size_t)kernel_size * LANES * sizeof(uint16_t)) : NULL;                \
+    if (width % LANES && last_slots == NULL)                                            \
+        return -1;                                                                      \
+    for (Py_ssize_t v = 0; v < vectors; v++) {                                          \
+        const Py_ssize_t column = v * LANES < width - LANES ? v * LANES : width - LANES; \
+        uint16_t *slots = (v + 1) * LANES <= width ? sorted + v * LANES * kernel_size   \
+                                                   : last_slots;                        \
+        for (Py_ssize_t row = 0; row < kernel_size - 1; row++)                          \
+            NAME##_insert(slots, row, NAME##_keys(frames + row * pixels + start + column), \
+                          LANES);                                                       \
+    }                                                                                   \
+    /* a few windows of each vector in turn: the vectors read a frame's */              \
+    /* consecutive bytes one after the other, which the prefetchers follow */           \
+    for (Py_ssize_t first = 0; first < output_size; first += WINDOW_CHUNK) {            \
+        const Py_ssize_t last = output_size - first > WINDOW_CHUNK ? first + WINDOW_CHUNK \
+                                                                   : output_size;       \
+        for (Py_ssize_t v = 0; v < vectors; v++) {                                      \
+            const Py_ssize_t column = v * LANES < width - LANES ? v * LANES : width - LANES; \
+            uint16_t *slots = (v + 1) * LANES <= width ? sorted + v * LANES * kernel_size \
+                                                       : last_slots;                    \
+            NAME##_steps(frames, out, pixels, kernel_size, first, last, start + column, slots, \
+                         LANES);                                                        \
+        }                                                                               \
+    }                                                                                   \
+    free(last_slots);                                                                   \
+    return 0;                                                                           \
+}
+
+#ifdef HAVE_SIMD128
+typedef int16_t int16_vector128 __attribute__((vector_size(16)));
+typedef int8_t int8_vector128 __attribute__((vector_size(16)));
+#if defined(__SSE2__) && !defined(DCBG_GENERIC_VECTORS)
+#define SUBTRACT_128(a, b) ((int16_vector128)_mm_subs_epi16((__m128i)(a), (__m128i)(b)))
+#define NARROW_128(low, high) ((int8_vector128)_mm_packs_epi16((__m128i)(low), (__m128i)(high)))
+#define WIDEN_LOW_128(bytes) \
+    ((int16_vector128)_mm_unpacklo_epi8((__m128i)(bytes), _mm_setzero_si128()))
+#define WIDEN_HIGH_128(bytes) \
+    ((int16_vector128)_mm_unpackhi_epi8((__m128i)(bytes), _mm_setzero_si128()))
+#define MIN_128(a, b) ((int16_vector128)_mm_min_epi16((__m128i)(a), (__m128i)(b)))
+#define MAX_128(a, b) ((int16_vector128)_mm_max_epi16((__m128i)(a), (__m128i)(b)))
+#else
+/* Without SSE2's saturating instructions: keys clamped to -1 … 127, which
+ * tell below, inside and above the window apart just as well */
+typedef uint16_t uint16_vector128 __attribute__((vector_size(16)));
+typedef int16_t int16_pair128 __attribute__((vector_size(32)));
+typedef uint16_t uint16_pair128 __attribute__((vector_size(32)));
+typedef uint8_t uint8_vector128 __attribute__((vector_size(16)));
+static inline int16_vector128
+subtract_128(int16_vector128 a, int16_vector128 b)
+{
+    const int16_vector128 below = a < b;
+    uint16_vector128 difference = (uint16_vector128)(a - b);
+    const uint16_vector128 large = (uint16_vector128)(difference > 127);
+    difference = (difference & ~large) | (127 & large);
+    return (int16_vector128)difference | below;
+}
+static inline int8_vector128
+narrow_128(int16_vector128 low, int16_vector128 high)
+{
+    int16_pair128 both;
+    memcpy(&both, &low, sizeof low);
+    memcpy((char *)&both + sizeof low, &high, sizeof high);
+    return __builtin_convertvector(both, int8_vector128);
+}
+static inline int16_vector128
+widen_128(int8_vector128 bytes, int high)
+{
+    const uint16_pair128 both = __builtin_convertvector((uint8_vector128)bytes,
+                                                          uint16_pair128);
+    int16_vector128 words;
+    memcpy(&words, (const char *)&both + (high ? sizeof words : 0), sizeof words);
+    return words;
+}
+#define SUBTRACT_128 subtract_128
+#define NARROW_128 narrow_128
+#define WIDEN_LOW_128(bytes) widen_128(bytes, 0)
+#define WIDEN_HIGH_128(bytes) widen_128(bytes, 1)
+#define MIN_128 LANES_MIN
+#define MAX_128 LANES_MAX
+#endif
+DEFINE_SORTED_LANES_MEDIAN(sorted_lanes_simd128, , 16, MIN_128, MAX_128)
+DEFINE_KEYS_IN_BYTES(values16_counts8_levels32_simd128, , int16_vector128, int8_vector128,
+                     SUBTRACT_128, NARROW_128, WIDEN_LOW_128, WIDEN_HIGH_128)
+DEFINE_WINDOW16_MEDIAN(values16_counts8_levels32_simd128, , 16, uint8_t, int8_t, 32,
+                       ANY_LANE_128, int16_vector128, sorted_lanes_simd128)
+DEFINE_KEYS_IN_BYTES(values16_counts8_levels24_simd128, , int16_vector128, int8_vector128,
+                     SUBTRACT_128, NARROW_128, WIDEN_LOW_128, WIDEN_HIGH_128)
+DEFINE_WINDOW16_MEDIAN(values16_counts8_levels24_simd128, , 16, uint8_t, int8_t, 24,
+                       ANY_LANE_128, int16_vector128, sorted_lanes_simd128)
+DEFINE_KEYS_IN_WORDS(values16_counts16_levels12_simd128, , int16_vector128, SUBTRACT_128)
+DEFINE_WINDOW16_MEDIAN(values16_counts16_levels12_simd128, , 16, uint16_t, int16_t, 12,
+                       ANY_LANE_128, int16_vector128, sorted_lanes_simd128)
+#endif
+
+#ifdef HAVE_AVX2
+typedef int16_t int16_vector256 __attribute__((vector_size(32)));
+typedef int8_t int8_vector256 __attribute__((vector_size(32)));
+#define SUBTRACT_256(a, b) ((int16_vector256)_mm256_subs_epi16((__m256i)(a), (__m256i)(b)))
+/* AVX2 packs each half of a vector on its own; the permutation puts the lanes in order */
+#define NARROW_256(low, high) ((int8_vector256)_mm256_permute4x64_epi64(                  \
+    _mm256_packs_epi16((__m256i)(low), (__m256i)(high)), 0xD8))
+#define WIDEN_LOW_256(bytes) \
+    ((int16_vector256)_mm256_cvtepu8_epi16(_mm256_castsi256_si128((__m256i)(bytes))))
+#define WIDEN_HIGH_256(bytes) \
+    ((int16_vector256)_mm256_cvtepu8_epi16(_mm256_extracti128_si256((__m256i)(bytes), 1)))
+#define MIN_256(a, b) ((int16_vector256)_mm256_min_epi16((__m256i)(a), (__m256i)(b)))
+#define MAX_256(a, b) ((int16_vector256)_mm256_max_epi16((__m256i)(a), (__m256i)(b)))
+DEFINE_SORTED_LANES_MEDIAN(sorted_lanes_avx2, TARGET_AVX2, 32, MIN_256, MAX_256)
+DEFINE_KEYS_IN_BYTES(values16_counts8_levels32_avx2, TARGET_AVX2, int16_vector256,
+                     int8_vector256, SUBTRACT_256, NARROW_256, WIDEN_LOW_256, WIDEN_HIGH_256)
+DEFINE_WINDOW16_MEDIAN(values16_counts8_levels32_avx2, TARGET_AVX2, 32, uint8_t, int8_t, 32,
+                       ANY_LANE_256, int16_vector256, sorted_lanes_avx2)
+DEFINE_KEYS_IN_BYTES(values16_counts8_levels24_avx2, TARGET_AVX2, int16_vector256,
+                     int8_vector256, SUBTRACT_256, NARROW_256, WIDEN_LOW_256, WIDEN_HIGH_256)
+DEFINE_WINDOW16_MEDIAN(values16_counts8_levels24_avx2, TARGET_AVX2, 32, uint8_t, int8_t, 24,
+                       ANY_LANE_256, int16_vector256, sorted_lanes_avx2)
+DEFINE_KEYS_IN_WORDS(values16_counts16_levels12_avx2, TARGET_AVX2, int16_vector256,
+                     SUBTRACT_256)
+DEFINE_WINDOW16_MEDIAN(values16_counts16_levels12_avx2, TARGET_AVX2, 32, uint16_t, int16_t, 12,
+                       ANY_LANE_256, int16_vector256, sorted_lanes_avx2)
 #endif
 
 /*
@@ -564,9 +1357,59 @@ median_columns(int implementation, const uint8_t *frames, uint8_t *out, Py_ssize
     return 0;
 }
 
-/* A C-contiguous 2-D buffer of `obj` with the given item size (0: 1, 2 or 4) */
+/*
+ * The median of 16-bit values in columns start:start+width with the fastest
+ * implementation up to `implementation` that takes this kernel size and
+ * width: the sorted lanes up to kernel_size SORTED_LANES_MAX, whose cost
+ * grows with it, then the window kernel, which counts in lanes of 8 bits up
+ * to kernel_size 255 (with more levels below SHORT_KERNEL16, whose medians
+ * move further) and of 16 bits up to 65535. Both need a vector of columns;
+ * the sorted windows take the rest. Returns -1 if it could not allocate its
+ * scratch.
+ */
+#define SHORT_KERNEL16 160
+
 static int
-get_matrix(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t itemsize,
+median_columns16(int implementation, const uint16_t *frames, uint16_t *out, Py_ssize_t pixels,
+                 Py_ssize_t kernel_size, Py_ssize_t output_size, Py_ssize_t start,
+                 Py_ssize_t width, uint16_t *sorted)
+{
+#if defined(HAVE_SIMD128) || defined(HAVE_AVX2)
+    const int lane_bytes = kernel_size <= 0xFF ? 1 : kernel_size <= 0xFFFF ? 2 : 0;
+    int (*kernel)(const uint16_t *, uint16_t *, Py_ssize_t, Py_ssize_t, Py_ssize_t, Py_ssize_t,
+                  Py_ssize_t, uint16_t *) = NULL;
+#ifdef HAVE_SIMD128
+    if (implementation >= SIMD128 && kernel_size <= SORTED_LANES_MAX && width >= 8)
+        kernel = sorted_lanes_simd128;
+    else if (implementation >= SIMD128 && lane_bytes && width >= 16 / lane_bytes)
+        kernel = lane_bytes == 2 ? values16_counts16_levels12_simd128
+                 : kernel_size < SHORT_KERNEL16 ? values16_counts8_levels32_simd128
+                                                : values16_counts8_levels24_simd128;
+#endif
+#ifdef HAVE_AVX2
+    if (implementation >= AVX2 && kernel_size <= SORTED_LANES_MAX && width >= 16)
+        kernel = sorted_lanes_avx2;
+    else if (implementation >= AVX2 && lane_bytes && width >= 32 / lane_bytes)
+        kernel = lane_bytes == 2 ? values16_counts16_levels12_avx2
+                 : kernel_size < SHORT_KERNEL16 ? values16_counts8_levels32_avx2
+                                                : values16_counts8_levels24_avx2;
+#endif
+    if (kernel != NULL)
+        return kernel(frames, out, pixels, kernel_size, output_size, start, width, sorted);
+#else
+    (void)implementation;
+#endif
+    if (sorted_fill(frames, pixels, kernel_size, start, width, sorted) < 0)
+        return -1;
+    sorted_steps(frames, out, pixels, kernel_size, 0, output_size, start, width, sorted);
+    return 0;
+}
+
+/* A C-contiguous 2-D buffer of unsigned integers of `obj` whose item size is
+ * one of those in `sizes` (a bit per size: 1 << 1 for 1 byte, ...), which
+ * `sizes_text` names */
+static int
+get_matrix(PyObject *obj, Py_buffer *view, int writable, unsigned sizes, const char *sizes_text,
            const char *name)
 {
     int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT | (writable ? PyBUF_WRITABLE : 0);
@@ -575,12 +1418,11 @@ get_matrix(PyObject *obj, Py_buffer *view, int writable, Py_ssize_t itemsize,
     int unsigned_integer = view->format != NULL && view->format[0] != '\0'
                            && strchr("BHIL", view->format[0]) != NULL
                            && view->format[1] == '\0';
-    if (view->ndim != 2 || !unsigned_integer
-        || (itemsize ? view->itemsize != itemsize
-                     : view->itemsize != 1 && view->itemsize != 2 && view->itemsize != 4)) {
+    if (view->ndim != 2 || !unsigned_integer || view->itemsize > 8
+        || !(sizes & (1u << view->itemsize))) {
         PyErr_Format(PyExc_ValueError,
                      "%s must be a C-contiguous 2-D array of unsigned integers of %s",
-                     name, itemsize == 1 ? "1 byte" : "1, 2 or 4 bytes");
+                     name, sizes_text);
         PyBuffer_Release(view);
         return -1;
     }
@@ -620,8 +1462,10 @@ PyDoc_STRVAR(rolling_median_columns_doc,
 "--\n\n"
 "Rolling median of the pixel columns start:stop of frames.\n\n"
 "out[t, p] becomes the element of rank kernel_size // 2 of\n"
-"frames[t:t+kernel_size, p] for t < output_size. counts is scratch space\n"
-"of shape (stop - start, 256) whose unsigned type holds kernel_size.\n"
+"frames[t:t+kernel_size, p] for t < output_size. frames and out are both\n"
+"uint8 or both uint16. counts is scratch space: for uint8 frames of shape\n"
+"(stop - start, 256) whose unsigned type holds kernel_size, for uint16\n"
+"frames uint16 of shape (stop - start, kernel_size).\n"
 "implementation names one of median_implementations() (default: the\n"
 "fastest); all give the same bytes. Runs without the GIL.");
 
@@ -641,13 +1485,16 @@ rolling_median_columns(PyObject *self, PyObject *args, PyObject *kwargs)
     if (implementation < 0)
         return NULL;
     Py_buffer frames, out, counts;
-    if (get_matrix(frames_obj, &frames, 0, 1, "frames") < 0)
+    if (get_matrix(frames_obj, &frames, 0, 1u << 1 | 1u << 2, "1 or 2 bytes", "frames") < 0)
         return NULL;
-    if (get_matrix(out_obj, &out, 1, 1, "out") < 0) {
+    const int wide = frames.itemsize == 2; /* 16-bit values */
+    if (get_matrix(out_obj, &out, 1, 1u << frames.itemsize,
+                   wide ? "2 bytes, as frames" : "1 byte, as frames", "out") < 0) {
         PyBuffer_Release(&frames);
         return NULL;
     }
-    if (get_matrix(counts_obj, &counts, 1, 0, "counts") < 0) {
+    if (get_matrix(counts_obj, &counts, 1, wide ? 1u << 2 : 1u << 1 | 1u << 2 | 1u << 4,
+                   wide ? "2 bytes for uint16 frames" : "1, 2 or 4 bytes", "counts") < 0) {
         PyBuffer_Release(&frames);
         PyBuffer_Release(&out);
         return NULL;
@@ -667,16 +1514,23 @@ rolling_median_columns(PyObject *self, PyObject *args, PyObject *kwargs)
         error = "frames has fewer rows than output_size + kernel_size - 1";
     else if (out.shape[0] < output_size || out.shape[1] != pixels)
         error = "out must have output_size rows and as many columns as frames";
-    else if (counts.shape[0] != width || counts.shape[1] != BINS)
+    else if (wide && (counts.shape[0] != width || counts.shape[1] != kernel_size))
+        error = "counts must have the shape (stop - start, kernel_size) for uint16 frames";
+    else if (!wide && (counts.shape[0] != width || counts.shape[1] != BINS))
         error = "counts must have the shape (stop - start, 256)";
-    else if ((uint64_t)kernel_size > most)
+    else if (!wide && (uint64_t)kernel_size > most)
         error = "counts has too narrow a type for kernel_size";
     int out_of_memory = 0;
     if (error == NULL && width > 0 && output_size > 0) {
         Py_BEGIN_ALLOW_THREADS
-        out_of_memory = median_columns(implementation, frames.buf, out.buf, pixels,
-                                       kernel_size, output_size, start, width, counts.buf,
-                                       counts.itemsize) < 0;
+        if (wide)
+            out_of_memory = median_columns16(implementation, frames.buf, out.buf, pixels,
+                                             kernel_size, output_size, start, width,
+                                             counts.buf) < 0;
+        else
+            out_of_memory = median_columns(implementation, frames.buf, out.buf, pixels,
+                                           kernel_size, output_size, start, width,
+                                           counts.buf, counts.itemsize) < 0;
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&frames);
@@ -695,8 +1549,9 @@ PyDoc_STRVAR(median_implementations_doc,
 "median_implementations()\n"
 "--\n\n"
 "The implementations of rolling_median_columns this CPU runs, fastest first:\n"
-"'avx2' and 'simd128' (the window kernel on 32- and 16-byte vectors) where\n"
-"built and supported, and 'scalar' (the histogram kernel) always.");
+"'avx2' and 'simd128' (the vector kernels on 32- and 16-byte vectors) where\n"
+"built and supported, and 'scalar' (the histogram kernel for uint8 frames,\n"
+"the sorted windows for uint16) always.");
 
 static PyObject *
 median_implementations(PyObject *self, PyObject *unused)
@@ -807,13 +1662,60 @@ get_columns(PyObject *obj, Py_buffer *view, Py_ssize_t pixels)
     return 0;
 }
 
+/* The column loops of one item size: ITEM_T is the unsigned type of the values */
+#define COLUMN_KERNELS(SUFFIX, ITEM_T)                                                       \
+static void                                                                                  \
+gather_rows##SUFFIX(const ITEM_T *source, Py_ssize_t pixels, const int64_t *index,           \
+                    ITEM_T *out, Py_ssize_t rows, Py_ssize_t width)                          \
+{                                                                                            \
+    for (Py_ssize_t row = 0; row < rows; row++) {                                            \
+        const ITEM_T *from = source + row * pixels;                                          \
+        const ITEM_T *ahead = row + 1 < rows ? from + pixels : from;                         \
+        ITEM_T *to = out + row * width;                                                      \
+        for (Py_ssize_t j = 0; j < width; j++) {                                             \
+            if (j % PREFETCH_EVERY == 0)                                                     \
+                PREFETCH(ahead + index[j]);                                                  \
+            to[j] = from[index[j]];                                                          \
+        }                                                                                    \
+    }                                                                                        \
+}                                                                                            \
+                                                                                             \
+static Py_ssize_t                                                                            \
+differing_row##SUFFIX(const ITEM_T *actual, Py_ssize_t pixels, const int64_t *index,         \
+                      const ITEM_T *expected, Py_ssize_t rows, Py_ssize_t width)             \
+{                                                                                            \
+    for (Py_ssize_t row = 0; row < rows; row++) {                                            \
+        const ITEM_T *got = actual + row * pixels;                                           \
+        const ITEM_T *ahead = row + 1 < rows ? got + pixels : got;                           \
+        const ITEM_T *want = expected + row * width;                                         \
+        /* a row's differences ORed without a branch; it is searched only if any */          \
+        unsigned differs = 0;                                                                \
+        if (index == NULL)                                                                   \
+            differs = memcmp(got, want, (size_t)width * sizeof(ITEM_T)) != 0;                \
+        else                                                                                 \
+            for (Py_ssize_t j = 0; j < width; j++) {                                         \
+                if (j % PREFETCH_EVERY == 0)                                                 \
+                    PREFETCH(ahead + index[j]);                                              \
+                differs |= (unsigned)(got[index[j]] ^ want[j]);                              \
+            }                                                                                \
+        for (Py_ssize_t j = 0; differs && j < width; j++)                                    \
+            if (got[index == NULL ? j : index[j]] != want[j])                                \
+                return row * width + j;                                                      \
+    }                                                                                        \
+    return -1;                                                                               \
+}
+
+COLUMN_KERNELS(8, uint8_t)
+COLUMN_KERNELS(16, uint16_t)
+
 PyDoc_STRVAR(gather_columns_doc,
 "gather_columns(source, columns, out)\n"
 "--\n\n"
 "out[r, j] = source[r, columns[j]] for every row r of out.\n\n"
-"source and out are C-contiguous 2-D uint8 arrays, out with at most as many\n"
-"rows as source and one column per entry of columns (int64, each a column\n"
-"of source). Runs without the GIL.");
+"source and out are C-contiguous 2-D arrays of unsigned integers of 1 or 2\n"
+"bytes (both of the same size), out with at most as many rows as source and\n"
+"one column per entry of columns (int64, each a column of source). Runs\n"
+"without the GIL.");
 
 static PyObject *
 gather_columns(PyObject *self, PyObject *args)
@@ -822,13 +1724,15 @@ gather_columns(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OOO:gather_columns", &source_obj, &columns_obj, &out_obj))
         return NULL;
     Py_buffer source, columns, out;
-    if (get_matrix(source_obj, &source, 0, 1, "source") < 0)
+    if (get_matrix(source_obj, &source, 0, 1u << 1 | 1u << 2, "1 or 2 bytes", "source") < 0)
         return NULL;
     if (get_columns(columns_obj, &columns, source.shape[1]) < 0) {
         PyBuffer_Release(&source);
         return NULL;
     }
-    if (get_matrix(out_obj, &out, 1, 1, "out") < 0) {
+    if (get_matrix(out_obj, &out, 1, 1u << source.itemsize,
+                   source.itemsize == 2 ? "2 bytes, as source" : "1 byte, as source",
+                   "out") < 0) {
         PyBuffer_Release(&source);
         PyBuffer_Release(&columns);
         return NULL;
@@ -838,16 +1742,10 @@ gather_columns(PyObject *self, PyObject *args)
     if (fits) {
         const int64_t *index = columns.buf;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t row = 0; row < rows; row++) {
-            const uint8_t *from = (const uint8_t *)source.buf + row * pixels;
-            const uint8_t *ahead = row + 1 < rows ? from + pixels : from;
-            uint8_t *to = (uint8_t *)out.buf + row * width;
-            for (Py_ssize_t j = 0; j < width; j++) {
-                if (j % PREFETCH_EVERY == 0)
-                    PREFETCH(ahead + index[j]);
-                to[j] = from[index[j]];
-            }
-        }
+        if (source.itemsize == 2)
+            gather_rows16(source.buf, pixels, index, out.buf, rows, width);
+        else
+            gather_rows8(source.buf, pixels, index, out.buf, rows, width);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&source);
@@ -868,8 +1766,9 @@ PyDoc_STRVAR(first_difference_doc,
 "Compares actual[r, columns[j]] (actual[r, j] where columns is None) with\n"
 "expected[r, j] for every row r of expected and returns r * width + j of\n"
 "the first difference, where width is expected's number of columns.\n"
-"actual and expected are C-contiguous 2-D uint8 arrays, actual with at\n"
-"least the rows of expected. Runs without the GIL.");
+"actual and expected are C-contiguous 2-D arrays of unsigned integers of 1\n"
+"or 2 bytes (both of the same size), actual with at least the rows of\n"
+"expected. Runs without the GIL.");
 
 static PyObject *
 first_difference(PyObject *self, PyObject *args)
@@ -880,13 +1779,15 @@ first_difference(PyObject *self, PyObject *args)
         return NULL;
     Py_buffer actual, columns, expected;
     const int every = columns_obj == Py_None;
-    if (get_matrix(actual_obj, &actual, 0, 1, "actual") < 0)
+    if (get_matrix(actual_obj, &actual, 0, 1u << 1 | 1u << 2, "1 or 2 bytes", "actual") < 0)
         return NULL;
     if (!every && get_columns(columns_obj, &columns, actual.shape[1]) < 0) {
         PyBuffer_Release(&actual);
         return NULL;
     }
-    if (get_matrix(expected_obj, &expected, 0, 1, "expected") < 0) {
+    if (get_matrix(expected_obj, &expected, 0, 1u << actual.itemsize,
+                   actual.itemsize == 2 ? "2 bytes, as actual" : "1 byte, as actual",
+                   "expected") < 0) {
         PyBuffer_Release(&actual);
         if (!every)
             PyBuffer_Release(&columns);
@@ -900,27 +1801,10 @@ first_difference(PyObject *self, PyObject *args)
     if (fits) {
         const int64_t *index = every ? NULL : columns.buf;
         Py_BEGIN_ALLOW_THREADS
-        for (Py_ssize_t row = 0; row < rows && found < 0; row++) {
-            const uint8_t *got = (const uint8_t *)actual.buf + row * pixels;
-            const uint8_t *ahead = row + 1 < rows ? got + pixels : got;
-            const uint8_t *want = (const uint8_t *)expected.buf + row * width;
-            /* a row's differences ORed without a branch; it is searched only if any */
-            unsigned differs = 0;
-            if (every)
-                differs = memcmp(got, want, (size_t)width) != 0;
-            else
-                for (Py_ssize_t j = 0; j < width; j++) {
-                    if (j % PREFETCH_EVERY == 0)
-                        PREFETCH(ahead + index[j]);
-                    differs |= (unsigned)(got[index[j]] ^ want[j]);
-                }
-            for (Py_ssize_t j = 0; differs && j < width; j++) {
-                if (got[every ? j : index[j]] != want[j]) {
-                    found = row * width + j;
-                    break;
-                }
-            }
-        }
+        if (actual.itemsize == 2)
+            found = differing_row16(actual.buf, pixels, index, expected.buf, rows, width);
+        else
+            found = differing_row8(actual.buf, pixels, index, expected.buf, rows, width);
         Py_END_ALLOW_THREADS
     }
     PyBuffer_Release(&actual);

@@ -1,9 +1,10 @@
 """dcbg's CPU kernels compiled by numba: the build used where the C one was not installed
 
-The loops of ``compiled.c``'s histogram kernel, checksum, column gather and
-comparison, with the same results as every kernel there. numba compiles them
-on first use and caches the machine code; a process pays 0.5–1 s to import
-numba and load that cache, which the C build does not.
+The loops of ``compiled.c``'s histogram kernel (uint8 frames), sorted-window
+kernel (uint16 frames), checksum, column gather and comparison, with the same
+results as every kernel there. numba compiles them on first use and caches
+the machine code; a process pays 0.5–1 s to import numba and load that
+cache, which the C build does not.
 """
 from __future__ import annotations
 
@@ -11,15 +12,24 @@ import numba
 import numpy as np
 
 
-@numba.njit(nogil=True, cache=True)
 def rolling_median_columns(frames, out, kernel_size, output_size, start, stop, counts):
     """Rolling median of the pixel columns ``start:stop`` of `frames`
 
     ``out[t, p]`` becomes the element of rank ``kernel_size // 2`` of
-    ``frames[t:t+kernel_size, p]`` for ``t < output_size``. `counts` is
-    scratch space of shape ``(stop - start, 256)`` whose unsigned type holds
-    `kernel_size`; the kernel zeroes it.
+    ``frames[t:t+kernel_size, p]`` for ``t < output_size``. `frames` and
+    `out` are both uint8 or both uint16. `counts` is scratch space: for uint8
+    frames of shape ``(stop - start, 256)`` whose unsigned type holds
+    `kernel_size`, for uint16 frames uint16 of shape ``(stop - start,
+    kernel_size)``; the kernel fills it itself.
     """
+    if frames.dtype.itemsize == 2:
+        _median_of_sorted_windows(frames, out, kernel_size, output_size, start, stop, counts)
+    else:
+        _median_of_histograms(frames, out, kernel_size, output_size, start, stop, counts)
+
+
+@numba.njit(nogil=True, cache=True)
+def _median_of_histograms(frames, out, kernel_size, output_size, start, stop, counts):
     counts[:, :] = 0
     half = kernel_size // 2
     width = stop - start
@@ -54,6 +64,62 @@ def rolling_median_columns(frames, out, kernel_size, output_size, start, stop, c
             median[j] = m
             below[j] = b
             medians[start + j] = m
+
+
+SORTED_BLOCK = 32
+"""Columns whose sorted windows go through all windows together, so that they stay in cache"""
+
+
+@numba.njit(nogil=True, cache=True)
+def _first_not_below(window, begin, end, value):
+    """The index of the first of the sorted ``window[begin:end]`` not below `value`"""
+    while begin < end:
+        middle = (begin + end) // 2
+        if window[middle] < value:
+            begin = middle + 1
+        else:
+            end = middle
+    return begin
+
+
+@numba.njit(nogil=True, cache=True)
+def _median_of_sorted_windows(frames, out, kernel_size, output_size, start, stop, windows):
+    # Each column keeps its window sorted in its row of `windows`: a step finds
+    # the leaving value and the entering one's place by binary search and
+    # shifts the values between the two by one place.
+    half = kernel_size // 2
+    width = stop - start
+    for j in range(width):
+        for row in range(kernel_size - 1):
+            windows[j, row] = frames[row, start + j]
+        windows[j, :kernel_size - 1].sort()
+    for block in range(0, width, SORTED_BLOCK):
+        for t in range(output_size):
+            entering = frames[t + kernel_size - 1]
+            leaving = frames[t - 1] if t > 0 else entering
+            for j in range(block, min(width, block + SORTED_BLOCK)):
+                window = windows[j]
+                value = entering[start + j]
+                if t == 0:  # the window 0 grows from kernel_size - 1 values
+                    at = _first_not_below(window, 0, kernel_size - 1, value)
+                    for i in range(kernel_size - 1, at, -1):
+                        window[i] = window[i - 1]
+                    window[at] = value
+                else:
+                    gone = leaving[start + j]
+                    # the bound: as in compiled.c
+                    at = min(_first_not_below(window, 0, kernel_size, gone), kernel_size - 1)
+                    if value > gone:
+                        to = _first_not_below(window, at + 1, kernel_size, value)
+                        for i in range(at, to - 1):
+                            window[i] = window[i + 1]
+                        window[to - 1] = value
+                    elif value < gone:
+                        to = _first_not_below(window, 0, at, value)
+                        for i in range(at, to, -1):
+                            window[i] = window[i - 1]
+                        window[to] = value
+                out[t, start + j] = window[half]
 
 
 FOLD_WORDS = 4096
@@ -95,15 +161,16 @@ def fletcher32(data):
 def gather_columns(source, columns, out):
     """``out[r, j] = source[r, columns[j]]`` for every row of `out`
 
-    `source` and `out` are C-contiguous 2-D uint8 arrays, `out` with at most
-    as many rows as `source` and one column per entry of `columns` (int64,
-    each a column of `source`).
+    `source` and `out` are C-contiguous 2-D arrays of unsigned integers of 1
+    or 2 bytes (both of the same size), `out` with at most as many rows as
+    `source` and one column per entry of `columns` (int64, each a column of
+    `source`).
     """
-    _check_columns(source, columns)
-    if (out.ndim != 2 or out.dtype != np.uint8 or out.shape[0] > source.shape[0]
-            or out.shape[1] != len(columns)):
-        raise ValueError("out must be 2-D uint8 with at most the rows of source and one "
-                         "column per entry of columns")
+    _check_columns(source, columns, "source")
+    if (out.ndim != 2 or out.dtype != source.dtype or not out.flags.c_contiguous
+            or out.shape[0] > source.shape[0] or out.shape[1] != len(columns)):
+        raise ValueError("out must be 2-D of the dtype of source, with at most the rows of "
+                         "source and one column per entry of columns")
     _gather_columns(source, columns, out)
 
 
@@ -113,27 +180,34 @@ def first_difference(actual, columns, expected) -> int:
     Compares ``actual[r, columns[j]]`` (``actual[r, j]`` where `columns` is
     None) with ``expected[r, j]`` for every row of `expected` and returns
     ``r * width + j`` of the first difference, `width` being the columns of
-    `expected`. Both are C-contiguous 2-D uint8 arrays, `actual` with at
-    least the rows of `expected`.
+    `expected`. Both are C-contiguous 2-D arrays of unsigned integers of 1 or
+    2 bytes (both of the same size), `actual` with at least the rows of
+    `expected`.
     """
     if columns is None:
         columns = np.arange(actual.shape[1], dtype=np.int64)
-    _check_columns(actual, columns)
-    if (expected.ndim != 2 or expected.dtype != np.uint8
+    _check_columns(actual, columns, "actual")
+    if (expected.ndim != 2 or expected.dtype != actual.dtype
+            or not expected.flags.c_contiguous
             or expected.shape[0] > actual.shape[0] or expected.shape[1] != len(columns)):
-        raise ValueError("expected must be 2-D uint8 with at most the rows of actual and one "
-                         "column per entry of columns (per column of actual where columns is "
-                         "None)")
+        raise ValueError("expected must be 2-D of the dtype of actual, with at most the rows "
+                         "of actual and one column per entry of columns (per column of "
+                         "actual where columns is None)")
     return int(_first_difference(actual, columns, expected))
 
 
-def _check_columns(source, columns):
+COLUMN_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
+"""The types of values the column kernels take, as compiled.c takes them"""
+
+
+def _check_columns(source, columns, name):
     """The checks compiled.c makes before it reads: numba's loops do not check bounds"""
     if columns.ndim != 1 or columns.dtype != np.int64:
         raise ValueError("columns must be a contiguous 1-D array of int64")
-    if source.ndim != 2 or source.dtype != np.uint8:
-        raise ValueError("source must be a C-contiguous 2-D array of unsigned integers of "
-                         "1 byte")
+    if (source.ndim != 2 or source.dtype not in COLUMN_DTYPES
+            or not source.flags.c_contiguous):
+        raise ValueError(f"{name} must be a C-contiguous 2-D array of unsigned integers of "
+                         f"1 or 2 bytes")
     outside = (columns < 0) | (columns >= source.shape[1])
     if outside.any():
         raise ValueError(f"column {columns[outside.argmax()]} is outside the "

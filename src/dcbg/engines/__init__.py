@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import typing
 
+import numpy as np
+
 from .base import Engine, count_dtype
 
 if typing.TYPE_CHECKING:
@@ -27,7 +29,7 @@ if typing.TYPE_CHECKING:
 
 
 def engine_for(device: ReadyDevice, image_shape, kernel_size: int, batch_size: int,
-               num_cpus: int, windows: int, verify: str = "sample",
+               num_cpus: int, windows: int, verify: str = "sample", dtype=np.uint8,
                device_batch_cap: int | None = None) -> Engine:
     """The engine that computes `windows` windows on `device`
 
@@ -48,6 +50,15 @@ def engine_for(device: ReadyDevice, image_shape, kernel_size: int, batch_size: i
     verify: str
         Which results of a GPU the CPU checks: "sample", "all" or "off"
         (see :func:`dcbg.settings.parse_verify`); the CPU engine ignores it.
+    dtype: numpy dtype, optional
+        The type of the frames the engine reads and the medians it writes
+        (see :class:`Engine`), handed to every engine: uint8 (files, the
+        default), or uint16 (arrays; the array functions flip signed frames
+        in host memory into unsigned values, see :mod:`dcbg.dtypes`). The
+        GPU engines take int8 and int16 too, the CPU engine does not. A GPU
+        engine takes the ready device's kernels of this dtype
+        (:meth:`dcbg.devices.ReadyDevice.kernels_for`, which loads them if
+        the device was made ready for another dtype).
     device_batch_cap: int, optional
         Most windows of a GPU batch, below what memory allows (the self-test
         overlaps several batches of a short stack); the CPU engine ignores it.
@@ -57,15 +68,15 @@ def engine_for(device: ReadyDevice, image_shape, kernel_size: int, batch_size: i
     gpu_windows = windows if device_batch_cap is None else min(windows, device_batch_cap)
     if device.choice.split:
         from .split import SplitRollingMedian
-        return SplitRollingMedian(image_shape, kernel_size, gpu_windows, device.kernels,
-                                  verify=verify)
+        return SplitRollingMedian(image_shape, kernel_size, gpu_windows,
+                                  device.kernels_for(dtype), verify=verify, dtype=dtype)
     if device.kind == "cuda":
         from .cuda import CUDARollingMedian
-        kernels, = device.kernels
+        kernels, = device.kernels_for(dtype)
         return CUDARollingMedian(image_shape, kernel_size, gpu_windows, kernels,
-                                 verify=verify)
+                                 verify=verify, dtype=dtype)
     from .cpu import CPURollingMedian
-    return CPURollingMedian(image_shape, kernel_size, batch_size, num_cpus, windows)
+    return CPURollingMedian(image_shape, kernel_size, batch_size, num_cpus, windows, dtype)
 
 
 __all__ = ["Engine", "count_dtype", "engine_for"]

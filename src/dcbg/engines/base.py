@@ -43,6 +43,13 @@ class Engine(abc.ABC):
     every computed window to `write_at`; the writer has the dataset's full
     size already, so windows may arrive in any order.
 
+    An engine computes frames of one dtype, its :attr:`dtype`: the buffers
+    `read_into` fills and the medians `write_at` gets are of that dtype,
+    signed or not, holding the caller's values as they are. An engine that
+    takes signed frames orders them as signed numbers itself (its kernels
+    flip the sign bit); an engine built for unsigned frames computes them
+    as unsigned values, whatever a caller made them of.
+
     Parameters
     ----------
     image_shape: tuple of int
@@ -54,6 +61,8 @@ class Engine(abc.ABC):
         device batch). Not the method's ``batch_size`` keyword, which only
         names the run in its PPID and bounds the CPU engine's batches; the
         result never depends on either.
+    dtype: numpy.dtype, optional
+        Of the frames and medians (uint8 by default).
 
     Raises
     ------
@@ -61,12 +70,14 @@ class Engine(abc.ABC):
         If the frames have no pixels.
     """
 
-    def __init__(self, image_shape, kernel_size: int, batch_windows: int):
+    def __init__(self, image_shape, kernel_size: int, batch_windows: int, dtype=np.uint8):
         self.image_shape = tuple(image_shape)
         self.pixels = frame_pixels(self.image_shape)
         self.kernel_size = kernel_size
         self.batch_windows = batch_windows
         """most windows per batch in this engine"""
+        self.dtype = np.dtype(dtype)
+        """the dtype of the frames and medians this engine computes"""
         self.stage_seconds: dict[str, float] = {}
         """seconds spent per stage (read, median, write) in the last run"""
 
@@ -94,13 +105,14 @@ class Engine(abc.ABC):
         ----------
         read_into: callable
             ``read_into(start, stop, out)`` fills ``out[:stop-start]`` with
-            input frames ``start … stop-1`` flattened to ``(n, pixels)``; it
-            may be called from several threads.
+            input frames ``start … stop-1`` flattened to ``(n, pixels)``, of
+            the engine's dtype; it may be called from several threads.
         first, stop: int
             The windows to compute.
         write_at: callable
             ``write_at(offset, medians)`` stores flattened medians of
-            windows ``offset …``; it may be called from several threads.
+            windows ``offset …`` (of the engine's dtype); it may be called
+            from several threads.
         on_written: callable, optional
             Called with a number of windows whenever some were written.
 

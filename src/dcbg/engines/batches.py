@@ -159,8 +159,8 @@ class WriterThread:
     Parameters
     ----------
     write_at: callable
-        ``write_at(offset, frames)`` stores a uint8 array of flattened
-        frames at window `offset`.
+        ``write_at(offset, frames)`` stores an array of flattened frames
+        at window `offset`.
     buffers: list of np.ndarray
         Output buffers of shape ``(rows, pixels)`` handed out by
         :meth:`acquire`; each returns to the pool once written.

@@ -1,19 +1,23 @@
 """CPU engine: a running median per pixel, on threads or on RawArray worker processes
 
-Frames are uint8, so a pixel's window is a histogram of 256 grey levels and
-its median a pointer into it; moving the window by one frame changes one
-count up and one down, and the pointer moves by at most one rank. The C
-build keeps per pixel only the counts of a few levels around the median and
+For uint8 frames a pixel's window is a histogram of 256 grey levels and its
+median a pointer into it; moving the window by one frame changes one count
+up and one down, and the pointer moves by at most one rank. The C build
+keeps per pixel only the counts of a few levels around the median and
 updates 16 or 32 pixels at once with SIMD instructions, reading a pixel's
 window only when its median leaves those levels; numba's build walks the
-whole histogram. The cost per frame hardly depends on the kernel size. The
-kernels are compiled (see :mod:`dcbg.cpukernels`) and release the GIL.
+whole histogram. The cost per frame hardly depends on the kernel size. For
+uint16 frames the kernels keep each pixel's window (see
+:mod:`dcbg.cpukernels`); the engine runs both types the same way, with
+buffers of the frames' type and the kernels' scratch per thread or worker.
+The kernels are compiled and release the GIL.
 
 Two kinds of workers run it on slices of pixels ("jobs"):
 
 - :class:`ProcessWorkers`, the RawArray design of dcnum: spawned worker
   processes share `shared_input` ((batch_size + kernel_size) × pixels) and
-  `shared_output` (batch_size × pixels) RawArrays with the main process,
+  `shared_output` (batch_size × pixels) RawArrays of the frames' type with the
+  main process,
   take pixel slices from a job queue and count finished jobs in a shared
   counter. Each process pays a few tenths of a second to start (Python and
   numpy; a second with numba's build of the kernel), so they serve long
@@ -36,21 +40,25 @@ import pathlib
 import queue
 import signal
 import sys
+import threading
 import time
 import traceback
 
 import numpy as np
 
 from .. import cpukernels
-from ..errors import DEFERRABLE_SIGNALS, WorkerFailure, signals_deferred
+from ..errors import DEFERRABLE_SIGNALS, WorkerFailure, setting_error, signals_deferred
 from ..system import mp_spawn, skip_numba_blas_probe
-from .base import Engine, count_dtype
+from .base import Engine, frame_pixels
 from .batches import Prefetcher, WriterThread, partition, plan_windows
 
 logger = logging.getLogger(__name__)
 
 PIXELS_PER_JOB = 2048
-"""Pixels per job: their histograms (at most 1 MiB) stay in cache"""
+"""Pixels per job: their histograms of uint8 frames (at most 1 MiB) stay in cache. For
+uint16 frames a job's scratch holds `kernel_size` values per pixel, out of cache for long
+windows, but the kernels read it only when a median leaves the levels they keep: jobs of
+128 to 4096 pixels cost the same within 5 % at k = 100 and 1000 (measured)"""
 
 MIN_PIXELS_PER_JOB = 256
 """Fewer pixels per job would cost more in handing jobs out than they compute"""
@@ -62,6 +70,10 @@ the writer overlap; the result never depends on it"""
 PIPELINE_DEPTH = 4
 """A short input is split into at least this many batches, so that writing
 the first batch overlaps computing the next"""
+
+BATCH_MEMORY_BYTES = 1 << 30
+"""Most bytes the batch buffers and the kernels' scratch take together, unless a batch
+of `kernel_size` windows needs more (see :meth:`CPURollingMedian.plan_batch`)"""
 
 PROCESS_MIN_WINDOWS = 50_000
 """Inputs with at least this many windows use worker processes, shorter ones
@@ -86,17 +98,20 @@ STOP = -1000
 """Counter value that tells the workers to stop"""
 
 
-def compute_median_for_slice(shared_input, shared_output, kernel_size, output_size, job_slice):
+def compute_median_for_slice(shared_input, shared_output, kernel_size, output_size, job_slice,
+                             scratch=None):
     """Compute the rolling median for a slice of pixels of the shared arrays
 
     Parameters
     ----------
     shared_input: np.ndarray
         View of the input RawArray, shape ``(batch_size + kernel_size,
-        pixels)``; rows ``0 … output_size + kernel_size - 2`` hold frames.
+        pixels)``; rows ``0 … output_size + kernel_size - 2`` hold frames,
+        uint8 or uint16.
     shared_output: np.ndarray
-        View of the output RawArray, shape ``(batch_size, pixels)``; rows
-        ``0 … output_size - 1`` of the columns in `job_slice` are written.
+        View of the output RawArray, shape ``(batch_size, pixels)``, of the
+        input's type; rows ``0 … output_size - 1`` of the columns in
+        `job_slice` are written.
     kernel_size: int
         Number of events in each window.
     output_size: int
@@ -104,9 +119,17 @@ def compute_median_for_slice(shared_input, shared_output, kernel_size, output_si
     job_slice: slice
         The pixel columns this job owns; jobs never overlap, so workers
         write to the shared output without locks.
+    scratch: np.ndarray, optional
+        The kernel's scratch for at least as many columns as the job has
+        (:func:`dcbg.cpukernels.scratch` of the frames' type and
+        `kernel_size`), which a thread or worker keeps for all its jobs;
+        without it, scratch is allocated for this job.
     """
     start, stop, _ = job_slice.indices(shared_input.shape[1])
-    counts = np.empty((stop - start, 256), dtype=count_dtype(kernel_size))
+    if scratch is None:
+        counts = cpukernels.scratch(shared_input.dtype, stop - start, kernel_size)
+    else:
+        counts = scratch[:stop - start]
     kernel = cpukernels.cpu_kernels().rolling_median_columns
     kernel(shared_input, shared_output, kernel_size, output_size, start, stop, counts)
 
@@ -117,10 +140,64 @@ def job_slices(pixels: int, workers: int) -> list[slice]:
     return [slice(a, b) for a, b in partition(pixels, jobs)]
 
 
-def warm_up_kernel():
-    """Load the compiled kernel (for numba's build: numba and its cache) before it is needed"""
-    frames = np.zeros((3, 1), np.uint8)
-    compute_median_for_slice(frames, np.zeros((1, 1), np.uint8), 2, 1, slice(0, 1))
+def widest(jobs: list[slice]) -> int:
+    """Columns of the widest job: the scratch a thread or worker keeps serves every job"""
+    return max(job.stop - job.start for job in jobs)
+
+
+class ScratchPerThread:
+    """The kernel's scratch, one for each thread that runs jobs, kept for all its jobs
+
+    For uint16 frames the scratch holds `kernel_size` values per column
+    (8 MiB for a job at k = 2000): allocated per job, its pages would be
+    mapped afresh every time.
+
+    Parameters
+    ----------
+    dtype: numpy dtype
+        The frames' type, uint8 or uint16.
+    columns: int
+        Columns of the widest job.
+    kernel_size: int
+        Number of frames in each window.
+    """
+
+    def __init__(self, dtype, columns: int, kernel_size: int):
+        self.dtype = np.dtype(dtype)
+        self.columns = columns
+        self.kernel_size = kernel_size
+        self._local = threading.local()
+
+    def get(self) -> np.ndarray:
+        """This thread's scratch"""
+        scratch = getattr(self._local, "scratch", None)
+        if scratch is None:
+            scratch = self._local.scratch = cpukernels.scratch(self.dtype, self.columns,
+                                                               self.kernel_size)
+        return scratch
+
+
+def warm_up_kernel(dtype=np.uint8):
+    """Load the compiled kernel for `dtype` frames (for numba's build: numba and its cache)
+
+    Call it before the kernel is needed, so that loading overlaps other work.
+    """
+    frames = np.zeros((3, 1), dtype)
+    compute_median_for_slice(frames, np.zeros((1, 1), dtype), 2, 1, slice(0, 1))
+
+
+def shared_raw_array(dtype, size: int):
+    """A RawArray of `size` values of `dtype` (uint8 or uint16) that processes share"""
+    return mp_spawn.RawArray(np.ctypeslib.as_ctypes_type(np.dtype(dtype)), size)
+
+
+def shared_frames(raw, dtype, rows: int) -> np.ndarray:
+    """A RawArray as `rows` rows of values of `dtype` in this machine's byte order
+
+    numpy types the values of a ctypes array with an explicit byte order
+    ("<H"), which the C kernels' check of their buffers does not take.
+    """
+    return np.ctypeslib.as_array(raw).view(np.dtype(dtype)).reshape(rows, -1)
 
 
 class PipeQueue:
@@ -164,7 +241,8 @@ class WorkerRollMed(mp_spawn.Process):
     """Worker process computing rolling medians for jobs from a queue
 
     The worker maps the shared RawArrays, takes ``(output_size, job_slice)``
-    jobs from `job_queue`, and increments `counter` after each. It stops when
+    jobs from `job_queue`, computes them with one scratch of the kernel for
+    jobs of up to `columns` pixels, and increments `counter` after each. It stops when
     `counter` is negative, or when the main process is gone (so a killed
     main process leaves no orphans). It sets ``started[index]`` once it is
     ready, and puts a traceback on `error_queue` before it exits with an
@@ -174,7 +252,7 @@ class WorkerRollMed(mp_spawn.Process):
     """
 
     def __init__(self, job_queue, counter, shared_input, shared_output, batch_size,
-                 kernel_size, error_queue, started, index):
+                 kernel_size, error_queue, started, index, columns, dtype):
         super().__init__(daemon=True)
         self.queue = job_queue
         self.counter = counter
@@ -185,6 +263,8 @@ class WorkerRollMed(mp_spawn.Process):
         self.error_queue = error_queue
         self.started = started
         self.index = index
+        self.columns = columns
+        self.dtype = np.dtype(dtype)
         self.parent_pid = os.getpid()
 
     def run(self):
@@ -197,11 +277,11 @@ class WorkerRollMed(mp_spawn.Process):
         skip_numba_blas_probe()  # this process runs nothing but the kernel
         try:
             # Map the RawArrays here: mapping them in __init__ would copy them.
-            shared_input = np.ctypeslib.as_array(self.shared_input_raw).reshape(
-                self.batch_size + self.kernel_size, -1)
-            shared_output = np.ctypeslib.as_array(self.shared_output_raw).reshape(
-                self.batch_size, -1)
-            warm_up_kernel()
+            shared_input = shared_frames(self.shared_input_raw, self.dtype,
+                                         self.batch_size + self.kernel_size)
+            shared_output = shared_frames(self.shared_output_raw, self.dtype, self.batch_size)
+            warm_up_kernel(self.dtype)
+            scratch = cpukernels.scratch(self.dtype, self.columns, self.kernel_size)
             self.started[self.index] = 1
             # Read without the lock: a sibling killed while holding it must not stall this one.
             finished = self.counter.get_obj()
@@ -213,7 +293,7 @@ class WorkerRollMed(mp_spawn.Process):
                         return
                     continue
                 compute_median_for_slice(shared_input, shared_output, self.kernel_size,
-                                         output_size, job_slice)
+                                         output_size, job_slice, scratch)
                 with self.counter.get_lock():
                     self.counter.value += 1
         except BaseException:
@@ -256,25 +336,26 @@ class ProcessWorkers:
         Most windows per batch.
     num_cpus: int
         Number of worker processes.
+    dtype: numpy dtype
+        The frames' type, uint8 or uint16.
     """
 
     kind = "processes"
 
-    def __init__(self, pixels: int, kernel_size: int, batch_size: int, num_cpus: int):
+    def __init__(self, pixels: int, kernel_size: int, batch_size: int, num_cpus: int,
+                 dtype=np.uint8):
         self.kernel_size = kernel_size
         self.batch_size = batch_size
         self.num_cpus = num_cpus
-        self.shared_input_raw = mp_spawn.RawArray(
-            np.ctypeslib.ctypes.c_uint8, pixels * (batch_size + kernel_size))
+        self.dtype = np.dtype(dtype)
+        self.shared_input_raw = shared_raw_array(dtype, pixels * (batch_size + kernel_size))
         """RawArray with the input frames of the current batch"""
-        self.shared_output_raw = mp_spawn.RawArray(
-            np.ctypeslib.ctypes.c_uint8, pixels * batch_size)
+        self.shared_output_raw = shared_raw_array(dtype, pixels * batch_size)
         """RawArray with the medians of the current batch"""
-        self.shared_input = np.ctypeslib.as_array(self.shared_input_raw).reshape(
-            batch_size + kernel_size, pixels)
+        self.shared_input = shared_frames(self.shared_input_raw, dtype,
+                                          batch_size + kernel_size)
         """numpy view on `shared_input_raw`, first axis enumerates events"""
-        self.shared_output = np.ctypeslib.as_array(self.shared_output_raw).reshape(
-            batch_size, pixels)
+        self.shared_output = shared_frames(self.shared_output_raw, dtype, batch_size)
         """numpy view on `shared_output_raw`, first axis enumerates events"""
         self.worker_counter = mp_spawn.Value("q", 0)
         """number of finished jobs in the current batch; negative stops workers"""
@@ -298,7 +379,7 @@ class ProcessWorkers:
         self.workers = [WorkerRollMed(self.queue, self.worker_counter, self.shared_input_raw,
                                       self.shared_output_raw, self.batch_size,
                                       self.kernel_size, self.error_queue, self.started,
-                                      index)
+                                      index, widest(self.jobs), self.dtype)
                         for index in range(self.num_cpus)]
         try:
             for worker in self.workers:
@@ -345,10 +426,11 @@ class ProcessWorkers:
                 if worker.exitcode is not None]
         for started, worker in sorted(dead, key=lambda item: -item[0]):
             if started:
-                raise WorkerFailure(
-                    f"CPU worker process {worker.pid} died with exit code {worker.exitcode} "
-                    f"while computing the median (often: out of memory); retry with a "
-                    f"smaller batch_size or fewer CPU workers (num_cpus).")
+                raise setting_error(
+                    WorkerFailure, "CPU worker process {pid} died with exit code {code} while "
+                    "computing the median (often: out of memory); retry with a smaller "
+                    "batch_size or fewer CPU workers ({setting}).", "num_cpus",
+                    pid=worker.pid, code=worker.exitcode)
             guard = (" The script that started dcbg has no 'if __name__ == "
                      "\"__main__\":' guard: worker processes import the main script, "
                      "so put the code that runs dcbg under that guard."
@@ -386,20 +468,24 @@ class ThreadWorkers:
         Number of frames per window.
     num_cpus: int
         Number of threads.
+    dtype: numpy dtype
+        The frames' type, uint8 or uint16.
     """
 
     kind = "threads"
 
-    def __init__(self, pixels: int, kernel_size: int, num_cpus: int):
+    def __init__(self, pixels: int, kernel_size: int, num_cpus: int, dtype=np.uint8):
         self.kernel_size = kernel_size
+        self.dtype = np.dtype(dtype)
         self.jobs = job_slices(pixels, num_cpus)
+        self.scratch = ScratchPerThread(self.dtype, widest(self.jobs), kernel_size)
         self.pool = concurrent.futures.ThreadPoolExecutor(num_cpus,
                                                           thread_name_prefix="dcbg-median")
         self._warm_up: concurrent.futures.Future | None = None
 
     def start(self):
         """Load the compiled kernel in the background while the first batch is read"""
-        self._warm_up = self.pool.submit(warm_up_kernel)
+        self._warm_up = self.pool.submit(warm_up_kernel, self.dtype)
 
     def close(self):
         """Stop the threads"""
@@ -409,12 +495,15 @@ class ThreadWorkers:
         """Medians of `output_size` windows of `frames` into `medians` (flattened rows)"""
         if self._warm_up is not None:
             self._warm_up.result()
-        futures = [self.pool.submit(compute_median_for_slice, frames, medians,
-                                    self.kernel_size, output_size, job)
+        futures = [self.pool.submit(self._compute_job, frames, medians, output_size, job)
                    for job in self.jobs]
         concurrent.futures.wait(futures)
         for future in futures:
             future.result()
+
+    def _compute_job(self, frames, medians, output_size: int, job: slice):
+        compute_median_for_slice(frames, medians, self.kernel_size, output_size, job,
+                                 self.scratch.get())
 
 
 class CPURollingMedian(Engine):
@@ -433,18 +522,34 @@ class CPURollingMedian(Engine):
         (:func:`dcbg.settings.num_cpus_setting`: no more than the CPUs).
     windows: int
         Number of windows the engine will compute; chooses the workers.
+    dtype: numpy dtype
+        The frames' type: uint8, or uint16 (signed frames come as the
+        unsigned values of :mod:`dcbg.dtypes`).
+
+    Raises
+    ------
+    TypeError
+        If the kernels take no frames of `dtype`.
     """
 
-    def __init__(self, image_shape, kernel_size, batch_size, num_cpus, windows):
-        super().__init__(image_shape, kernel_size,
-                         self.plan_batch(batch_size, kernel_size, windows))
-        self.num_cpus = max(1, min(num_cpus, self.pixels // MIN_PIXELS_PER_JOB))
+    def __init__(self, image_shape, kernel_size, batch_size, num_cpus, windows,
+                 dtype=np.uint8):
+        dtype = np.dtype(dtype)
+        column_scratch = cpukernels.scratch(dtype, 1, kernel_size).nbytes  # checks dtype
+        pixels = frame_pixels(image_shape)
+        num_cpus = max(1, min(num_cpus, pixels // MIN_PIXELS_PER_JOB))
+        processes = windows >= PROCESS_MIN_WINDOWS
+        scratch_bytes = num_cpus * widest(job_slices(pixels, num_cpus)) * column_scratch
+        super().__init__(image_shape, kernel_size, self.plan_batch(
+            batch_size, kernel_size, windows, pixels * dtype.itemsize,
+            3 if processes else 2, scratch_bytes), dtype)
+        self.num_cpus = num_cpus
         """number of workers: as decided, but no more than jobs for them"""
-        if windows >= PROCESS_MIN_WINDOWS:
+        if processes:
             self.workers = ProcessWorkers(self.pixels, kernel_size, self.batch_windows,
-                                          self.num_cpus)
+                                          self.num_cpus, self.dtype)
         else:
-            self.workers = ThreadWorkers(self.pixels, kernel_size, self.num_cpus)
+            self.workers = ThreadWorkers(self.pixels, kernel_size, self.num_cpus, self.dtype)
         self._started = False
 
     def facts(self) -> dict:
@@ -453,17 +558,42 @@ class CPURollingMedian(Engine):
                 "batch_windows": self.batch_windows}
 
     @staticmethod
-    def plan_batch(batch_size: int, kernel_size: int, windows: int) -> int:
+    def plan_batch(batch_size: int, kernel_size: int, windows: int, frame_bytes: int = 0,
+                   buffers: int = 2, scratch_bytes: int = 0) -> int:
         """Windows per CPU batch
 
         At most :data:`PIPELINE_BATCH` (and `batch_size`), at least four
         kernel sizes (re-reading ``kernel_size - 1`` frames per batch stays
         below a quarter), and for short inputs small enough that
         :data:`PIPELINE_DEPTH` batches overlap reading, computing and
-        writing.
+        writing. Then, where frames of `frame_bytes` bytes are given, fewer
+        if `buffers` input and output buffers of a batch and the kernels'
+        `scratch_bytes` would take more than :data:`BATCH_MEMORY_BYTES`, but
+        not fewer than `kernel_size` windows (re-reading at most half): large
+        16-bit frames at large kernel sizes.
+
+        Parameters
+        ----------
+        batch_size, kernel_size: int
+            The method's keywords.
+        windows: int
+            Windows of the run.
+        frame_bytes: int
+            Bytes of one frame; 0 leaves memory out of the plan.
+        buffers: int
+            Buffers of each kind a batch fills: 2 for threads (one read
+            ahead, one written behind), 3 for processes (and the shared one).
+        scratch_bytes: int
+            The scratch all workers keep together.
         """
         overlapped = -(-windows // PIPELINE_DEPTH)
-        return max(1, min(batch_size, max(4 * kernel_size, min(PIPELINE_BATCH, overlapped))))
+        wanted = max(1, min(batch_size, max(4 * kernel_size, min(PIPELINE_BATCH, overlapped))))
+        if not frame_bytes:
+            return wanted
+        # buffers × (an input batch of b + k - 1 frames and an output batch of b)
+        frames = (BATCH_MEMORY_BYTES - scratch_bytes) // (buffers * frame_bytes)
+        affordable = (frames - (kernel_size - 1)) // 2
+        return max(min(wanted, kernel_size), min(wanted, affordable))
 
     def __enter__(self):
         self.workers.start()
@@ -481,8 +611,8 @@ class CPURollingMedian(Engine):
         rows = max(batch.input_size for batch in batches)
         out_rows = max(batch.output_size for batch in batches)
         prefetcher = Prefetcher(read_into, batches,
-                                [np.empty((rows, self.pixels), np.uint8) for _ in range(2)])
-        writer = WriterThread(write_at, [np.empty((out_rows, self.pixels), np.uint8)
+                                [np.empty((rows, self.pixels), self.dtype) for _ in range(2)])
+        writer = WriterThread(write_at, [np.empty((out_rows, self.pixels), self.dtype)
                                          for _ in range(2)], on_written)
         median_seconds = 0.0
         last = None

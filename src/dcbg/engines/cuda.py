@@ -22,6 +22,11 @@ buffer once its download is done. The pixels of a batch's frames that its
 check needs are copied out of the input buffer before the reader gets it
 back.
 
+Frames of uint8, int8, uint16 and int16 go through the same pipeline in
+buffers of their dtype: the kernel of their dtype orders signed values by
+flipping their sign bit on the GPU, so the host copies the caller's values
+as they are, and the check recomputes them in their own order.
+
 The kernel and its launch plans come from :mod:`~dcbg.engines.cudakernel`;
 batch sizes and the page-locked buffers, kept across runs, from
 :mod:`~dcbg.engines.cudamemory`. If memory runs out anyway, the buffers are
@@ -37,7 +42,7 @@ import threading
 
 import numpy as np
 
-from ..errors import DeviceError, first_line, overlap_error
+from ..errors import DeviceError, first_line, overlap_error, setting_error
 from . import cudakernel, cudamemory, verification
 from .base import Engine
 from .batches import Prefetcher, WriterThread, plan_windows
@@ -60,8 +65,9 @@ class CUDARollingMedian(Engine):
         device batch, :attr:`batch_windows`, is sized by device and host
         memory within it (see :func:`~dcbg.engines.cudamemory.device_batch_size`).
     kernels: dcbg.engines.cudakernel.CompiledKernels
-        The kernels loaded on the device that computes, as the ready device
-        holds them (:meth:`dcbg.devices.DeviceChoice.ready`).
+        The module of kernels that computes frames of `dtype`, loaded on the
+        device that computes, as the ready device holds them
+        (:meth:`dcbg.devices.ReadyDevice.kernels_for`).
     memory_share: float
         Part of the device's free memory this engine may plan with (engines
         that share a device split it).
@@ -78,9 +84,15 @@ class CUDARollingMedian(Engine):
         "sample", "all" or "off": which pixels of every batch the CPU
         recomputes and compares before the batch is written
         (see :mod:`~dcbg.engines.verification`).
+    dtype: numpy.dtype, optional
+        Of the frames and medians: uint8 (default), int8, uint16 or int16.
 
     Raises
     ------
+    TypeError
+        If the GPU kernels take no frames of `dtype`.
+    ValueError
+        If `kernels` is another module than the one of `dtype`'s kernels.
     MemoryError
         If not even a batch of one window fits.
     """
@@ -88,25 +100,31 @@ class CUDARollingMedian(Engine):
     def __init__(self, image_shape, kernel_size, windows,
                  kernels: cudakernel.CompiledKernels, memory_share: float = 1.0,
                  free_bytes: int | None = None, host_share: float = 1.0,
-                 host_bytes: int | None = None, verify: str = "sample"):
+                 host_bytes: int | None = None, verify: str = "sample", dtype=np.uint8):
         import cupy
 
-        super().__init__(image_shape, kernel_size, windows)
+        super().__init__(image_shape, kernel_size, windows, dtype)
+        family = cudakernel.kernel_family(self.dtype)  # a dtype they do not take: TypeError
+        if kernels.module != family.module:
+            raise ValueError(f"{self.dtype} frames need the {family.module} kernels, not the "
+                             f"{kernels.module} kernels; take them from "
+                             f"ReadyDevice.kernels_for({self.dtype}).")
         self.cupy = cupy
         self.device_index = kernels.device_index
         """the CUDA ordinal of the device that computes"""
         device_index = self.device_index
         self.verify = verify
         self.result_check = verification.ResultCheck(verify, kernel_size, self.image_shape,
-                                                     device_index)
+                                                     device_index, self.dtype)
         """the check of the last run's results against the CPU"""
-        self.launcher = cudakernel.Launcher(device_index, self.pixels, kernel_size, kernels)
+        self.launcher = cudakernel.Launcher(device_index, self.pixels, kernel_size, kernels,
+                                            self.dtype)
         """the kernel's launches on this device, each batch length planned once"""
         free = cudamemory.free_device_memory(device_index) if free_bytes is None else free_bytes
         host = cudamemory.pinned_memory_budget() if host_bytes is None else host_bytes
         self.batch_windows = cudamemory.device_batch_size(
             windows, kernel_size, self.pixels, free, host, memory_share, host_share,
-            fill_windows=self.launcher.windows_to_fill())
+            fill_windows=self.launcher.windows_to_fill(), itemsize=self.dtype.itemsize)
         logger.info("Device batches of %d windows (%.0f MiB free on the device, share %.2f; "
                     "%s of page-locked host memory, share %.2f)", self.batch_windows,
                     free / 2**20, memory_share,
@@ -151,7 +169,8 @@ class CUDARollingMedian(Engine):
 
         self.stage_seconds = {}
         self.result_check = verification.ResultCheck(self.verify, self.kernel_size,
-                                                     self.image_shape, self.device_index)
+                                                     self.image_shape, self.device_index,
+                                                     self.dtype)
         with on_device(self.device_index):  # the thread's device for the whole run
             while True:
                 batches = plan_windows(first + written, stop, self.kernel_size,
@@ -162,17 +181,19 @@ class CUDARollingMedian(Engine):
                         cudamemory.PinnedMemoryError) as error:
                     smaller = self.batch_windows // 2
                     if smaller < 1:
-                        raise MemoryError(
-                            f"CUDA device {self.device_index} is out of memory even for one "
-                            f"frame ({first_line(error)}); free GPU memory or use "
-                            f"device=\"cpu\".") from error
+                        raise setting_error(
+                            MemoryError, "CUDA device {index} is out of memory even for one "
+                            "frame ({reason}); free GPU memory or use {setting}.", "device",
+                            suggested=("cpu",), index=self.device_index,
+                            reason=first_line(error)) from error
                     failure = first_line(error)
                 except (cupy.cuda.runtime.CUDARuntimeError,
                         cupy.cuda.driver.CUDADriverError) as error:
-                    raise DeviceError(
-                        f"CUDA device {self.device_index} failed while computing the median "
-                        f"({first_line(error)}); no output was kept; check the GPU with "
-                        f"nvidia-smi, or use device=\"cpu\".") from error
+                    raise setting_error(
+                        DeviceError, "CUDA device {index} failed while computing the median "
+                        "({reason}); no output was kept; check the GPU with nvidia-smi, or use "
+                        "{setting}.", "device", suggested=("cpu",), index=self.device_index,
+                        reason=first_line(error)) from error
                 # Released only here, out of the except block: until it ends, the
                 # exception's traceback keeps the failed attempt's buffers referenced,
                 # and memory still referenced is not freed. A frame that holds the
@@ -198,15 +219,16 @@ class CUDARollingMedian(Engine):
         pinned_in_count, pinned_out_count = cudamemory.PINNED_BUFFERS
         device_in_count, device_out_count = cudamemory.DEVICE_BUFFERS
         streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(3)]
-        device_in = [cupy.empty((rows, self.pixels), np.uint8)
+        device_in = [cupy.empty((rows, self.pixels), self.dtype)
                      for _ in range(device_in_count)]
-        device_out = [cupy.empty((out_rows, self.pixels), np.uint8)
+        device_out = [cupy.empty((out_rows, self.pixels), self.dtype)
                       for _ in range(device_out_count)]
         pinned = cudamemory.pinned_buffers.take(self.device_index, rows, self.pixels,
-                                                pinned_in_count)
+                                                pinned_in_count, self.dtype)
         try:
             pinned += cudamemory.pinned_buffers.take(self.device_index, out_rows,
-                                                     self.pixels, pinned_out_count)
+                                                     self.pixels, pinned_out_count,
+                                                     self.dtype)
         except BaseException:
             cudamemory.pinned_buffers.give_back(self.device_index, pinned)
             raise
@@ -316,9 +338,10 @@ class CUDARollingMedian(Engine):
         self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
 
-_checked_gpu_arrays: set[tuple[int, str]] = set()
-"""(device, kernel entry point: one per count width) whose GPU-array results this process
-has checked against the CPU"""
+_checked_gpu_arrays: set[tuple[int, str, str]] = set()
+"""(device, kernel entry point, dtype) whose GPU-array results this process has checked
+against the CPU: one entry point per kernel family and count width, which int16 and uint16
+frames share with different values to order"""
 
 _checked_lock = threading.Lock()
 
@@ -340,7 +363,8 @@ def rolling_median_on_gpu(frames, kernel_size: int, windows: int, shape: tuple, 
     Parameters
     ----------
     frames: cupy.ndarray
-        uint8 frames, events along the first axis (checked by the caller).
+        Frames of uint8, int8, uint16 or int16, events along the first axis
+        (checked by the caller).
     kernel_size: int
         Frames per window.
     windows: int
@@ -349,19 +373,23 @@ def rolling_median_on_gpu(frames, kernel_size: int, windows: int, shape: tuple, 
         Shape of the result: `windows` rows, or more, which repeat the
         last window (dcnum's background).
     out: cupy.ndarray or None
-        Where the result goes (uint8 of `shape`, checked by the caller; it must
-        be on the frames' device).
+        Where the result goes (of `shape` and the frames' dtype, checked by the
+        caller; it must be on the frames' device).
     verify: str or None
         "sample" or "all" checks this call, "off" none; None checks a sample
-        of the first call per process, GPU and width of the kernel's counts.
+        of the first call per process, GPU, dtype and width of the kernel's
+        counts.
 
     Returns
     -------
     result: cupy.ndarray
-        `out`, or a new array on the frames' device.
+        `out`, or a new array of the frames' dtype on their device.
 
     Raises
     ------
+    TypeError
+        If the GPU kernels take no frames of this dtype, or `out` is no CuPy
+        array on the frames' GPU.
     GPUResultError
         If a checked median differs from the CPU's.
     """
@@ -369,29 +397,32 @@ def rolling_median_on_gpu(frames, kernel_size: int, windows: int, shape: tuple, 
 
     count = frames.shape[0]
     pixels = int(np.prod(shape[1:], dtype=np.int64))
+    dtype = np.dtype(frames.dtype)
     device = frames.device.id
     if out is not None and (not isinstance(out, cupy.ndarray) or out.device.id != device):
         raise TypeError(f"out must be a CuPy array on GPU {device}, where the frames are.")
+    if out is not None and np.dtype(out.dtype) != dtype:  # the kernel would write past it
+        raise TypeError(f"out must be {dtype}, as the frames are, got {np.dtype(out.dtype)}.")
     if out is not None and cupy.may_share_memory(out, frames):
         raise overlap_error()
-    launcher = cudakernel.launcher_for(device, pixels, kernel_size)
+    launcher = cudakernel.launcher_for(device, pixels, kernel_size, dtype)
     with on_device(device):
         stream = cupy.cuda.get_current_stream()
         flat = cupy.ascontiguousarray(frames).reshape(count, pixels)
         direct = out is not None and out.flags.c_contiguous
-        result = out if direct else cupy.empty(shape, np.uint8)
+        result = out if direct else cupy.empty(shape, dtype)
         medians = result.reshape(shape[0], pixels)
         launcher.launch(flat, medians, windows, stream)
         if shape[0] > windows:
             medians[windows:] = medians[windows - 1]
-        first_call = (device, cudakernel.kernel_name(kernel_size))  # one per count width
+        first_call = (device, cudakernel.kernel_name(kernel_size, dtype), dtype.str)
         if verify is None:
             with _checked_lock:
                 mode = "off" if first_call in _checked_gpu_arrays else "sample"
         else:
             mode = verify
         if mode != "off":
-            check = verification.ResultCheck(mode, kernel_size, shape[1:], device)
+            check = verification.ResultCheck(mode, kernel_size, shape[1:], device, dtype)
             columns = check.columns(launcher.plan(windows).block, next(_array_checks))
             frames_part, medians_part = _sampled_on_host(cupy, flat, medians[:windows],
                                                          columns)
@@ -413,7 +444,7 @@ def _sampled_on_host(cupy, frames, medians, columns):
         return cupy.asnumpy(frames), cupy.asnumpy(medians)
     rows = frames.shape[0]
     index = cupy.asarray(columns)
-    both = cupy.empty((rows + medians.shape[0], len(columns)), np.uint8)
+    both = cupy.empty((rows + medians.shape[0], len(columns)), frames.dtype)
     cupy.take(frames, index, axis=1, out=both[:rows])
     cupy.take(medians, index, axis=1, out=both[rows:])
     host = cupy.asnumpy(both)

@@ -33,7 +33,8 @@ import typing
 import numpy as np
 
 from .. import cudaprobe
-from ..errors import first_line
+from ..dtypes import check_frame_dtype
+from ..errors import first_line, setting_error
 from .base import count_dtype
 from .cudacontext import on_device, use_device
 
@@ -110,17 +111,19 @@ KERNEL_FAMILIES = {
     np.dtype(np.uint16): KernelFamily("dcbg_rollmed_window16", False, 1.5, 0),
     np.dtype(np.int16): KernelFamily("dcbg_rollmed_window16", False, 1.5, 0x8000),
 }
-"""The kernel family of each dtype the GPU computes medians of"""
+"""The kernel family of each dtype dcbg computes medians of
+(:data:`dcbg.dtypes.FRAME_DTYPES`)"""
 
 
 def kernel_family(dtype) -> KernelFamily:
-    """The entry points for frames of `dtype`; TypeError for a dtype they do not take"""
-    family = KERNEL_FAMILIES.get(np.dtype(dtype))
-    if family is None:
-        supported = ", ".join(str(d) for d in KERNEL_FAMILIES)
-        raise TypeError(f"The GPU kernel takes frames of {supported}, not {np.dtype(dtype)}; "
-                        f"convert the frames to one of these dtypes.")
-    return family
+    """The entry points for frames of `dtype`
+
+    Raises
+    ------
+    TypeError
+        If dcbg computes no frames of `dtype` (:func:`dcbg.dtypes.check_frame_dtype`).
+    """
+    return KERNEL_FAMILIES[check_frame_dtype(dtype)]
 
 
 def kernel_name(kernel_size: int, dtype=np.uint8) -> str:
@@ -165,6 +168,9 @@ class CompiledKernels:
 
     device_index: int
     """the CUDA device they are loaded on"""
+    module: str
+    """the module of rollmed.cu they are (:data:`MODULE_MACROS`), which the frames' dtype
+    chooses (:attr:`KernelFamily.module`)"""
     functions: dict
     """CuPy RawKernels by entry point name"""
     occupancy: dict
@@ -263,8 +269,9 @@ def plan_launch(pixels: int, output_size: int, kernel_size: int,
     name = kernel_name(kernel_size, dtype)
     warm_up = kernel_family(dtype).warm_up_steps * (kernel_size - 1)
     if kernel_size > INT_MAX:
-        raise ValueError(f"kernel_size={kernel_size} is more than a GPU kernel takes "
-                         f"({INT_MAX}); use device=\"cpu\".")
+        raise setting_error(ValueError, "kernel_size={kernel_size} is more than a GPU kernel "
+                            "takes ({limit}); use {setting}.", "device", suggested=("cpu",),
+                            kernel_size=kernel_size, limit=INT_MAX)
     # A segment's windows are counted in the kernel's int.
     fewest = -(-output_size // INT_MAX)
     longest = max(fewest, min(MAX_GRID_Y, output_size // max(1, MIN_SEGMENT_WINDOWS
@@ -386,7 +393,7 @@ def _compile(device_index: int, module: str) -> CompiledKernels:
             occupancy[name, block] = int(
                 cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
                     handle, block, shared))
-    return CompiledKernels(device_index, functions, occupancy)
+    return CompiledKernels(device_index, module, functions, occupancy)
 
 
 def multiprocessor_count(device_index: int) -> int:

@@ -9,8 +9,10 @@ memory. The method's ``batch_size`` plays no part; the result never depends
 on the batch.
 
 Page-locked (pinned) host buffers are slow to allocate, so they are kept
-for the whole process in :data:`pinned_buffers`, by device and frame size,
-and handed to one run after the other. Each is allocated at its exact size
+for the whole process in :data:`pinned_buffers`, by device and bytes per
+frame, and handed to one run after the other, whatever the dtype of its
+frames. Batches are sized in bytes too: a frame of 16-bit values takes
+twice the memory of one of 8-bit values. Each is allocated at its exact size
 (CuPy's pinned pool would round it up to a power of two). They are released
 when memory runs out (before the run retries with a smaller batch) and at
 exit.
@@ -26,7 +28,7 @@ import threading
 
 import numpy as np
 
-from ..errors import first_line
+from ..errors import first_line, setting_error
 from .cudacontext import on_device
 
 logger = logging.getLogger(__name__)
@@ -60,7 +62,8 @@ class PinnedMemoryError(MemoryError):
 
 def device_batch_size(windows: int, kernel_size: int, pixels: int, free_device_bytes: int,
                       host_bytes: int | None, device_share: float = 1.0,
-                      host_share: float = 1.0, fill_windows: int = 0) -> int:
+                      host_share: float = 1.0, fill_windows: int = 0,
+                      itemsize: int = 1) -> int:
     """Largest device batch whose buffers fit on the device and in the host's memory
 
     The device holds :data:`DEVICE_BUFFERS` input buffers of ``batch +
@@ -87,33 +90,39 @@ def device_batch_size(windows: int, kernel_size: int, pixels: int, free_device_b
         (:meth:`~dcbg.engines.cudakernel.Launcher.windows_to_fill`): with a
         large kernel, :data:`DEVICE_BATCH_LIMIT` windows make too few
         segments to keep every SM busy.
+    itemsize: int
+        Bytes per pixel value (1 for uint8 and int8 frames, 2 for uint16 and
+        int16 ones).
 
     Raises
     ------
     MemoryError
         If not even a batch of one window fits.
     """
+    frame_bytes = pixels * itemsize
     inputs, outputs = DEVICE_BUFFERS
-    rows = int(free_device_bytes * DEVICE_MEMORY_FRACTION * device_share) // pixels
+    rows = int(free_device_bytes * DEVICE_MEMORY_FRACTION * device_share) // frame_bytes
     batch = (rows - inputs * kernel_size) // (inputs + outputs)
     if batch < 1:
-        raise MemoryError(
-            f"The GPU has {free_device_bytes / 2**20:.0f} MiB free, too little for frames of "
-            f"{pixels} pixels with kernel_size={kernel_size}; free GPU memory or use "
-            f"device=\"cpu\".")
+        raise setting_error(
+            MemoryError, "The GPU has {free:.0f} MiB free, too little for frames of {pixels} "
+            "pixels with kernel_size={kernel_size}; free GPU memory or use {setting}.",
+            "device", suggested=("cpu",), free=free_device_bytes / 2**20, pixels=pixels,
+            kernel_size=kernel_size)
     if host_bytes is not None:
         inputs, outputs = PINNED_BUFFERS
-        rows = int(host_bytes * host_share) // pixels
+        rows = int(host_bytes * host_share) // frame_bytes
         fitting = (rows - inputs * kernel_size) // (inputs + outputs)
         if fitting < 1:
-            raise MemoryError(
-                f"Only {host_bytes * host_share / 2**20:.0f} MiB of host memory may be "
-                f"page-locked (a share of the available memory), too little for frames of "
-                f"{pixels} pixels with kernel_size={kernel_size}; close other programs or "
-                f"use device=\"cpu\".")
+            raise setting_error(
+                MemoryError, "Only {share:.0f} MiB of host memory may be page-locked (a share "
+                "of the available memory), too little for frames of {pixels} pixels with "
+                "kernel_size={kernel_size}; close other programs or use {setting}.", "device",
+                suggested=("cpu",), share=host_bytes * host_share / 2**20, pixels=pixels,
+                kernel_size=kernel_size)
         batch = min(batch, fitting)
     return max(1, min(batch, windows, max(DEVICE_BATCH_LIMIT, fill_windows),
-                      BUFFER_BYTES_LIMIT // pixels))
+                      BUFFER_BYTES_LIMIT // frame_bytes))
 
 
 def available_host_memory(meminfo: pathlib.Path = MEMINFO) -> int | None:
@@ -162,8 +171,8 @@ def release_device_memory(device_index: int):
         cupy.get_default_memory_pool().free_all_blocks()
 
 
-def allocate_pinned(device_index: int, rows: int, pixels: int) -> np.ndarray:
-    """A ``(rows, pixels)`` uint8 array in page-locked memory of exactly that size
+def allocate_pinned(device_index: int, rows: int, row_bytes: int) -> np.ndarray:
+    """A ``(rows, row_bytes)`` uint8 array in page-locked memory of exactly that size
 
     Raises
     ------
@@ -172,7 +181,7 @@ def allocate_pinned(device_index: int, rows: int, pixels: int) -> np.ndarray:
     """
     import cupy
 
-    nbytes = rows * pixels
+    nbytes = rows * row_bytes
     try:
         with on_device(device_index):  # no context on another device for it
             memory = cupy.cuda.PinnedMemory(nbytes, cupy.cuda.runtime.hostAllocPortable)
@@ -184,36 +193,39 @@ def allocate_pinned(device_index: int, rows: int, pixels: int) -> np.ndarray:
         raise
     _release_at_exit()
     pointer = cupy.cuda.PinnedMemoryPointer(memory, 0)
-    return np.frombuffer(pointer, np.uint8, nbytes).reshape(rows, pixels)
+    return np.frombuffer(pointer, np.uint8, nbytes).reshape(rows, row_bytes)
 
 
 class PinnedBuffers:
-    """Page-locked host buffers kept for the process, by device and frame size
+    """Page-locked host buffers kept for the process, by device and bytes per frame
 
     A run takes the buffers it needs and gives them back when it ends, so
     runs on one device may follow each other (or run side by side) without
-    allocating again. Buffers larger than asked for serve too. Kept buffers
-    of another frame size on the device are released when a run takes
-    buffers, and so are those too small when a run needs more than fit.
+    allocating again. Buffers larger than asked for serve too, and so do
+    those of frames of another dtype with as many bytes. Kept buffers of
+    another frame size on the device are released when a run takes buffers,
+    and so are those too small when a run needs more than fit.
     """
 
     def __init__(self):
         self._lock = threading.Lock()
         self._free: dict[tuple[int, int], list[np.ndarray]] = {}
 
-    def take(self, device_index: int, rows: int, pixels: int, count: int) -> list[np.ndarray]:
-        """`count` buffers of at least ``(rows, pixels)``, kept ones first
+    def take(self, device_index: int, rows: int, pixels: int, count: int,
+             dtype=np.uint8) -> list[np.ndarray]:
+        """`count` buffers of at least ``(rows, pixels)`` of `dtype`, kept ones first
 
         Raises
         ------
         PinnedMemoryError
             If the host cannot page-lock the missing ones.
         """
+        row_bytes = pixels * np.dtype(dtype).itemsize
         with self._lock:
             for key in [key for key in self._free if key[0] == device_index
-                        and key[1] != pixels]:
+                        and key[1] != row_bytes]:
                 del self._free[key]
-            free = self._free.setdefault((device_index, pixels), [])
+            free = self._free.setdefault((device_index, row_bytes), [])
             free.sort(key=len)
             fitting = [buffer for buffer in free if len(buffer) >= rows][:count]
             # Runs of this size need more: the smaller kept buffers are of no use any more.
@@ -222,17 +234,19 @@ class PinnedBuffers:
                        and (len(fitting) == count or len(buffer) >= rows)]
         try:
             while len(fitting) < count:
-                fitting.append(allocate_pinned(device_index, rows, pixels))
+                fitting.append(allocate_pinned(device_index, rows, row_bytes))
         except BaseException:
             self.give_back(device_index, fitting)
             raise
-        return fitting
+        return [buffer.view(dtype) for buffer in fitting]
 
     def give_back(self, device_index: int, buffers: list[np.ndarray]):
-        """Keep `buffers` for the next run on the device"""
+        """Keep `buffers` (of any dtype, as :meth:`take` gave them) for the next run on the
+        device"""
         with self._lock:
             for buffer in buffers:
-                self._free.setdefault((device_index, buffer.shape[1]), []).append(buffer)
+                raw = buffer.view(np.uint8)  # kept by bytes per frame
+                self._free.setdefault((device_index, raw.shape[1]), []).append(raw)
 
     def release(self, device_index: int | None = None):
         """Free the kept buffers of one device, or of all"""

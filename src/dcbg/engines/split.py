@@ -39,13 +39,17 @@ class SplitRollingMedian(Engine):
     kernel_size, windows: int
         As for :class:`~dcbg.engines.cuda.CUDARollingMedian` (per device).
     kernels: sequence of dcbg.engines.cudakernel.CompiledKernels
-        The kernels loaded on each CUDA device, as the ready device holds them.
+        The kernels of `dtype` loaded on each CUDA device, as the ready device
+        holds them (:meth:`dcbg.devices.ReadyDevice.kernels_for`).
     verify: str
         Which results the CPU checks (see :class:`~dcbg.engines.cuda.CUDARollingMedian`).
+    dtype: numpy.dtype, optional
+        Of the frames and medians: uint8 (default), int8, uint16 or int16.
     """
 
-    def __init__(self, image_shape, kernel_size, windows, kernels, verify: str = "sample"):
-        super().__init__(image_shape, kernel_size, windows)
+    def __init__(self, image_shape, kernel_size, windows, kernels, verify: str = "sample",
+                 dtype=np.uint8):
+        super().__init__(image_shape, kernel_size, windows, dtype)
         kernels = list(kernels)
         self.indices = [loaded.device_index for loaded in kernels]
         ranges = max(2, len(kernels))
@@ -57,7 +61,7 @@ class SplitRollingMedian(Engine):
                                           memory_share=1 / sharing[loaded.device_index],
                                           free_bytes=free[loaded.device_index],
                                           host_share=1 / ranges, host_bytes=host,
-                                          verify=verify)
+                                          verify=verify, dtype=self.dtype)
                         for loaded in devices]
 
     def facts(self) -> dict:

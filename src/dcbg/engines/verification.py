@@ -20,6 +20,11 @@ show:
   :data:`SAMPLE_LEAST` of them (every pixel of smaller frames).
 
 "all" checks every pixel, "off" nothing (see :func:`dcbg.settings.parse_verify`).
+
+Frames of every dtype the GPU computes are checked: uint8 and uint16 by the
+CPU kernel as they are, int8 and int16 as their unsigned views with the sign
+bit flipped (which orders them as the signed values), the CPU's medians
+flipped back before they are compared with the GPU's, byte for byte.
 The check runs on a thread of the host that waits for the download anyway
 (the writer's), so it stays off the GPU's path. Its CPU time goes mostly to
 reading the sampled columns out of whole batches (with thread blocks of 32
@@ -38,7 +43,8 @@ import time
 import numpy as np
 
 from .. import cpukernels
-from ..errors import GPUResultError
+from ..dtypes import flip_sign_bit, kernel_dtype, sign_bit
+from ..errors import GPUResultError, setting_error
 from .cpu import compute_median_for_slice, job_slices
 
 SAMPLE_FRACTION = 0.01
@@ -96,7 +102,8 @@ class FrameSample:
     columns: np.ndarray | None
     """the pixels checked (None: every pixel)"""
     frames: np.ndarray
-    """C-contiguous ``(input frames, len(columns))`` uint8: those pixels of the batch's frames"""
+    """C-contiguous ``(input frames, len(columns))`` of the frames' dtype: those pixels of
+    the batch's frames"""
 
 
 class ResultCheck:
@@ -117,11 +124,19 @@ class ResultCheck:
         Shape of one frame (to name a wrong pixel by row and column).
     device_index: int
         The CUDA device whose results are checked.
+    dtype: numpy.dtype, optional
+        Of the frames and medians: uint8 (default), int8, uint16 or int16.
     """
 
-    def __init__(self, mode: str, kernel_size: int, image_shape, device_index: int):
+    def __init__(self, mode: str, kernel_size: int, image_shape, device_index: int,
+                 dtype=np.uint8):
         self.mode = mode
         self.kernel_size = kernel_size
+        self.dtype = np.dtype(dtype)
+        self.unsigned = kernel_dtype(self.dtype)
+        """the unsigned type of the same size: the CPU kernels' values"""
+        self.sign_bit = sign_bit(self.dtype)
+        """flipped to order signed values as unsigned ones (0 for unsigned frames)"""
         self.image_shape = tuple(image_shape)
         self.pixels = int(np.prod(self.image_shape, dtype=np.int64))
         self.device_index = device_index
@@ -148,7 +163,8 @@ class ResultCheck:
         Parameters
         ----------
         frames: np.ndarray
-            The batch's input frames as the host holds them (C-contiguous uint8).
+            The batch's input frames as the host holds them (C-contiguous, of the
+            check's dtype).
         block: int
             Pixels per thread block of the batch's launch.
         key: int
@@ -161,8 +177,9 @@ class ResultCheck:
         if columns is None:
             copied = np.array(frames)
         else:
-            copied = np.empty((len(frames), len(columns)), np.uint8)
-            cpukernels.cpu_kernels().gather_columns(frames, columns, copied)
+            copied = np.empty((len(frames), len(columns)), self.dtype)
+            cpukernels.cpu_kernels().gather_columns(frames.view(self.unsigned), columns,
+                                                    copied.view(self.unsigned))
         self._add(0, time.perf_counter() - t0)
         return FrameSample(columns, copied)
 
@@ -174,7 +191,8 @@ class ResultCheck:
         sample: FrameSample or None
             What :meth:`take_frames` copied of the batch's frames (None: nothing to check).
         medians: np.ndarray
-            C-contiguous uint8: the GPU's medians of the batch, as downloaded.
+            C-contiguous, of the check's dtype: the GPU's medians of the batch, as
+            downloaded.
         first_window: int
             The batch's first window.
 
@@ -188,7 +206,9 @@ class ResultCheck:
         t0 = time.perf_counter()
         cpu = self._recompute(sample.frames, len(medians))
         # compared where they lie in the batch: no copy of the GPU's medians
-        found = cpukernels.cpu_kernels().first_difference(medians, sample.columns, cpu)
+        found = cpukernels.cpu_kernels().first_difference(medians.view(self.unsigned),
+                                                          sample.columns,
+                                                          cpu.view(self.unsigned))
         self._add(cpu.size, time.perf_counter() - t0)
         if found >= 0:
             window, index = divmod(found, cpu.shape[1])
@@ -203,10 +223,11 @@ class ResultCheck:
         Parameters
         ----------
         frames: np.ndarray
-            C-contiguous ``(windows + kernel_size - 1, n)`` uint8: the input frames
-            of the `n` pixels, from window `first_window` on.
+            C-contiguous ``(windows + kernel_size - 1, n)`` of the check's dtype: the
+            input frames of the `n` pixels, from window `first_window` on.
         gpu: np.ndarray
-            C-contiguous ``(windows, n)`` uint8: the GPU's medians of these pixels.
+            C-contiguous ``(windows, n)`` of the check's dtype: the GPU's medians of
+            these pixels.
         columns: np.ndarray or None
             The pixels' indices in the flattened frame (None: all of them, in order).
         first_window: int
@@ -219,7 +240,8 @@ class ResultCheck:
         """
         t0 = time.perf_counter()
         cpu = self._recompute(frames, len(gpu))
-        found = cpukernels.cpu_kernels().first_difference(gpu, None, cpu)
+        found = cpukernels.cpu_kernels().first_difference(gpu.view(self.unsigned), None,
+                                                          cpu.view(self.unsigned))
         self._add(cpu.size, time.perf_counter() - t0)
         if found >= 0:
             window, index = divmod(found, cpu.shape[1])
@@ -228,21 +250,28 @@ class ResultCheck:
                               cpu[window, index])
 
     def _recompute(self, frames: np.ndarray, windows: int) -> np.ndarray:
-        """The CPU kernel's medians of the first `windows` windows of `frames`' columns"""
+        """The CPU kernel's medians of the first `windows` windows of `frames`' columns,
+        of the check's dtype"""
         width = frames.shape[1]
-        cpu = np.empty((windows, width), np.uint8)
-        # one histogram per pixel: slices of cache size (a whole frame's would not fit)
+        values = frames.view(self.unsigned)
+        if self.sign_bit:  # the CPU kernels order unsigned values; the frames stay as given
+            values = values.copy()
+            flip_sign_bit(values, self.sign_bit)
+        cpu = np.empty((windows, width), self.unsigned)
+        # one window per pixel: slices of cache size (a whole frame's would not fit)
         for job in job_slices(width, 1):
-            compute_median_for_slice(frames, cpu, self.kernel_size, windows, job)
-        return cpu
+            compute_median_for_slice(values, cpu, self.kernel_size, windows, job)
+        flip_sign_bit(cpu, self.sign_bit)
+        return cpu.view(self.dtype)
 
     def _error(self, event: int, pixel: int, gpu, cpu) -> GPUResultError:
         """The error for a GPU's median `gpu` where the CPU computes `cpu`"""
-        return GPUResultError(
-            f"CUDA device {self.device_index} computed a wrong median at event {event}, "
-            f"{pixel_words(pixel, self.image_shape)}: the GPU gave {gpu} where the CPU "
-            f"computes {cpu}, so its results cannot be trusted; check the GPU (nvidia-smi, "
-            f"dcbg selftest --device cuda:{self.device_index}) or use device=\"cpu\".")
+        return setting_error(
+            GPUResultError, "CUDA device {index} computed a wrong median at event {event}, "
+            "{pixel}: the GPU gave {gpu} where the CPU computes {cpu}, so its results cannot "
+            "be trusted; check the GPU (nvidia-smi, dcbg selftest --device cuda:{index}) or "
+            "use {setting}.", "device", suggested=("cpu",), index=self.device_index,
+            event=event, pixel=pixel_words(pixel, self.image_shape), gpu=gpu, cpu=cpu)
 
     def _add(self, pixel_outputs: int, seconds: float):
         with self._lock:

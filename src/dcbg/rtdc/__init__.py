@@ -10,6 +10,8 @@ One module per job:
   swaps, locks;
 - :mod:`~dcbg.rtdc.chunks`: HDF5 chunks decoded and encoded in a thread
   pool, so reading and writing use every core;
+- :mod:`~dcbg.rtdc.describe`: what a file carries, as ``dcbg info FILE``
+  prints it;
 - :mod:`~dcbg.rtdc.basins`, :mod:`~dcbg.rtdc.hdf5`: the conventions of
   the format; :mod:`~dcbg.rtdc.probe`: metadata read in a child process
   first, for files on which libhdf5 itself hangs or crashes.

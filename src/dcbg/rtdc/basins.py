@@ -86,12 +86,17 @@ class FileBasin:
         return next((path for path in self.paths if path.is_file()), None)
 
 
+def is_file_basin(definition: dict) -> bool:
+    """Whether a basin definition is a "file" basin in HDF5 format, the kind dcbg follows"""
+    return definition.get("type") == "file" and definition.get("format") == "hdf5"
+
+
 def file_basins(h5: h5py.File, path: pathlib.Path) -> list[FileBasin]:
     """The "file"/"hdf5" basins of a file, with their candidate paths resolved"""
     basins = []
     folder = path.parent
     for definition in read_basin_definitions(h5):
-        if definition.get("type") != "file" or definition.get("format") != "hdf5":
+        if not is_file_basin(definition):
             continue
         features = definition.get("features")
         mapping = definition.get("mapping")
@@ -161,16 +166,17 @@ def files_read_by(path: pathlib.Path) -> list[pathlib.Path]:
             linked = _external_files(h5, current)
             basins = file_basins(h5, current) if depth < BASIN_DEPTH else []
         for candidate in linked + [p for basin in basins for p in basin.paths]:
-            if candidate.is_file() and not any(_same(candidate, seen) for seen in found):
+            if candidate.is_file() and not any(same_file(candidate, seen) for seen in found):
                 found.append(candidate)
                 pending.append((candidate, depth + 1))
     return found
 
 
-def _same(a: pathlib.Path, b: pathlib.Path) -> bool:
+def same_file(a, b) -> bool:
+    """Whether two paths name the same file (symbolic and hard links included)"""
     try:
         return os.path.samefile(a, b)
-    except OSError:
+    except OSError:  # one of them does not exist
         return False
 
 
@@ -236,7 +242,7 @@ def write_output_basins(dst: h5py.File, src: h5py.File, source: pathlib.Path,
         "type": "file",
     })
     for definition in read_basin_definitions(src):
-        if definition.get("type") != "file" or definition.get("format") != "hdf5":
+        if not is_file_basin(definition):
             continue
         copy = dict(definition)
         candidates = basin_candidates(definition, source.parent)

@@ -13,7 +13,10 @@ Filters handled here, which instruments and dcnum use: Zstandard (HDF5
 filter 32015, hdf5plugin's), deflate, shuffle and Fletcher-32. Datasets with
 any other filter, or stored contiguous, compact, virtual or in chunks that
 split a frame, are read through h5py (:meth:`ChunkCodec.for_dataset` returns
-None for them).
+None for them), as are values of another byte order than this machine's, which
+HDF5 converts while it reads. Values of any item size are decoded (shuffle's
+element size is the dataset's), so uint16 and int16 stacks take the same path
+as uint8 ones.
 """
 from __future__ import annotations
 
@@ -133,11 +136,14 @@ class ChunkCodec:
         """The codec of a dataset, or None where h5py has to read it
 
         Only chunked, non-virtual datasets whose chunks hold whole frames
-        (the chunk shape equals the frame shape beyond the first axis) and
-        whose filters are all in :data:`FILTER_NAMES` qualify.
+        (the chunk shape equals the frame shape beyond the first axis), whose
+        values are in this machine's byte order and whose filters are all in
+        :data:`FILTER_NAMES` qualify.
         """
         if dataset.is_virtual or dataset.chunks is None or dataset.external:
             return None
+        if not dataset.dtype.isnative:
+            return None  # HDF5 swaps the bytes while it reads and writes
         if tuple(dataset.chunks[1:]) != tuple(dataset.shape[1:]):
             return None
         plist = dataset.id.get_create_plist()
@@ -257,7 +263,9 @@ class ChunkedFrameReader:
         self.length = dataset.shape[0]
         self.chunk_length = dataset.chunks[0]
         self.frame_bytes = codec.nbytes // self.chunk_length
-        self.fill = np.full(self.frame_bytes, dataset.fillvalue or 0, np.uint8)
+        frame_values = self.frame_bytes // dataset.dtype.itemsize
+        self.fill = np.full(frame_values, dataset.fillvalue or 0, dataset.dtype).view(np.uint8)
+        """the bytes of a frame of a chunk never written, which HDF5 reads as the fill value"""
         self._local = threading.local()
 
     def read_into(self, start: int, stop: int, out: np.ndarray):
@@ -303,11 +311,10 @@ class ChunkedFrameReader:
         first_row = chunk * self.chunk_length
         wanted = rows[positions] - first_row
         try:
-            mask, stored = self.dataset.id.read_direct_chunk((first_row,) + (0,) * (
-                self.dataset.ndim - 1))
+            mask, stored = self.dataset.id.read_direct_chunk(self._coordinates(first_row))
         except (OSError, KeyError, RuntimeError, ValueError) as error:
-            if "not initialized" in str(error) or "not allocated" in str(error):
-                target[positions] = self.fill  # never written: HDF5 reads the fill value
+            if self._never_written(first_row, error):
+                target[positions] = self.fill  # HDF5 reads the fill value
                 return
             raise ChunkedReadError(first_row, first_row + self.chunk_length, error) from error
         whole = (len(positions) == self.chunk_length
@@ -326,6 +333,23 @@ class ChunkedFrameReader:
         except ChunkError as error:
             stop = min(first_row + self.chunk_length, self.length)
             raise ChunkedReadError(first_row, stop, error) from error
+
+    def _coordinates(self, first_row: int) -> tuple:
+        return (first_row,) + (0,) * (self.dataset.ndim - 1)
+
+    def _never_written(self, first_row: int, error: BaseException) -> bool:
+        """Whether the chunk that failed to read has no storage, its frames never written
+
+        HDF5's message for it changes between versions ("not initialized",
+        "not allocated", "chunk address isn't defined"); where HDF5 gives
+        chunk information (1.10.5 and later), the chunk's missing address
+        decides.
+        """
+        try:
+            info = self.dataset.id.get_chunk_info_by_coord(self._coordinates(first_row))
+        except (AttributeError, OSError, KeyError, RuntimeError, ValueError):
+            return "not initialized" in str(error) or "not allocated" in str(error)
+        return info.byte_offset is None
 
     def _scratch(self) -> np.ndarray:
         scratch = getattr(self._local, "scratch", None)

@@ -22,6 +22,9 @@ PPID_ATTRIBUTE = "dcnum ppid background"
 GENERATION_ATTRIBUTE = "dcnum ppid generation"
 """Attribute of ``image_bg`` that holds dcnum's pipeline generation"""
 
+DCNUM_PPID_GENERATION = "13"
+"""dcnum's pipeline generation, stored in :data:`GENERATION_ATTRIBUTE` beside every PPID"""
+
 IMAGE_ATTRIBUTES = {"CLASS": "IMAGE", "IMAGE_VERSION": "1.2",
                     "IMAGE_SUBCLASS": "IMAGE_GRAYSCALE"}
 """HDF5 image attributes of a grayscale image stack, as instruments and dcnum write them"""

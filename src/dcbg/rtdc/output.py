@@ -39,7 +39,7 @@ from ..errors import (
     first_line,
     write_failure_reason,
 )
-from .basins import files_read_by
+from .basins import files_read_by, same_file
 from .hdf5 import REPLACED_FEATURES, no_permission_error, open_hdf5
 
 logger = logging.getLogger(__name__)
@@ -103,14 +103,6 @@ def name_max(folder: pathlib.Path) -> int:
         return int(os.pathconf(folder, "PC_NAME_MAX"))
     except (OSError, ValueError, AttributeError):
         return NAME_MAX
-
-
-def same_file(a, b) -> bool:
-    """Whether two paths name the same file (symbolic and hard links included)"""
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist
-        return False
 
 
 def plan_output(output_path, input_path=None) -> OutputTarget:

@@ -270,17 +270,23 @@ class ImageSource:
     mapping: np.ndarray, optional
         Event ``i`` of the source is frame ``mapping[i]`` of `data` (a
         mapped basin).
+    image_rules: bool
+        Whether the stack must be images as an .rtdc file holds them (uint8,
+        at least two axes), as it must for a background written to a file.
+        The array functions check their own rules instead (the types of
+        :data:`dcbg.dtypes.FRAME_DTYPES`, frames of any shape), and
+        :meth:`read_into` then fills buffers of the stack's type.
     """
 
     def __init__(self, data, pool: concurrent.futures.Executor | None = None,
-                 mapping: np.ndarray | None = None):
+                 mapping: np.ndarray | None = None, image_rules: bool = True):
         self.data = data
         shape = tuple(data.shape)
-        if len(shape) < 2:
+        if image_rules and len(shape) < 2:
             raise InputDataError(
                 f"The image stack has shape {shape}; dcbg needs at least two axes "
                 f"(events, pixels…).")
-        if np.dtype(data.dtype) != np.uint8:
+        if image_rules and np.dtype(data.dtype) != np.uint8:
             raise InputDataError(
                 f"The image stack is {np.dtype(data.dtype)}; dcbg computes uint8 backgrounds, "
                 f"so convert the frames to uint8 first.")
@@ -305,6 +311,8 @@ class ImageSource:
 
     def read_into(self, start: int, stop: int, out: np.ndarray):
         """Fill ``out[:stop-start]`` (flattened frames) with frames start…stop-1
+
+        `out` has the stack's type (uint8 for images).
 
         Raises
         ------

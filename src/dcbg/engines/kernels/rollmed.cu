@@ -59,6 +59,47 @@ __device__ __forceinline__ Count* dcbg_thread_counts() {
            threadIdx.x * (4u / (unsigned int)sizeof(Count));
 }
 
+// Takes a segment's windows 0 .. last-1 with any window kernel: the first
+// window (window.start, then its walk), then each later step with its bytes
+// loaded four steps before their use.
+//
+// The uint8 kernel's histograms take so much shared memory that only a few
+// warps share an SM, too few to hide global load latency by switching
+// between them; so each thread keeps its next loads in flight while it works
+// on the current step. Each slot costs two registers, and four keep the
+// register count far below where registers would limit occupancy more than
+// shared memory does. The slots are plain variables, not an array, so that
+// they stay in registers. The slots of steps 1 .. 4 that exist are filled
+// before the first window's walk (and, for the window kernels, its passes
+// over the column), which hides their loads.
+template <typename Window, typename Value>
+__device__ __forceinline__ void dcbg_run_segment(Window& window, int last,
+                                                 const Value* column) {
+    int enter0 = 0, enter1 = 0, enter2 = 0, enter3 = 0;
+    int leave0 = 0, leave1 = 0, leave2 = 0, leave3 = 0;
+    if (1 < last) window.fetch(enter0, leave0);
+    if (2 < last) window.fetch(enter1, leave1);
+    if (3 < last) window.fetch(enter2, leave2);
+    if (4 < last) window.fetch(enter3, leave3);
+    window.start(column);
+    window.walk_and_store();
+
+    // Steps go round the slots in order, so slot i always holds the step
+    // that is i steps after the group's first; the last group may be partial.
+    const int refill_stop = last - 4;
+    int step = 1;
+    while (step < last) {
+        window.step(enter0, leave0, step < refill_stop);
+        if (++step == last) break;
+        window.step(enter1, leave1, step < refill_stop);
+        if (++step == last) break;
+        window.step(enter2, leave2, step < refill_stop);
+        if (++step == last) break;
+        window.step(enter3, leave3, step < refill_stop);
+        ++step;
+    }
+}
+
 // The kernel families a compile holds: with -DDCBG_HISTOGRAM_KERNELS the
 // histogram kernel's entry points, with -DDCBG_WINDOW_KERNELS the window
 // kernels'; a compile that names neither (the host shim's) holds both.
@@ -129,6 +170,10 @@ struct DcbgWindow {
         below += entering < median;
         walk_and_store();
     }
+
+    // The first window's rows were counted before the load slots were filled
+    // (dcbg_rolling_median), so its median walk needs nothing more.
+    __device__ __forceinline__ void start(const unsigned char*) {}
 };
 
 template <typename Count>
@@ -172,39 +217,7 @@ __device__ void dcbg_rolling_median(const unsigned char* __restrict__ frames,
         window.ahead += pixels;
     }
 
-    // The bytes of each step are loaded four steps before their use. The
-    // histograms take so much shared memory that only a few warps share an
-    // SM, too few to hide global load latency by switching between them; so
-    // each thread keeps its next loads in flight while it works on the
-    // current step. Each slot costs two registers, and four keep the
-    // register count far below where registers would limit occupancy more
-    // than shared memory does. The slots are plain variables, not an array,
-    // so that they stay in registers.
-    //
-    // Fill the slots with the steps 1 .. 4 that exist; their loads
-    // complete during the long first walk.
-    int enter0 = 0, enter1 = 0, enter2 = 0, enter3 = 0;
-    int leave0 = 0, leave1 = 0, leave2 = 0, leave3 = 0;
-    if (1 < last) window.fetch(enter0, leave0);
-    if (2 < last) window.fetch(enter1, leave1);
-    if (3 < last) window.fetch(enter2, leave2);
-    if (4 < last) window.fetch(enter3, leave3);
-    window.walk_and_store();
-
-    // Steps go round the slots in order, so slot i always holds the step
-    // that is i steps after the group's first; the last group may be partial.
-    const int refill_stop = last - 4;
-    int step = 1;
-    while (step < last) {
-        window.step(enter0, leave0, step < refill_stop);
-        if (++step == last) break;
-        window.step(enter1, leave1, step < refill_stop);
-        if (++step == last) break;
-        window.step(enter2, leave2, step < refill_stop);
-        if (++step == last) break;
-        window.step(enter3, leave3, step < refill_stop);
-        ++step;
-    }
+    dcbg_run_segment(window, last, frames + start);
 }
 
 // Entry points, one per count width. Dynamic shared memory per block:
@@ -493,29 +506,7 @@ __device__ void dcbg_rolling_median_levels(const Value* __restrict__ frames,
     window.value_xor = value_xor;
     window.half = kernel_size / 2;
 
-    // Loads four steps ahead, as in the uint8 kernel; here the slots' loads
-    // are issued before the first window's passes, which hide them.
-    int enter0 = 0, enter1 = 0, enter2 = 0, enter3 = 0;
-    int leave0 = 0, leave1 = 0, leave2 = 0, leave3 = 0;
-    if (1 < last) window.fetch(enter0, leave0);
-    if (2 < last) window.fetch(enter1, leave1);
-    if (3 < last) window.fetch(enter2, leave2);
-    if (4 < last) window.fetch(enter3, leave3);
-    window.start(frames + start);
-    window.walk_and_store();
-
-    const int refill_stop = last - 4;
-    int step = 1;
-    while (step < last) {
-        window.step(enter0, leave0, step < refill_stop);
-        if (++step == last) break;
-        window.step(enter1, leave1, step < refill_stop);
-        if (++step == last) break;
-        window.step(enter2, leave2, step < refill_stop);
-        if (++step == last) break;
-        window.step(enter3, leave3, step < refill_stop);
-        ++step;
-    }
+    dcbg_run_segment(window, last, frames + start);
 }
 
 // Entry points, one per value width and count width. Dynamic shared memory
