@@ -454,7 +454,8 @@ def main():
         args.file_events, args.no_append = TINY["file_events"], True
         peer_frames, peer_repeats = TINY["peer_frames"], TINY["peer_repeats"]
         shape16, kernel16 = TINY["shape16"], TINY["kernel16"]
-    from dcbg.cudaprobe import cuda_unavailable_reason, describe_cuda_devices
+    from dcbg.cudaprobe import describe_cuda_devices
+    from dcbg.devices import cuda_unavailable_reason
     reason = cuda_unavailable_reason(0)
     if reason:
         raise SystemExit(f"error: no CUDA device to benchmark: {reason}")

@@ -21,6 +21,9 @@ import numpy as np
 BATCH = 2048
 """Frames per batch, as the CPU engine's"""
 
+OUTPUT_COMPRESSION = "zstd-5"
+"""Of the background written, as ``dcbg compute`` writes it by default"""
+
 
 def load_background(path: pathlib.Path) -> np.ndarray:
     """The image_bg of a computed output, whole (not timed)"""
@@ -60,7 +63,7 @@ def write_all(background: np.ndarray, out: pathlib.Path, threads: int) -> float:
     load_checksum()
     with h5py.File(out, "w") as h5, concurrent.futures.ThreadPoolExecutor(threads) as pool:
         writer = ImageBgWriter(h5.require_group("events"), background.shape[1:],
-                               len(background), True, pool=pool)
+                               len(background), OUTPUT_COMPRESSION, pool=pool)
         t0 = time.perf_counter()
         for start in range(0, len(flat), BATCH):
             writer.write_at(start, flat[start:start + BATCH])
@@ -86,7 +89,7 @@ def io_floor(path: pathlib.Path, background: np.ndarray, out: pathlib.Path,
         t0 = time.perf_counter()
         source = ImageSource(h5in["events/image"], pool=pool)
         writer = ImageBgWriter(h5out.require_group("events"), source.image_shape,
-                               len(source), True, pool=pool)
+                               len(source), OUTPUT_COMPRESSION, pool=pool)
         batches = plan_windows(0, len(source), 1, BATCH)  # windows of one frame
         prefetcher = Prefetcher(source.read_into, batches,
                                 [np.empty((BATCH, source.pixels), np.uint8) for _ in range(2)])
@@ -113,7 +116,7 @@ def h5py_floor(path: pathlib.Path, background: np.ndarray, out: pathlib.Path) ->
         t0 = time.perf_counter()
         image = h5in["events/image"]
         dataset = create_image_dataset(h5out.require_group("events"), "image_bg",
-                                       image.shape[1:], len(image), True)
+                                       image.shape[1:], len(image), OUTPUT_COMPRESSION)
         buffer = np.empty((BATCH, *image.shape[1:]), np.uint8)
         for start in range(0, len(image), BATCH):
             stop = min(start + BATCH, len(image))
@@ -181,7 +184,7 @@ def per_frame_costs(path: pathlib.Path, background: np.ndarray,
     length = chunk_events(background.shape[1:])
     with h5py.File("in-memory", "w", driver="core", backing_store=False) as h5:
         codec = ChunkCodec.for_dataset(create_image_dataset(h5, "x", background.shape[1:],
-                                                            length, True))
+                                                            length, OUTPUT_COMPRESSION))
     blocks = [np.ascontiguousarray(background[start:start + length])
               for start in range(0, len(background) - length + 1, length)]
 

@@ -19,9 +19,9 @@ def no_cuda_questions(monkeypatch):
     """Fail the test if anything asks what CUDA can do"""
     def asked(*args):
         raise AssertionError("CUDA was probed")
-    for name in ("cuda_unavailable_reason", "visible_nvidia_gpus", "device_problem",
-                 "cuda_device_count"):
+    for name in ("visible_nvidia_gpus", "device_problem", "cuda_device_count"):
         monkeypatch.setattr(cudaprobe, name, asked)
+    monkeypatch.setattr(devices, "cuda_unavailable_reason", asked)
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def usable_gpus(monkeypatch):
     monkeypatch.setattr(cudaprobe, "cuda_device_count", lambda: 2)
     monkeypatch.setattr(cudaprobe, "device_problem",
                         lambda index=0: None if index < 2 else "no such device")
-    monkeypatch.setattr(cudaprobe, "cuda_unavailable_reason", lambda index=0: None)
+    monkeypatch.setattr(devices, "cuda_unavailable_reason", lambda index=0: None)
 
 
 @pytest.mark.parametrize("text,expected", [
@@ -47,7 +47,10 @@ def usable_gpus(monkeypatch):
     ("CUDA:ALL", ("cuda", "all")),
 ])
 def test_every_accepted_spelling(text, expected):
-    assert parse_device(text) == expected
+    request = parse_device(text)
+    assert (request.kind, request.index) == expected
+    assert str(request) == text, "the request reads as it was written"
+    assert parse_device(request) is request, "read once"
 
 
 @pytest.mark.parametrize("text", [
@@ -117,7 +120,7 @@ def test_auto_with_a_visible_but_unusable_gpu_warns_once_with_the_fix(no_env, mo
                                                                       caplog):
     reason = "CuPy cannot load NVRTC, the CUDA kernel compiler (libnvrtc.so.12 missing); " \
              + cudaprobe.FIX_INSTALL
-    monkeypatch.setattr(cudaprobe, "cuda_unavailable_reason", lambda index=0: reason)
+    monkeypatch.setattr(devices, "cuda_unavailable_reason", lambda index=0: reason)
     monkeypatch.setattr(cudaprobe, "visible_nvidia_gpus", lambda: 1)
     with caplog.at_level(logging.INFO, logger="dcbg.devices"):
         choice = select_device("auto")
@@ -166,4 +169,5 @@ def test_cuda_all_without_devices_is_an_error(no_env, monkeypatch):
 def test_a_choice_reads_as_the_device_string_that_selects_it(choice, text):
     assert str(choice) == text
     index = devices.ALL_DEVICES if choice.split else choice.index
-    assert parse_device(text) == (choice.kind, index)
+    request = parse_device(text)
+    assert (request.kind, request.index) == (choice.kind, index)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import dcbg
-from dcbg import cudaprobe, devices, engines
+from dcbg import cudaprobe, devices
 from dcbg.engines import cudakernel, cudamemory
 from dcbg.engines.batches import partition
 from dcbg.engines.cuda import CUDARollingMedian
@@ -36,6 +36,12 @@ def device_batches(monkeypatch):
         monkeypatch.setattr(cudamemory, "DEVICE_BATCH_LIMIT", windows)
         monkeypatch.setattr(cudakernel.Launcher, "windows_to_fill", lambda self: 0)
     return cap
+
+
+def loaded(index, dtype=np.uint8):
+    """The kernels of `dtype` on a CUDA device, as the ready device hands them to the
+    engines"""
+    return cudakernel.load_kernels(index, dtype)
 
 
 def flat(stack):
@@ -111,6 +117,24 @@ def test_the_stand_in_catches_a_missing_stream_dependency(fake_gpu, device_batch
     assert wrong > 0 and refused > 0
 
 
+@pytest.mark.parametrize("buffers", [(3, 2), (1, 1), (2, 3)])
+def test_the_pipeline_rotates_as_many_device_buffers_as_planned(fake_gpu, device_batches,
+                                                               tmp_path, monkeypatch, buffers):
+    """cudamemory.DEVICE_BUFFERS sizes the batch and is what the pipeline allocates; every
+    interleaving of the streams gives the same bytes with any number of buffers"""
+    monkeypatch.setattr(cudamemory, "DEVICE_BUFFERS", buffers)
+    stack = stack_cases()["random"]
+    pixels = int(np.prod(stack.shape[1:]))
+    for seed in range(3):
+        state = fake_gpu(seed=seed)
+        device_batches(5)
+        got, _ = run(stack, tmp_path, kernel_size=4, batch_size=5, device="cuda")
+        assert np.array_equal(got, rolling_median_reference(stack, 4))
+        inputs = state.empty_shapes.count((5 + 4 - 1, pixels))
+        outputs = state.empty_shapes.count((5, pixels))
+        assert (inputs, outputs) == buffers
+
+
 def test_each_batch_is_downloaded_and_written_before_the_next_is_uploaded(fake_gpu):
     """Read, upload, kernel, download per batch: the writer is never batches behind"""
     state = fake_gpu()
@@ -128,7 +152,7 @@ def test_each_batch_is_downloaded_and_written_before_the_next_is_uploaded(fake_g
         medians[offset:offset + len(rows)] = rows
         written.set()
 
-    engine = CUDARollingMedian(stack.shape[1:], 4, 5, 0)
+    engine = CUDARollingMedian(stack.shape[1:], 4, 5, loaded(0))
     last = engine.run(read_into, 0, 10, write_at)
     assert state.calls == [("upload", 8), ("kernel", 5), ("download", 5)] * 2
     expected = flat(rolling_median_reference(stack, 4))[:10]
@@ -166,9 +190,9 @@ def test_explicit_cuda_compiles_in_the_background(fake_gpu, monkeypatch):
     monkeypatch.delenv(devices.DEVICE_ENV, raising=False)
     choice = devices.select_device("cuda:0")
     assert state.compiled == 0, "choosing an explicit device does not wait for a compile"
-    engines.preload(choice)
-    engines.ready(choice)
-    engines.preload(choice)
+    choice.preload()
+    choice.ready()
+    choice.preload()
     assert state.compiled == 1
 
 
@@ -191,9 +215,9 @@ def test_a_failed_background_compile_fails_before_any_output(fake_gpu, tmp_path,
     folder_when_raised = []
     kernels_or_device_error = cudakernel.kernels_or_device_error
 
-    def watched(index):
+    def watched(index, *dtype):
         try:
-            return kernels_or_device_error(index)
+            return kernels_or_device_error(index, *dtype)
         except dcbg.errors.DeviceError:
             folder_when_raised.append(sorted(p.name for p in tmp_path.iterdir()))
             raise
@@ -215,14 +239,14 @@ def test_compile_problems_are_told_apart():
     class CUDADriverError(RuntimeError):
         pass
 
-    assert "CUDA headers" in cudaprobe.compile_problem(
+    assert "CUDA headers" in cudakernel.compile_problem(
         RuntimeError("Failed to find CUDA headers; set CUDA_PATH"))
-    assert "older than" in cudaprobe.compile_problem(
+    assert "older than" in cudakernel.compile_problem(
         CUDADriverError("CUDA_ERROR_UNSUPPORTED_PTX_VERSION: the provided PTX was compiled "
                         "with an unsupported toolchain"))
-    assert "could not set up the device" in cudaprobe.compile_problem(
+    assert "could not set up the device" in cudakernel.compile_problem(
         CUDADriverError("CUDA_ERROR_INVALID_CONTEXT: invalid device context"))
-    assert "failed to compile" in cudaprobe.compile_problem(
+    assert "failed to compile" in cudakernel.compile_problem(
         ValueError("rollmed.cu(12): error: identifier undefined"))
 
 
@@ -252,10 +276,10 @@ def test_small_gpu_splits_batches_without_changing_the_result(fake_gpu, tmp_path
 
 def test_device_batch_follows_memory_not_the_methods_batch(fake_gpu):
     fake_gpu(free_bytes=141 * 2**30)
-    assert CUDARollingMedian((80, 320), 100, 800_000, 0, host_bytes=64 * 2**30).batch_windows \
-        == cudamemory.DEVICE_BATCH_LIMIT
+    assert CUDARollingMedian((80, 320), 100, 800_000, loaded(0),
+                             host_bytes=64 * 2**30).batch_windows == cudamemory.DEVICE_BATCH_LIMIT
     budget = 50 * 2**20  # page-locked host memory for about 400 frames
-    engine = CUDARollingMedian((80, 320), 100, 800_000, 0, host_bytes=budget)
+    engine = CUDARollingMedian((80, 320), 100, 800_000, loaded(0), host_bytes=budget)
     assert (5 * engine.batch_windows + 2 * 100) * 80 * 320 <= budget
 
 
@@ -281,6 +305,8 @@ def test_files_share_pinned_buffers_compile_and_gpu_description(fake_gpu, tmp_pa
     # five buffers for the first file, none for the second; each of its exact size
     assert sorted(state.pinned_allocations) == sorted([699 * pixels] * 2 + [680 * pixels] * 3)
     assert state.compiled == 1 and state.nvml_inits == 1 and state.nvml_descriptions == 1
+    # NVML read the GPU's total memory once, and its free memory once per run
+    assert state.nvml_memory_readings == 1 + 2
     assert state.freed_devices == []
 
 
@@ -386,16 +412,16 @@ def test_engines_sharing_a_gpu_share_its_memory(fake_gpu, monkeypatch):
     state = fake_gpu(free_bytes=int((4 * 1000 + 2 * 100) * pixels
                                     / cudamemory.DEVICE_MEMORY_FRACTION))
     monkeypatch.setattr(cudamemory, "pinned_memory_budget", lambda: 64 * 2**30)
-    single = CUDARollingMedian((80, 320), 100, 10000, 0)
+    single = CUDARollingMedian((80, 320), 100, 10000, loaded(0))
     assert single.batch_windows == 1000
     readings = state.memory_readings
-    split = SplitRollingMedian((80, 320), 100, 10000, [0])
+    split = SplitRollingMedian((80, 320), 100, 10000, [loaded(0)])
     assert [engine.batch_windows for engine in split.engines] == [475, 475]
     assert state.memory_readings == readings + 1  # one reading, shared
     # the ranges share the host's page-locked memory budget too
     budget = (5 * 300 + 2 * 100) * pixels
     monkeypatch.setattr(cudamemory, "pinned_memory_budget", lambda: budget)
-    split = SplitRollingMedian((80, 320), 100, 10000, [0])
+    split = SplitRollingMedian((80, 320), 100, 10000, [loaded(0)])
     assert [engine.batch_windows for engine in split.engines] == [130, 130]
 
 
@@ -431,9 +457,9 @@ def test_nvml_is_matched_to_cuda_by_pci_bus_id(fake_gpu):
 
 def test_launch_plan_uses_occupancy_and_whole_waves(fake_gpu):
     fake_gpu()
-    engine = CUDARollingMedian((80, 320), 100, 10000, 0)
-    plan = engine.plan(10000)
-    resident = engine.blocks_per_sm(plan.kernel, plan.block, plan.shared_mem) * 132
+    engine = CUDARollingMedian((80, 320), 100, 10000, loaded(0))
+    plan = engine.launcher.plan(10000)
+    resident = engine.launcher.blocks_per_sm(plan.kernel, plan.block, plan.shared_mem) * 132
     blocks = plan.grid[0] * plan.grid[1]
     assert plan.kernel == "dcbg_rollmed_count8" and plan.block in cudakernel.BLOCK_SIZES
     # the stand-in's occupancy: 228 KiB of shared memory, 1 KiB reserved per block
@@ -441,7 +467,7 @@ def test_launch_plan_uses_occupancy_and_whole_waves(fake_gpu):
     assert blocks / (plan.waves * resident) > 0.9, "the last wave is nearly full"
     assert plan.segment_length >= cudakernel.MIN_SEGMENT_WINDOWS * 100
     assert plan.grid[1] * plan.segment_length >= 10000
-    wide = engine.plan(500)  # too short to split: one segment
+    wide = engine.launcher.plan(500)  # too short to split: one segment
     assert wide.grid[1] == 1
 
 
@@ -449,12 +475,12 @@ def test_occupancy_is_asked_on_the_kernels_own_device(fake_gpu):
     """Once, where the kernels are compiled, for every entry point of the module and block
     size"""
     state = fake_gpu(device_count=2)
-    engine = CUDARollingMedian((80, 320), 100, 10000, 1)
+    engine = CUDARollingMedian((80, 320), 100, 10000, loaded(1))
     asked = len(state.occupancy_devices)
     assert asked == sum(len(cudakernel.block_sizes(name))
                         for name in cudakernel.MODULE_KERNEL_NAMES["histogram"])
-    engine.plan(10000)
-    engine.plan(777)
+    engine.launcher.plan(10000)
+    engine.launcher.plan(777)
     assert len(state.occupancy_devices) == asked, "planning asks the driver no more"
     assert set(state.occupancy_devices) == {1}
     assert set(state.function_devices) == {1}, "a kernel handle was taken on another device"
@@ -471,11 +497,11 @@ def test_launches_reuse_their_plan(fake_gpu, monkeypatch):
 
     monkeypatch.setattr(cudakernel, "plan_launch", counted)
     cupy = sys.modules["cupy"]
-    engine = CUDARollingMedian((4, 8), 4, 100, 0)
+    engine = CUDARollingMedian((4, 8), 4, 100, loaded(0))
     frames, medians = cupy.empty((40, 32), np.uint8), cupy.empty((40, 32), np.uint8)
     for _ in range(3):
-        engine.launch(frames, medians, 20)
-    engine.launch(frames, medians, 30)
+        engine.launcher.launch(frames, medians, 20)
+    engine.launcher.launch(frames, medians, 30)
     assert calls == [20, 30] and len(state.launches) == 4
 
 
@@ -551,7 +577,7 @@ def test_frames_without_pixels_are_refused_before_planning(fake_gpu):
     import cupy
 
     from dcbg.engines.cpu import CPURollingMedian
-    for build in (lambda: CUDARollingMedian((0, 320), 10, 100, 0),
+    for build in (lambda: CUDARollingMedian((0, 320), 10, 100, loaded(0)),
                   lambda: CPURollingMedian((80, 0), 10, 100, 1, 100),
                   lambda: dcbg.rolling_median(cupy.empty((20, 8, 0), np.uint8), 3),
                   lambda: dcbg.rolling_median(np.empty((20, 0), np.uint8), 3, device="cuda")):
@@ -594,17 +620,19 @@ def test_large_kernels_get_batches_that_fill_the_gpu(fake_gpu, kernel_size):
     """4096 windows of k ≥ 512 make one time segment, 25,600 threads of an 80x320 frame:
     less than half of what the device keeps resident"""
     fake_gpu(free_bytes=80 * 2**30)
-    engine = CUDARollingMedian((80, 320), kernel_size, 10**6, 0, host_bytes=64 * 2**30)
+    engine = CUDARollingMedian((80, 320), kernel_size, 10**6, loaded(0),
+                               host_bytes=64 * 2**30)
     assert engine.batch_windows > cudamemory.DEVICE_BATCH_LIMIT
     assert engine.batch_windows * 80 * 320 <= cudamemory.BUFFER_BYTES_LIMIT
-    plan = engine.plan(engine.batch_windows)
-    resident = engine.blocks_per_sm(plan.kernel, plan.block, plan.shared_mem) * plan.block * 132
+    plan = engine.launcher.plan(engine.batch_windows)
+    resident = (engine.launcher.blocks_per_sm(plan.kernel, plan.block, plan.shared_mem)
+                * plan.block * 132)
     threads = plan.grid[0] * plan.grid[1] * plan.block
     assert plan.grid[1] >= 2 and threads >= 0.9 * resident
     # small kernels keep the usual cap; memory still bounds every batch
-    assert CUDARollingMedian((80, 320), 50, 10**6, 0, host_bytes=64 * 2**30).batch_windows \
-        == cudamemory.DEVICE_BATCH_LIMIT
-    assert CUDARollingMedian((80, 320), kernel_size, 10**6, 0,
+    assert CUDARollingMedian((80, 320), 50, 10**6, loaded(0),
+                             host_bytes=64 * 2**30).batch_windows == cudamemory.DEVICE_BATCH_LIMIT
+    assert CUDARollingMedian((80, 320), kernel_size, 10**6, loaded(0),
                              host_bytes=(5 * 3000 + 2 * kernel_size) * 80 * 320
                              ).batch_windows == 3000
 

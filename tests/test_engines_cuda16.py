@@ -12,6 +12,7 @@ from dcbg.engines.cuda import CUDARollingMedian, rolling_median_on_gpu
 from dcbg.engines.split import SplitRollingMedian
 from dcbg.engines.verification import ResultCheck, sample_columns
 from dcbg.errors import GPUResultError
+from test_engines_cuda import loaded
 from test_kernel16 import as_dtype, definition
 
 DTYPES = (np.uint8, np.uint16, np.int16, np.int8)
@@ -43,8 +44,8 @@ def engine_medians(stack, kernel_size, batch, dtype=None, verify="all", engine=N
         medians[offset:offset + len(rows)] = rows
 
     if engine is None:
-        engine = CUDARollingMedian(stack.shape[1:], kernel_size, batch, 0, verify=verify,
-                                   dtype=dtype)
+        engine = CUDARollingMedian(stack.shape[1:], kernel_size, batch, loaded(0, dtype),
+                                   verify=verify, dtype=dtype)
     with engine:
         last = engine.run(read_into, 0, windows, write_at)
     return medians, last, engine
@@ -159,9 +160,10 @@ def test_batches_and_pinned_buffers_count_bytes(fake_gpu, dtype):
     shape, kernel_size = (100, 256), 50
     pixels = shape[0] * shape[1]
     free = 64 * 2**20
-    engine = CUDARollingMedian(shape, kernel_size, 10**6, 0, free_bytes=free,
+    engine = CUDARollingMedian(shape, kernel_size, 10**6, loaded(0, dtype), free_bytes=free,
                                host_bytes=None, dtype=dtype)
-    uint8 = CUDARollingMedian(shape, kernel_size, 10**6, 0, free_bytes=free, host_bytes=None)
+    uint8 = CUDARollingMedian(shape, kernel_size, 10**6, loaded(0), free_bytes=free,
+                              host_bytes=None)
     rows = int(free * cudamemory.DEVICE_MEMORY_FRACTION) // (pixels * itemsize)
     assert engine.batch_windows == (rows - 2 * kernel_size) // 4
     assert uint8.batch_windows == (int(free * cudamemory.DEVICE_MEMORY_FRACTION) // pixels
@@ -183,24 +185,48 @@ def test_a_split_run_and_engine_for_take_the_dtype(fake_gpu, dtype):
     from dcbg.devices import select_device
     state = fake_gpu(device_count=2)
     stack = random_stack(np.random.default_rng(4), dtype, (90, 3, 20))
-    split = SplitRollingMedian(stack.shape[1:], 9, 82, [0, 1], verify="all", dtype=dtype)
+    split = SplitRollingMedian(stack.shape[1:], 9, 82, [loaded(0, dtype), loaded(1, dtype)],
+                               verify="all", dtype=dtype)
     assert split.dtype == dtype and all(engine.dtype == dtype for engine in split.engines)
     medians, _, _ = engine_medians(stack, 9, None, engine=split)
     assert np.array_equal(medians, definition(stack, 9))
     assert sorted(set(state.launch_devices)) == [0, 1]
     for device in ("cuda:0", "cuda:all"):
-        engine = engine_for(select_device(device), stack.shape[1:], 9, 50, 1, 82, "all",
-                            dtype)
+        engine = engine_for(select_device(device).ready(dtype), stack.shape[1:], 9, 50, 1,
+                            82, "all", dtype)
         assert engine.dtype == dtype
         medians, _, _ = engine_medians(stack, 9, None, engine=engine)
         assert np.array_equal(medians, definition(stack, 9))
+
+
+def test_a_device_ready_for_uint8_loads_the_window_kernels_once_when_first_asked(fake_gpu):
+    """Files make the device ready for the uint8 kernel; an engine of 16-bit or int8
+    frames on it gets the window kernels, compiled on first use and then shared"""
+    from dcbg.devices import select_device
+    state = fake_gpu(device_count=2)
+    ready = select_device("cuda:all").ready()
+    assert set(ready.kernels) == {"histogram"} and state.compiled == 2
+    stack = random_stack(np.random.default_rng(5), np.int16, (60, 3, 20))
+    engine = engine_for(ready, stack.shape[1:], 9, 50, 1, 52, "all", np.int16)
+    window = ready.kernels["window"]
+    assert [kernels.device_index for kernels in window] == [0, 1] and state.compiled == 4
+    assert ready.kernels_for(np.uint16) is window and ready.kernels_for(np.int8) is window
+    assert ready.kernels_for(np.uint8) is ready.kernels["histogram"]
+    assert state.compiled == 4, "each module compiled once per device"
+    medians, _, _ = engine_medians(stack, 9, None, engine=engine)
+    assert np.array_equal(medians, definition(stack, 9))
+    with pytest.raises(ValueError, match="int16 frames need the window kernels, not the "
+                                         "histogram kernels"):
+        CUDARollingMedian(stack.shape[1:], 9, 52, ready.kernels["histogram"][0],
+                          dtype=np.int16)
+    assert select_device("cpu").ready().kernels_for(np.int16) == ()
 
 
 def test_the_engines_refuse_frames_their_kernels_do_not_take(fake_gpu):
     fake_gpu()
     with pytest.raises(TypeError, match="frames must be uint8, uint16, int8 or int16, got "
                                         "float32"):
-        CUDARollingMedian((4, 8), 3, 10, 0, dtype=np.float32)
+        CUDARollingMedian((4, 8), 3, 10, loaded(0), dtype=np.float32)
     from dcbg.engines.cpu import CPURollingMedian
     with pytest.raises(TypeError, match="The CPU kernels take uint8 or uint16 frames, not "
                                         "int16"):

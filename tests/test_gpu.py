@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 import dcbg
-from dcbg.cudaprobe import cuda_device_count, cuda_unavailable_reason, visible_nvidia_gpus
+from dcbg.cudaprobe import cuda_device_count, visible_nvidia_gpus
+from dcbg.devices import cuda_unavailable_reason
 from dcbg.engines import cudakernel, cudamemory
 from dcbg.reference import rolling_median_reference
 from helpers.data import stack_cases
@@ -169,7 +170,8 @@ def test_gpu_engine_and_arrays_of_16_bit_and_int8_frames(dtype):
         def write_at(offset, rows, medians=medians):
             medians[offset:offset + len(rows)] = rows
 
-        with CUDARollingMedian(stack.shape[1:], kernel_size, 37, 0, verify="all",
+        with CUDARollingMedian(stack.shape[1:], kernel_size, 37,
+                               cudakernel.load_kernels(0, dtype), verify="all",
                                dtype=dtype) as engine:
             engine.run(read_into, 0, windows, write_at)
         assert np.array_equal(medians, expected.reshape(windows, -1))

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import pytest
 
-from dcbg.cudaprobe import cuda_unavailable_reason
+from dcbg.devices import cuda_unavailable_reason
 from dcbg.synthetic import write_synthetic_rtdc
 
 pytestmark = pytest.mark.slow  # the README's blocks run as a user runs them, clusters included

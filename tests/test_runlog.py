@@ -23,6 +23,10 @@ def test_run_log_in_the_output(computed):
     assert record["device"] == "cpu" and record["workers"] == 1
     assert record["cpu_kernels"] == cpukernels.cpu_kernels().build
     assert record["events"] == 400 and record["warnings"] == []
+    # the settings as decided
+    assert (record["compression"], record["num_cpus"], record["verify"]) == ("zstd-5", 1,
+                                                                            "sample")
+    assert record["io_threads"] == available_cpus()
     assert set(record["seconds"]) == {"read", "median", "write", "total"}
     assert 0 < record["seconds"]["median"] <= record["seconds"]["total"]
     assert record["start"] <= record["end"]
@@ -43,17 +47,26 @@ def test_in_place_runs_add_one_log_each(computed, tmp_path):
                                                               "rollmed:k=6^b=10000"]
 
 
-def test_warnings_of_the_run_are_in_its_log(tmp_path):
+def test_warnings_of_the_run_are_in_its_log(tmp_path, monkeypatch):
+    from dcbg import settings
+    monkeypatch.setattr(settings, "_warned", set())
     source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 60, shape=(8, 16), seed=2)
     too_many = available_cpus() + 1
-    with dcbg.BackgroundRollMed(source, tmp_path / "out.rtdc", kernel_size=4,
-                                num_cpus=too_many, io_threads=3, device="cpu") as bg:
-        bg.process()
-    with h5py.File(tmp_path / "out.rtdc") as h5:
-        (_, record), = read_run_logs(h5)
-    # 8x16 frames are one pixel slice: one worker starts, whatever was asked for
-    assert record["workers"] == 1 and record["worker_kind"] == "threads"
-    assert record["io_threads"] == min(3, available_cpus())
-    # the codec threads are capped (and warned about, once per process) as the run starts
-    others = [text for text in record["warnings"] if "I/O threads" not in text]
-    assert len(others) == 1 and f"{too_many} CPU workers were asked for" in others[0]
+    for name in ("out.rtdc", "again.rtdc"):
+        with dcbg.BackgroundRollMed(source, tmp_path / name, kernel_size=4, compress="zstd-2",
+                                    num_cpus=too_many, io_threads=too_many,
+                                    device="cpu") as bg:
+            bg.process()
+        with h5py.File(tmp_path / name) as h5:
+            (_, record), = read_run_logs(h5)
+        # 8x16 frames are one pixel slice: one worker starts, whatever was asked for
+        assert record["workers"] == 1 and record["worker_kind"] == "threads"
+        assert record["num_cpus"] == record["io_threads"] == available_cpus()
+        assert record["compression"] == "zstd-2"
+        # the caps are decided (and warned about) before the run, and every run's log
+        # keeps them, also where the codec threads were warned about in an earlier run
+        assert record["warnings"] == [
+            f"{too_many} CPU workers were asked for, but this process may use "
+            f"{available_cpus()} CPUs; starting {available_cpus()}",
+            f"{too_many} I/O threads were asked for, but this process may use "
+            f"{available_cpus()} CPUs; starting {available_cpus()}"]

@@ -42,6 +42,7 @@ except ImportError:  # NumPy 1
 
 from .dtypes import check_frame_dtype, flip_sign_bit, kernel_dtype, sign_bit
 from .engines.base import frame_pixels
+from .errors import overlap_error
 from .settings import DEFAULT_VERIFY, parse_verify
 from .windows import background_window_count, window_count
 
@@ -177,13 +178,14 @@ def _stream_through_engine(stack, dtype: np.dtype, kernel_size, windows, rows, d
     from .engines import engine_for
     from .rtdc.reader import ImageSource
     from .rtdc.writer import stack_writer
-    from .settings import io_threads_setting
-    from .system import available_cpus
+    from .settings import decide_run_settings
 
+    settings = decide_run_settings(verify=verify)  # the codec threads and CPU workers
     choice = select_device(device)
     bit = sign_bit(dtype)
+    engine_dtype = kernel_dtype(dtype)
     image_shape = tuple(stack.shape[1:]) or (1,)
-    with concurrent.futures.ThreadPoolExecutor(io_threads_setting(None),
+    with concurrent.futures.ThreadPoolExecutor(settings.io_threads,
                                                thread_name_prefix="dcbg-io") as pool:
         source = ImageSource(stack, pool=pool, image_rules=False)
 
@@ -201,8 +203,9 @@ def _stream_through_engine(stack, dtype: np.dtype, kernel_size, windows, rows, d
                 finally:
                     flip_sign_bit(medians, bit)  # the engine's buffer, as the engine left it
 
-            engine = engine_for(device, image_shape, kernel_size, min(READ_BATCH, windows),
-                                available_cpus(), windows, verify, kernel_dtype(dtype))
+            engine = engine_for(device.ready(engine_dtype), image_shape, kernel_size,
+                                min(READ_BATCH, windows), settings.num_cpus, windows,
+                                settings.verify, engine_dtype)
             with engine:
                 last = engine.run(read_into, 0, windows, write_at)
             flip_sign_bit(last, bit)
@@ -303,12 +306,6 @@ def _host_out(out, shape: tuple, frames, dtype: np.dtype):
             np.may_share_memory(out, frames) or _same_file_bytes(out, frames)):
         raise overlap_error()
     return out
-
-
-def overlap_error() -> ValueError:
-    """The error for an `out` that shares memory with the frames (host or GPU)"""
-    return ValueError("out overlaps frames; give an array of its own, since later windows "
-                      "still read the frames that earlier results would overwrite.")
 
 
 def _same_file_bytes(out: np.ndarray, frames: np.ndarray) -> bool:

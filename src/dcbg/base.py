@@ -1,15 +1,23 @@
-"""The Background base class, with dcnum's Background API"""
+"""The Background base class, with dcnum's Background API
+
+The file modules (:mod:`dcbg.rtdc`, with h5py, numpy and the codecs) are
+imported where a run first needs them, not with this module: the command
+line reads its arguments, and starts the metadata probe of its input
+(:mod:`dcbg.rtdc.probe`), before they load.
+"""
 from __future__ import annotations
 
 import abc
 import concurrent.futures
+import dataclasses
 import logging
 import pathlib
 import threading
 import time
+import typing
 
-from . import engines, ppid, runlog, settings
-from .devices import DeviceChoice, fall_back_to_cpu, select_device
+from . import ppid
+from .devices import DeviceChoice, ReadyDevice, fall_back_to_cpu, select_device
 from .errors import (
     InputDataError,
     InterruptedAfterStoring,
@@ -17,20 +25,12 @@ from .errors import (
     signals_deferred,
     sigterm_raises,
 )
-from .rtdc.basins import write_output_basins
-from .rtdc.output import (
-    EXISTING,
-    INPUT,
-    NEW,
-    ExistingOutputFile,
-    NewOutputFile,
-    OutputTarget,
-    StagedOutput,
-    check_existing_output,
-    plan_output,
-)
-from .rtdc.reader import ImageSource, RTDCInput, check_input_path
-from .rtdc.writer import ImageBgWriter, copy_metadata
+from .settings import RunSettings, decide_run_settings
+
+if typing.TYPE_CHECKING:
+    from .rtdc.output import OutputTarget, StagedOutput
+    from .rtdc.reader import ImageSource, RTDCInput
+    from .rtdc.writer import ImageBgWriter
 
 
 class Progress:
@@ -52,6 +52,47 @@ class Progress:
         return self._lock
 
 
+@dataclasses.dataclass
+class Preflight:
+    """What the check before a run found (:meth:`Background.preflight`)"""
+
+    target: OutputTarget
+    """what the output path is: a new file, an existing one, or the input"""
+    source: ImageSource
+    """the input's frames, for batch-wise reading"""
+    rtdc_input: RTDCInput | None = None
+    """the input .rtdc file, open read-only (None for array input)"""
+
+    @property
+    def event_count(self) -> int:
+        """The input's number of events"""
+        return len(self.source)
+
+    def close(self):
+        """Close the input file"""
+        if self.rtdc_input is not None:
+            self.rtdc_input.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def open_input(path: pathlib.Path, pool: concurrent.futures.Executor | None = None
+               ) -> tuple[RTDCInput, ImageSource]:
+    """Open an input .rtdc file read-only and find its frames (through basins and mappings)"""
+    from .rtdc.reader import ImageSource, RTDCInput
+    rtdc_input = RTDCInput(path)
+    try:
+        return rtdc_input, ImageSource(rtdc_input.image, pool=pool,
+                                       mapping=rtdc_input.image_mapping)
+    except BaseException:
+        rtdc_input.close()
+        raise
+
+
 class Background(abc.ABC):
     """Base class for background computation
 
@@ -59,7 +100,7 @@ class Background(abc.ABC):
     method's keyword arguments and therefore its PPID) and
     :meth:`process_approach` (which fills :attr:`writer`). The device is
     chosen before any file is opened; the input is then opened and checked
-    with :meth:`validate_input`, so a bad input creates no output.
+    with :meth:`preflight`, so a bad input creates no output.
 
     Parameters
     ----------
@@ -107,21 +148,30 @@ class Background(abc.ABC):
         """keyword arguments of the method (all of them, defaults filled in)"""
         self.kwargs.update(kwargs)
 
-        self.num_cpus = settings.num_cpus_setting(num_cpus)
-        """number of CPU workers asked for (the CPU engine starts no more than CPUs)"""
+        self.settings: RunSettings = decide_run_settings(compress, num_cpus, io_threads,
+                                                         verify)
+        """the run's settings, decided here once, and what deciding them warned about"""
 
-        self.io_threads = settings.io_threads_setting(io_threads)
+        self.num_cpus = self.settings.num_cpus
+        """number of CPU workers (no more than the CPUs; the CPU engine starts no more
+        than its frames have pixel slices)"""
+
+        self.io_threads = self.settings.io_threads
         """number of threads that decode and encode HDF5 chunks"""
 
-        self.compress = settings.parse_compression(compress)
-        """compression of image_bg as parsed: zstd-1 … zstd-9, or none"""
+        self.compress = self.settings.compression
+        """compression of image_bg as decided: zstd-1 … zstd-9, or none"""
 
-        self.verify = settings.parse_verify(verify)
+        self.verify = self.settings.verify
         """which pixels of a GPU's batches the CPU checks: "sample", "all" or "off" """
 
         self.device: DeviceChoice = select_device(device)
         """the device that computes the background (chosen here unless given as chosen)"""
-        engines.preload(self.device)
+        self.device.preload()
+
+        self.ready_device: ReadyDevice | None = None
+        """the device, its kernels loaded, while :meth:`process` runs (engines are built on
+        it)"""
 
         self.output_path = pathlib.Path(output_path)
         """path of the output file"""
@@ -176,33 +226,82 @@ class Background(abc.ABC):
         self._output: StagedOutput | None = None
         self._input_path = (pathlib.Path(input_data)
                             if isinstance(input_data, (str, pathlib.Path)) else None)
+        from .rtdc.output import INPUT
         try:
-            if self._input_path is not None:
-                # before the output, which may sit beside it
-                check_input_path(self._input_path)
-            self.target = plan_output(self.output_path, self._input_path)
-            self.in_place = self.target.kind == INPUT
-            if self._input_path is not None:
-                self._open_input()
-                if not self.in_place:
-                    self.paths_ref.append(self._input_path)
-            else:
-                self.source = ImageSource(input_data, pool=self.io_pool)
-                self.input_data = self.source.data
-            self.image_shape = self.source.image_shape
-            """shape of one frame"""
-            self.image_count = len(self.source)
-            """number of frames in the input"""
-            self.validate_input()
-            if self.target.kind == EXISTING:
-                check_existing_output(self.output_path, self.image_count)
+            found = self.preflight(input_data, self.output_path, self.kwargs, self.io_pool)
         except BaseException:
             self.close()
             raise
+        self.target = found.target
+        self.in_place = self.target.kind == INPUT
+        self.hdin = found.rtdc_input
+        self.h5in = None if self.hdin is None else self.hdin.h5
+        self.source = found.source
+        self.input_data = self.source.data
+        if self._input_path is not None and not self.in_place:
+            self.paths_ref.append(self._input_path)
+        self.image_shape = self.source.image_shape
+        """shape of one frame"""
+        self.image_count = found.event_count
+        """number of frames in the input"""
 
-    def validate_input(self):
-        """Check that the input suits the method before any file is created"""
-        self.check_event_count(self.image_count, self.kwargs)
+    @classmethod
+    def preflight(cls, input_data, output_path, kwargs: dict,
+                  pool: concurrent.futures.Executor | None = None) -> Preflight:
+        """Check that a run can compute `input_data` into `output_path`, before any writing
+
+        The one check before a run: :class:`Background` makes it and keeps
+        what it opened, ``dcbg compute --dry-run`` makes it and closes, so the
+        two never disagree. In order: the input path, what the output path is
+        (:func:`~dcbg.rtdc.output.plan_output`, which refuses a file the
+        input reads its data from), the input's frames (in the file or
+        through its basins), their number against the method's keywords
+        (:meth:`check_event_count`), and an existing output's number of
+        events.
+
+        Parameters
+        ----------
+        input_data: path-like or array-like
+            The input as :class:`Background` takes it.
+        output_path: path-like
+            Where ``image_bg`` would go.
+        kwargs: dict
+            The method's keyword arguments, all of them.
+        pool: concurrent.futures.Executor, optional
+            Codec threads for reading the frames' chunks (a run's).
+
+        Returns
+        -------
+        found: Preflight
+            The output plan, the open input and its frames; close it (or use
+            it as a context manager) unless its handles are kept.
+
+        Raises
+        ------
+        FileNotFoundError, InputFileError, InputDataError, OutputError
+            For the first problem found.
+        """
+        from .rtdc.output import EXISTING, check_existing_output, plan_output
+        from .rtdc.reader import ImageSource, check_input_path
+        input_path = (pathlib.Path(input_data)
+                      if isinstance(input_data, (str, pathlib.Path)) else None)
+        if input_path is not None:
+            check_input_path(input_path)  # before the output, which may sit beside it
+        target = plan_output(output_path, input_path)
+        rtdc_input = None
+        if input_path is not None:
+            rtdc_input, source = open_input(input_path, pool)
+        else:
+            source = ImageSource(input_data, pool=pool)
+        found = Preflight(target, source, rtdc_input)
+        try:
+            cls.check_event_count(found.event_count, kwargs)
+            if target.kind == EXISTING:
+                check_existing_output(target.path, found.event_count)
+        except BaseException:
+            found.close()
+            raise
+        return found
 
     @classmethod
     def check_event_count(cls, events: int, kwargs: dict):
@@ -264,11 +363,9 @@ class Background(abc.ABC):
         raise keyword_error
 
     def _open_input(self):
-        """Open the input .rtdc file read-only and find its frames"""
-        self.hdin = RTDCInput(self._input_path)
+        """Open the input .rtdc file read-only again and find its frames (after a commit)"""
+        self.hdin, self.source = open_input(self._input_path, self.io_pool)
         self.h5in = self.hdin.h5
-        self.source = ImageSource(self.hdin.image, pool=self.io_pool,
-                                  mapping=self.hdin.image_mapping)
         self.input_data = self.source.data
 
     def _close_input(self):
@@ -278,6 +375,9 @@ class Background(abc.ABC):
             self.h5in = None
 
     def _open_output(self):
+        from .rtdc.basins import write_output_basins
+        from .rtdc.output import NEW, ExistingOutputFile, NewOutputFile
+        from .rtdc.writer import ImageBgWriter, copy_metadata
         if self.target.kind != NEW:  # an existing output, or the input itself
             self._output = ExistingOutputFile(self.output_path)
         else:
@@ -367,9 +467,11 @@ class Background(abc.ABC):
         background to the CPU, which computes it again from the start in a
         fresh output; an explicit GPU fails with the error.
         """
+        from . import runlog
         with sigterm_raises(), runlog.WarningCollector() as warnings:
             try:
-                engines.ready(self.device)  # a failed kernel compile fails before any output
+                # a failed kernel compile fails before any output
+                self.ready_device = self.device.ready()
                 if self._output is None:
                     with signals_deferred():  # an output is made whole, then discarded whole
                         self._open_output()
@@ -382,10 +484,10 @@ class Background(abc.ABC):
                 self.writer.check_complete()
                 self.writer.set_ppid(self.get_ppid())
                 self.stage_seconds["total"] = time.perf_counter() - t0
-                record = runlog.run_record(self.get_ppid(), self.device, self.engine_facts,
-                                           self.io_threads, start, self.image_count,
+                record = runlog.run_record(self.get_ppid(), self.ready_device, self.settings,
+                                           self.engine_facts, start, self.image_count,
                                            self.stage_seconds, warnings.messages,
-                                           self.verify, self.gpu_failure)
+                                           self.gpu_failure)
                 self.run_record = record
                 self._commit(record)
             except BaseException:
@@ -407,6 +509,7 @@ class Background(abc.ABC):
         since HDF5 opens a file either read-only or for writing, and opened
         again after it.
         """
+        from . import runlog
         try:
             with signals_deferred():
                 if self.in_place:
@@ -438,6 +541,7 @@ class Background(abc.ABC):
             with signals_deferred():
                 self._open_output()
             self.device = cpu
+            self.ready_device = cpu.ready()
             self.image_proc.value = 0
             self.stage_seconds = {}
             self.process_approach()
@@ -455,8 +559,22 @@ class Background(abc.ABC):
         """Compute the background and write every frame with :attr:`writer`"""
 
 
+def load_run_modules():
+    """Import the modules a run needs beyond this one, before the run needs them
+
+    The file modules (with h5py, numpy and the codecs), the run log and the
+    CPU engine (which also checks a GPU's results) are imported where a run
+    first needs them; :func:`dcbg.jobs.compute_file` imports them here while
+    the input's metadata probe runs, instead of after it.
+    """
+    from . import runlog  # noqa: F401
+    from .engines import cpu  # noqa: F401
+    from .rtdc import basins, output, reader, writer  # noqa: F401
+
+
 def input_event_count(input_data) -> int:
     """The number of events of an input as :class:`Background` takes it (path or stack)"""
+    from .rtdc.reader import ImageSource, RTDCInput
     if isinstance(input_data, (str, pathlib.Path)):
         with RTDCInput(input_data) as rtdc_in:
             return rtdc_in.event_count

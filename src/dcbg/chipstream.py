@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 
-from .devices import DEVICE_ENV, select_device
+from .devices import DEVICE_ENV, DeviceRequest, select_device
 from .errors import ExtraNotInstalled, install_advice
 from .settings import IO_THREADS_ENV, io_threads_setting
 
@@ -29,7 +29,7 @@ class ChipStreamMissing(ExtraNotInstalled):
     """ChipStream's command line is not installed"""
 
 
-def run_chipstream(arguments: list[str], device: str | None = None,
+def run_chipstream(arguments: list[str], device: str | DeviceRequest | None = None,
                    io_threads: int | None = None) -> int:
     """Run ``chipstream-cli ARGUMENTS`` with dcbg registered; return its exit code
 
@@ -37,7 +37,7 @@ def run_chipstream(arguments: list[str], device: str | None = None,
     ----------
     arguments: list of str
         ChipStream's command-line arguments, as for ``chipstream-cli``.
-    device: str, optional
+    device: str or DeviceRequest, optional
         dcbg's device for the background ("auto", "cpu", "cuda", ...).
     io_threads: int, optional
         dcbg's chunk codec threads (no more than the CPUs, with a warning).
@@ -55,7 +55,9 @@ def run_chipstream(arguments: list[str], device: str | None = None,
         If ChipStream or its command line is not installed.
     """
     if io_threads is not None:
-        io_threads = io_threads_setting(io_threads)
+        io_threads, warning = io_threads_setting(io_threads)
+        if warning is not None:
+            logger.warning(warning)
     if device is not None:
         select_device(device)
     try:
@@ -66,7 +68,7 @@ def run_chipstream(arguments: list[str], device: str | None = None,
             f"ChipStream's command line is not installed ({error}); install it with "
             f"{install_advice('chipstream')}.") from error
     if device is not None:
-        os.environ[DEVICE_ENV] = device
+        os.environ[DEVICE_ENV] = str(device)
     if io_threads is not None:
         os.environ[IO_THREADS_ENV] = str(io_threads)
     from . import register_with_dcnum

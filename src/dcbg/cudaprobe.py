@@ -1,11 +1,13 @@
-"""What CUDA offers this process: whether a device can run dcbg and why not, and the GPUs
+"""What CUDA offers this process, short of the kernel: whether a device can run dcbg, the GPUs
 
-Everything here answers questions without building an engine: whether CuPy
+Everything here answers questions without the median kernel: whether CuPy
 imports and is recent enough, how many devices CUDA sees, why a device
-cannot be used (with the install advice), the NVIDIA GPUs as NVML describes
-them, and the versions a run log records. The device selection, the run log,
-``dcbg info`` and the job runners ask here; only :mod:`dcbg.engines.cuda`
-computes.
+cannot be used (with the install advice), where CuPy keeps its kernel cache
+and what to do when it cannot write there (CuPy makes the folder when it is
+imported), the NVIDIA GPUs as NVML describes them, and the versions a run
+log records. Whether the kernel compiles is :mod:`dcbg.engines.cudakernel`'s
+question, and the device choice that needs it is :mod:`dcbg.devices`'; this
+module imports nothing of either.
 
 NVML is initialised once per process and the GPUs are described once (name,
 PCI bus id, total memory, driver); only their free memory is read afresh.
@@ -58,7 +60,7 @@ def device_problem(index: int = 0) -> str | None:
 
     Checks that CuPy imports and is recent enough, that a driver answers and
     that the device exists: what can be known at once. Whether the kernel
-    compiles is :func:`cuda_unavailable_reason`'s question.
+    compiles is :func:`dcbg.devices.cuda_unavailable_reason`'s question.
     """
     try:
         import cupy
@@ -83,24 +85,6 @@ def device_problem(index: int = 0) -> str | None:
     return None
 
 
-def cuda_unavailable_reason(index: int = 0) -> str | None:
-    """Why CUDA device `index` cannot run dcbg, with what to do; None when it can
-
-    Compiles the kernel for the device (once per process) if everything
-    else is in place, since only a compile shows that NVRTC and the CUDA
-    headers work.
-    """
-    problem = device_problem(index)
-    if problem is not None:
-        return problem
-    from .engines import cudakernel
-    try:
-        cudakernel.load_kernels(index)
-    except Exception as error:  # noqa: BLE001 - NVRTC, headers, the cache, the context
-        return compile_problem(error)
-    return None
-
-
 def unusable_device_error(index: int, reason: str) -> DeviceError:
     """The error for a CUDA device that was asked for and cannot be used"""
     return setting_error(DeviceError, "CUDA device {index} cannot be used: {reason}; or use "
@@ -111,30 +95,6 @@ def unusable_device_error(index: int, reason: str) -> DeviceError:
 def kernel_cache_folder() -> pathlib.Path:
     """The folder CuPy keeps compiled kernels in"""
     return pathlib.Path(os.environ.get("CUPY_CACHE_DIR") or DEFAULT_KERNEL_CACHE).expanduser()
-
-
-def compile_problem(error: BaseException) -> str:
-    """What a failure to compile or load the kernel means, with what to do"""
-    text = first_line(error)
-    kind = type(error).__name__
-    lowered = f"{kind} {text}".lower()
-    if "nvrtc" in lowered:
-        return f"CuPy cannot load NVRTC, the CUDA kernel compiler ({text}); {FIX_INSTALL}"
-    if "cuda headers" in lowered or (".h" in lowered and (
-            "include" in lowered or "header" in lowered or "cannot open" in lowered
-            or "not found" in lowered)):
-        return f"CuPy cannot find the CUDA headers ({text}); {FIX_INSTALL}"
-    if isinstance(error, OSError):
-        # CuPy writes every compiled kernel to its cache folder first
-        return cache_problem(error)
-    if "ptx" in lowered:
-        return (f"the driver cannot load the compiled kernel ({text}), it is older than the "
-                f"CUDA of CuPy's NVRTC; update the driver or {FIX_INSTALL}")
-    if kind in ("CUDARuntimeError", "CUDADriverError"):
-        return (f"CUDA could not set up the device ({text}); check with nvidia-smi that the "
-                f"GPU is healthy and not held by another process in exclusive mode")
-    return (f"the median kernel failed to compile ({text}); run 'dcbg info' and report it "
-            f"with its output")
 
 
 def cache_problem(error: BaseException) -> str:
@@ -190,17 +150,24 @@ def describe_cuda_devices() -> list[dict]:
     return devices
 
 
-def describe_cuda_device(cuda_index: int) -> dict | None:
-    """:func:`describe_cuda_devices` entry of a CUDA ordinal (found by PCI bus id)
+def describe_cuda_ordinals(cuda_indices) -> dict[int, dict | None]:
+    """:func:`describe_cuda_devices` entries of CUDA ordinals (found by PCI bus id), NVML
+    asked once
 
-    None where NVML does not know the device or fails to describe it: the
-    description only goes into logs, which must not stop a run.
+    None for an ordinal NVML does not know, and for all of them where NVML
+    fails: the description only goes into logs, which must not stop a run.
     """
     try:
         devices = describe_cuda_devices()
     except Exception:  # noqa: BLE001 - NVML errors of any kind: no description
-        return None
-    return next((device for device in devices if device["cuda_index"] == cuda_index), None)
+        devices = []
+    return {index: next((device for device in devices if device["cuda_index"] == index),
+                        None) for index in cuda_indices}
+
+
+def describe_cuda_device(cuda_index: int) -> dict | None:
+    """:func:`describe_cuda_ordinals` of one CUDA ordinal"""
+    return describe_cuda_ordinals((cuda_index,))[cuda_index]
 
 
 def runtime_versions() -> dict:

@@ -75,7 +75,7 @@ def run_demo(folder=FOLDER, events: int = EVENTS, *, device="auto",
         Where the recording and its background go (made if missing).
     events: int
         Frames of the recording, at least :data:`KERNEL_SIZE`.
-    device: str or dcbg.devices.DeviceChoice
+    device: str, dcbg.devices.DeviceRequest or dcbg.devices.DeviceChoice
         As for :func:`dcbg.devices.select_device`.
     num_cpus, io_threads, verify:
         As for :class:`dcbg.Background`.

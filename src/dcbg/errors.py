@@ -193,6 +193,12 @@ class InterruptedAfterStoring(KeyboardInterrupt):
     """
 
 
+def overlap_error() -> ValueError:
+    """The error for an `out` that shares memory with the frames (host or GPU)"""
+    return ValueError("out overlaps frames; give an array of its own, since later windows "
+                      "still read the frames that earlier results would overwrite.")
+
+
 def is_disk_full(error: BaseException) -> bool:
     """Whether an OSError (also h5py's, which carry errno only in the text) means ENOSPC"""
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -26,7 +26,7 @@ import socket
 import time
 import typing
 
-from .devices import DeviceChoice
+from .devices import DeviceChoice, DeviceRequest, parse_device
 from .errors import InputDataError, InputFileError, OutputError, first_line, setting_error
 from .settings import DEFAULT_COMPRESSION, DEFAULT_VERIFY
 
@@ -64,9 +64,9 @@ class JobSettings:
     kwargs: dict
     """keyword arguments of the method"""
     compress: str | bool = DEFAULT_COMPRESSION
-    device: str | DeviceChoice = "auto"
-    """a device name (chosen where the file is computed, as on a Dask worker), or a
-    device chosen once for every file"""
+    device: str | DeviceRequest | DeviceChoice = "auto"
+    """a device as asked for (chosen where the file is computed, as on a Dask worker), or
+    a device chosen once for every file"""
     num_cpus: int | None = None
     io_threads: int | None = None
     verify: str = DEFAULT_VERIFY
@@ -98,7 +98,7 @@ class FileResult:
 
 
 def compute_file(source, target, settings: JobSettings, progress=None,
-                 report_final_errors: bool = True) -> FileResult:
+                 report_final_errors: bool = True, probe=None) -> FileResult:
     """Compute one file's background; final errors come back as a failed result
 
     Parameters
@@ -114,30 +114,33 @@ def compute_file(source, target, settings: JobSettings, progress=None,
     report_final_errors: bool
         False raises final errors too (one file on the command line, where
         ``--verbose`` shows their traceback).
+    probe: dcbg.rtdc.probe.MetadataProbe, optional
+        The probe of `source`'s metadata, started before (the command line
+        starts it right after reading its arguments); started here by default.
 
     The file's metadata are first read in a child process
-    (:func:`dcbg.rtdc.probe.probe_metadata`), so a file on which libhdf5 hangs or
-    crashes fails cleanly instead of stopping the batch.
+    (:class:`dcbg.rtdc.probe.MetadataProbe`), joined before the file is
+    opened, so a file on which libhdf5 hangs or crashes fails cleanly instead
+    of stopping the batch.
 
     Raises
     ------
     Exception
         Errors that a retry may fix (see the module docstring).
     """
-    from .base import get_available_background_methods
-    from .devices import select_device
-    from .engines import preload
-    from .rtdc.probe import probe_metadata
-    cls = get_available_background_methods()[settings.method]
+    from .rtdc.probe import MetadataProbe
     t0 = time.perf_counter()
+    if probe is None and pathlib.Path(source).is_file():
+        probe = MetadataProbe(source)  # runs while the modules of a run load
+    from .base import get_available_background_methods, load_run_modules
+    cls = get_available_background_methods()[settings.method]
     try:
-        device = select_device(settings.device)
-        if pathlib.Path(source).is_file():
-            preload(device)  # loads while the child probes
-            probe_metadata(source)
+        if probe is not None:
+            load_run_modules()  # while the child reads
+            probe.join()
         with cls(source, target, compress=settings.compress, num_cpus=settings.num_cpus,
-                 device=device, io_threads=settings.io_threads, verify=settings.verify,
-                 **settings.kwargs) as background:
+                 device=settings.device, io_threads=settings.io_threads,
+                 verify=settings.verify, **settings.kwargs) as background:
             if progress is None:
                 background.process()
             else:
@@ -151,16 +154,20 @@ def compute_file(source, target, settings: JobSettings, progress=None,
             raise
         return FileResult(str(source), str(target), False, seconds=time.perf_counter() - t0,
                           host=socket.gethostname(), message=first_line(error))
+    finally:
+        if probe is not None:
+            probe.stop()
 
 
-def check_input(source, settings: JobSettings, target=None) -> int:
+def check_input(source, settings: JobSettings, target) -> int:
     """Check that an input can be computed, without computing it; its number of events
 
-    Opens the file read-only and finds its frames as a computation does
-    (through basins and event mappings), then checks the event count
-    (:meth:`dcbg.Background.check_event_count`) and the output path
-    `target` as the computation would. Nothing is written, not even
-    for an in-place run.
+    Makes the check a run makes before it writes anything
+    (:meth:`dcbg.Background.preflight`): the input path, the output path
+    `target`, the input's frames found as a run finds them (through basins
+    and event mappings) and their number against the method's keywords, an
+    existing output's events. Nothing is written, not even for an in-place
+    run.
 
     Raises
     ------
@@ -169,16 +176,10 @@ def check_input(source, settings: JobSettings, target=None) -> int:
     """
     from .base import get_available_background_methods
     from .ppid import keyword_defaults
-    from .rtdc.output import EXISTING, check_existing_output, plan_output
-    from .rtdc.reader import RTDCInput
-    with RTDCInput(source) as rtdc_in:
-        events = rtdc_in.event_count
     cls = get_available_background_methods()[settings.method]
-    cls.check_event_count(events, {**keyword_defaults(cls.check_user_kwargs),
-                                   **settings.kwargs})
-    if target is not None and plan_output(target, source).kind == EXISTING:
-        check_existing_output(pathlib.Path(target), events)
-    return events
+    kwargs = {**keyword_defaults(cls.check_user_kwargs), **settings.kwargs}
+    with cls.preflight(source, target, kwargs) as found:
+        return found.event_count
 
 
 def default_output(path_in: pathlib.Path) -> pathlib.Path:
@@ -266,7 +267,7 @@ def run_sequential(jobs, settings: JobSettings, progress=None,
     return results
 
 
-def start_local_cluster(spec: str, device: str):
+def start_local_cluster(spec: str, device: str | DeviceRequest):
     """A Dask cluster on this machine for ``local`` or ``local:N``
 
     With a GPU device requested and dask-cuda installed, one worker per GPU
@@ -280,7 +281,7 @@ def start_local_cluster(spec: str, device: str):
     _, _, count = check_dask_address(spec).partition(":")
     workers = int(count) if count else None
     dask.config.set({"distributed.worker.daemon": False})
-    if device != "cpu":
+    if parse_device(device).kind != "cpu":
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:

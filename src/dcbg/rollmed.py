@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from .base import Background
-from .engines import engine_for
 from .errors import UnknownKeywordError
 from .windows import background_window_count, check_stack_length
 
@@ -98,9 +97,10 @@ class BackgroundRollMed(Background):
 
     def process_approach(self):
         """Compute every window on the chosen device, then repeat the last one"""
+        from .engines import engine_for
         k, count = self.kernel_size, self.image_count
         windows = background_window_count(count, k)
-        with engine_for(self.device, self.image_shape, k, min(self.batch_size, windows),
+        with engine_for(self.ready_device, self.image_shape, k, min(self.batch_size, windows),
                         self.num_cpus, windows, self.verify) as engine:
             self.logger.info("Rolling median of %d frames %s, k=%d on %s (%s)", count,
                              self.image_shape, k, self.device, self.device.reason)

@@ -3,11 +3,12 @@
 Each run adds one dataset ``logs/dcbg-background_<UTC start>``: JSON text,
 one line per dataset element (the form dclab shows in ``ds.logs``). It holds
 the dcbg version, the PPID, the device with its driver and library
-versions, the host, start and end time, the number of events, seconds per
-stage, the warnings logged during the run, how a GPU's results were checked
-against the CPU (the mode and the pixel-outputs compared) and, where a GPU
-that ``device="auto"`` chose failed and the CPU computed the run again, that
-failure.
+versions, the run's settings as decided (compression, CPU workers, codec
+threads, the check of a GPU's results), the host, start and end time, the
+number of events, seconds per stage, the warnings of deciding the settings
+and those logged during the run, the pixel-outputs of a GPU's results
+compared with the CPU and, where a GPU that ``device="auto"`` chose failed
+and the CPU computed the run again, that failure.
 """
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ import json
 import logging
 import platform
 import socket
+import typing
 
 import h5py
 
 from . import cpukernels
 from ._version import __version__
 from .rtdc.hdf5 import read_json_lines, write_json_lines
+
+if typing.TYPE_CHECKING:
+    from .settings import RunSettings
 
 LOG_PREFIX = "dcbg-background"
 """Name prefix of the run logs in the ``logs`` group"""
@@ -51,12 +56,16 @@ class WarningCollector(logging.Handler):
 
 
 def device_details(device) -> dict:
-    """What a log should say about the device: name, driver, CUDA and CuPy versions"""
+    """What a log should say about the device: name, driver, CUDA and CuPy versions
+
+    `device` is the :class:`~dcbg.devices.ReadyDevice` of the run, which
+    holds the GPU's description as NVML gave it when the device was made ready.
+    """
     if device.kind != "cuda":
         return {"device": "cpu", "processor": platform.processor() or platform.machine()}
-    from .cudaprobe import describe_cuda_device, runtime_versions
+    from .cudaprobe import runtime_versions
     details = {"device": str(device)}
-    info = describe_cuda_device(device.index)
+    info = device.description
     if info is not None:
         details.update(name=info["name"], driver=info["driver"], pci_bus_id=info["bus_id"],
                        memory_total_bytes=info["memory_total"])
@@ -64,17 +73,19 @@ def device_details(device) -> dict:
     return details
 
 
-def run_record(ppid: str, device, engine_facts: dict, io_threads: int, start: str,
-               events: int, stage_seconds: dict, warnings: list[str], verify: str = "sample",
+def run_record(ppid: str, device, settings: RunSettings, engine_facts: dict, start: str,
+               events: int, stage_seconds: dict, warnings: list[str],
                gpu_failure: dict | None = None) -> dict:
     """The log of one run as a dict
 
+    `device` is the run's :class:`~dcbg.devices.ReadyDevice`. `settings` are
+    the run's settings as decided (compression, CPU workers, codec threads,
+    the check of GPU results), whose warnings come first among the run's.
     `engine_facts` says what computed it (:meth:`dcbg.engines.Engine.facts`):
     the CPU workers started and their kind, the batch of windows (on a GPU
     the device batch, on several GPUs one per range, and the pixel-outputs
-    checked against the CPU). `verify` is the run's check of GPU results
-    (:func:`dcbg.settings.parse_verify`); `gpu_failure`, where a GPU failed
-    and the CPU computed the run again, the GPU, its error and its facts.
+    checked against the CPU). `gpu_failure`, where a GPU failed and the CPU
+    computed the run again, holds the GPU, its error and its facts.
     """
     failure = {} if gpu_failure is None else {"gpu_failure": gpu_failure}
     return {
@@ -82,9 +93,8 @@ def run_record(ppid: str, device, engine_facts: dict, io_threads: int, start: st
         "ppid": ppid,
         **device_details(device),
         **engine_facts,
-        "verify": verify,
+        **settings.record(),
         **failure,
-        "io_threads": io_threads,
         "cpu_kernels": cpukernels.cpu_kernels().build,
         "host": socket.gethostname(),
         "python": platform.python_version(),
@@ -92,7 +102,7 @@ def run_record(ppid: str, device, engine_facts: dict, io_threads: int, start: st
         "end": utc_now(),
         "events": events,
         "seconds": {stage: round(value, 3) for stage, value in stage_seconds.items()},
-        "warnings": warnings,
+        "warnings": [*settings.warnings, *warnings],
     }
 
 

@@ -29,24 +29,28 @@ On each chosen device the self-test
 the command line prints it and exits with 1 when any result differs. Before
 each step that takes a while, `on_step` is told what is being done (the
 command line shows it on a terminal).
+
+numpy and the engines load when the self-test runs, not with this module,
+whose defaults the command line reads before it has read its arguments.
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 import tempfile
 import time
 import typing
 
-import numpy as np
-
-from .devices import ALL_DEVICES, DeviceChoice, parse_device, select_device
-from .engines import engine_for, preload, ready
-from .engines.base import count_dtype
+from .devices import ALL_DEVICES, DeviceChoice, DeviceRequest, parse_device, select_device
 from .errors import GPUResultError, first_line
-from .reference import window_medians_by_partition
-from .system import available_cpus
+from .settings import num_cpus_setting
 from .windows import background_window_count
+
+if typing.TYPE_CHECKING:
+    import numpy as np
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_EVENTS = 4096
 """Windows per 80×320 stack: enough to fill a GPU's SMs with threads"""
@@ -110,6 +114,7 @@ class StackCase:
     @property
     def count_bits(self) -> int:
         """width of the kernel's histogram counts at this kernel size"""
+        from .engines.base import count_dtype
         return 8 * count_dtype(self.kernel_size).itemsize
 
 
@@ -182,6 +187,8 @@ def case_stack(case: StackCase, seed: int = 42, base: np.ndarray | None = None
 
     A realistic stack repeats `base`, by default :func:`realistic_base`.
     """
+    import numpy as np
+
     dtype = np.dtype(case.dtype)
     if not case.realistic:
         rng = np.random.default_rng([seed, case.kernel_size])
@@ -196,7 +203,7 @@ def case_stack(case: StackCase, seed: int = 42, base: np.ndarray | None = None
 
 def realistic_period(case: StackCase) -> int:
     """Distinct frames of a realistic stack of `case`'s dtype, which longer ones repeat"""
-    return STACK_PERIOD16 if np.dtype(case.dtype) == np.uint16 else STACK_PERIOD
+    return STACK_PERIOD16 if case.dtype == "uint16" else STACK_PERIOD
 
 
 def realistic_base(case: StackCase, seed: int = 42) -> np.ndarray:
@@ -204,7 +211,7 @@ def realistic_base(case: StackCase, seed: int = 42) -> np.ndarray:
     frames of :func:`dcbg.synthetic.synthetic_stack` (uint8) or
     :func:`dcbg.synthetic.synthetic_stack16` (uint16)"""
     from .synthetic import synthetic_stack, synthetic_stack16
-    make = synthetic_stack16 if np.dtype(case.dtype) == np.uint16 else synthetic_stack
+    make = synthetic_stack16 if case.dtype == "uint16" else synthetic_stack
     return make(realistic_period(case), case.shape, seed)
 
 
@@ -216,6 +223,8 @@ def definition_starts(case: StackCase) -> np.ndarray:
     the engines. How many depends on the cost of a window
     (:data:`DEFINITION_FRAME_PIXELS`).
     """
+    import numpy as np
+
     fewest, most = DEFINITION_WINDOWS
     pixels = case.shape[0] * case.shape[1]
     count = min(case.windows, max(fewest, min(most, DEFINITION_FRAME_PIXELS
@@ -232,6 +241,8 @@ def difference(actual: np.ndarray, expected: np.ndarray,
     `windows` gives the window of each row where the rows are not all
     windows in order.
     """
+    import numpy as np
+
     if actual.shape != expected.shape:
         return f"shape {actual.shape} instead of {expected.shape}"
     wrong = np.argwhere(actual != expected)
@@ -255,6 +266,9 @@ def engine_medians(device: DeviceChoice, frames: np.ndarray, shape, kernel_size:
     GPU engine's own check of its results (by default none: callers compare
     every window themselves).
     """
+    import numpy as np
+
+    from .engines import engine_for
     windows = background_window_count(len(frames), kernel_size)
     medians = np.empty((windows, frames.shape[1]), frames.dtype)
 
@@ -265,14 +279,9 @@ def engine_medians(device: DeviceChoice, frames: np.ndarray, shape, kernel_size:
         medians[offset:offset + len(rows)] = rows
 
     batch_size = max(1, -(-windows // 3))
-    if device.kind == "cuda" and not device.split:
-        # a run's GPU batch is sized by memory alone; this one is capped to a third
-        from .engines.cuda import CUDARollingMedian
-        engine = CUDARollingMedian(shape, kernel_size, batch_size, device.index,
-                                   verify=verify, dtype=frames.dtype)
-    else:
-        engine = engine_for(device, shape, kernel_size, batch_size, num_cpus, windows,
-                            verify, frames.dtype)
+    # a run's GPU batch is sized by memory alone; this one is capped to a third too
+    engine = engine_for(device.ready(frames.dtype), shape, kernel_size, batch_size, num_cpus,
+                        windows, verify, frames.dtype, device_batch_cap=batch_size)
     with engine:
         t0 = time.perf_counter()
         engine.run(read_into, 0, windows, write_at)
@@ -357,6 +366,7 @@ class _Results:
             self.say("file to file: computing the recording's background on cpu, in memory")
             import h5py
             import hdf5plugin  # noqa: F401 - registers the recording's zstd filter
+            import numpy as np
 
             from .rtdc.writer import StackWriter
 
@@ -379,6 +389,7 @@ class _Results:
             frames = self.frames(case)
             self.say(f"k={case.kernel_size}{dtype_words(case)}: comparing {len(starts)} "
                      f"windows with the definition")
+            from .reference import window_medians_by_partition
             self._definition[case] = starts, window_medians_by_partition(
                 frames, case.kernel_size, starts)
         return self._definition[case]
@@ -395,10 +406,12 @@ def dtype_words(case: StackCase) -> str:
     return "" if case.dtype == "uint8" else f" {case.dtype}"
 
 
-def load_kernel_row(device: str, dtypes: typing.Sequence[str] = ("uint8",)
+def load_kernel_row(device: str | DeviceRequest, dtypes: typing.Sequence[str] = ("uint8",)
                     ) -> tuple[SelftestRow, DeviceChoice]:
     """Choose `device` and load its kernels for frames of `dtypes`: the "load kernel" row
     and the choice"""
+    import numpy as np
+
     t0 = time.perf_counter()
     choice = select_device(device)
     dtypes = list(dict.fromkeys(np.dtype(dtype) for dtype in dtypes))
@@ -409,13 +422,11 @@ def load_kernel_row(device: str, dtypes: typing.Sequence[str] = ("uint8",)
             warm_up_kernel(dtype)
         note = f"{cpukernels.cpu_kernels().build} build of the CPU kernels"
     else:
-        from .engines.cudakernel import kernels_or_device_error, start_compiling
-        preload(choice)  # as a run does: the compile starts in the background …
-        for dtype in dtypes:  # … with the other kernel families' modules beside it
-            start_compiling(choice.index, dtype)
-        ready(choice)  # … and a kernel that does not compile raises here
+        for dtype in dtypes:  # as a run does: the compiles start in the background, …
+            choice.preload(dtype)
+        ready = choice.ready(dtypes[0])  # … a kernel that does not compile raises here …
         for dtype in dtypes:
-            kernels_or_device_error(choice.index, dtype)
+            ready.kernels_for(dtype)  # … the other modules' too
             frames = (np.arange(3 * 64) * 997).astype(dtype).reshape(3, 64)
             cuda_kernel_medians(choice.index, frames, (1, 64), 2, 1, repeats=1)
         note = _gpu_name(choice.index)
@@ -479,6 +490,7 @@ def file_row(device: str, recording: pathlib.Path, expected: np.ndarray, num_cpu
     """Compute the recording file to file on `device` and compare its image_bg"""
     import h5py
 
+    from .engines.base import count_dtype
     from .rollmed import BackgroundRollMed
     output = folder / f"background-{device.replace(':', '-')}.rtdc"
     count, *shape = expected.shape
@@ -501,24 +513,25 @@ def file_row(device: str, recording: pathlib.Path, expected: np.ndarray, num_cpu
                        note=f"{note}; {problem}" if problem else note)
 
 
-def device_requests(device: str) -> tuple[list[str], str | None]:
+def device_requests(device: str | DeviceRequest
+                    ) -> tuple[list[str | DeviceRequest], str | None]:
     """The single devices to test for a --device value, and the split one, if any
 
     "cuda:all" tests each GPU on its own, then one recording split across
     all of them. Each device is chosen (and its kernel compiled) in its own
     "load kernel" check, which times it.
     """
-    _, index = parse_device(device)
-    if index != ALL_DEVICES:
-        return [device], None
+    request = parse_device(device)
+    if request.index != ALL_DEVICES:
+        return [request], None
     from .cudaprobe import cuda_device_count
     count = cuda_device_count()
     if count == 0:
-        select_device(device)  # raises the error that says why
-    return [f"cuda:{index}" for index in range(count)], device
+        select_device(request)  # raises the error that says why
+    return [f"cuda:{index}" for index in range(count)], str(request)
 
 
-def run_selftest(device: str = "auto", events: int = DEFAULT_EVENTS,
+def run_selftest(device: str | DeviceRequest = "auto", events: int = DEFAULT_EVENTS,
                  file_events: int = DEFAULT_FILE_EVENTS, num_cpus: int | None = None,
                  cases: typing.Sequence[StackCase] | None = None,
                  on_row: typing.Callable[[SelftestRow], None] | None = None,
@@ -528,7 +541,7 @@ def run_selftest(device: str = "auto", events: int = DEFAULT_EVENTS,
 
     Parameters
     ----------
-    device: str
+    device: str or DeviceRequest
         "auto", "cpu", "cuda", "cuda:N" or "cuda:all" (every GPU on its own,
         then one recording split across them).
     events: int
@@ -536,7 +549,8 @@ def run_selftest(device: str = "auto", events: int = DEFAULT_EVENTS,
     file_events: int
         Events of the synthetic recording computed file to file; 0 skips it.
     num_cpus: int, optional
-        CPU workers (default: all available).
+        CPU workers (default: all available; no more than there are, with a
+        warning).
     cases: sequence of StackCase, optional
         The stacks to compute (default: :func:`default_cases`).
     on_row: callable, optional
@@ -566,7 +580,10 @@ def run_selftest(device: str = "auto", events: int = DEFAULT_EVENTS,
     cases = list(default_cases(events) if cases is None else cases)
     singles, split = device_requests(device)
     say = on_step if on_step is not None else (lambda text: None)
-    results = _Results(num_cpus or available_cpus(), say)
+    num_cpus, warning = num_cpus_setting(num_cpus)
+    if warning is not None:
+        logger.warning(warning)
+    results = _Results(num_cpus, say)
     rows: list[SelftestRow] = []
 
     def add(row: SelftestRow):

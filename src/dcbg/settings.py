@@ -1,14 +1,17 @@
-"""The settings of a run, each defined and checked in this one place
+"""The settings of a run, each defined, checked and decided in this one place
 
 Compression of ``image_bg``, the codec threads, the CPU workers and the
-verification of GPU results are decided once, where a run starts (the
-command line, :class:`dcbg.Background`, ChipStream's hook), and handed on as
-decided; the device is decided in :mod:`dcbg.devices`. None of them changes
-a byte of the result except the compression, which changes only how the
-bytes are stored.
+verification of GPU results are decided once, before a run starts
+(:func:`decide_run_settings`, called by :class:`dcbg.Background`), into a
+:class:`RunSettings` that the engines and the writer take as decided and that
+the run log records with what deciding warned about (a request capped at the
+CPUs there are). The device is decided in :mod:`dcbg.devices`. None of them
+changes a byte of the result except the compression, which changes only how
+the bytes are stored.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
@@ -30,7 +33,8 @@ DEFAULT_VERIFY = "sample"
 IO_THREADS_ENV = "DCBG_IO_THREADS"
 """Environment variable giving the default number of chunk codec threads"""
 
-_warned: set[tuple[int, int]] = set()
+_warned: set[str] = set()
+"""The warnings about codec threads logged in this process"""
 
 
 def parse_compression(compression) -> str:
@@ -100,26 +104,94 @@ def default_io_threads() -> int:
     return int(text)
 
 
-def io_threads_setting(io_threads: int | None) -> int:
+def capped_at_cpus(asked: int, what: str) -> tuple[int, str | None]:
+    """`asked` workers of a kind, but no more than the CPUs this process may use
+
+    Returns the number to start and, when it is fewer than asked, the warning
+    that says so (`what` names them, e.g. "CPU workers").
+    """
+    available = available_cpus()
+    if asked <= available:
+        return asked, None
+    return available, (f"{asked} {what} were asked for, but this process may use "
+                       f"{available} CPUs; starting {available}")
+
+
+def io_threads_setting(io_threads: int | None) -> tuple[int, str | None]:
     """The codec threads of a run: as asked (or the default), but no more than the CPUs
 
     Each codec thread keeps a CPU busy decoding or encoding chunks, and
     reading a chunk's bytes holds h5py's lock, so threads beyond the CPUs
-    only wait. A request above the CPUs is capped with a warning, once per
-    process rather than once per file.
+    only wait. Returns the number and the warning of a request capped.
     """
     asked = positive_int("io_threads", default_io_threads() if io_threads is None
                          else io_threads)
-    available = available_cpus()
-    if asked <= available:
-        return asked
-    if (asked, available) not in _warned:
-        _warned.add((asked, available))
-        logger.warning("%d I/O threads were asked for, but this process may use %d CPUs; "
-                       "starting %d", asked, available, available)
-    return available
+    return capped_at_cpus(asked, "I/O threads")
 
 
-def num_cpus_setting(num_cpus: int | None) -> int:
-    """The CPU workers asked for (the CPU engine caps them at the CPUs there are)"""
-    return positive_int("num_cpus", available_cpus() if num_cpus is None else num_cpus)
+def num_cpus_setting(num_cpus: int | None) -> tuple[int, str | None]:
+    """The CPU workers of a run: as asked (default: the CPUs), but no more than the CPUs
+
+    The CPU engine may start fewer still, where a frame has too few pixels
+    to keep them busy. Returns the number and the warning of a request capped.
+    """
+    asked = positive_int("num_cpus", available_cpus() if num_cpus is None else num_cpus)
+    return capped_at_cpus(asked, "CPU workers")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSettings:
+    """The settings of one run, decided once before it starts (:func:`decide_run_settings`)"""
+
+    compression: str
+    """of image_bg: "zstd-1" … "zstd-9" or "none\""""
+    io_threads: int
+    """threads that decode and encode HDF5 chunks (no more than the CPUs)"""
+    num_cpus: int
+    """CPU workers of the CPU engine (no more than the CPUs)"""
+    verify: str
+    """which of a GPU's results the CPU checks: "sample", "all" or "off\""""
+    warnings: tuple[str, ...] = ()
+    """what deciding them warned about, in the order decided"""
+
+    def record(self) -> dict:
+        """The decisions as the run log records them"""
+        return {"compression": self.compression, "num_cpus": self.num_cpus,
+                "io_threads": self.io_threads, "verify": self.verify}
+
+
+def decide_run_settings(compress=True, num_cpus: int | None = None,
+                        io_threads: int | None = None,
+                        verify: str = DEFAULT_VERIFY) -> RunSettings:
+    """Decide every setting of a run from what was asked for, once
+
+    Each warning is logged as it is decided: the cap of CPU workers every
+    time, the cap of codec threads once per process (a folder run asks the
+    same for every file); the returned settings keep all of them for the
+    run log.
+
+    Parameters
+    ----------
+    compress: bool or str
+        See :func:`parse_compression`.
+    num_cpus, io_threads: int, optional
+        See :func:`num_cpus_setting` and :func:`io_threads_setting`.
+    verify: str
+        See :func:`parse_verify`.
+
+    Raises
+    ------
+    ValueError
+        If a setting is none of the values it takes.
+    """
+    cpus, cpus_warning = num_cpus_setting(num_cpus)
+    threads, threads_warning = io_threads_setting(io_threads)
+    compression = parse_compression(compress)
+    verify = parse_verify(verify)
+    if cpus_warning is not None:
+        logger.warning(cpus_warning)
+    if threads_warning is not None and threads_warning not in _warned:
+        _warned.add(threads_warning)
+        logger.warning(threads_warning)
+    warnings = tuple(text for text in (cpus_warning, threads_warning) if text is not None)
+    return RunSettings(compression, threads, cpus, verify, warnings)

@@ -15,7 +15,7 @@ import h5py
 import numpy as np
 
 from .rtdc.writer import create_image_dataset
-from .settings import DEFAULT_COMPRESSION
+from .settings import DEFAULT_COMPRESSION, parse_compression
 
 DEFAULT_SHAPE = (80, 320)
 BLOCK = 256
@@ -203,8 +203,8 @@ def write_synthetic_rtdc(path, count: int, shape=DEFAULT_SHAPE, seed: int = 42,
         }
         h5.attrs.update(attrs)
         events = h5.create_group("events")
-        image = create_image_dataset(events, "image", shape, count, compression,
-                                     events_per_chunk)
+        image = create_image_dataset(events, "image", shape, count,
+                                     parse_compression(compression), events_per_chunk)
         for i, start in enumerate(range(0, count, BLOCK)):
             stop = min(start + BLOCK, count)
             if period is None:

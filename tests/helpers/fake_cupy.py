@@ -466,6 +466,10 @@ class FakeState:
         self.compile_error: BaseException | None = None
         self.nvml_inits = 0
         self.nvml_descriptions = 0
+        self.nvml_memory_readings = 0
+        """NVML's readings of a GPU's memory (its total once, its free memory per description)"""
+        self.empty_shapes: list[tuple] = []
+        """the shape of every array cupy.empty made"""
         self.flips: dict[int, tuple[int, ...]] = {}
         """launch number → (window, pixel) of the median that launch gets one bit wrong, the
         lowest, or (window, pixel, bits) with the bits it flips"""
@@ -580,6 +584,7 @@ def make_fake_cupy(lib, free_bytes=80 * 2**30, device_count=1, seed=0, version="
 
     def empty(shape, dtype):
         ensure_context(state)
+        state.empty_shapes.append(tuple(shape))
         size = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if state.largest_allocation is not None and size > state.largest_allocation:
             raise OutOfMemoryError(f"Out of memory allocating {size:,} bytes")
@@ -772,6 +777,7 @@ def make_fake_pynvml(state):
     pynvml.nvmlDeviceGetHandleByIndex = handle
     pynvml.nvmlDeviceGetName = name
     def memory_info(h):
+        state.nvml_memory_readings += 1
         if state.nvml_error is not None:
             raise state.nvml_error
         return types.SimpleNamespace(total=2 * state.free_bytes, free=state.free_bytes)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import pathlib
 import sys
 
@@ -23,8 +24,6 @@ from ..jobs import (
     summary_table,
 )
 from ..ppid import format_value, keyword_defaults, ppid_to_kwargs, split_ppid
-from ..rtdc.output import check_output_path
-from ..rtdc.reader import check_input_path, missing_input
 from ..settings import DEFAULT_COMPRESSION, parse_compression
 from .options import UsageError, add_run_options, count_option, in_option_terms
 from .output import emit, progress_bar
@@ -35,6 +34,7 @@ DEFAULT_METHOD = "rollmed"
 def check_input_folder(path: pathlib.Path) -> pathlib.Path:
     """Refuse a missing input folder as missing, naming a quoted ``~`` as the cause"""
     if not path.exists():
+        from ..rtdc.reader import missing_input
         raise missing_input(path, "folder")
     return path
 
@@ -134,6 +134,7 @@ def collect_jobs(args) -> list[tuple[pathlib.Path, pathlib.Path]]:
     else:
         if path_in.is_dir():
             raise UsageError(f"{path_in} is a folder; add -r to process every .rtdc in it")
+        from ..rtdc.reader import check_input_path
         inputs = [check_input_path(path_in)]
     jobs = []
     for source in inputs:
@@ -172,6 +173,19 @@ SKIPPED_MESSAGE = "output exists; add --force to replace it"
 
 
 def cmd_compute(args) -> int:
+    probe = None
+    if not (args.recursive or args.dask or args.dry_run) and os.path.isfile(args.path_in):
+        from ..rtdc.probe import MetadataProbe
+        probe = MetadataProbe(args.path_in)  # runs while the modules of a run load
+    try:
+        return compute(args, probe)
+    finally:
+        if probe is not None:
+            probe.stop()
+
+
+def compute(args, probe=None) -> int:
+    """`dcbg compute`; `probe` is the single input's metadata probe, started already"""
     cls, kwargs = method_and_kwargs(args)
     args.compress = parse_compression(args.compress)  # before any work
     if args.dask:
@@ -186,6 +200,7 @@ def cmd_compute(args) -> int:
     existing = []
     if not args.in_place:
         if not args.recursive:
+            from ..rtdc.output import check_output_path
             check_output_path(jobs[0][1])
         existing = [job for job in jobs if job[1].is_file() and not args.force]
         if existing and not args.recursive:
@@ -212,7 +227,7 @@ def cmd_compute(args) -> int:
     else:
         (source, target), = jobs
         report(compute_file(source, target, settings, progress_bar,
-                            report_final_errors=False))
+                            report_final_errors=False, probe=probe))
         return 0
     root = args.path_in if args.recursive else None
     results = sorted(skipped + results, key=lambda result: display_name(result.source, root))

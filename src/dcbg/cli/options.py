@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..devices import parse_device
+from ..devices import DeviceRequest, parse_device
 from ..settings import DEFAULT_VERIFY, VERIFY_MODES
 
 
@@ -26,13 +26,13 @@ def count_option(least: int):
     return parse
 
 
-def device_option(text: str) -> str:
-    """An argparse type: a device name (whether it can be used is checked later)"""
+def device_option(text: str) -> DeviceRequest:
+    """An argparse type: a device request, read once (whether it can be used is checked
+    later)"""
     try:
-        parse_device(text)
+        return parse_device(text)
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
-    return text
 
 
 def add_run_options(p: argparse.ArgumentParser):

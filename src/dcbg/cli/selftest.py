@@ -4,7 +4,6 @@ from __future__ import annotations
 import pathlib
 
 from .._version import __version__
-from ..rtdc.output import check_output_path
 from ..selftest import DEFAULT_EVENTS, DEFAULT_FILE_EVENTS
 from .options import count_option, device_option
 from .output import StatusLine, emit
@@ -13,6 +12,7 @@ from .output import StatusLine, emit
 def cmd_selftest(args) -> int:
     from .. import selftest
     if args.json:
+        from ..rtdc.output import check_output_path
         check_output_path(args.json)  # before minutes of work, not after them
     emit(f"dcbg {__version__} selftest, --device {args.device}: load the kernel, compare "
          f"with the CPU engine and the definition, measure")

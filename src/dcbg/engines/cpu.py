@@ -48,7 +48,7 @@ import numpy as np
 
 from .. import cpukernels
 from ..errors import DEFERRABLE_SIGNALS, WorkerFailure, setting_error, signals_deferred
-from ..system import available_cpus, mp_spawn, skip_numba_blas_probe
+from ..system import mp_spawn, skip_numba_blas_probe
 from .base import Engine, frame_pixels
 from .batches import Prefetcher, WriterThread, partition, plan_windows
 
@@ -518,7 +518,8 @@ class CPURollingMedian(Engine):
     batch_size: int
         Largest number of windows computed at once (see :meth:`plan_batch`).
     num_cpus: int
-        Number of workers (processes or threads).
+        Number of workers (processes or threads), as decided
+        (:func:`dcbg.settings.num_cpus_setting`: no more than the CPUs).
     windows: int
         Number of windows the engine will compute; chooses the workers.
     dtype: numpy dtype
@@ -536,18 +537,14 @@ class CPURollingMedian(Engine):
         dtype = np.dtype(dtype)
         column_scratch = cpukernels.scratch(dtype, 1, kernel_size).nbytes  # checks dtype
         pixels = frame_pixels(image_shape)
-        available = available_cpus()
-        if num_cpus > available:
-            logger.warning("%d CPU workers were asked for, but this process may use %d "
-                           "CPUs; starting %d", num_cpus, available, available)
-        num_cpus = max(1, min(num_cpus, available, pixels // MIN_PIXELS_PER_JOB))
+        num_cpus = max(1, min(num_cpus, pixels // MIN_PIXELS_PER_JOB))
         processes = windows >= PROCESS_MIN_WINDOWS
         scratch_bytes = num_cpus * widest(job_slices(pixels, num_cpus)) * column_scratch
         super().__init__(image_shape, kernel_size, self.plan_batch(
             batch_size, kernel_size, windows, pixels * dtype.itemsize,
             3 if processes else 2, scratch_bytes), dtype)
         self.num_cpus = num_cpus
-        """number of workers: as asked, but no more than CPUs and jobs for them"""
+        """number of workers: as decided, but no more than jobs for them"""
         if processes:
             self.workers = ProcessWorkers(self.pixels, kernel_size, self.batch_windows,
                                           self.num_cpus, self.dtype)

@@ -42,9 +42,7 @@ import threading
 
 import numpy as np
 
-from .. import cudaprobe
-from ..arrays import overlap_error
-from ..errors import DeviceError, first_line, setting_error
+from ..errors import DeviceError, first_line, overlap_error, setting_error
 from . import cudakernel, cudamemory, verification
 from .base import Engine
 from .batches import Prefetcher, WriterThread, plan_windows
@@ -66,8 +64,10 @@ class CUDARollingMedian(Engine):
         Most windows a device batch needs (the windows of the run); the
         device batch, :attr:`batch_windows`, is sized by device and host
         memory within it (see :func:`~dcbg.engines.cudamemory.device_batch_size`).
-    device_index: int
-        CUDA device ordinal.
+    kernels: dcbg.engines.cudakernel.CompiledKernels
+        The module of kernels that computes frames of `dtype`, loaded on the
+        device that computes, as the ready device holds them
+        (:meth:`dcbg.devices.ReadyDevice.kernels_for`).
     memory_share: float
         Part of the device's free memory this engine may plan with (engines
         that share a device split it).
@@ -91,35 +91,34 @@ class CUDARollingMedian(Engine):
     ------
     TypeError
         If the GPU kernels take no frames of `dtype`.
-    DeviceError
-        If the kernel does not compile or load on the device.
+    ValueError
+        If `kernels` is another module than the one of `dtype`'s kernels.
     MemoryError
         If not even a batch of one window fits.
     """
 
-    def __init__(self, image_shape, kernel_size, windows, device_index=0,
-                 memory_share: float = 1.0, free_bytes: int | None = None,
-                 host_share: float = 1.0, host_bytes: int | None = None,
-                 verify: str = "sample", dtype=np.uint8):
+    def __init__(self, image_shape, kernel_size, windows,
+                 kernels: cudakernel.CompiledKernels, memory_share: float = 1.0,
+                 free_bytes: int | None = None, host_share: float = 1.0,
+                 host_bytes: int | None = None, verify: str = "sample", dtype=np.uint8):
         import cupy
 
         super().__init__(image_shape, kernel_size, windows, dtype)
-        cudakernel.kernel_family(self.dtype)  # a dtype the kernels do not take: TypeError
+        family = cudakernel.kernel_family(self.dtype)  # a dtype they do not take: TypeError
+        if kernels.module != family.module:
+            raise ValueError(f"{self.dtype} frames need the {family.module} kernels, not the "
+                             f"{kernels.module} kernels; take them from "
+                             f"ReadyDevice.kernels_for({self.dtype}).")
         self.cupy = cupy
-        self.device_index = device_index
+        self.device_index = kernels.device_index
+        """the CUDA ordinal of the device that computes"""
+        device_index = self.device_index
         self.verify = verify
         self.result_check = verification.ResultCheck(verify, kernel_size, self.image_shape,
                                                      device_index, self.dtype)
         """the check of the last run's results against the CPU"""
-        self.kernels = cudakernel.kernels_or_device_error(device_index, self.dtype)
-        info = cudaprobe.describe_cuda_device(device_index)
-        if info is not None:
-            logger.info("CUDA device %d: %s (PCI %s), %.1f of %.1f GiB free, driver %s",
-                        device_index, info["name"], info["bus_id"],
-                        info["memory_free"] / 2**30, info["memory_total"] / 2**30,
-                        info["driver"])
-        self.launcher = cudakernel.Launcher(device_index, self.pixels, kernel_size,
-                                            self.kernels, self.dtype)
+        self.launcher = cudakernel.Launcher(device_index, self.pixels, kernel_size, kernels,
+                                            self.dtype)
         """the kernel's launches on this device, each batch length planned once"""
         free = cudamemory.free_device_memory(device_index) if free_bytes is None else free_bytes
         host = cudamemory.pinned_memory_budget() if host_bytes is None else host_bytes
@@ -142,19 +141,6 @@ class CUDARollingMedian(Engine):
         They serve the next file; memory that runs out releases them, and
         so does the end of the process.
         """
-
-    def blocks_per_sm(self, name: str, block: int, shared_mem: int) -> int:
-        """Resident blocks per SM from CUDA's occupancy calculator (asked at compile time)"""
-        return self.launcher.blocks_per_sm(name, block, shared_mem)
-
-    def plan(self, output_size: int) -> cudakernel.LaunchPlan:
-        """The launch plan of a batch of `output_size` windows on this device (planned once)"""
-        return self.launcher.plan(output_size)
-
-    def launch(self, frames, medians, output_size: int, stream=None):
-        """Run the kernel on device arrays, asynchronously on `stream` (see
-        :meth:`~dcbg.engines.cudakernel.Launcher.launch`)"""
-        self.launcher.launch(frames, medians, output_size, stream)
 
     def run(self, read_into, first, stop, write_at, on_written=None) -> np.ndarray:
         """Compute windows ``first … stop-1`` with every stage overlapped
@@ -231,9 +217,12 @@ class CUDARollingMedian(Engine):
         cupy = self.cupy
         rows, out_rows = self.batch_windows + self.kernel_size - 1, self.batch_windows
         pinned_in_count, pinned_out_count = cudamemory.PINNED_BUFFERS
+        device_in_count, device_out_count = cudamemory.DEVICE_BUFFERS
         streams = [cupy.cuda.Stream(non_blocking=True) for _ in range(3)]
-        device_in = [cupy.empty((rows, self.pixels), self.dtype) for _ in range(2)]
-        device_out = [cupy.empty((out_rows, self.pixels), self.dtype) for _ in range(2)]
+        device_in = [cupy.empty((rows, self.pixels), self.dtype)
+                     for _ in range(device_in_count)]
+        device_out = [cupy.empty((out_rows, self.pixels), self.dtype)
+                      for _ in range(device_out_count)]
         pinned = cudamemory.pinned_buffers.take(self.device_index, rows, self.pixels,
                                                 pinned_in_count, self.dtype)
         try:
@@ -280,41 +269,43 @@ class CUDARollingMedian(Engine):
 
         prefetcher = Prefetcher(read_into, batches, pinned_in)
         writer = WriterThread(write_when_downloaded, pinned_out, on_written)
-        kernel_done: list = [None, None]  # per device input buffer: the kernel that read it
-        downloaded: list = [None, None]  # per device output buffer: the download that read it
+        kernel_done: list = [None] * len(device_in)  # per input buffer: the kernel that read it
+        downloaded: list = [None] * len(device_out)  # per output buffer: the download that read it
         timings: list[tuple[str, object, object]] = []
         final = None
         try:
             for batch, frames in prefetcher:
-                slot = batch.index % 2
-                if kernel_done[slot] is not None:
-                    upload.wait_event(kernel_done[slot])
+                slot_in = batch.index % len(device_in)
+                slot_out = batch.index % len(device_out)
+                if kernel_done[slot_in] is not None:
+                    upload.wait_event(kernel_done[slot_in])
                 start = upload.record()
-                device_in[slot][:batch.input_size].set(frames, stream=upload)
+                device_in[slot_in][:batch.input_size].set(frames, stream=upload)
                 uploaded = upload.record(cupy.cuda.Event(block=True))
                 timings.append(("upload", start, uploaded))
 
                 compute.wait_event(uploaded)
-                if downloaded[slot] is not None:
-                    compute.wait_event(downloaded[slot])
+                if downloaded[slot_out] is not None:
+                    compute.wait_event(downloaded[slot_out])
                 start = compute.record()
-                self.launch(device_in[slot], device_out[slot], batch.output_size, compute)
-                kernel_done[slot] = compute.record()
-                timings.append(("median", start, kernel_done[slot]))
+                self.launcher.launch(device_in[slot_in], device_out[slot_out],
+                                     batch.output_size, compute)
+                computed = kernel_done[slot_in] = compute.record()
+                timings.append(("median", start, computed))
 
                 buffer = writer.acquire()
-                download.wait_event(kernel_done[slot])
+                download.wait_event(computed)
                 start = download.record()
-                device_out[slot][:batch.output_size].get(
+                device_out[slot_out][:batch.output_size].get(
                     stream=download, out=buffer[:batch.output_size], blocking=False)
-                downloaded[slot] = download.record(cupy.cuda.Event(block=True))
-                timings.append(("download", start, downloaded[slot]))
-                downloads[batch.start] = downloaded[slot]
+                downloaded[slot_out] = download.record(cupy.cuda.Event(block=True))
+                timings.append(("download", start, downloaded[slot_out]))
+                downloads[batch.start] = downloaded[slot_out]
                 # copied while the upload runs: the reader refills this buffer next
                 samples[batch.start] = check.take_frames(
-                    frames, self.plan(batch.output_size).block, batch.start)
+                    frames, self.launcher.plan(batch.output_size).block, batch.start)
                 writer.submit(batch.start, buffer, batch.output_size)
-                final = (batch, buffer, downloaded[slot])
+                final = (batch, buffer, downloaded[slot_out])
 
                 uploaded.synchronize()  # the reader may refill this pinned buffer now
                 prefetcher.release()

@@ -1,4 +1,4 @@
-"""The CUDA median kernel: its source, its compilation, and how to launch it
+"""The CUDA median kernel: its source, its compilation and its problems, and how to launch it
 
 The source is ``kernels/rollmed.cu`` beside this module. It holds two
 kernel families, compiled as modules of their own (:data:`MODULE_MACROS`):
@@ -9,7 +9,10 @@ and device, in a background thread (:func:`start_compiling`): the uint8
 kernel's as soon as the device is known, so that the compile overlaps
 opening the input, the window kernels' when frames of their dtypes first
 come. CuPy keeps the binaries in its on-disk kernel cache
-(``CUPY_CACHE_DIR``), so later processes skip NVRTC.
+(``CUPY_CACHE_DIR``), so later processes skip NVRTC. A compile that fails is
+told in one sentence with what to do (:func:`compile_problem`), and raised
+as the :class:`~dcbg.errors.DeviceError` of a device that cannot be used
+(:func:`kernels_or_device_error`).
 
 :func:`plan_launch` turns a batch into a grid of pixel blocks and time
 segments from CUDA's occupancy calculator. The calculator is a driver call
@@ -31,7 +34,7 @@ import numpy as np
 
 from .. import cudaprobe
 from ..dtypes import check_frame_dtype
-from ..errors import setting_error
+from ..errors import first_line, setting_error
 from .base import count_dtype
 from .cudacontext import on_device, use_device
 
@@ -163,6 +166,11 @@ class CompiledKernels:
     """The entry points of a module of rollmed.cu loaded on one device, and their
     occupancy there"""
 
+    device_index: int
+    """the CUDA device they are loaded on"""
+    module: str
+    """the module of rollmed.cu they are (:data:`MODULE_MACROS`), which the frames' dtype
+    chooses (:attr:`KernelFamily.module`)"""
     functions: dict
     """CuPy RawKernels by entry point name"""
     occupancy: dict
@@ -333,8 +341,32 @@ def kernels_or_device_error(device_index: int, dtype=np.uint8) -> CompiledKernel
     try:
         return load_kernels(device_index, dtype)
     except Exception as error:  # noqa: BLE001 - NVRTC, headers, the cache, the context
-        raise cudaprobe.unusable_device_error(
-            device_index, cudaprobe.compile_problem(error)) from error
+        raise cudaprobe.unusable_device_error(device_index, compile_problem(error)) from error
+
+
+def compile_problem(error: BaseException) -> str:
+    """What a failure to compile or load the kernel means, with what to do"""
+    text = first_line(error)
+    kind = type(error).__name__
+    lowered = f"{kind} {text}".lower()
+    if "nvrtc" in lowered:
+        return (f"CuPy cannot load NVRTC, the CUDA kernel compiler ({text}); "
+                f"{cudaprobe.FIX_INSTALL}")
+    if "cuda headers" in lowered or (".h" in lowered and (
+            "include" in lowered or "header" in lowered or "cannot open" in lowered
+            or "not found" in lowered)):
+        return f"CuPy cannot find the CUDA headers ({text}); {cudaprobe.FIX_INSTALL}"
+    if isinstance(error, OSError):
+        # CuPy writes every compiled kernel to its cache folder first
+        return cudaprobe.cache_problem(error)
+    if "ptx" in lowered:
+        return (f"the driver cannot load the compiled kernel ({text}), it is older than the "
+                f"CUDA of CuPy's NVRTC; update the driver or {cudaprobe.FIX_INSTALL}")
+    if kind in ("CUDARuntimeError", "CUDADriverError"):
+        return (f"CUDA could not set up the device ({text}); check with nvidia-smi that the "
+                f"GPU is healthy and not held by another process in exclusive mode")
+    return (f"the median kernel failed to compile ({text}); run 'dcbg info' and report it "
+            f"with its output")
 
 
 def _compile_into(future: concurrent.futures.Future, device_index: int, module: str):
@@ -361,7 +393,7 @@ def _compile(device_index: int, module: str) -> CompiledKernels:
             occupancy[name, block] = int(
                 cupy.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(
                     handle, block, shared))
-    return CompiledKernels(functions, occupancy)
+    return CompiledKernels(device_index, module, functions, occupancy)
 
 
 def multiprocessor_count(device_index: int) -> int:

@@ -46,7 +46,8 @@ BUFFER_BYTES_LIMIT = 256 * 2**20
 """Most bytes in one output buffer of a device batch"""
 
 DEVICE_BUFFERS = (2, 2)
-"""Device buffers of a run: (input, output), double buffered"""
+"""Device buffers of a run: (input, output), double buffered; the CUDA engine's pipeline
+rotates as many"""
 
 PINNED_BUFFERS = (2, 3)
 """Page-locked host buffers of a run: (input, output); the writer holds one more"""
@@ -65,9 +66,9 @@ def device_batch_size(windows: int, kernel_size: int, pixels: int, free_device_b
                       itemsize: int = 1) -> int:
     """Largest device batch whose buffers fit on the device and in the host's memory
 
-    The device holds two input buffers of ``batch + kernel_size`` frames and
-    two output buffers of ``batch`` frames; the host pins two input and
-    three output buffers of the same sizes. The batch is at most
+    The device holds :data:`DEVICE_BUFFERS` input buffers of ``batch +
+    kernel_size`` frames and output buffers of ``batch`` frames, the host pins
+    :data:`PINNED_BUFFERS` of the same sizes. The batch is at most
     :data:`DEVICE_BATCH_LIMIT` windows or `fill_windows`, whichever is more.
 
     Parameters

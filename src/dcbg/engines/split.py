@@ -23,7 +23,7 @@ class SplitRollingMedian(Engine):
     """Contiguous ranges of windows, each on its own CUDA engine, all at once
 
     Range ``i`` computes windows ``first_i … stop_i-1`` on device
-    ``indices[i % len(indices)]``; it reads frames ``first_i …
+    ``i % len(kernels)``; it reads frames ``first_i …
     stop_i+kernel_size-2``, so neighbouring ranges overlap by
     ``kernel_size-1`` frames and every window sees exactly the frames it
     would see on one device. Each range writes its windows at their own
@@ -38,28 +38,31 @@ class SplitRollingMedian(Engine):
         Shape of one frame.
     kernel_size, windows: int
         As for :class:`~dcbg.engines.cuda.CUDARollingMedian` (per device).
-    indices: sequence of int
-        CUDA device ordinals.
+    kernels: sequence of dcbg.engines.cudakernel.CompiledKernels
+        The kernels of `dtype` loaded on each CUDA device, as the ready device
+        holds them (:meth:`dcbg.devices.ReadyDevice.kernels_for`).
     verify: str
         Which results the CPU checks (see :class:`~dcbg.engines.cuda.CUDARollingMedian`).
     dtype: numpy.dtype, optional
         Of the frames and medians: uint8 (default), int8, uint16 or int16.
     """
 
-    def __init__(self, image_shape, kernel_size, windows, indices, verify: str = "sample",
+    def __init__(self, image_shape, kernel_size, windows, kernels, verify: str = "sample",
                  dtype=np.uint8):
         super().__init__(image_shape, kernel_size, windows, dtype)
-        self.indices = list(indices)
-        ranges = max(2, len(self.indices))
-        devices = [self.indices[i % len(self.indices)] for i in range(ranges)]
-        sharing = collections.Counter(devices)
+        kernels = list(kernels)
+        self.indices = [loaded.device_index for loaded in kernels]
+        ranges = max(2, len(kernels))
+        devices = [kernels[i % len(kernels)] for i in range(ranges)]
+        sharing = collections.Counter(loaded.device_index for loaded in devices)
         free = {index: cudamemory.free_device_memory(index) for index in sharing}
         host = cudamemory.pinned_memory_budget()
-        self.engines = [CUDARollingMedian(image_shape, kernel_size, windows, index,
-                                          memory_share=1 / sharing[index],
-                                          free_bytes=free[index], host_share=1 / ranges,
-                                          host_bytes=host, verify=verify, dtype=self.dtype)
-                        for index in devices]
+        self.engines = [CUDARollingMedian(image_shape, kernel_size, windows, loaded,
+                                          memory_share=1 / sharing[loaded.device_index],
+                                          free_bytes=free[loaded.device_index],
+                                          host_share=1 / ranges, host_bytes=host,
+                                          verify=verify, dtype=self.dtype)
+                        for loaded in devices]
 
     def facts(self) -> dict:
         """The ranges that ran at once, the device batch of each, the pixel-outputs checked"""

@@ -11,6 +11,7 @@ import json
 import pathlib
 
 import h5py
+import hdf5plugin  # noqa: F401 - registers the Zstandard filter: h5py reads and writes it
 import numpy as np
 
 from ..errors import InputFileError, OutputBusyError, first_line

@@ -20,7 +20,7 @@ import hdf5plugin
 import numpy as np
 
 from ..errors import OutputWriteError, is_disk_full, write_failure_reason
-from ..settings import parse_compression, zstd_level
+from ..settings import DEFAULT_COMPRESSION, zstd_level
 from .chunks import ChunkCodec
 from .hdf5 import (
     DCNUM_PPID_GENERATION,
@@ -35,13 +35,14 @@ CHUNK_BYTES = 1024**2
 """Target size of one HDF5 chunk of image_bg (dcnum's choice)"""
 
 
-def compression_filters(compression) -> dict:
-    """h5py dataset keywords for a compression setting (:func:`~dcbg.settings.parse_compression`)
+def compression_filters(compression: str) -> dict:
+    """h5py dataset keywords for a decided compression ("zstd-1" … "zstd-9" or "none")
 
     Zstandard is hdf5plugin's filter 32015; every chunk also carries a
-    Fletcher-32 checksum.
+    Fletcher-32 checksum. The setting is decided before (by
+    :func:`dcbg.settings.parse_compression`), not read again here.
     """
-    level = zstd_level(parse_compression(compression))
+    level = zstd_level(compression)
     if level is None:
         return {"fletcher32": True}
     return {**hdf5plugin.Zstd(clevel=level), "fletcher32": True}
@@ -53,8 +54,12 @@ def chunk_events(image_shape) -> int:
 
 
 def create_image_dataset(group: h5py.Group, name: str, image_shape, count: int,
-                         compression=True, chunk_length: int | None = None) -> h5py.Dataset:
-    """An empty uint8 image stack of `count` frames with dcbg's chunks and filters"""
+                         compression: str = DEFAULT_COMPRESSION,
+                         chunk_length: int | None = None) -> h5py.Dataset:
+    """An empty uint8 image stack of `count` frames with dcbg's chunks and filters
+
+    `compression` is decided already (see :func:`compression_filters`).
+    """
     image_shape = tuple(image_shape)
     dataset = group.create_dataset(
         name, shape=(count, *image_shape), maxshape=(None, *image_shape), dtype=np.uint8,
@@ -322,8 +327,9 @@ class ImageBgWriter(ChunkedStackWriter):
         Shape of one frame.
     count: int
         Number of frames of the dataset.
-    compression: bool or str
-        See :func:`dcbg.settings.parse_compression`.
+    compression: str
+        As decided: "zstd-1" … "zstd-9" or "none" (see
+        :func:`dcbg.settings.parse_compression`).
     target: path-like, optional
         The output file as the user named it, for error messages (the group
         may live in a temporary file).
@@ -334,8 +340,9 @@ class ImageBgWriter(ChunkedStackWriter):
     name = "image_bg"
     failure_note = " (the unfinished background is discarded)"
 
-    def __init__(self, group: h5py.Group, image_shape, count: int, compression=True,
-                 target=None, pool: concurrent.futures.Executor | None = None):
+    def __init__(self, group: h5py.Group, image_shape, count: int,
+                 compression: str = DEFAULT_COMPRESSION, target=None,
+                 pool: concurrent.futures.Executor | None = None):
         if "image_bg" in group:
             del group["image_bg"]
         dataset = create_image_dataset(group, "image_bg", image_shape, count, compression)
