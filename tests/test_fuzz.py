@@ -9,7 +9,7 @@ import pytest
 
 from dcbg import errors
 from dcbg.cli import main
-from dcbg.rtdc import probe
+from dcbg.rtdc import metadata_check as probe
 from dcbg.synthetic import write_synthetic_rtdc
 
 pytestmark = pytest.mark.slow  # fuzzing runs many damaged files through the command line
@@ -36,7 +36,7 @@ def test_fuzzed_files_give_only_clean_errors(tmp_path):
 
 def test_hdf5_hangs_and_crashes_on_metadata_become_clean_errors(tmp_path, monkeypatch,
                                                                  capsys):
-    """libhdf5 loops or crashes on some damaged attributes (HDFGroup/hdf5#1707)
+    """libhdf5 loops or crashes on some damaged attributes
 
     Fuzzing found such files; their bytes depend on the HDF5 version, so
     here the probe's child process hangs or crashes on purpose for files

@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 from dcbg.cli import main
-from dcbg.rtdc import probe
+from dcbg.rtdc import metadata_check as probe
 from dcbg.synthetic import write_synthetic_rtdc
 
 FILE_MODULES = ("numpy", "h5py", "numcodecs", "hdf5plugin")
@@ -12,7 +12,7 @@ FILE_MODULES = ("numpy", "h5py", "numcodecs", "hdf5plugin")
 
 STARTS_PROBE = """
 import sys
-from dcbg.rtdc import probe
+from dcbg.rtdc import metadata_check as probe
 loaded_at_start = []
 start = probe.MetadataProbe.__init__
 
@@ -56,11 +56,11 @@ def test_the_command_line_and_its_commands_import_no_file_modules():
 
 
 def test_the_probe_is_joined_before_the_file_is_opened(tmp_path, monkeypatch):
-    from dcbg import base
+    from dcbg import background
     source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 40, shape=(4, 6), seed=1)
     steps = []
     start, join, open_input = probe.MetadataProbe.__init__, probe.MetadataProbe.join, \
-        base.open_input
+        background.open_input
 
     def started(self, *args, **kwargs):
         steps.append("start")
@@ -76,7 +76,7 @@ def test_the_probe_is_joined_before_the_file_is_opened(tmp_path, monkeypatch):
 
     monkeypatch.setattr(probe.MetadataProbe, "__init__", started)
     monkeypatch.setattr(probe.MetadataProbe, "join", joined)
-    monkeypatch.setattr(base, "open_input", opened)
+    monkeypatch.setattr(background, "open_input", opened)
     assert main(["compute", str(source), "-kb", "kernel_size=4", "--device", "cpu"]) == 0
     assert steps == ["start", "join", "open"]
 

@@ -9,8 +9,8 @@ import importlib
 from ._version import __version__
 
 _PUBLIC = {
-    "Background": "base",
-    "get_available_background_methods": "base",
+    "Background": "background",
+    "get_available_background_methods": "background",
     "BackgroundRollMed": "rollmed",
     "rolling_median_reference": "reference",
     "rolling_median": "arrays",

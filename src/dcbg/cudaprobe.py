@@ -210,6 +210,8 @@ def _inventory() -> tuple[tuple[object, dict], ...]:
     nvml = _nvml()
     if nvml is None:
         return ()
+    from .rtdc.hdf5 import as_text as _text  # NVML, like h5py, gives bytes or str
+
     ordinals = _cuda_ordinals_by_bus_id()
     driver = _text(nvml.nvmlSystemGetDriverVersion())
     inventory = []
@@ -225,10 +227,6 @@ def _inventory() -> tuple[tuple[object, dict], ...]:
             "driver": driver,
         }))
     return tuple(inventory)
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _normal_bus_id(bus_id: str) -> str:

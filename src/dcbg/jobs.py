@@ -114,12 +114,12 @@ def compute_file(source, target, settings: JobSettings, progress=None,
     report_final_errors: bool
         False raises final errors too (one file on the command line, where
         ``--verbose`` shows their traceback).
-    probe: dcbg.rtdc.probe.MetadataProbe, optional
+    probe: dcbg.rtdc.metadata_check.MetadataProbe, optional
         The probe of `source`'s metadata, started before (the command line
         starts it right after reading its arguments); started here by default.
 
     The file's metadata are first read in a child process
-    (:class:`dcbg.rtdc.probe.MetadataProbe`), joined before the file is
+    (:class:`dcbg.rtdc.metadata_check.MetadataProbe`), joined before the file is
     opened, so a file on which libhdf5 hangs or crashes fails cleanly instead
     of stopping the batch.
 
@@ -128,11 +128,11 @@ def compute_file(source, target, settings: JobSettings, progress=None,
     Exception
         Errors that a retry may fix (see the module docstring).
     """
-    from .rtdc.probe import MetadataProbe
+    from .rtdc.metadata_check import MetadataProbe
     t0 = time.perf_counter()
     if probe is None and pathlib.Path(source).is_file():
         probe = MetadataProbe(source)  # runs while the modules of a run load
-    from .base import get_available_background_methods, load_run_modules
+    from .background import get_available_background_methods, load_run_modules
     cls = get_available_background_methods()[settings.method]
     try:
         if probe is not None:
@@ -174,7 +174,7 @@ def check_input(source, settings: JobSettings, target) -> int:
     FileNotFoundError, InputFileError, InputDataError, OutputError
         As the computation would.
     """
-    from .base import get_available_background_methods
+    from .background import get_available_background_methods
     from .ppid import keyword_defaults
     cls = get_available_background_methods()[settings.method]
     kwargs = {**keyword_defaults(cls.check_user_kwargs), **settings.kwargs}

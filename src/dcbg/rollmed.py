@@ -1,7 +1,7 @@
 """The rolling-median background (PPID code "rollmed")"""
 from __future__ import annotations
 
-from .base import Background
+from .background import Background
 from .errors import UnknownKeywordError
 from .windows import background_window_count, check_stack_length
 

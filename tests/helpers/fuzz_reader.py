@@ -9,8 +9,8 @@ copied and every frame is read. A copy that reads is "readable"; one that
 fails must fail with one of dcbg's input errors whose message names the
 file. Anything else is "unclean". Each input is read in a child process;
 one that takes longer than ``--timeout`` counts as a "hang", one that kills
-the child as a "crash" (both are upstream HDF5 failure modes, see
-HDFGroup/hdf5#1707); such inputs are kept in FOLDER/fuzz_findings. The
+the child as a "crash" (both are failures of libhdf5 itself on damaged
+attributes); such inputs are kept in FOLDER/fuzz_findings. The
 last stdout line is a JSON report.
 """
 import argparse
@@ -27,7 +27,7 @@ import numpy as np
 import dcbg
 from dcbg import errors
 from dcbg.rtdc.basins import write_output_basins
-from dcbg.rtdc.probe import probe_metadata
+from dcbg.rtdc.metadata_check import probe_metadata
 from dcbg.rtdc.reader import RTDCInput
 from dcbg.rtdc.writer import copy_metadata
 from dcbg.synthetic import write_synthetic_rtdc

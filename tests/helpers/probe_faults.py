@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 
-from dcbg.rtdc.probe import read_metadata
+from dcbg.rtdc.metadata_check import read_metadata
 
 if __name__ == "__main__":
     name = os.path.basename(sys.argv[1])

@@ -7,7 +7,7 @@ import os
 import pathlib
 import sys
 
-from ..base import Background, get_available_background_methods
+from ..background import Background, get_available_background_methods
 from ..devices import select_device
 from ..errors import OutputExistsError, UnknownKeywordError, first_line
 from ..jobs import (
@@ -175,7 +175,7 @@ SKIPPED_MESSAGE = "output exists; add --force to replace it"
 def cmd_compute(args) -> int:
     probe = None
     if not (args.recursive or args.dask or args.dry_run) and os.path.isfile(args.path_in):
-        from ..rtdc.probe import MetadataProbe
+        from ..rtdc.metadata_check import MetadataProbe
         probe = MetadataProbe(args.path_in)  # runs while the modules of a run load
     try:
         return compute(args, probe)

@@ -6,7 +6,7 @@ import pathlib
 import sys
 
 from .._version import __version__
-from ..base import get_available_background_methods
+from ..background import get_available_background_methods
 from ..devices import DEVICE_ENV, auto_choice, select_device
 from ..errors import first_line
 from .output import emit

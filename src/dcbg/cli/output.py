@@ -7,7 +7,7 @@ import shutil
 import sys
 import threading
 
-from ..base import Background
+from ..background import Background
 
 
 def emit(line: str = ""):

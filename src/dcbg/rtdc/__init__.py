@@ -13,6 +13,6 @@ One module per job:
 - :mod:`~dcbg.rtdc.describe`: what a file carries, as ``dcbg info FILE``
   prints it;
 - :mod:`~dcbg.rtdc.basins`, :mod:`~dcbg.rtdc.hdf5`: the conventions of
-  the format; :mod:`~dcbg.rtdc.probe`: metadata read in a child process
+  the format; :mod:`~dcbg.rtdc.metadata_check`: metadata read in a child process
   first, for files on which libhdf5 itself hangs or crashes.
 """

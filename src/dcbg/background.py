@@ -3,7 +3,7 @@
 The file modules (:mod:`dcbg.rtdc`, with h5py, numpy and the codecs) are
 imported where a run first needs them, not with this module: the command
 line reads its arguments, and starts the metadata probe of its input
-(:mod:`dcbg.rtdc.probe`), before they load.
+(:mod:`dcbg.rtdc.metadata_check`), before they load.
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Read a file's metadata in a child process before dcbg opens it
 
 On some damaged files libhdf5 loops forever or crashes while decoding
-variable-length string attributes (HDFGroup/hdf5#1707, found by fuzzing);
+variable-length string attributes (found by fuzzing);
 no code in the process that meets them can recover. :class:`MetadataProbe`
-runs this module as ``python -m dcbg.rtdc.probe FILE`` in a child, which
+runs this module as ``python -m dcbg.rtdc.metadata_check FILE`` in a child, which
 reads the root attributes, basins, logs and tables and the shapes of the
 events, and turns a hang or a crash into a clean error, so a batch job goes
 on with the next file. A file the child cannot read for another reason is
@@ -24,7 +24,7 @@ import time
 PROBE_SECONDS = 60.0
 """How long reading a file's metadata may take before it counts as hung"""
 
-PROBE_COMMAND = [sys.executable, "-m", "dcbg.rtdc.probe"]
+PROBE_COMMAND = [sys.executable, "-m", "dcbg.rtdc.metadata_check"]
 """The child's command line; the file's path is appended"""
 
 
