@@ -2,16 +2,22 @@
 frames, on the CPU through the CuPy stand-in (helpers/fake_cupy.py), compared with the
 definition of test_kernel16.py: element ``k // 2`` of each window sorted by NumPy in the
 frames' own (signed or unsigned) order"""
+import threading
+import time
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import dcbg
 from dcbg.engines import cudakernel, cudamemory, engine_for
 from dcbg.engines.cuda import CUDARollingMedian, rolling_median_on_gpu
 from dcbg.engines.split import SplitRollingMedian
 from dcbg.engines.verification import ResultCheck, sample_columns
 from dcbg.errors import GPUResultError
+from dcbg.reference import rolling_median_reference
+from helpers.fake_cupy import FakeEvent
 from test_engines_cuda import loaded
 from test_kernel16 import as_dtype, definition
 
@@ -373,3 +379,36 @@ def test_gpu_arrays_check_the_first_call_of_each_dtype(fake_gpu):
         with pytest.raises(GPUResultError):
             rolling_median_on_gpu(frames, 5, 26, (26, 4, 6), None, verify="sample")
         launch += 1
+
+
+@pytest.mark.parametrize("dtype", [np.int16, np.int8])
+def test_signed_host_arrays_on_the_gpu_repeat_the_right_last_rows(fake_gpu, monkeypatch,
+                                                                 dtype):
+    """The array functions flip signed medians in the engine's buffer while they write them;
+    a slow write keeps them flipped while the CUDA engine finishes, which must not take the
+    last window's row from the buffer before the write returned"""
+    from dcbg.rtdc import writer
+
+    fake_gpu()
+    monkeypatch.setattr(cudamemory, "DEVICE_BATCH_LIMIT", 16)
+    monkeypatch.setattr(cudakernel.Launcher, "windows_to_fill", lambda self: 0)
+    write_at = writer.StackWriter.write_at
+
+    def slow_write_at(self, offset, medians):
+        if offset + len(medians) == windows:  # the last batch's medians stay flipped a while
+            time.sleep(0.5)
+        write_at(self, offset, medians)
+
+    monkeypatch.setattr(writer.StackWriter, "write_at", slow_write_at)
+    synchronize = FakeEvent.synchronize
+
+    def main_thread_waits_longer(self):  # so that the writer is inside a write meanwhile
+        synchronize(self)
+        if threading.current_thread() is threading.main_thread():
+            time.sleep(0.1)
+
+    monkeypatch.setattr(FakeEvent, "synchronize", main_thread_waits_longer)
+    stack = sixteen_bit_stack(dtype, frames=60)
+    windows = len(stack) - 7  # the frames that get a window of their own
+    got = dcbg.rolling_median_background(stack, 7, device="cuda", verify="off")
+    assert np.array_equal(got, rolling_median_reference(stack, 7))

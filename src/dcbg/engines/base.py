@@ -112,7 +112,9 @@ class Engine(abc.ABC):
         write_at: callable
             ``write_at(offset, medians)`` stores flattened medians of
             windows ``offset …`` (of the engine's dtype); it may be called
-            from several threads.
+            from several threads, and may change `medians` while it runs if
+            it puts them back before it returns, so an engine reads a
+            buffer it handed to `write_at` only after that call returned.
         on_written: callable, optional
             Called with a number of windows whenever some were written.
 

@@ -309,12 +309,6 @@ class CUDARollingMedian(Engine):
 
                 uploaded.synchronize()  # the reader may refill this pinned buffer now
                 prefetcher.release()
-            last = None
-            if final is not None:
-                batch, buffer, done = final
-                done.synchronize()
-                # no download follows: the buffer keeps these bytes after the writer is done
-                last = buffer[batch.output_size - 1].copy()
         except BaseException:
             prefetcher.close()
             try:
@@ -325,6 +319,13 @@ class CUDARollingMedian(Engine):
         else:
             prefetcher.close()
             writer.close()
+            last = None
+            if final is not None:
+                # Taken once every write has returned, since write_at may change a buffer
+                # while it writes it (the array functions flip signed values there); no
+                # download follows, so the buffer still holds the last batch's medians.
+                batch, buffer, _ = final
+                last = buffer[batch.output_size - 1].copy()
         finally:
             self._add_seconds("read", prefetcher.seconds)
             self._add_seconds("write", writer.seconds)
