@@ -24,8 +24,9 @@ back.
 
 Frames of uint8, int8, uint16 and int16 go through the same pipeline in
 buffers of their dtype: the kernel of their dtype orders signed values by
-flipping their sign bit on the GPU, so the host copies the caller's values
-as they are, and the check recomputes them in their own order.
+flipping their sign bit on the GPU, so the host copies the values the
+engine is given as they are (the array functions give it unsigned ones),
+and the check recomputes them in their own order.
 
 The kernel and its launch plans come from :mod:`~dcbg.engines.cudakernel`;
 batch sizes and the page-locked buffers, kept across runs, from
