@@ -618,8 +618,10 @@ def test_the_first_gpu_array_call_of_each_dtype_is_checked(fake_gpu):
     first = dcbg.rolling_median(cupy.asarray(stacks[np.uint16]), 5)  # launch 0: checked
     assert np.array_equal(cupy.asnumpy(first), definition(stacks[np.uint16], 5))
     state.flips[1] = (2, 5, 0x40)  # a wrong median in the next launch
-    with pytest.raises(GPUResultError, match="at event 2, pixel \\(row 0, column 5\\)"):
+    with pytest.raises(GPUResultError, match="at event 2, pixel \\(row 0, column 5\\)") as raised:
         dcbg.rolling_median(cupy.asarray(stacks[np.int16]), 5)
+    # the device setting does not move GPU arrays: the advice is a host copy
+    assert str(raised.value).endswith("or compute a host copy of the frames (cupy.asnumpy).")
     state.flips[2] = (2, 5, 0x40)  # uint16's first call was checked: later ones are not
     wrong = dcbg.rolling_median(cupy.asarray(stacks[np.uint16]), 5)
     assert not np.array_equal(cupy.asnumpy(wrong), definition(stacks[np.uint16], 5))

@@ -247,7 +247,7 @@ class ResultCheck:
             window, index = divmod(found, cpu.shape[1])
             pixel = index if columns is None else int(columns[index])
             raise self._error(first_window + window, pixel, gpu[window, index],
-                              cpu[window, index])
+                              cpu[window, index], on_gpu_arrays=True)
 
     def _recompute(self, frames: np.ndarray, windows: int) -> np.ndarray:
         """The CPU kernel's medians of the first `windows` windows of `frames`' columns,
@@ -264,8 +264,20 @@ class ResultCheck:
         flip_sign_bit(cpu, self.sign_bit)
         return cpu.view(self.dtype)
 
-    def _error(self, event: int, pixel: int, gpu, cpu) -> GPUResultError:
-        """The error for a GPU's median `gpu` where the CPU computes `cpu`"""
+    def _error(self, event: int, pixel: int, gpu, cpu,
+               on_gpu_arrays: bool = False) -> GPUResultError:
+        """The error for a GPU's median `gpu` where the CPU computes `cpu`
+
+        Arrays in GPU memory are computed on the GPU that holds them whatever
+        the device setting, so their advice is to compute a host copy instead.
+        """
+        if on_gpu_arrays:
+            return GPUResultError(
+                f"CUDA device {self.device_index} computed a wrong median at event {event}, "
+                f"{pixel_words(pixel, self.image_shape)}: the GPU gave {gpu} where the CPU "
+                f"computes {cpu}, so its results cannot be trusted; check the GPU "
+                f"(nvidia-smi, dcbg selftest --device cuda:{self.device_index}) or compute "
+                f"a host copy of the frames (cupy.asnumpy).")
         return setting_error(
             GPUResultError, "CUDA device {index} computed a wrong median at event {event}, "
             "{pixel}: the GPU gave {gpu} where the CPU computes {cpu}, so its results cannot "
