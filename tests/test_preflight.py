@@ -116,3 +116,17 @@ def test_the_dry_run_refuses_an_existing_output_the_run_may_not_write(tmp_path, 
         dcbg.BackgroundRollMed(source, target, kernel_size=10, device="cpu")
     assert str(dry.value) == str(run.value) and str(target) in str(dry.value)
     assert target.read_bytes() == before
+
+
+def test_the_dry_run_refuses_a_codec_thread_setting_the_run_refuses(tmp_path, monkeypatch,
+                                                                   capsys):
+    from dcbg.cli import main
+    source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 40, shape=(4, 6), seed=1)
+    monkeypatch.setenv("DCBG_IO_THREADS", "abc")
+    arguments = ["compute", str(source), "--device", "cpu", "-kb", "kernel_size=10"]
+    assert main([*arguments, "--dry-run"]) == 1
+    dry = capsys.readouterr().err
+    assert main(arguments) == 1
+    assert dry == capsys.readouterr().err != ""
+    assert "DCBG_IO_THREADS" in dry
+    assert not (tmp_path / "rec_bg.rtdc").exists()

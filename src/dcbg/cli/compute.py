@@ -24,7 +24,7 @@ from ..jobs import (
     summary_table,
 )
 from ..ppid import format_value, keyword_defaults, ppid_to_kwargs, split_ppid
-from ..settings import DEFAULT_COMPRESSION, parse_compression
+from ..settings import DEFAULT_COMPRESSION, decide_run_settings, parse_compression
 from .options import UsageError, add_run_options, count_option, in_option_terms
 from .output import emit, progress_bar
 
@@ -249,6 +249,9 @@ def dry_run(args, jobs, existing, settings: JobSettings, select_ppid: str) -> in
     be skipped are listed as such, and the exit code is 1 if any cannot be
     computed.
     """
+    # the settings as a run decides them, so a setting the run would refuse fails here too
+    decide_run_settings(settings.compress, settings.num_cpus, settings.io_threads,
+                        settings.verify)
     if args.dask:
         emit(f"dask: {args.dask} (one task per file, {args.retries} retries)")
     else:
