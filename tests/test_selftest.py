@@ -307,10 +307,16 @@ def test_an_unusable_gpu_is_one_error_line(monkeypatch, capsys):
 
 
 def test_sizes_that_cannot_work_are_refused():
-    with pytest.raises(ValueError, match="--file-events 0 to skip it"):
+    with pytest.raises(ValueError, match="set file_events to 0 to skip it, or to 101 or more"):
         run_selftest("cpu", cases=TINY[:1], file_events=100)
-    with pytest.raises(ValueError, match="at least one window"):
+    with pytest.raises(ValueError, match="at least one window per stack, got 0; set events to 1"):
         selftest.default_cases(0)
+
+
+def test_sizes_that_cannot_work_are_said_in_options_on_the_command_line(capsys):
+    assert main(["selftest", "--device", "cpu", "--file-events", "100"]) == 1
+    assert capsys.readouterr().err.endswith(
+        "got 100; set --file-events to 0 to skip it, or to 101 or more.\n")
 
 
 def test_difference_names_the_first_wrong_pixel():

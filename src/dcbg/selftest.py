@@ -43,7 +43,7 @@ import time
 import typing
 
 from .devices import ALL_DEVICES, DeviceChoice, DeviceRequest, parse_device, select_device
-from .errors import GPUResultError, first_line
+from .errors import GPUResultError, first_line, setting_error
 from .settings import num_cpus_setting
 from .windows import background_window_count
 
@@ -127,8 +127,9 @@ def default_cases(events: int = DEFAULT_EVENTS) -> list[StackCase]:
     on 2×3 frames.
     """
     if events < 1:
-        raise ValueError(f"The self-test needs at least one window per stack, got "
-                         f"events={events}; give --events 1 or more.")
+        raise setting_error(ValueError, "The self-test needs at least one window per stack, "
+                            "got {events}; set {setting} to 1 or more.", "events",
+                            events=events)
     cases = [StackCase(k, SHAPE8, events) for k in (10, 100, 300)]
     cases.append(StackCase(70_000, (2, 3), 200, realistic=False))
     windows16 = max(1, events * (SHAPE8[0] * SHAPE8[1]) // (SHAPE16[0] * SHAPE16[1]))
@@ -574,9 +575,11 @@ def run_selftest(device: str | DeviceRequest = "auto", events: int = DEFAULT_EVE
         If a GPU was asked for and cannot be used.
     """
     if file_events and file_events <= FILE_KERNEL_SIZE:
-        raise ValueError(f"The file-to-file check computes kernel_size={FILE_KERNEL_SIZE} "
-                         f"and needs more events than that, got {file_events}; give "
-                         f"--file-events 0 to skip it, or {FILE_KERNEL_SIZE + 1} or more.")
+        raise setting_error(ValueError, "The file-to-file check computes kernel_size={k} and "
+                            "needs more events than that, got {events}; set {setting} to 0 "
+                            "to skip it, or to {least} or more.", "file_events",
+                            k=FILE_KERNEL_SIZE, events=file_events,
+                            least=FILE_KERNEL_SIZE + 1)
     cases = list(default_cases(events) if cases is None else cases)
     singles, split = device_requests(device)
     say = on_step if on_step is not None else (lambda text: None)
