@@ -647,12 +647,24 @@ SAID = {
     ("device", ("cpu", "auto")): ('device="cpu" or "auto"', "--device cpu or auto"),
     ("num_cpus", ()): ("num_cpus", "--num-cpus"),
     ("dask", ()): ("The Dask address", "--dask"),
+    ("events", ()): ("events", "--events"),
+    ("file_events", ()): ("file_events", "--file-events"),
 }
 """How each setting that dcbg's errors name reads in the library and on the command line"""
+
+SELFTEST_SETTINGS = {"events", "file_events"}
+"""Settings of dcbg selftest's options; the others are dcbg compute's"""
 
 
 def compute_parser():
     return build_parser().parse_args(["compute", "x.rtdc"]).subcommand
+
+
+def parser_of(setting: str):
+    """The parser of the command whose option sets `setting`"""
+    if setting in SELFTEST_SETTINGS:
+        return build_parser().parse_args(["selftest"]).subcommand
+    return compute_parser()
 
 
 def test_the_options_are_read_from_the_parser():
@@ -678,7 +690,7 @@ def test_every_error_naming_a_setting_says_it_as_the_option_on_the_command_line(
                           **dict.fromkeys(keywords, 7))
     library, command_line = SAID[setting, tuple(suggested)]
     assert str(error).count(library) == 1
-    assert in_option_terms(error, compute_parser()) == str(error).replace(library, command_line)
+    assert in_option_terms(error, parser_of(setting)) == str(error).replace(library, command_line)
 
 
 def test_a_device_that_cannot_be_used_is_said_in_each_ones_terms(recording, capsys):
