@@ -9,6 +9,7 @@ from .._version import __version__
 from ..background import get_available_background_methods
 from ..devices import DEVICE_ENV, auto_choice, select_device
 from ..errors import first_line
+from ..system import available_cpus
 from .output import emit
 
 
@@ -19,7 +20,7 @@ def cmd_info(args) -> int:
             emit(line)
         return 0
     emit(f"dcbg {__version__}")
-    emit(f"python {sys.version.split()[0]}, CPUs available: {os.cpu_count()}")
+    emit(f"python {sys.version.split()[0]}, CPUs available: {available_cpus()}")
     from ..cpukernels import describe_build
     emit(f"CPU kernels: {describe_build()}")
     from ..cudaprobe import describe_cuda_devices

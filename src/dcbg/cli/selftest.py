@@ -31,7 +31,11 @@ def cmd_selftest(args) -> int:
         status.clear()
     if args.json:
         import json
-        pathlib.Path(args.json).write_text(json.dumps(selftest.summary(rows), indent=1))
+        import os
+        target = pathlib.Path(args.json)
+        partial = target.with_name(f".{target.name}.partial")
+        partial.write_text(json.dumps(selftest.summary(rows), indent=1))
+        os.replace(partial, target)  # a report appears whole or not at all
     emit(selftest.verdict(rows))
     return 0 if selftest.passed(rows) else 1
 

@@ -107,8 +107,8 @@ def scratch(dtype, width: int, kernel_size: int) -> np.ndarray:
     if dtype == np.uint8:
         from ..engines.base import count_dtype
         return np.empty((width, 256), count_dtype(kernel_size))
-    raise TypeError(f"The CPU kernels take uint8 or uint16 frames, not {dtype}; convert the "
-                    f"frames to one of these types.")
+    raise TypeError(f"The CPU kernels take {' or '.join(map(str, MEDIAN_DTYPES))} frames, not "
+                    f"{dtype}; convert the frames to one of these types.")
 
 
 def load_build(build: str) -> CPUKernels:

@@ -1,8 +1,8 @@
 """Engines compute rolling medians on a device; all implement :class:`Engine`
 
-- :mod:`~dcbg.engines.cpu`: a histogram median per pixel on CPU threads or
-  RawArray worker processes;
-- :mod:`~dcbg.engines.cuda`: the same algorithm as a CUDA kernel in an
+- :mod:`~dcbg.engines.cpu`: the compiled median kernels (see
+  :mod:`dcbg.cpukernels`) on CPU threads or RawArray worker processes;
+- :mod:`~dcbg.engines.cuda`: a median per pixel and thread as a CUDA kernel in an
   overlapped copy/compute pipeline, with the kernel's source, compilation
   and launch plans in :mod:`~dcbg.engines.cudakernel` and its batch sizes
   and page-locked buffers in :mod:`~dcbg.engines.cudamemory`;

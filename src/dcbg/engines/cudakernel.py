@@ -297,7 +297,8 @@ def plan_launch(pixels: int, output_size: int, kernel_size: int,
                                         waves))
     if best is None:
         raise ValueError(f"No block of {BLOCK_SIZES} threads fits {SHARED_BYTES_LIMIT} bytes "
-                         f"of shared memory for kernel_size={kernel_size}")
+                         f"of shared memory for kernel_size={kernel_size}; this is a bug in "
+                         f"dcbg, please report it.")
     return best[1]
 
 

@@ -153,7 +153,8 @@ class StackWriter:
         stop = offset + len(frames) if stop is None else stop
         if offset < 0 or stop > self.count:
             raise ValueError(f"frames {offset} to {stop - 1} lie outside {self.name}, which "
-                             f"has {self.count} frames")
+                             f"has {self.count} frames; this is a bug in dcbg, please report "
+                             f"it.")
         return frames
 
 
