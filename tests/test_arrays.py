@@ -17,7 +17,13 @@ import dcbg
 from dcbg.engines import cpu
 from dcbg.errors import GPUResultError
 from dcbg.reference import rolling_median_reference, rolling_median_windows_reference
-from helpers.data import as_dtype, jumping_values, ramp_values, twelve_bit_camera_frames
+from helpers.data import (
+    as_dtype,
+    jumping_values,
+    mixed_values,
+    ramp_values,
+    twelve_bit_camera_frames,
+)
 
 DTYPES = (np.uint8, np.uint16, np.int8, np.int16)
 
@@ -331,12 +337,7 @@ def test_signed_extremes_are_ordered_as_numbers(dtype, kernel_size):
 @pytest.mark.parametrize("extra", [0, 1, 37])
 def test_kernel_sizes_up_to_2000_from_a_single_window_on(kernel_size, extra):
     """Odd and even windows from 1 to 2,000 frames; N = k gives a single window"""
-    rng = np.random.default_rng(kernel_size * 7 + extra)
-    frames = kernel_size + extra
-    noise = 1000 + rng.poisson(900, (frames, 5))
-    jumps = np.where(rng.random((frames, 3)) < 0.5, rng.integers(0, 100, (frames, 3)),
-                     rng.integers(65000, 65536, (frames, 3)))
-    values = np.concatenate([noise, jumps, rng.integers(0, 65536, (frames, 2))], axis=1)
+    values = mixed_values(kernel_size, extra)
     for dtype in DTYPES:
         assert_exact(as_dtype(values, dtype), kernel_size)
 

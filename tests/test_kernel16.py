@@ -21,7 +21,13 @@ from dcbg.dtypes import FRAME_DTYPES
 from dcbg.engines import cudakernel
 from dcbg.errors import DeviceError
 from helpers import host_kernel as hk
-from helpers.data import as_dtype, jumping_values, ramp_values, twelve_bit_camera_frames
+from helpers.data import (
+    as_dtype,
+    jumping_values,
+    mixed_values,
+    ramp_values,
+    twelve_bit_camera_frames,
+)
 from test_kernel import H100_SMS, nvcc_compile, sm90_blocks_per_sm
 
 WINDOW_DTYPES = (np.uint16, np.int16, np.int8)
@@ -162,12 +168,7 @@ def test_constant_and_saturated_pixels(host_kernel, kernel_size):
 @pytest.mark.parametrize("extra", [0, 1, 37])
 def test_kernel_sizes_up_to_2000(host_kernel, kernel_size, extra):
     """Odd and even windows from 1 to 2,000 frames, from a single window (N = k) on"""
-    rng = np.random.default_rng(kernel_size * 7 + extra)
-    frames = kernel_size + extra
-    noise = 1000 + rng.poisson(900, (frames, 5))
-    jumps = np.where(rng.random((frames, 3)) < 0.5, rng.integers(0, 100, (frames, 3)),
-                     rng.integers(65000, 65536, (frames, 3)))
-    values = np.concatenate([noise, jumps, rng.integers(0, 65536, (frames, 2))], axis=1)
+    values = mixed_values(kernel_size, extra)
     for dtype in (np.uint16, np.int16):
         assert_exact(host_kernel, as_dtype(values, dtype), kernel_size)
 

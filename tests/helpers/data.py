@@ -79,3 +79,14 @@ def ramp_values(kernel_size: int) -> np.ndarray:
         (t + 30000) % 65536,
         np.clip(t - 20 + rng.integers(-9, 10, t.shape), 0, 65535),
     ], axis=1)
+
+
+def mixed_values(kernel_size: int, extra: int) -> np.ndarray:
+    """``kernel_size + extra`` frames of 10 pixels of 16-bit values, seeded by both: shot
+    noise around 1900 counts, pixels that jump between the ends of the range, uniform noise"""
+    rng = np.random.default_rng(kernel_size * 7 + extra)
+    frames = kernel_size + extra
+    noise = 1000 + rng.poisson(900, (frames, 5))
+    jumps = np.where(rng.random((frames, 3)) < 0.5, rng.integers(0, 100, (frames, 3)),
+                     rng.integers(65000, 65536, (frames, 3)))
+    return np.concatenate([noise, jumps, rng.integers(0, 65536, (frames, 2))], axis=1)
