@@ -18,6 +18,7 @@ from dcbg.engines.verification import ResultCheck, sample_columns
 from dcbg.errors import GPUResultError
 from dcbg.reference import rolling_median_reference
 from helpers.fake_cupy import FakeEvent
+from helpers.strategies import sixteen_bit_values
 from test_engines_cuda import loaded
 from test_kernel16 import as_dtype, definition
 
@@ -70,19 +71,7 @@ def engine_cases(draw):
     windows = draw(st.integers(1, 60))
     pixels = draw(st.integers(1, 70))
     shape = (kernel_size + windows - 1, pixels)
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    kind = draw(st.sampled_from(["any", "band", "levels", "jumps"]))
-    if kind == "any":
-        values = rng.integers(0, 65536, shape)
-    elif kind == "band":  # noise of any width around any level
-        width = draw(st.integers(1, 300))
-        values = draw(st.integers(0, 65535 - width)) + rng.integers(0, width + 1, shape)
-    elif kind == "levels":
-        values = rng.choice(draw(st.lists(st.integers(0, 65535), min_size=1, max_size=3)),
-                            shape)
-    else:  # each frame near the bottom or the top of the range
-        values = np.where(rng.random(shape) < 0.5, rng.integers(0, 300, shape),
-                          rng.integers(65236, 65536, shape))
+    values = draw(sixteen_bit_values(shape))
     stack = as_dtype(values, dtype) if dtype != np.uint8 else (values >> 8).astype(np.uint8)
     batch = draw(st.integers(1, windows + 2))
     return stack, kernel_size, batch, draw(st.integers(0, 2**16))

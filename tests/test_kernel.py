@@ -17,6 +17,7 @@ from dcbg.engines.cpu import compute_median_for_slice
 from dcbg.reference import rolling_median_reference, rolling_median_windows_reference
 from helpers import host_kernel as hk
 from helpers.data import stack_cases
+from helpers.processes import run_check_in_child
 
 CASES = stack_cases()
 H100_SMS = 132
@@ -125,11 +126,8 @@ def check_reads_stay_inside(library):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs mmap and mprotect")
 def test_kernel_reads_stay_inside_the_input(host_kernel):
-    here = pathlib.Path(__file__).parent
-    run = subprocess.run(
-        [sys.executable, "-c",
-         f"import test_kernel; test_kernel.check_reads_stay_inside({host_kernel._name!r})"],
-        cwd=here, capture_output=True, text=True, timeout=300)
+    run = run_check_in_child("test_kernel", "check_reads_stay_inside", host_kernel._name,
+                             timeout=300)
     # -11 (SIGSEGV) is an access outside the buffers
     last_case = (run.stdout.splitlines() or [""])[-1]
     assert run.returncode == 0, (
@@ -274,11 +272,8 @@ def check_segments_beyond_2_31_windows(library):
 
 
 def test_kernel_counts_windows_beyond_2_31(host_kernel):
-    here = pathlib.Path(__file__).parent
-    run = subprocess.run(
-        [sys.executable, "-c", "import test_kernel; "
-         f"test_kernel.check_segments_beyond_2_31_windows({host_kernel._name!r})"],
-        cwd=here, capture_output=True, text=True, timeout=120)
+    run = run_check_in_child("test_kernel", "check_segments_beyond_2_31_windows",
+                             host_kernel._name, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert run.stdout.count(" ok") == 3
 

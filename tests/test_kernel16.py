@@ -5,10 +5,8 @@ test_kernel.py, and are compared byte for byte with the definition, written
 here on its own: element ``k // 2`` of each window sorted by NumPy, in the
 frames' own (signed or unsigned) order.
 """
-import pathlib
 import re
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -28,6 +26,8 @@ from helpers.data import (
     ramp_values,
     twelve_bit_camera_frames,
 )
+from helpers.processes import run_check_in_child
+from helpers.strategies import sixteen_bit_values
 from test_kernel import H100_SMS, nvcc_compile, sm90_blocks_per_sm
 
 WINDOW_DTYPES = (np.uint16, np.int16, np.int8)
@@ -93,22 +93,7 @@ def window_cases(draw):
     count = draw(st.integers(1, 50))
     pixels = draw(st.integers(1, 70))
     shape = (kernel_size + count - 1, pixels)
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    kind = draw(st.sampled_from(["any", "band", "levels", "walk", "jumps"]))
-    if kind == "any":
-        values = rng.integers(0, 65536, shape)
-    elif kind == "band":  # noise of any width around any level
-        width = draw(st.integers(1, 200))
-        values = draw(st.integers(0, 65535 - width)) + rng.integers(0, width + 1, shape)
-    elif kind == "levels":
-        values = rng.choice(draw(st.lists(st.integers(0, 65535), min_size=1, max_size=4)),
-                            shape)
-    elif kind == "walk":
-        values = np.clip(draw(st.integers(0, 65535))
-                         + np.cumsum(rng.integers(-40, 41, shape), axis=0), 0, 65535)
-    else:  # each frame near 0 or near 65535
-        values = np.where(rng.random(shape) < 0.5, rng.integers(0, 50, shape),
-                          rng.integers(65486, 65536, shape))
+    values = draw(sixteen_bit_values(shape))
     stack = as_dtype(values, dtype)
     name = cudakernel.kernel_name(kernel_size, dtype)
     if draw(st.booleans()):
@@ -263,11 +248,8 @@ def check_window_reads_stay_inside(library):
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs mmap and mprotect")
 def test_window_kernel_reads_stay_inside_the_input(host_kernel):
-    here = pathlib.Path(__file__).parent
-    run = subprocess.run(
-        [sys.executable, "-c", "import test_kernel16; "
-         f"test_kernel16.check_window_reads_stay_inside({host_kernel._name!r})"],
-        cwd=here, capture_output=True, text=True, timeout=300)
+    run = run_check_in_child("test_kernel16", "check_window_reads_stay_inside",
+                             host_kernel._name, timeout=300)
     # -11 (SIGSEGV) is an access outside the buffers
     last_case = (run.stdout.splitlines() or [""])[-1]
     assert run.returncode == 0, (
@@ -486,11 +468,8 @@ def check_window_segments_beyond_2_31_windows(library):
 
 
 def test_window_kernels_count_windows_beyond_2_31(host_kernel):
-    here = pathlib.Path(__file__).parent
-    run = subprocess.run(
-        [sys.executable, "-c", "import test_kernel16; "
-         f"test_kernel16.check_window_segments_beyond_2_31_windows({host_kernel._name!r})"],
-        cwd=here, capture_output=True, text=True, timeout=120)
+    run = run_check_in_child("test_kernel16", "check_window_segments_beyond_2_31_windows",
+                             host_kernel._name, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     assert run.stdout.count(" ok") == 3 * len(WINDOW_DTYPES)
 

@@ -93,3 +93,16 @@ def wait_for_session_end(proc: subprocess.Popen, deadline: float) -> RunEnd:
             pass  # they ended meanwhile
         stdout, stderr = proc.communicate()
     return RunEnd(returncode, stdout, stderr, left)
+
+
+def run_check_in_child(module: str, check: str, *args, timeout: float
+                       ) -> subprocess.CompletedProcess:
+    """Call ``module.check(*args)`` of a test module in a new interpreter
+
+    For checks that can crash the process (a host-compiled kernel reading
+    outside its buffers ends in SIGSEGV), so that a crash fails one test
+    with its output instead of ending the whole session.
+    """
+    call = f"import {module}; {module}.{check}({', '.join(map(repr, args))})"
+    return subprocess.run([sys.executable, "-c", call], cwd=pathlib.Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=timeout)
