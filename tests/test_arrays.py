@@ -405,6 +405,21 @@ def test_an_out_that_overlaps_the_frames_is_refused():
         dcbg.rolling_median_background(stack, 4, device="cpu", out=stack)
 
 
+def test_an_h5py_out_that_is_the_frames_dataset_is_refused(tmp_path):
+    """Also when the file is opened twice; the frames stay as they were"""
+    stack = extreme_stack(np.uint16, (12, 3, 4), seed=7)
+    with h5py.File(tmp_path / "movie.h5", "w") as h5:
+        frames = h5.create_dataset("frames", data=stack)
+        other = h5.create_dataset("other", shape=stack.shape, dtype=stack.dtype)
+        with h5py.File(tmp_path / "movie.h5", "a") as again:
+            for out in (frames, again["frames"]):
+                with pytest.raises(ValueError, match="out overlaps frames"):
+                    dcbg.rolling_median_background(frames, 4, device="cpu", out=out)
+        assert np.array_equal(frames[:], stack)
+        dcbg.rolling_median_background(frames, 4, device="cpu", out=other)  # same file
+        assert np.array_equal(other[:], background_definition(stack, 4))
+
+
 def test_a_gpu_out_that_overlaps_the_frames_is_refused(fake_gpu):
     fake_gpu()
     import cupy

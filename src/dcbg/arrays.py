@@ -79,9 +79,9 @@ def rolling_median(frames, kernel_size: int, *, device: str = "auto", out=None,
         which can be written. It must not share storage with `frames`, since
         later windows still read frames that earlier results would
         overwrite: an `out` that overlaps them in memory, or in the file both
-        map (two memory maps of one file), is refused; overlaps dcbg cannot
-        see (an h5py dataset in the file of a memory map, say) give wrong
-        results.
+        map (two memory maps of one file), and the frames' own h5py dataset
+        are refused; overlaps dcbg cannot see (an h5py dataset in the file
+        of a memory map, say) give wrong results.
     verify: str, optional
         Which of a GPU's medians the CPU recomputes and compares: "sample"
         (a spread sample of every batch), "all" or "off". By default a sample
@@ -305,7 +305,21 @@ def _host_out(out, shape: tuple, frames, dtype: np.dtype):
     if isinstance(out, np.ndarray) and isinstance(frames, np.ndarray) and (
             np.may_share_memory(out, frames) or _same_file_bytes(out, frames)):
         raise overlap_error()
+    if _same_h5py_dataset(out, frames):
+        raise overlap_error()
     return out
+
+
+def _same_h5py_dataset(out, frames) -> bool:
+    """Whether `out` and `frames` are one h5py dataset, through one file handle or two
+
+    Its medians would overwrite frames that a run falling back from a GPU to
+    the CPU, or another range of ``cuda:all``, still reads.
+    """
+    if not all(hasattr(array, "file") and hasattr(array, "name") for array in (out, frames)):
+        return False
+    from .rtdc.basins import same_file
+    return out.name == frames.name and same_file(out.file.filename, frames.file.filename)
 
 
 def _same_file_bytes(out: np.ndarray, frames: np.ndarray) -> bool:
