@@ -264,7 +264,8 @@ def test_a_uint16_recording_still_gets_the_clear_error_of_files(tmp_path):
     with pytest.raises(dcbg.errors.NoImageDataError,
                        match=r"is uint16 with shape \(30, 4, 5\), but dcbg needs uint8 frames"):
         dcbg.BackgroundRollMed(tmp_path / "u16.rtdc", tmp_path / "bg.rtdc", device="cpu")
-    with pytest.raises(dcbg.errors.InputDataError, match="computes uint8 backgrounds"):
+    with pytest.raises(dcbg.errors.NoImageDataError,
+                       match=r"stack is int16 with shape \(30, 4, 5\), but dcbg needs uint8"):
         dcbg.BackgroundRollMed(np.zeros((30, 4, 5), np.int16), tmp_path / "bg.rtdc",
                                device="cpu")
 

@@ -97,8 +97,13 @@ def test_the_dry_run_refuses_frames_a_file_run_does_not_take(tmp_path):
     with pytest.raises(InputDataError) as run:
         dcbg.BackgroundRollMed(source, target, kernel_size=10, device="cpu")
     assert str(dry.value) == str(run.value)
-    with pytest.raises(InputDataError, match="uint16; dcbg computes uint8 backgrounds"):
+    with pytest.raises(InputDataError,
+                       match=r"stack is uint16 with shape \(40, 4, 6\), but dcbg needs uint8"):
         dcbg.BackgroundRollMed.preflight(np.zeros((40, 4, 6), np.uint16), target,
+                                         {"kernel_size": 10, "batch_size": 10000})
+    with pytest.raises(InputDataError, match=r"stack is uint8 with shape \(40,\), but dcbg "
+                                             r"needs uint8 frames of shape \(N, pixels…\)"):
+        dcbg.BackgroundRollMed.preflight(np.zeros(40, np.uint8), target,
                                          {"kernel_size": 10, "batch_size": 10000})
     assert not target.exists()
 

@@ -239,13 +239,25 @@ def _compose(outer: np.ndarray | None, inner: np.ndarray | None) -> np.ndarray |
     return inner[outer]
 
 
+def check_uint8_frames(shape: tuple, dtype, stack: str, in_a_file: bool):
+    """Refuse a stack that is not uint8 frames, the only frames backgrounds are made of
+
+    `stack` names the stack in the message ("events/image in FILE"). Frames
+    in a file have two axes, (N, H, W); an array may hold frames of any
+    shape after the events' axis.
+    """
+    layout = "(N, H, W)" if in_a_file else "(N, pixels…)"
+    axes_ok = len(shape) == 3 if in_a_file else len(shape) >= 2
+    if np.dtype(dtype) != np.uint8 or not axes_ok:
+        raise NoImageDataError(
+            f"{stack} is {np.dtype(dtype)} with shape {tuple(shape)}, but dcbg needs uint8 "
+            f"frames of shape {layout}; convert the images first.")
+
+
 def check_image_stack(image: h5py.Dataset, path: pathlib.Path, mapping=None):
     """Refuse image data dcbg cannot compute a background for, in one sentence"""
-    shape, dtype = image.shape, image.dtype
-    if dtype != np.uint8 or len(shape) != 3:
-        raise NoImageDataError(
-            f"events/image in {path} is {dtype} with shape {shape}, but dcbg needs uint8 "
-            f"frames of shape (N, H, W); convert the images first.")
+    shape = image.shape
+    check_uint8_frames(shape, image.dtype, f"events/image in {path}", in_a_file=True)
     if shape[1] == 0 or shape[2] == 0:
         raise InputDataError(
             f"events/image in {path} holds frames of {shape[1]}x{shape[2]} pixels, which "
@@ -282,14 +294,8 @@ class ImageSource:
                  mapping: np.ndarray | None = None, image_rules: bool = True):
         self.data = data
         shape = tuple(data.shape)
-        if image_rules and len(shape) < 2:
-            raise InputDataError(
-                f"The image stack has shape {shape}; dcbg needs at least two axes "
-                f"(events, pixels…).")
-        if image_rules and np.dtype(data.dtype) != np.uint8:
-            raise InputDataError(
-                f"The image stack is {np.dtype(data.dtype)}; dcbg computes uint8 backgrounds, "
-                f"so convert the frames to uint8 first.")
+        if image_rules:
+            check_uint8_frames(shape, data.dtype, "The image stack", in_a_file=False)
         self.mapping = None if mapping is None else np.asarray(mapping, dtype=np.int64)
         self.shape = (len(self.mapping) if self.mapping is not None else shape[0], *shape[1:])
         self.image_shape = shape[1:]
