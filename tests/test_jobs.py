@@ -1,5 +1,6 @@
 """Many recordings on a Dask LocalCluster (loopback), one task per file"""
 import socket
+import threading
 
 import h5py
 import numpy as np
@@ -10,6 +11,7 @@ from dcbg.cli import main
 from dcbg.jobs import FileResult, JobSettings, check_dask_address, run_on_dask, summary_table
 from dcbg.reference import rolling_median_reference
 from dcbg.synthetic import write_synthetic_rtdc
+from helpers.threads import finishes
 
 pytest.importorskip("distributed", reason="dask.distributed is not installed")
 
@@ -124,6 +126,51 @@ def test_an_address_where_no_scheduler_listens_fails_soon_naming_it(tmp_path, mo
     assert err.startswith(f"error: No Dask scheduler answered at {address} within 1 s")
     assert len(err.strip().splitlines()) == 1
     assert not recording.with_name("rec_bg.rtdc").exists()
+
+
+class NotAScheduler:
+    """A server on a port of this machine that accepts connections but is no Dask scheduler
+
+    With `answer`, it sends those bytes to each client (as a web server's error page
+    does); without, it never answers (as a server that waits for a request of its own).
+    """
+
+    def __init__(self, answer: bytes | None):
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.answer = answer
+        self.connections = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # closed
+                return
+            self.connections.append(connection)  # kept open: the client is not told to stop
+            if self.answer is not None:
+                connection.sendall(self.answer)
+
+    def close(self):
+        for connection in [self.listener, *self.connections]:
+            connection.close()
+
+
+@pytest.mark.parametrize("answer", [None, b"HTTP/1.1 400 Bad Request\r\n\r\n" * 4])
+def test_an_address_where_another_server_listens_fails_soon_naming_it(monkeypatch, answer):
+    """A Dask dashboard's port (8787) given for the scheduler's (8786), say"""
+    monkeypatch.setattr(jobs, "SCHEDULER_CONNECT_SECONDS", 1)
+    server = NotAScheduler(answer)
+    settings = JobSettings("rollmed", {"kernel_size": 4, "batch_size": 10})
+    try:
+        with pytest.raises(ConnectionError) as raised:
+            finishes(lambda: run_on_dask([], settings, server.address), seconds=60)
+    finally:
+        server.close()
+    message = str(raised.value)
+    assert message.startswith(f"No Dask scheduler answered at {server.address} within 1 s")
+    assert len(message.splitlines()) == 1
 
 
 def test_summary_table_names_files_relative_to_the_folder():

@@ -381,12 +381,45 @@ def connect_to_scheduler(address: str):
     """
     from distributed import Client
     try:
+        greet_scheduler(address)
         return Client(address, timeout=f"{SCHEDULER_CONNECT_SECONDS}s")
     except OSError as error:
         raise ConnectionError(
             f"No Dask scheduler answered at {address} within {SCHEDULER_CONNECT_SECONDS} s; "
             f"start one there (dask scheduler) or give the address of a running one."
         ) from error
+
+
+def greet_scheduler(address: str):
+    """Exchange Dask's greeting with `address`; OSError unless it answers as Dask does in time
+
+    Dask's client limits the time to reach the address, not the greeting
+    after it: a server of another kind there (a dashboard's web port, say)
+    never answers it, so the client would wait for good, or reads its answer
+    as the length of a message and fails with a MemoryError.
+    """
+    import asyncio
+    import concurrent.futures
+
+    from distributed.comm import connect
+    from distributed.security import Security
+
+    async def greet():
+        comm = await asyncio.wait_for(
+            connect(address, timeout=SCHEDULER_CONNECT_SECONDS,
+                    **Security().get_connection_args("client")),
+            SCHEDULER_CONNECT_SECONDS)
+        await comm.close()
+
+    # a thread of its own: the caller's may run an event loop already (a notebook's does)
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        try:
+            thread.submit(asyncio.run, greet()).result()
+        except OSError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a timeout before Python 3.11, or what
+            # Dask makes of a foreign answer
+            raise OSError(f"{address} gave no answer a Dask scheduler gives") from error
 
 
 def display_name(source, root=None) -> str:
