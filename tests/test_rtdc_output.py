@@ -267,8 +267,8 @@ def test_in_place_on_a_read_only_file(recording, monkeypatch, capsys):
     assert "no permission to write it" in err and "damaged" not in err, err
 
 
-def compute_bg(source, target, kernel_size=4, **kwargs):
-    with dcbg.BackgroundRollMed(source, target, kernel_size=kernel_size, batch_size=20,
+def compute_bg(source, target, kernel_size=4, batch_size=20, **kwargs):
+    with dcbg.BackgroundRollMed(source, target, kernel_size=kernel_size, batch_size=batch_size,
                                 num_cpus=1, device="cpu", **kwargs) as bg:
         bg.process()
 
@@ -389,6 +389,97 @@ def test_reruns_do_not_grow_the_file(tmp_path, how):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"rec.rtdc", out.name})
 
 
+RERUN_SETTINGS = {  # the settings of a run, then of its re-run
+    "k=40 after k=4": (("kernel_size=4", "zstd-5"), ("kernel_size=40", "zstd-5")),
+    "k=4 after k=40": (("kernel_size=40", "zstd-5"), ("kernel_size=4", "zstd-5")),
+    "zstd-5 after none": (("kernel_size=4", "none"), ("kernel_size=4", "zstd-5")),
+    "none after zstd-5": (("kernel_size=4", "zstd-5"), ("kernel_size=4", "none")),
+}
+
+
+@pytest.mark.parametrize("how", ["cli-force", "cli-in-place", "api"])
+@pytest.mark.parametrize("change", RERUN_SETTINGS)
+def test_reruns_with_other_settings_leave_the_size_of_a_fresh_run(tmp_path, how, change):
+    """A background of another stored size cannot take the old one's place: the file is rebuilt
+    and keeps everything else"""
+    fresh_folder, rerun_folder = tmp_path / "fresh", tmp_path / "rerun"
+    for folder in (fresh_folder, rerun_folder):
+        folder.mkdir()
+        write_synthetic_rtdc(folder / "rec.rtdc", 300, shape=(80, 160), seed=12)
+
+    def run(folder, kernel_size, compression):
+        rec = folder / "rec.rtdc"
+        out = rec if how == "cli-in-place" else folder / "rec_bg.rtdc"
+        if how == "api":
+            compute_bg(rec, out, kernel_size=int(kernel_size.split("=")[1]),
+                       compress=compression, batch_size=100)
+        else:
+            where = ["--in-place"] if how == "cli-in-place" else [str(out), "--force"]
+            assert main(["compute", str(rec), *where, "-kb", kernel_size, "-c", compression,
+                         "--device", "cpu", "--num-cpus", "1"]) == 0
+        return out
+
+    first, second = RERUN_SETTINGS[change]
+    fresh = run(fresh_folder, *second)
+    out = run(rerun_folder, *first)
+    before = dataset_digests(out)
+    run(rerun_folder, *second)
+    assert out.stat().st_size <= 1.01 * fresh.stat().st_size
+    after = dataset_digests(out)
+    assert after["events/image_bg"] == dataset_digests(fresh)["events/image_bg"]
+    for digests in (before, after):
+        del digests["events/image_bg"], digests["events/image_bg@attrs"]
+    assert_only_run_logs_added(before, after, runs=1)
+    assert sorted(p.name for p in rerun_folder.iterdir()) == sorted({"rec.rtdc", out.name})
+
+
+def test_a_rebuilt_file_keeps_its_links_attributes_and_shared_objects(recording, tmp_path):
+    """The copy of the rest of a file keeps what HDF5 stores beside datasets"""
+    out = existing_output(tmp_path / "analysis.rtdc")  # its old image_bg is not chunked
+    (tmp_path / "other.h5").write_bytes(b"")
+    with h5py.File(out, "a") as h5:
+        h5.attrs["empty"] = h5py.Empty("f8")
+        h5.attrs.create("fixed", np.bytes_(b"abc"), dtype="S7")
+        h5["events"].attrs["unit"] = "none"
+        h5["events/deform_again"] = h5["events/deform"]  # one dataset, two names
+        h5["tables/shared"] = h5["events/userdef1"]
+        h5["events/soft"] = h5py.SoftLink("/events/deform")
+        h5["external"] = h5py.ExternalLink("other.h5", "/data")
+        h5["basin_events/bg_off"] = np.zeros(200)
+        h5.create_group("meta/nested").attrs["depth"] = 2
+    before = dataset_digests(out)
+    compute_bg(recording, out)
+    with h5py.File(out) as h5:
+        assert h5.attrs["empty"] == h5py.Empty("f8")
+        assert h5.attrs.get_id("fixed").dtype == np.dtype("S7")
+        assert h5["events/deform_again"].id == h5["events/deform"].id
+        assert h5["tables/shared"].id == h5["events/userdef1"].id
+        assert h5.get("events/soft", getlink=True).path == "/events/deform"
+        external = h5.get("external", getlink=True)
+        assert (external.filename, external.path) == ("other.h5", "/data")
+        assert "basin_events" in h5 and "bg_off" not in h5["basin_events"]
+        assert h5["meta/nested"].attrs["depth"] == 2
+    after = dataset_digests(out)
+    for name in ("events/deform", "events/userdef1", "tables/notes", "events@attrs",
+                 "meta/nested@attrs", "@root"):
+        assert after[name] == before[name], name
+    assert not hidden_files(tmp_path)
+
+
+def test_a_file_with_other_names_is_not_rebuilt(recording, tmp_path):
+    """Replacing a file that a symbolic or a second hard link reaches would part it from them"""
+    out = existing_output(tmp_path / "analysis.rtdc")
+    os.link(out, tmp_path / "second_name.rtdc")
+    link = tmp_path / "link.rtdc"
+    link.symlink_to(out.name)
+    compute_bg(recording, link)
+    compute_bg(recording, out, kernel_size=8)
+    assert link.is_symlink() and os.path.samefile(out, tmp_path / "second_name.rtdc")
+    with h5py.File(tmp_path / "second_name.rtdc") as h5, h5py.File(recording) as h5in:
+        assert np.array_equal(h5["events/image_bg"][:],
+                              rolling_median_reference(h5in["events/image"][:], 8))
+
+
 def fail_copies_into(monkeypatch, path, error, times=1, after_copying=True):
     """Make h5py's copies into the file `path` fail (the first `times` of them)
 
@@ -410,12 +501,14 @@ def fail_copies_into(monkeypatch, path, error, times=1, after_copying=True):
     return failed
 
 
-def prepared_target(recording, tmp_path, where, compress=True):
-    """An output (or the input) that holds a background and a bg_off, and its digests"""
+def prepared_target(recording, tmp_path, where, compress=True, background=True):
+    """An output (or the input) that holds a bg_off and (with `background`) an image_bg"""
     out = recording if where == "in-place" else existing_output(tmp_path / "analysis.rtdc")
     compute_bg(recording, out, compress=compress)
     with h5py.File(out, "a") as h5:
         h5["events/bg_off"] = np.linspace(0, 1, 200)
+        if not background:
+            del h5["events/image_bg"]
     return out, dataset_digests(out)
 
 
@@ -432,26 +525,50 @@ def fail_after_writing_over(monkeypatch, error):
     return calls
 
 
+def fail_after_rebuilding(monkeypatch, error):
+    """Make the copy of the rest of the file beside the new background fail once it is made"""
+    copy_all_but_background = output.copy_all_but_background
+    calls = []
+
+    def failing(source, destination):
+        calls.append(source.filename)
+        copy_all_but_background(source, destination)
+        raise error
+    monkeypatch.setattr(output, "copy_all_but_background", failing)
+    return calls
+
+
+def fail_run_log(monkeypatch, error):
+    """Make the writing of the run's log fail once it is written"""
+    failed = []
+    write_run_log = dcbg.runlog.write_run_log
+
+    def failing_log(h5, record):
+        failed.append(write_run_log(h5, record))
+        raise error
+    monkeypatch.setattr(dcbg.runlog, "write_run_log", failing_log)
+    return failed
+
+
 @pytest.mark.parametrize("where", ["existing", "in-place"])
-@pytest.mark.parametrize("step", ["write-over", "copy", "log"])
+@pytest.mark.parametrize("step", ["write-over", "copy", "log-after-write-over", "rebuild",
+                                  "log-after-rebuild"])
 def test_a_failed_swap_puts_the_previous_background_back(recording, tmp_path, monkeypatch,
                                                          where, step):
-    """Either way of storing the new background fails: its chunks written over the old ones
-    (chunks of the same sizes, as uncompressed ones are) or the dataset copied in"""
-    compress = step != "write-over"
-    out, before = prepared_target(recording, tmp_path, where, compress=compress)
+    """Every way of storing the new background fails: its chunks written over the old ones
+    (chunks of the same sizes, as uncompressed ones are), the dataset added to a file that
+    has none, or the file rebuilt around a new background of another size"""
+    compress = step not in ("write-over", "log-after-write-over")
+    out, before = prepared_target(recording, tmp_path, where, compress=compress,
+                                  background=step != "copy")
     if step == "write-over":
         failed = fail_after_writing_over(monkeypatch, DISK_FULL)
     elif step == "copy":
         failed = fail_copies_into(monkeypatch, out, DISK_FULL)
+    elif step == "rebuild":
+        failed = fail_after_rebuilding(monkeypatch, DISK_FULL)
     else:
-        failed = []
-        write_run_log = dcbg.runlog.write_run_log
-
-        def failing_log(h5, record):
-            failed.append(write_run_log(h5, record))
-            raise DISK_FULL
-        monkeypatch.setattr(dcbg.runlog, "write_run_log", failing_log)
+        failed = fail_run_log(monkeypatch, DISK_FULL)
     with dcbg.BackgroundRollMed(recording, out, kernel_size=8, batch_size=20, num_cpus=1,
                                 compress=compress, device="cpu") as bg:
         with pytest.raises(errors.OutputWriteError,
@@ -471,11 +588,12 @@ def test_a_failed_swap_puts_the_previous_background_back(recording, tmp_path, mo
 
 def test_a_swap_that_cannot_be_undone_keeps_the_previous_background_aside(
         recording, tmp_path, monkeypatch):
-    out, before = prepared_target(recording, tmp_path, "existing")
+    out, before = prepared_target(recording, tmp_path, "existing", compress=False)
+    fail_after_writing_over(monkeypatch, DISK_FULL)
     fail_copies_into(monkeypatch, out, DISK_FULL, times=10, after_copying=False)
     with pytest.raises(errors.OutputWriteError, match="could not be put back; it is kept in"
                        ) as raised:
-        compute_bg(recording, out, kernel_size=8)
+        compute_bg(recording, out, kernel_size=8, compress=False)
     monkeypatch.undo()
     kept, = [p for p in tmp_path.iterdir() if p.name.endswith(".dcbg-partial")]
     assert str(kept) in str(raised.value)

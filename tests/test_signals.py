@@ -319,9 +319,10 @@ def target_with_a_background(tmp_path, where, compress=True):
 
 COMMIT_STEPS = [
     ("new", dcbg.runlog, "write_run_log", True),
-    # the old image_bg and bg_off are deleted, the new background not yet copied in
-    ("existing", output, "remove_stale_background", True),
-    ("in-place", output, "remove_stale_background", True),
+    # a background of another size: the rest of the file is copied beside the new one, the
+    # copy has not yet taken the file's name
+    ("existing", output, "copy_all_but_background", True),
+    ("in-place", output, "copy_all_but_background", True),
     # the old background's chunks are overwritten (uncompressed ones are of one size), the
     # run log not yet written
     ("existing", output, "write_chunks_over", False),
@@ -379,7 +380,7 @@ def test_a_signal_during_a_failing_commit_leaves_the_file_as_it_was(tmp_path, mo
 def test_the_command_line_says_the_output_was_stored_before_it_stopped(tmp_path, monkeypatch,
                                                                        capsys, sig):
     rec, _ = target_with_a_background(tmp_path, "in-place")
-    signal_after(monkeypatch, output, "remove_stale_background", sig)
+    signal_after(monkeypatch, output, "copy_all_but_background", sig)
     assert main(["compute", str(rec), "--in-place", "-kb", "kernel_size=8", "-kb",
                  "batch_size=20", "--device", "cpu", "--num-cpus", "1"]) == 1
     cause = "interrupted" if sig == signal.SIGINT else "terminated by SIGTERM"

@@ -11,8 +11,10 @@ target while it is computed (:class:`StagedOutput`); an
 is the temporary file, renamed to its name on success
 (:class:`NewOutputFile`). Into an existing file (the input itself, or an
 output that exists already, as dcnum's ``Background`` does it) the finished
-background is copied in one opening of the file, into the space of the old
-one (:class:`ExistingOutputFile`); every other dataset stays as it is.
+background is written over the old one in one opening of the file where it
+has the old one's stored size, and otherwise the file is rebuilt: copied,
+with the new background, into the temporary file, which then takes its name
+(:class:`ExistingOutputFile`); every other dataset stays as it is.
 Either way, a completed run removes the ``image_bg`` and ``bg_off`` the
 output carried (as dcnum does): a ``bg_off`` belongs to the background it
 was computed for.
@@ -26,6 +28,8 @@ import hashlib
 import logging
 import os
 import pathlib
+import posixpath
+import shutil
 import socket
 import tempfile
 import typing
@@ -266,8 +270,13 @@ def write_chunks_over(old: h5py.Dataset, new: h5py.Dataset):
         old.id.write_direct_chunk(info.chunk_offset, stored, filter_mask)
     for name in list(old.attrs):
         del old.attrs[name]
-    for name in new.attrs:
-        old.attrs.create(name, new.attrs[name], dtype=new.attrs.get_id(name).dtype)
+    copy_attributes(new, old)
+
+
+def copy_attributes(source, destination):
+    """Copy the attributes of one HDF5 object to another, each with its stored type"""
+    for name in source.attrs:
+        destination.attrs.create(name, source.attrs[name], dtype=source.attrs.get_id(name).dtype)
 
 
 def copy_background(source: h5py.Group, destination: h5py.Group):
@@ -284,6 +293,52 @@ def copy_background(source: h5py.Group, destination: h5py.Group):
             group.copy(feature, into)
         else:
             into[feature] = link
+
+
+def stored_backgrounds(h5: h5py.File) -> list[h5py.Dataset]:
+    """The ``image_bg`` datasets a file stores in its feature groups (links to elsewhere not)"""
+    return [group[feature] for _, group, feature in _background_links(h5)
+            if feature == "image_bg"
+            and isinstance(group.get(feature, getlink=True), h5py.HardLink)]
+
+
+def copy_all_but_background(source: h5py.File, destination: h5py.File):
+    """Copy a file's objects, links and attributes into another, but not its background
+
+    The ``image_bg`` and ``bg_off`` of the feature groups stay behind, and
+    so does the group an earlier dcbg build may have left
+    (:data:`PARTIAL_GROUP`). Groups are walked and their datasets copied
+    one by one, so that an object several hard links reach, in any groups,
+    is copied once and linked again; soft and external links are copied as
+    links.
+    HDF5 copies each dataset's stored chunks as they are, without decoding
+    them, and lays the copies out one after the other: the copy has no
+    dead space.
+    """
+    left_behind = {f"/{group}/{feature}" for group in FEATURE_GROUPS
+                   for feature in REPLACED_FEATURES} | {f"/{PARTIAL_GROUP}"}
+    copied: dict[h5py.h5o.ObjectID, str] = {}
+
+    def copy_group(group: h5py.Group, into: h5py.Group):
+        copy_attributes(group, into)
+        for name in group:
+            path = posixpath.join(group.name, name)
+            link = group.get(name, getlink=True)
+            if path in left_behind:
+                continue
+            if not isinstance(link, h5py.HardLink):
+                into[name] = link
+                continue
+            item = group[name]
+            if item.id in copied:
+                into[name] = destination[copied[item.id]]
+            elif isinstance(item, h5py.Group):  # walked, so that links into it stay links
+                copy_group(item, into.require_group(name))
+            else:
+                group.copy(item, into, name=name)
+            copied[item.id] = path
+
+    copy_group(source, destination)
 
 
 def _process_alive(pid: int) -> bool:
@@ -501,16 +556,20 @@ class ExistingOutputFile(StagedOutput):
     def commit(self, log: typing.Callable[[h5py.File], object] | None = None):
         """Replace the file's background by the finished one, add the run's log, close both files
 
-        Within one opening of the file, the old ``bg_off`` is deleted and
-        the new background stored where the old ``image_bg`` was. Where each
-        new chunk has the size of the old one (a re-run with the same
-        parameters), it is written over it (:func:`write_chunks_over`);
-        otherwise the old dataset is deleted and the new one copied in,
-        into the space just freed (HDF5 reuses freed space only within the
-        opening that freed it). Either way the stored chunks are copied as
-        they are, and a re-run leaves the file no larger than a fresh run
-        does. The old datasets are first copied into the temporary file, and
-        put back if the swap fails.
+        Where the file stores no background yet, or one whose every chunk
+        has the size of the new one's (a re-run with the same parameters),
+        the new background goes in within one opening of the file: the old
+        ``bg_off`` is deleted, the new chunks are written over the old ones
+        (:func:`write_chunks_over`) or the new dataset is added. The old
+        datasets are first copied into the temporary file, and put back if
+        this fails. Otherwise (a re-run with other parameters, or over a
+        background another program wrote) HDF5 would leave the old
+        background's space dead, or the new one would not fit in it: the
+        file is rebuilt instead, every other object copied into the
+        temporary file beside the new background, which then replaces the
+        file (:meth:`_commit_rebuilt`). Either way a re-run leaves the file
+        no larger than a fresh run does, and the stored chunks are copied as
+        they are.
 
         `log` is called with the file once the new background is in it, so
         that the run's log describes a background the file holds.
@@ -522,6 +581,14 @@ class ExistingOutputFile(StagedOutput):
             previous ``image_bg`` and ``bg_off`` again, or, should putting
             them back fail too, the message names the file that keeps them.
         """
+        try:
+            rebuild = self._rebuilds()
+        except BaseException:
+            self.abort()
+            raise
+        if rebuild:
+            self._commit_rebuilt(log)
+            return
         try:
             target = open_hdf5(self.path, "a")
         except BaseException:
@@ -558,6 +625,37 @@ class ExistingOutputFile(StagedOutput):
             if isinstance(error, (OSError, RuntimeError)):
                 raise self._failure(error) from error
             raise
+        self._finish()
+
+    def _rebuilds(self) -> bool:
+        """Whether the new background replaces a stored one that it cannot be written over
+
+        A file that other names reach (a symbolic or a second hard link) is
+        never rebuilt: replacing it would part it from those names.
+        """
+        if self.path.is_symlink() or self.path.stat().st_nlink > 1:
+            return False
+        with open_hdf5(self.path, "r") as target:
+            stored = stored_backgrounds(target)
+            return bool(stored) and not (
+                len(stored) == 1 and stored[0].name == "/events/image_bg"
+                and fits_over(stored[0], self.bg_group["image_bg"]))
+
+    def _commit_rebuilt(self, log: typing.Callable[[h5py.File], object] | None):
+        """Copy the rest of the file into the temporary file and give that the file's name"""
+        try:
+            with open_hdf5(self.path, "r") as target:
+                copy_all_but_background(target, self.h5)
+            if log is not None:
+                log(self.h5)
+            self.h5.close()  # HDF5 writes its last metadata here
+            shutil.copymode(self.path, self.temp_path)
+        except BaseException as error:
+            self.abort()
+            if isinstance(error, (OSError, RuntimeError)):  # h5py raises both for writes
+                raise self._failure(error) from error
+            raise
+        os.replace(self.temp_path, self.path)
         self._finish()
 
     def _swap(self, target: h5py.File):
