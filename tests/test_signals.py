@@ -122,6 +122,26 @@ def blocked_signals(pid: int) -> set[int]:
     return {number for number in range(1, 65) if mask >> (number - 1) & 1}
 
 
+def test_a_signal_while_the_handlers_are_put_back_waits_for_them(monkeypatch):
+    """A signal another thread took can reach the main thread as the block ends: its handler
+    may run between two of the handlers being put back, and must not stop that halfway"""
+    with errors.sigterm_raises():
+        handler = signal.getsignal(signal.SIGTERM)
+        put_back = signal.signal
+        arrived = []
+
+        def signal_arriving_meanwhile(signum, action):
+            if action is handler and not arrived:
+                arrived.append(signum)  # the interpreter runs the handler set at this moment
+                signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+            return put_back(signum, action)
+        with pytest.raises(errors.Terminated, match="terminated by SIGTERM"):
+            with errors.signals_deferred():
+                monkeypatch.setattr(signal, "signal", signal_arriving_meanwhile)
+        monkeypatch.undo()
+        assert arrived and signal.getsignal(signal.SIGTERM) is handler
+
+
 def test_a_deferred_signal_raises_when_the_outermost_block_ends():
     steps = []
     with errors.sigterm_raises():

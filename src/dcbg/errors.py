@@ -278,13 +278,12 @@ def signals_deferred():
         yield
         return
     arrived = []
-    deferring = True
 
     def remember(signum, frame):
-        if deferring:
-            arrived.append((signum, frame))
-        else:  # the block is over, and this came while its handlers were being put back
-            handlers[signum](signum, frame)
+        # Also while the handlers are being put back (a signal that another
+        # thread took reaches the main thread at any moment): raising then
+        # would leave the rest of them unrestored.
+        arrived.append((signum, frame))
 
     handlers = {signum: signal.signal(signum, remember) for signum in DEFERRABLE_SIGNALS
                 if callable(signal.getsignal(signum))}
@@ -295,7 +294,6 @@ def signals_deferred():
     finally:
         if blocking:
             signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a blocked one is remembered now
-        deferring = False
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
         if arrived:
