@@ -391,7 +391,7 @@ def measure_all(args, folder: pathlib.Path) -> tuple[list[dict], dict]:
         try:
             import dcnum  # noqa: F401
         except ImportError:
-            print("dcnum is not installed (pip install .[bench]); skipping it", file=sys.stderr)
+            print("dcnum is not installed (pip install '.[bench]'); skipping it", file=sys.stderr)
             measure("dcbg", {"kind": "dcbg", **case})
             continue
         peer = measure("dcnum 0.31", {"kind": "dcnum", **case})

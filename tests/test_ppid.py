@@ -79,7 +79,8 @@ def test_an_unknown_keyword_carries_what_it_concerns_across_processes():
         ppid.ppid_to_kwargs(dcbg.BackgroundRollMed.check_user_kwargs, "kernal_size=10")
     for error in (caught.value, pickle.loads(pickle.dumps(caught.value))):  # as Dask sends it
         assert (error.keyword, error.known) == ("kernal_size", ("kernel_size", "batch_size"))
-        assert str(error).startswith("Unknown PPID keyword 'kernal_size'")
+        assert str(error) == ("Unknown PPID keyword 'kernal_size'; the keywords are "
+                              "k (kernel_size) and b (batch_size).")
 
 
 def test_available_methods():

@@ -167,8 +167,12 @@ def resolve_keyword(key: str, names: list[str]) -> str:
         return key
     matches = [name for name in names if name.startswith(key)]
     if len(matches) != 1:
+        keywords = [f"{short} ({name})" if short != name else name
+                    for short, name in zip(unique_prefixes(names), names, strict=True)]
+        listed = ", ".join(keywords[:-1]) + " and " + keywords[-1] if len(keywords) > 1 \
+            else "".join(keywords) or "none"
         raise UnknownKeywordError(
-            f"Unknown PPID keyword '{key}'; valid keywords are {names}.", key, names)
+            f"Unknown PPID keyword '{key}'; the keywords are {listed}.", key, names)
     return matches[0]
 
 
