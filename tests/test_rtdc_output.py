@@ -466,6 +466,18 @@ def test_a_rebuilt_file_keeps_its_links_attributes_and_shared_objects(recording,
     assert not hidden_files(tmp_path)
 
 
+def test_a_rebuilt_file_keeps_hard_links_that_lead_back_to_a_group_above(recording, tmp_path):
+    """A group may be reached from inside itself; the copy links it again instead of walking on"""
+    out = existing_output(tmp_path / "analysis.rtdc")
+    with h5py.File(out, "a") as h5:
+        h5["meta/up"] = h5.create_group("meta")
+        h5["meta/top"] = h5["/"]
+    compute_bg(recording, out)
+    with h5py.File(out) as h5:
+        assert h5["meta/up"].id == h5["meta"].id and h5["meta/top"].id == h5["/"].id
+        assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=4^b=20"
+
+
 def test_a_file_with_other_names_is_not_rebuilt(recording, tmp_path):
     """Replacing a file that a symbolic or a second hard link reaches would part it from them"""
     out = existing_output(tmp_path / "analysis.rtdc")

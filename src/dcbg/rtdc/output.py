@@ -320,6 +320,7 @@ def copy_all_but_background(source: h5py.File, destination: h5py.File):
     copied: dict[h5py.h5o.ObjectID, str] = {}
 
     def copy_group(group: h5py.Group, into: h5py.Group):
+        copied[group.id] = group.name  # before its members: a link inside may lead back
         copy_attributes(group, into)
         for name in group:
             path = posixpath.join(group.name, name)
@@ -336,7 +337,7 @@ def copy_all_but_background(source: h5py.File, destination: h5py.File):
                 copy_group(item, into.require_group(name))
             else:
                 group.copy(item, into, name=name)
-            copied[item.id] = path
+                copied[item.id] = path
 
     copy_group(source, destination)
 
