@@ -478,6 +478,24 @@ def test_a_rebuilt_file_keeps_hard_links_that_lead_back_to_a_group_above(recordi
         assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=4^b=20"
 
 
+def test_a_file_with_references_is_not_rebuilt(recording, tmp_path):
+    """References are addresses in their file: a copy into another file would break them"""
+    out = existing_output(tmp_path / "analysis.rtdc")
+    with h5py.File(out, "a") as h5:
+        h5["tables/features"] = np.array([h5["events/deform"].ref, h5["events/userdef1"].ref],
+                                         dtype=h5py.ref_dtype)
+        h5["tables/notes"].attrs["about"] = h5["events/deform"].ref
+        h5["events/deform"].dims[0].attach_scale(h5["events/userdef1"])  # refs in attributes
+    compute_bg(recording, out)
+    with h5py.File(out) as h5:
+        assert [h5[ref].name for ref in h5["tables/features"][:]] == ["/events/deform",
+                                                                       "/events/userdef1"]
+        assert h5[h5["tables/notes"].attrs["about"]].name == "/events/deform"
+        assert [scale.name for scale in h5["events/deform"].dims[0].values()] == [
+            "/events/userdef1"]
+        assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=4^b=20"
+
+
 def test_a_file_with_other_names_is_not_rebuilt(recording, tmp_path):
     """Replacing a file that a symbolic or a second hard link reaches would part it from them"""
     out = existing_output(tmp_path / "analysis.rtdc")

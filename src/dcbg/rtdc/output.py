@@ -342,6 +342,23 @@ def copy_all_but_background(source: h5py.File, destination: h5py.File):
     copy_group(source, destination)
 
 
+def holds_references(h5: h5py.File) -> bool:
+    """Whether a dataset or an attribute of the file stores HDF5 object or region references
+
+    A reference is an object's address in its own file: copied into another
+    file, HDF5 stores it as a null reference, or it points to whatever lies
+    at that address there.
+    """
+    def stores_references(obj) -> bool:
+        types = [obj.attrs.get_id(name).get_type() for name in obj.attrs]
+        if isinstance(obj, h5py.Dataset):
+            types.append(obj.id.get_type())
+        return any(kind.detect_class(h5py.h5t.REFERENCE) for kind in types)
+
+    return stores_references(h5) or h5.visititems(
+        lambda _, obj: True if stores_references(obj) else None) is True
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -632,7 +649,9 @@ class ExistingOutputFile(StagedOutput):
         """Whether the new background replaces a stored one that it cannot be written over
 
         A file that other names reach (a symbolic or a second hard link) is
-        never rebuilt: replacing it would part it from those names.
+        never rebuilt: replacing it would part it from those names. Nor is
+        a file that stores references (:func:`holds_references`), which a
+        copy would break.
         """
         if self.path.is_symlink() or self.path.stat().st_nlink > 1:
             return False
@@ -640,7 +659,8 @@ class ExistingOutputFile(StagedOutput):
             stored = stored_backgrounds(target)
             return bool(stored) and not (
                 len(stored) == 1 and stored[0].name == "/events/image_bg"
-                and fits_over(stored[0], self.bg_group["image_bg"]))
+                and fits_over(stored[0], self.bg_group["image_bg"])
+            ) and not holds_references(target)
 
     def _commit_rebuilt(self, log: typing.Callable[[h5py.File], object] | None):
         """Copy the rest of the file into the temporary file and give that the file's name"""
