@@ -496,6 +496,31 @@ def test_a_file_with_references_is_not_rebuilt(recording, tmp_path):
         assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=4^b=20"
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="only root can give a file another user")
+def test_a_rebuilt_file_keeps_its_owner_and_group(recording, tmp_path):
+    """A run by an administrator leaves a user's file that user's"""
+    out = existing_output(tmp_path / "analysis.rtdc")
+    os.chown(out, 4321, 8765)
+    compute_bg(recording, out)
+    assert (out.stat().st_uid, out.stat().st_gid) == (4321, 8765)
+    with h5py.File(out) as h5:
+        assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=4^b=20"
+
+
+def test_a_file_whose_owner_this_user_cannot_keep_is_not_rebuilt(recording, tmp_path,
+                                                                monkeypatch):
+    """Another user's file that this user's group may write stays that user's"""
+    out = existing_output(tmp_path / "analysis.rtdc")
+    stored_size = out.stat().st_size
+    monkeypatch.setattr(os, "geteuid", lambda: out.stat().st_uid + 1, raising=False)
+    compute_bg(recording, out)
+    with h5py.File(out) as h5, h5py.File(recording) as h5in:
+        assert np.array_equal(h5["events/image_bg"][:],
+                              rolling_median_reference(h5in["events/image"][:], 4))
+    assert out.stat().st_size >= stored_size  # the old background's space stays
+
+
 def test_a_file_with_other_names_is_not_rebuilt(recording, tmp_path):
     """Replacing a file that a symbolic or a second hard link reaches would part it from them"""
     out = existing_output(tmp_path / "analysis.rtdc")

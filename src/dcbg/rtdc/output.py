@@ -359,6 +359,13 @@ def holds_references(h5: h5py.File) -> bool:
         lambda _, obj: True if stores_references(obj) else None) is True
 
 
+def can_keep_owner(status: os.stat_result) -> bool:
+    """Whether this user can give a new file the owner and group of a file with `status`"""
+    if not hasattr(os, "geteuid") or os.geteuid() == 0:
+        return True
+    return status.st_uid == os.geteuid() and status.st_gid in {os.getegid(), *os.getgroups()}
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -651,9 +658,11 @@ class ExistingOutputFile(StagedOutput):
         A file that other names reach (a symbolic or a second hard link) is
         never rebuilt: replacing it would part it from those names. Nor is
         a file that stores references (:func:`holds_references`), which a
-        copy would break.
+        copy would break, nor one whose owner and group this user could not
+        give the copy (another user's file, open to this one's group).
         """
-        if self.path.is_symlink() or self.path.stat().st_nlink > 1:
+        status = self.path.stat()
+        if self.path.is_symlink() or status.st_nlink > 1 or not can_keep_owner(status):
             return False
         with open_hdf5(self.path, "r") as target:
             stored = stored_backgrounds(target)
@@ -671,6 +680,9 @@ class ExistingOutputFile(StagedOutput):
                 log(self.h5)
             self.h5.close()  # HDF5 writes its last metadata here
             shutil.copymode(self.path, self.temp_path)
+            status = self.path.stat()
+            if hasattr(os, "chown"):
+                os.chown(self.temp_path, status.st_uid, status.st_gid)
         except BaseException as error:
             self.abort()
             if isinstance(error, (OSError, RuntimeError)):  # h5py raises both for writes
