@@ -496,6 +496,20 @@ def test_a_file_with_references_is_not_rebuilt(recording, tmp_path):
         assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=4^b=20"
 
 
+def test_a_file_with_attributes_beyond_the_default_format_is_not_rebuilt(recording, tmp_path):
+    """A file written in a newer format can hold attributes that a copy could not store"""
+    out = tmp_path / "analysis.rtdc"
+    with h5py.File(out, "w", libver="latest") as h5:
+        h5.attrs["long note"] = np.arange(20_000, dtype=float)  # 160 kB
+        h5["events/deform"] = np.linspace(0, 0.1, 200)
+        h5["events/image_bg"] = np.zeros((200, 80, 160), np.uint8)
+    compute_bg(recording, out)
+    with h5py.File(out) as h5:
+        assert np.array_equal(h5.attrs["long note"], np.arange(20_000, dtype=float))
+        assert h5["events/image_bg"].attrs["dcnum ppid background"] == "rollmed:k=4^b=20"
+    assert not hidden_files(tmp_path)
+
+
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
                     reason="only root can give a file another user")
 def test_a_rebuilt_file_keeps_its_owner_and_group(recording, tmp_path):

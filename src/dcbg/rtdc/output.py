@@ -342,21 +342,53 @@ def copy_all_but_background(source: h5py.File, destination: h5py.File):
     copy_group(source, destination)
 
 
-def holds_references(h5: h5py.File) -> bool:
-    """Whether a dataset or an attribute of the file stores HDF5 object or region references
+COMPACT_ATTRIBUTE_LIMIT = 60_000
+"""Bytes of an attribute's data beyond which a copy into a file of HDF5's default
+format may not store it (its object header messages hold at most 64 KiB)"""
 
-    A reference is an object's address in its own file: copied into another
-    file, HDF5 stores it as a null reference, or it points to whatever lies
-    at that address there.
+
+def copies_unfaithfully(h5: h5py.File) -> bool:
+    """Whether a copy of the file's objects into another file would change or fail
+
+    A reference (an object's or a region's address in its own file, as
+    dimension scales store) becomes a null reference in the copy, or points
+    to whatever lies at that address there. An attribute of more than
+    :data:`COMPACT_ATTRIBUTE_LIMIT` bytes, which a file written in a newer
+    format can hold, does not fit an object header of the default format.
     """
-    def stores_references(obj) -> bool:
-        types = [obj.attrs.get_id(name).get_type() for name in obj.attrs]
+    def unfaithful(obj) -> bool:
+        attributes = [obj.attrs.get_id(name) for name in obj.attrs]
+        types = [attribute.get_type() for attribute in attributes]
         if isinstance(obj, h5py.Dataset):
             types.append(obj.id.get_type())
-        return any(kind.detect_class(h5py.h5t.REFERENCE) for kind in types)
+        return (any(kind.detect_class(h5py.h5t.REFERENCE) for kind in types)
+                or any(stored_bytes(attribute) > COMPACT_ATTRIBUTE_LIMIT
+                       for attribute in attributes))
 
-    return stores_references(h5) or h5.visititems(
-        lambda _, obj: True if stores_references(obj) else None) is True
+    return unfaithful(h5) or h5.visititems(
+        lambda _, obj: True if unfaithful(obj) else None) is True
+
+
+def stored_bytes(attribute: h5py.h5a.AttrID) -> int:
+    """The bytes of an attribute's data (0 for an empty one, which h5py takes for an error)"""
+    try:
+        return attribute.get_storage_size()
+    except RuntimeError:
+        return 0
+
+
+def sync_folder(folder: pathlib.Path):
+    """Put a folder's entries (a rename in it) on disk, where the system allows it"""
+    try:
+        handle = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # Windows opens no folders; the rename is done either way
+    try:
+        os.fsync(handle)
+    except OSError:
+        pass  # some file systems cannot sync a folder; the rename is done either way
+    finally:
+        os.close(handle)
 
 
 def can_keep_owner(status: os.stat_result) -> bool:
@@ -657,9 +689,9 @@ class ExistingOutputFile(StagedOutput):
 
         A file that other names reach (a symbolic or a second hard link) is
         never rebuilt: replacing it would part it from those names. Nor is
-        a file that stores references (:func:`holds_references`), which a
-        copy would break, nor one whose owner and group this user could not
-        give the copy (another user's file, open to this one's group).
+        a file that a copy would change (:func:`copies_unfaithfully`), nor
+        one whose owner and group this user could not give the copy
+        (another user's file, open to this one's group).
         """
         status = self.path.stat()
         if self.path.is_symlink() or status.st_nlink > 1 or not can_keep_owner(status):
@@ -669,7 +701,7 @@ class ExistingOutputFile(StagedOutput):
             return bool(stored) and not (
                 len(stored) == 1 and stored[0].name == "/events/image_bg"
                 and fits_over(stored[0], self.bg_group["image_bg"])
-            ) and not holds_references(target)
+            ) and not copies_unfaithfully(target)
 
     def _commit_rebuilt(self, log: typing.Callable[[h5py.File], object] | None):
         """Copy the rest of the file into the temporary file and give that the file's name"""
@@ -683,12 +715,18 @@ class ExistingOutputFile(StagedOutput):
             status = self.path.stat()
             if hasattr(os, "chown"):
                 os.chown(self.temp_path, status.st_uid, status.st_gid)
+            # The copy replaces the file's data (in place, the recording's
+            # images): on disk before it takes the name, so that a power
+            # cut leaves one of the two whole.
+            with open(self.temp_path, "rb") as copy:
+                os.fsync(copy.fileno())
         except BaseException as error:
             self.abort()
             if isinstance(error, (OSError, RuntimeError)):  # h5py raises both for writes
                 raise self._failure(error) from error
             raise
         os.replace(self.temp_path, self.path)
+        sync_folder(self.path.parent)
         self._finish()
 
     def _swap(self, target: h5py.File):
