@@ -197,6 +197,25 @@ def test_workers_are_as_decided_but_capped_by_pixels(caplog):
                       cpu.ProcessWorkers)
 
 
+def test_worker_processes_compute_on_the_batch_buffers_where_they_lie():
+    """The reader fills a shared buffer and the writer reads one: no batch is copied"""
+    stack = synthetic_stack(80, shape=(40, 60), seed=2)
+    expected = rolling_median_windows_reference(stack, 10).reshape(71, -1)
+    workers = cpu.ProcessWorkers(40 * 60, 10, 60, 2)
+    workers.start()
+    try:
+        inputs, outputs = workers.buffers(69, 60)
+        assert all(np.shares_memory(view, shared) for view, shared in
+                   zip(inputs + outputs, workers.shared_input + workers.shared_output,
+                       strict=True))
+        inputs[1][:] = stack[:69].reshape(69, -1)
+        workers.compute(inputs[1], outputs[1], 60)
+        assert np.array_equal(outputs[1], expected[:60])
+        assert not workers.shared_input[0].any() and not workers.shared_output[0].any()
+    finally:
+        workers.close()
+
+
 def test_dead_worker_fails_fast():
     stack = synthetic_stack(600, shape=(40, 60), seed=1).reshape(600, -1)
     workers = cpu.ProcessWorkers(40 * 60, 100, 500, 2)

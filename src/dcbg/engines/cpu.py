@@ -17,7 +17,9 @@ Two kinds of workers run it on slices of pixels ("jobs"):
 - :class:`ProcessWorkers`, the RawArray design of dcnum: spawned worker
   processes share `shared_input` ((batch_size + kernel_size) × pixels) and
   `shared_output` (batch_size × pixels) RawArrays of the frames' type with the
-  main process,
+  main process, two of each: the reader decodes the next batch into one input
+  while the workers compute on the other, and the writer encodes one output
+  while they fill the other, so no batch is copied in or out. The workers
   take pixel slices from a job queue and count finished jobs in a shared
   counter. Each process pays a few tenths of a second to start (Python and
   numpy; a second with numba's build of the kernel), so they serve long
@@ -84,6 +86,10 @@ WORKER_POLL_SECONDS = 0.005
 
 JOB_WAIT_SECONDS = 0.1
 """How long an idle worker waits for a job before it checks that it should go on"""
+
+SHARED_BUFFERS = 2
+"""Input and output buffers of a batch, each: the workers compute on one while the
+reader fills the other or the writer encodes it"""
 
 JOBS_IN_FLIGHT = 128
 """Most jobs handed out and not yet finished: a job takes under 64 bytes in
@@ -191,6 +197,15 @@ def shared_raw_array(dtype, size: int):
     return mp_spawn.RawArray(np.ctypeslib.as_ctypes_type(np.dtype(dtype)), size)
 
 
+def shared_index(array: np.ndarray, shared: list[np.ndarray]) -> int | None:
+    """Which of the `shared` buffers `array` is a view of from its first row (None: none)"""
+    start = array.__array_interface__["data"][0]
+    for index, buffer in enumerate(shared):
+        if buffer.__array_interface__["data"][0] == start and array.strides == buffer.strides:
+            return index
+    return None
+
+
 def shared_frames(raw, dtype, rows: int) -> np.ndarray:
     """A RawArray as `rows` rows of values of `dtype` in this machine's byte order
 
@@ -240,8 +255,10 @@ class PipeQueue:
 class WorkerRollMed(mp_spawn.Process):
     """Worker process computing rolling medians for jobs from a queue
 
-    The worker maps the shared RawArrays, takes ``(output_size, job_slice)``
-    jobs from `job_queue`, computes them with one scratch of the kernel for
+    The worker maps the shared RawArrays (`shared_input` and `shared_output`,
+    lists of :data:`SHARED_BUFFERS`), takes ``(input index, output index,
+    output_size, job_slice)`` jobs from `job_queue`, computes them on those
+    buffers with one scratch of the kernel for
     jobs of up to `columns` pixels, and increments `counter` after each. It stops when
     `counter` is negative, or when the main process is gone (so a killed
     main process leaves no orphans). It sets ``started[index]`` once it is
@@ -277,9 +294,10 @@ class WorkerRollMed(mp_spawn.Process):
         skip_numba_blas_probe()  # this process runs nothing but the kernel
         try:
             # Map the RawArrays here: mapping them in __init__ would copy them.
-            shared_input = shared_frames(self.shared_input_raw, self.dtype,
-                                         self.batch_size + self.kernel_size)
-            shared_output = shared_frames(self.shared_output_raw, self.dtype, self.batch_size)
+            shared_inputs = [shared_frames(raw, self.dtype, self.batch_size + self.kernel_size)
+                             for raw in self.shared_input_raw]
+            shared_outputs = [shared_frames(raw, self.dtype, self.batch_size)
+                              for raw in self.shared_output_raw]
             warm_up_kernel(self.dtype)
             scratch = cpukernels.scratch(self.dtype, self.columns, self.kernel_size)
             self.started[self.index] = 1
@@ -287,13 +305,14 @@ class WorkerRollMed(mp_spawn.Process):
             finished = self.counter.get_obj()
             while finished.value >= 0:
                 try:
-                    output_size, job_slice = self.queue.get(timeout=JOB_WAIT_SECONDS)
+                    inputs, outputs, output_size, job_slice = self.queue.get(
+                        timeout=JOB_WAIT_SECONDS)
                 except queue.Empty:
                     if os.getppid() != self.parent_pid:
                         return
                     continue
-                compute_median_for_slice(shared_input, shared_output, self.kernel_size,
-                                         output_size, job_slice, scratch)
+                compute_median_for_slice(shared_inputs[inputs], shared_outputs[outputs],
+                                         self.kernel_size, output_size, job_slice, scratch)
                 with self.counter.get_lock():
                     self.counter.value += 1
         except BaseException:
@@ -348,19 +367,24 @@ class ProcessWorkers:
         self.batch_size = batch_size
         self.num_cpus = num_cpus
         self.dtype = np.dtype(dtype)
-        self.shared_input_raw = shared_raw_array(dtype, pixels * (batch_size + kernel_size))
-        """RawArray with the input frames of the current batch"""
-        self.shared_output_raw = shared_raw_array(dtype, pixels * batch_size)
-        """RawArray with the medians of the current batch"""
-        self.shared_input = shared_frames(self.shared_input_raw, dtype,
-                                          batch_size + kernel_size)
-        """numpy view on `shared_input_raw`, first axis enumerates events"""
-        self.shared_output = shared_frames(self.shared_output_raw, dtype, batch_size)
-        """numpy view on `shared_output_raw`, first axis enumerates events"""
+        self.shared_input_raw = [shared_raw_array(dtype, pixels * (batch_size + kernel_size))
+                                 for _ in range(SHARED_BUFFERS)]
+        """RawArrays for the input frames of a batch: one is read into while the
+        workers compute on another"""
+        self.shared_output_raw = [shared_raw_array(dtype, pixels * batch_size)
+                                  for _ in range(SHARED_BUFFERS)]
+        """RawArrays for the medians of a batch: one is written while the
+        workers fill another"""
+        self.shared_input = [shared_frames(raw, dtype, batch_size + kernel_size)
+                             for raw in self.shared_input_raw]
+        """numpy views on `shared_input_raw`, first axis enumerates events"""
+        self.shared_output = [shared_frames(raw, dtype, batch_size)
+                              for raw in self.shared_output_raw]
+        """numpy views on `shared_output_raw`, first axis enumerates events"""
         self.worker_counter = mp_spawn.Value("q", 0)
         """number of finished jobs in the current batch; negative stops workers"""
         self.queue = PipeQueue()
-        """queue of ``(output_size, job_slice)`` jobs"""
+        """queue of ``(input index, output index, output_size, job_slice)`` jobs"""
         self.error_queue = PipeQueue()
         """tracebacks of workers that failed"""
         self.started = mp_spawn.RawArray("b", num_cpus)
@@ -440,9 +464,26 @@ class ProcessWorkers:
                 f"starting, before it computed anything (its own error is printed "
                 f"above).{guard}")
 
+    def buffers(self, rows: int, output_rows: int) -> tuple[list, list]:
+        """Batch buffers to read frames into and write medians from: views of the RawArrays
+
+        The workers compute on them where they lie, so :meth:`compute` copies
+        nothing.
+        """
+        return ([shared[:rows] for shared in self.shared_input],
+                [shared[:output_rows] for shared in self.shared_output])
+
     def compute(self, frames: np.ndarray, medians: np.ndarray, output_size: int):
-        """Medians of `output_size` windows of `frames` into `medians` (flattened rows)"""
-        self.shared_input[:len(frames)] = frames
+        """Medians of `output_size` windows of `frames` into `medians` (flattened rows)
+
+        Buffers from :meth:`buffers` are computed on in place; others are
+        copied into the first shared buffers and the medians out of them.
+        """
+        inputs = shared_index(frames, self.shared_input)
+        if inputs is None:
+            inputs = 0
+            self.shared_input[0][:len(frames)] = frames
+        outputs = shared_index(medians, self.shared_output)
         # Read and reset without the lock: a worker killed while holding it must not
         # keep check() from noticing; no worker counts between batches.
         finished = self.worker_counter.get_obj()
@@ -450,11 +491,13 @@ class ProcessWorkers:
         handed_out = 0
         while finished.value < len(self.jobs):
             while handed_out < len(self.jobs) and handed_out - finished.value < JOBS_IN_FLIGHT:
-                self.queue.put((output_size, self.jobs[handed_out]))
+                self.queue.put((inputs, 0 if outputs is None else outputs, output_size,
+                                self.jobs[handed_out]))
                 handed_out += 1
             time.sleep(WORKER_POLL_SECONDS)
             self.check()
-        medians[:output_size] = self.shared_output[:output_size]
+        if outputs is None:
+            medians[:output_size] = self.shared_output[0][:output_size]
 
 
 class ThreadWorkers:
@@ -476,12 +519,19 @@ class ThreadWorkers:
 
     def __init__(self, pixels: int, kernel_size: int, num_cpus: int, dtype=np.uint8):
         self.kernel_size = kernel_size
+        self.pixels = pixels
         self.dtype = np.dtype(dtype)
         self.jobs = job_slices(pixels, num_cpus)
         self.scratch = ScratchPerThread(self.dtype, widest(self.jobs), kernel_size)
         self.pool = concurrent.futures.ThreadPoolExecutor(num_cpus,
                                                           thread_name_prefix="dcbg-median")
         self._warm_up: concurrent.futures.Future | None = None
+
+    def buffers(self, rows: int, output_rows: int) -> tuple[list, list]:
+        """Batch buffers to read frames into and write medians from"""
+        return ([np.empty((rows, self.pixels), self.dtype) for _ in range(SHARED_BUFFERS)],
+                [np.empty((output_rows, self.pixels), self.dtype)
+                 for _ in range(SHARED_BUFFERS)])
 
     def start(self):
         """Load the compiled kernel in the background while the first batch is read"""
@@ -542,7 +592,7 @@ class CPURollingMedian(Engine):
         scratch_bytes = num_cpus * widest(job_slices(pixels, num_cpus)) * column_scratch
         super().__init__(image_shape, kernel_size, self.plan_batch(
             batch_size, kernel_size, windows, pixels * dtype.itemsize,
-            3 if processes else 2, scratch_bytes), dtype)
+            SHARED_BUFFERS, scratch_bytes), dtype)
         self.num_cpus = num_cpus
         """number of workers: as decided, but no more than jobs for them"""
         if processes:
@@ -581,8 +631,8 @@ class CPURollingMedian(Engine):
         frame_bytes: int
             Bytes of one frame; 0 leaves memory out of the plan.
         buffers: int
-            Buffers of each kind a batch fills: 2 for threads (one read
-            ahead, one written behind), 3 for processes (and the shared one).
+            Buffers of each kind a batch fills: :data:`SHARED_BUFFERS`, one
+            read ahead or written behind while the workers use the other.
         scratch_bytes: int
             The scratch all workers keep together.
         """
@@ -610,10 +660,9 @@ class CPURollingMedian(Engine):
         batches = plan_windows(first, stop, self.kernel_size, self.batch_windows)
         rows = max(batch.input_size for batch in batches)
         out_rows = max(batch.output_size for batch in batches)
-        prefetcher = Prefetcher(read_into, batches,
-                                [np.empty((rows, self.pixels), self.dtype) for _ in range(2)])
-        writer = WriterThread(write_at, [np.empty((out_rows, self.pixels), self.dtype)
-                                         for _ in range(2)], on_written)
+        inputs, outputs = self.workers.buffers(rows, out_rows)
+        prefetcher = Prefetcher(read_into, batches, inputs)
+        writer = WriterThread(write_at, outputs, on_written)
         median_seconds = 0.0
         last = None
         try:
