@@ -221,14 +221,15 @@ def test_dead_worker_fails_fast():
     workers = cpu.ProcessWorkers(40 * 60, 100, 500, 2)
     workers.start()
     try:
-        medians = np.zeros((500, 40 * 60), np.uint8)
-        workers.compute(stack[:599], medians, 500)
+        (frames, _), (medians, _) = workers.buffers(599, 500)
+        frames[:] = stack[:599]
+        workers.compute(frames, medians, 500)
         while not all(workers.started):  # both are ready: a death now is mid-work
             time.sleep(0.01)
         for worker in workers.workers:
             os.kill(worker.pid, signal.SIGKILL)
         with pytest.raises(WorkerFailure, match="died with exit code"):
-            workers.compute(stack[:599], medians, 500)
+            workers.compute(frames, medians, 500)
     finally:
         workers.close()
 
@@ -238,17 +239,17 @@ def test_more_jobs_than_the_queue_holds_are_exact_and_dead_workers_still_noticed
     monkeypatch.setattr(cpu, "PIXELS_PER_JOB", 1)
     stack = synthetic_stack(60, shape=(40, 60), seed=1)
     expected = rolling_median_reference(stack, 10).reshape(60, -1)
-    frames = stack.reshape(60, -1)
     workers = cpu.ProcessWorkers(40 * 60, 10, 50, 2)
     workers.start()
     try:
-        medians = np.zeros((50, 40 * 60), np.uint8)
-        finishes(lambda: workers.compute(frames[:59], medians, 50), seconds=120)
+        (frames, _), (medians, _) = workers.buffers(59, 50)
+        frames[:] = stack[:59].reshape(59, -1)
+        finishes(lambda: workers.compute(frames, medians, 50), seconds=120)
         assert np.array_equal(medians, expected[:50])
         for worker in workers.workers:
             os.kill(worker.pid, signal.SIGKILL)
         with pytest.raises(WorkerFailure, match="died with exit code"):
-            finishes(lambda: workers.compute(frames[:59], medians, 50))
+            finishes(lambda: workers.compute(frames, medians, 50))
     finally:
         workers.close()
 

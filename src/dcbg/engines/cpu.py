@@ -476,14 +476,14 @@ class ProcessWorkers:
     def compute(self, frames: np.ndarray, medians: np.ndarray, output_size: int):
         """Medians of `output_size` windows of `frames` into `medians` (flattened rows)
 
-        Buffers from :meth:`buffers` are computed on in place; others are
-        copied into the first shared buffers and the medians out of them.
+        Both are buffers from :meth:`buffers`, which the workers compute on
+        where they lie.
         """
         inputs = shared_index(frames, self.shared_input)
-        if inputs is None:
-            inputs = 0
-            self.shared_input[0][:len(frames)] = frames
         outputs = shared_index(medians, self.shared_output)
+        if inputs is None or outputs is None:
+            raise ValueError("ProcessWorkers computes only on the buffers from its buffers(); "
+                             "this is a bug in dcbg, please report it.")
         # Read and reset without the lock: a worker killed while holding it must not
         # keep check() from noticing; no worker counts between batches.
         finished = self.worker_counter.get_obj()
@@ -491,13 +491,10 @@ class ProcessWorkers:
         handed_out = 0
         while finished.value < len(self.jobs):
             while handed_out < len(self.jobs) and handed_out - finished.value < JOBS_IN_FLIGHT:
-                self.queue.put((inputs, 0 if outputs is None else outputs, output_size,
-                                self.jobs[handed_out]))
+                self.queue.put((inputs, outputs, output_size, self.jobs[handed_out]))
                 handed_out += 1
             time.sleep(WORKER_POLL_SECONDS)
             self.check()
-        if outputs is None:
-            medians[:output_size] = self.shared_output[0][:output_size]
 
 
 class ThreadWorkers:
