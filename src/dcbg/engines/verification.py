@@ -45,7 +45,7 @@ import numpy as np
 from .. import cpukernels
 from ..dtypes import flip_sign_bit, kernel_dtype, sign_bit
 from ..errors import GPUResultError, setting_error
-from .cpu import compute_median_for_slice, job_slices
+from .cpu import compute_median_for_slice, job_slices, widest
 
 SAMPLE_FRACTION = 0.01
 """Least part of a frame's pixels that the pseudo-random part of a sample holds"""
@@ -203,18 +203,8 @@ class ResultCheck:
         """
         if sample is None:
             return
-        t0 = time.perf_counter()
-        cpu = self._recompute(sample.frames, len(medians))
         # compared where they lie in the batch: no copy of the GPU's medians
-        found = cpukernels.cpu_kernels().first_difference(medians.view(self.unsigned),
-                                                          sample.columns,
-                                                          cpu.view(self.unsigned))
-        self._add(cpu.size, time.perf_counter() - t0)
-        if found >= 0:
-            window, index = divmod(found, cpu.shape[1])
-            pixel = index if sample.columns is None else int(sample.columns[index])
-            raise self._error(first_window + window, pixel, medians[window, pixel],
-                              cpu[window, index])
+        self._compare(sample.frames, medians, sample.columns, sample.columns, first_window)
 
     def compare(self, frames: np.ndarray, gpu: np.ndarray, columns: np.ndarray | None,
                 first_window: int = 0):
@@ -238,16 +228,27 @@ class ResultCheck:
         GPUResultError
             If a median differs, naming the first one.
         """
+        self._compare(frames, gpu, None, columns, first_window, on_gpu_arrays=True)
+
+    def _compare(self, frames: np.ndarray, gpu: np.ndarray, gpu_columns: np.ndarray | None,
+                 columns: np.ndarray | None, first_window: int, on_gpu_arrays: bool = False):
+        """Recompute the sampled pixels' medians from `frames` and compare the GPU's
+
+        `gpu_columns` are the columns of `gpu` to compare (None: all of them, as
+        many as `frames` has), `columns` the compared pixels' indices in the
+        flattened frame (None: all, in order).
+        """
         t0 = time.perf_counter()
         cpu = self._recompute(frames, len(gpu))
-        found = cpukernels.cpu_kernels().first_difference(gpu.view(self.unsigned), None,
+        found = cpukernels.cpu_kernels().first_difference(gpu.view(self.unsigned), gpu_columns,
                                                           cpu.view(self.unsigned))
         self._add(cpu.size, time.perf_counter() - t0)
         if found >= 0:
             window, index = divmod(found, cpu.shape[1])
             pixel = index if columns is None else int(columns[index])
-            raise self._error(first_window + window, pixel, gpu[window, index],
-                              cpu[window, index], on_gpu_arrays=True)
+            raise self._error(first_window + window, pixel,
+                              gpu[window, index if gpu_columns is None else pixel],
+                              cpu[window, index], on_gpu_arrays=on_gpu_arrays)
 
     def _recompute(self, frames: np.ndarray, windows: int) -> np.ndarray:
         """The CPU kernel's medians of the first `windows` windows of `frames`' columns,
@@ -258,9 +259,12 @@ class ResultCheck:
             values = values.copy()
             flip_sign_bit(values, self.sign_bit)
         cpu = np.empty((windows, width), self.unsigned)
-        # one window per pixel: slices of cache size (a whole frame's would not fit)
-        for job in job_slices(width, 1):
-            compute_median_for_slice(values, cpu, self.kernel_size, windows, job)
+        # one window per pixel: slices of cache size (a whole frame's would not fit),
+        # which share one scratch
+        jobs = job_slices(width, 1)
+        scratch = cpukernels.scratch(self.unsigned, widest(jobs), self.kernel_size)
+        for job in jobs:
+            compute_median_for_slice(values, cpu, self.kernel_size, windows, job, scratch)
         flip_sign_bit(cpu, self.sign_bit)
         return cpu.view(self.dtype)
 
