@@ -446,11 +446,11 @@ def test_nvml_is_matched_to_cuda_by_pci_bus_id(fake_gpu):
     assert [d["index"] for d in described] == [0, 1, 2]
     assert [d["cuda_index"] for d in described] == [2, 1, 0]  # NVML counts the other way
     for ordinal in range(3):
-        device = cudaprobe.describe_cuda_device(ordinal)
+        device = cudaprobe.describe_cuda_ordinals((ordinal,))[ordinal]
         assert device["name"] == f"Fake GPU of CUDA ordinal {ordinal}"
     # described once per process; the free memory is read each time
     state.free_bytes //= 2
-    assert cudaprobe.describe_cuda_device(0)["memory_free"] == state.free_bytes
+    assert cudaprobe.describe_cuda_ordinals((0,))[0]["memory_free"] == state.free_bytes
     assert state.nvml_inits == 1 and state.nvml_descriptions == 3
     assert cudaprobe.visible_nvidia_gpus() == 3 and state.nvml_inits == 1
 

@@ -165,11 +165,6 @@ def describe_cuda_ordinals(cuda_indices) -> dict[int, dict | None]:
                         None) for index in cuda_indices}
 
 
-def describe_cuda_device(cuda_index: int) -> dict | None:
-    """:func:`describe_cuda_ordinals` of one CUDA ordinal"""
-    return describe_cuda_ordinals((cuda_index,))[cuda_index]
-
-
 def runtime_versions() -> dict:
     """CuPy's version and the CUDA runtime's, for run logs (never raises)"""
     try:

@@ -51,7 +51,6 @@ class SplitRollingMedian(Engine):
                  dtype=np.uint8):
         super().__init__(image_shape, kernel_size, windows, dtype)
         kernels = list(kernels)
-        self.indices = [loaded.device_index for loaded in kernels]
         ranges = max(2, len(kernels))
         devices = [kernels[i % len(kernels)] for i in range(ranges)]
         sharing = collections.Counter(loaded.device_index for loaded in devices)
