@@ -33,7 +33,7 @@ import typing
 import numpy as np
 
 from .. import cudaprobe
-from ..dtypes import check_frame_dtype
+from ..dtypes import check_frame_dtype, sign_bit
 from ..errors import first_line, setting_error
 from .base import count_dtype
 from .cudacontext import on_device, use_device
@@ -107,9 +107,10 @@ KERNEL_FAMILIES = {
     # counts its levels: 3 passes for 16-bit values, 2 for 8-bit ones, each
     # about half a step per frame (one load and one count where a step has
     # two).
-    np.dtype(np.int8): KernelFamily("dcbg_rollmed_window8", False, 1, 0x80),
-    np.dtype(np.uint16): KernelFamily("dcbg_rollmed_window16", False, 1.5, 0),
-    np.dtype(np.int16): KernelFamily("dcbg_rollmed_window16", False, 1.5, 0x8000),
+    **{np.dtype(dtype): KernelFamily(prefix, False, steps, sign_bit(dtype))
+       for dtype, prefix, steps in ((np.int8, "dcbg_rollmed_window8", 1),
+                                    (np.uint16, "dcbg_rollmed_window16", 1.5),
+                                    (np.int16, "dcbg_rollmed_window16", 1.5))},
 }
 """The kernel family of each dtype dcbg computes medians of
 (:data:`dcbg.dtypes.FRAME_DTYPES`)"""
