@@ -81,6 +81,28 @@ def test_the_probe_is_joined_before_the_file_is_opened(tmp_path, monkeypatch):
     assert steps == ["start", "join", "open"]
 
 
+def test_the_kernel_loads_while_the_probe_reads(tmp_path, monkeypatch):
+    """A device chosen by the command line starts loading its kernel (numba's, or a GPU's
+    compile) before the run waits for the metadata probe"""
+    from dcbg.devices import DeviceChoice
+    source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 40, shape=(4, 6), seed=1)
+    steps = []
+    preload, join = DeviceChoice.preload, probe.MetadataProbe.join
+
+    def preloading(self, *args, **kwargs):
+        steps.append("preload")
+        preload(self, *args, **kwargs)
+
+    def joined(self):
+        steps.append("join")
+        join(self)
+
+    monkeypatch.setattr(DeviceChoice, "preload", preloading)
+    monkeypatch.setattr(probe.MetadataProbe, "join", joined)
+    assert main(["compute", str(source), "-kb", "kernel_size=4", "--device", "cpu"]) == 0
+    assert steps[:2] == ["preload", "join"], steps
+
+
 def test_a_command_that_fails_first_ends_its_probe(tmp_path, monkeypatch):
     source = write_synthetic_rtdc(tmp_path / "rec.rtdc", 40, shape=(4, 6), seed=1)
     monkeypatch.setattr(probe, "PROBE_COMMAND",

@@ -136,6 +136,8 @@ def compute_file(source, target, settings: JobSettings, progress=None,
     cls = get_available_background_methods()[settings.method]
     try:
         if probe is not None:
+            if isinstance(settings.device, DeviceChoice):  # chosen once, as by the CLI
+                settings.device.preload()  # the kernel loads or compiles while the child reads
             load_run_modules()  # while the child reads
             probe.join()
         with cls(source, target, compress=settings.compress, num_cpus=settings.num_cpus,
