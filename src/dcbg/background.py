@@ -152,19 +152,6 @@ class Background(abc.ABC):
                                                          verify)
         """the run's settings, decided here once, and what deciding them warned about"""
 
-        self.num_cpus = self.settings.num_cpus
-        """number of CPU workers (no more than the CPUs; the CPU engine starts no more
-        than its frames have pixel slices)"""
-
-        self.io_threads = self.settings.io_threads
-        """number of threads that decode and encode HDF5 chunks"""
-
-        self.compress = self.settings.compression
-        """compression of image_bg as decided: zstd-1 … zstd-9, or none"""
-
-        self.verify = self.settings.verify
-        """which pixels of a GPU's batches the CPU checks: "sample", "all" or "off" """
-
         self.device: DeviceChoice = select_device(device)
         """the device that computes the background (chosen here unless given as chosen)"""
         self.device.preload()
@@ -244,6 +231,27 @@ class Background(abc.ABC):
         """shape of one frame"""
         self.image_count = found.event_count
         """number of frames in the input"""
+
+    @property
+    def num_cpus(self) -> int:
+        """number of CPU workers (no more than the CPUs; the CPU engine starts no more
+        than its frames have pixel slices)"""
+        return self.settings.num_cpus
+
+    @property
+    def io_threads(self) -> int:
+        """number of threads that decode and encode HDF5 chunks"""
+        return self.settings.io_threads
+
+    @property
+    def compress(self) -> str:
+        """compression of image_bg as decided: zstd-1 … zstd-9, or none"""
+        return self.settings.compression
+
+    @property
+    def verify(self) -> str:
+        """which pixels of a GPU's batches the CPU checks: "sample", "all" or "off" """
+        return self.settings.verify
 
     @classmethod
     def preflight(cls, input_data, output_path, kwargs: dict,
