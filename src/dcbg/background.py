@@ -383,21 +383,24 @@ class Background(abc.ABC):
             self.h5in = None
 
     def _open_output(self):
+        """Create the unfinished output, whole even if Ctrl-C comes meanwhile (then discarded
+        whole by :meth:`_discard_output`)"""
         from .rtdc.basins import write_output_basins
         from .rtdc.output import NEW, ExistingOutputFile, NewOutputFile
         from .rtdc.writer import ImageBgWriter, copy_metadata
-        if self.target.kind != NEW:  # an existing output, or the input itself
-            self._output = ExistingOutputFile(self.output_path)
-        else:
-            self._output = NewOutputFile(self.output_path)
-            if self.hdin is not None:
-                copy_metadata(self.hdin.h5, self._output.h5)
-                write_output_basins(self._output.h5, self.hdin.h5, self.hdin.path,
-                                    self.output_path)
-        self.h5out = self._output.h5
-        self.writer = ImageBgWriter(self._output.bg_group, self.image_shape,
-                                    self.image_count, self.compress,
-                                    target=self.output_path, pool=self.io_pool)
+        with signals_deferred():
+            if self.target.kind != NEW:  # an existing output, or the input itself
+                self._output = ExistingOutputFile(self.output_path)
+            else:
+                self._output = NewOutputFile(self.output_path)
+                if self.hdin is not None:
+                    copy_metadata(self.hdin.h5, self._output.h5)
+                    write_output_basins(self._output.h5, self.hdin.h5, self.hdin.path,
+                                        self.output_path)
+            self.h5out = self._output.h5
+            self.writer = ImageBgWriter(self._output.bg_group, self.image_shape,
+                                        self.image_count, self.compress,
+                                        target=self.output_path, pool=self.io_pool)
 
     def _discard_output(self):
         """Remove the unfinished output, all of it even if a second Ctrl-C comes meanwhile"""
@@ -481,8 +484,7 @@ class Background(abc.ABC):
                 # a failed kernel compile fails before any output
                 self.ready_device = self.device.ready()
                 if self._output is None:
-                    with signals_deferred():  # an output is made whole, then discarded whole
-                        self._open_output()
+                    self._open_output()
                 start = runlog.utc_now()
                 t0 = time.perf_counter()
                 self.image_proc.value = 0
@@ -546,8 +548,7 @@ class Background(abc.ABC):
             self.gpu_failure = {"device": str(self.device), "error": first_line(error),
                                 **self.engine_facts}
             self._discard_output()  # nothing the GPU computed is kept
-            with signals_deferred():
-                self._open_output()
+            self._open_output()
             self.device = cpu
             self.ready_device = cpu.ready()
             self.image_proc.value = 0
