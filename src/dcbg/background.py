@@ -144,9 +144,8 @@ class Background(abc.ABC):
         self.logger = logging.getLogger(f"dcbg.{self.__class__.__name__}")
         self.check_kwargs(kwargs, input_data)
 
-        self.kwargs = ppid.keyword_defaults(self.check_user_kwargs)
+        self.kwargs = self.with_defaults(kwargs)
         """keyword arguments of the method (all of them, defaults filled in)"""
-        self.kwargs.update(kwargs)
 
         self.settings: RunSettings = decide_run_settings(compress, num_cpus, io_threads,
                                                          verify)
@@ -312,6 +311,11 @@ class Background(abc.ABC):
         return found
 
     @classmethod
+    def with_defaults(cls, kwargs: dict) -> dict:
+        """The method's keyword arguments: `kwargs`, and the defaults of those it lacks"""
+        return {**ppid.keyword_defaults(cls.check_user_kwargs), **kwargs}
+
+    @classmethod
     def check_event_count(cls, events: int, kwargs: dict):
         """Refuse an input of `events` events that the method cannot compute with `kwargs`
 
@@ -364,8 +368,7 @@ class Background(abc.ABC):
         if input_data is not None:
             events = input_event_count(input_data)
             try:
-                cls.check_event_count(
-                    events, {**ppid.keyword_defaults(cls.check_user_kwargs), **kwargs})
+                cls.check_event_count(events, cls.with_defaults(kwargs))
             except TypeError:
                 pass  # a keyword of the wrong type, which its own error names
         raise keyword_error

@@ -177,10 +177,8 @@ def check_input(source, settings: JobSettings, target) -> int:
         As the computation would.
     """
     from .background import get_available_background_methods
-    from .ppid import keyword_defaults
     cls = get_available_background_methods()[settings.method]
-    kwargs = {**keyword_defaults(cls.check_user_kwargs), **settings.kwargs}
-    with cls.preflight(source, target, kwargs) as found:
+    with cls.preflight(source, target, cls.with_defaults(settings.kwargs)) as found:
         return found.event_count
 
 
