@@ -69,10 +69,16 @@ def synthetic_block(index: int, count: int, shape=DEFAULT_SHAPE, seed: int = 42,
 
 def synthetic_stack(count: int, shape=DEFAULT_SHAPE, seed: int = 42) -> np.ndarray:
     """A whole synthetic stack in memory, shape ``(count, *shape)``"""
-    scene = background_pattern(shape, seed)
-    blocks = [synthetic_block(i, min(BLOCK, count - start), shape, seed, scene)
+    return _stack_of_blocks(synthetic_block, background_pattern(shape, seed), count, shape,
+                            seed, np.uint8)
+
+
+def _stack_of_blocks(block, scene: np.ndarray, count: int, shape, seed: int,
+                     dtype) -> np.ndarray:
+    """`count` frames made by `block` in blocks of :data:`BLOCK` over `scene`, in one array"""
+    blocks = [block(i, min(BLOCK, count - start), shape, seed, scene)
               for i, start in enumerate(range(0, count, BLOCK))]
-    return np.concatenate(blocks) if blocks else np.zeros((0, *shape), np.uint8)
+    return np.concatenate(blocks) if blocks else np.zeros((0, *shape), dtype)
 
 
 SHAPE16 = (256, 256)
@@ -143,10 +149,8 @@ def synthetic_stack16(count: int, shape=SHAPE16, seed: int = 42) -> np.ndarray:
     plus read noise of 2 counts. The same seed gives the same bytes, whatever
     block size the frames are made in.
     """
-    scene = background_pattern16(shape, seed)
-    blocks = [synthetic_block16(i, min(BLOCK, count - start), shape, seed, scene)
-              for i, start in enumerate(range(0, count, BLOCK))]
-    return np.concatenate(blocks) if blocks else np.zeros((0, *shape), np.uint16)
+    return _stack_of_blocks(synthetic_block16, background_pattern16(shape, seed), count, shape,
+                            seed, np.uint16)
 
 
 def write_synthetic_rtdc(path, count: int, shape=DEFAULT_SHAPE, seed: int = 42,
