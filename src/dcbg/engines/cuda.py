@@ -105,11 +105,6 @@ class CUDARollingMedian(Engine):
         import cupy
 
         super().__init__(image_shape, kernel_size, windows, dtype)
-        family = cudakernel.kernel_family(self.dtype)  # a dtype they do not take: TypeError
-        if kernels.module != family.module:
-            raise ValueError(f"{self.dtype} frames need the {family.module} kernels, not the "
-                             f"{kernels.module} kernels; take them from "
-                             f"ReadyDevice.kernels_for({self.dtype}).")
         self.cupy = cupy
         self.device_index = kernels.device_index
         """the CUDA ordinal of the device that computes"""

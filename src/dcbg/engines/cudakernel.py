@@ -434,7 +434,11 @@ class Launcher:
         self.pixels = pixels
         self.kernel_size = kernel_size
         self.dtype = np.dtype(dtype)
-        self.family = kernel_family(self.dtype)
+        self.family = kernel_family(self.dtype)  # a dtype they do not take: TypeError
+        if kernels is not None and kernels.module != self.family.module:
+            raise ValueError(f"{self.dtype} frames need the {self.family.module} kernels, not "
+                             f"the {kernels.module} kernels; take them from "
+                             f"ReadyDevice.kernels_for({self.dtype}).")
         self.kernels = (kernels_or_device_error(device_index, self.dtype) if kernels is None
                         else kernels)
         self.sm_count = multiprocessor_count(device_index)
